@@ -1,0 +1,1 @@
+"""ttsd clients: the asyncio client library and ttsd-say."""

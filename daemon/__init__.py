@@ -1,0 +1,1 @@
+"""The ttsd daemon. Empty so that `ttsd.daemon.protocol` imports without torch."""

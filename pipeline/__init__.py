@@ -1,0 +1,1 @@
+"""IndexTTS2 inference in plain PyTorch."""

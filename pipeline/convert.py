@@ -1,0 +1,268 @@
+"""ttsd-convert: an official IndexTTS-2 checkpoint directory → a ttsd checkpoint directory.
+
+Conversion changes only the container format. Official `.pth`/`.pt`/`.bin` files are read with
+`torch.load(weights_only=True)` and written as safetensors with the same keys; the only name
+changes are nesting turned into dotted prefixes (`state["net"]["cfm"]` → `cfm.`) and a dropped
+DDP `module.` prefix. The SentencePiece `bpe.model` becomes a `tokenizers` `tokenizer.json`.
+A `manifest.json` with the SHA-256 of every output file goes beside them.
+
+Source layout (the IndexTTS-2 release plus its auxiliary models, as `ttsd fetch` lays it out):
+
+    config.yaml  gpt.pth  s2mel.pth  bpe.model  wav2vec2bert_stats.pt  feat1.pt  feat2.pt
+    hf_cache/w2v-bert-2.0/{model.safetensors, config.json}
+    hf_cache/semantic_codec_model.safetensors
+    hf_cache/campplus_cn_common.bin
+    hf_cache/bigvgan/{bigvgan_generator.pt, config.json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "ttsd-checkpoint/1"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceLayout:
+    """Where each official file lives inside a source directory."""
+
+    root: Path
+    config: dict[str, Any]
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        if not p.is_file():
+            raise CheckpointError(f"official checkpoint file not found: {p}")
+        return p
+
+    @property
+    def gpt(self) -> Path:
+        return self.path(self.config["gpt_checkpoint"])
+
+    @property
+    def s2mel(self) -> Path:
+        return self.path(self.config["s2mel_checkpoint"])
+
+    @property
+    def bpe(self) -> Path:
+        return self.path(self.config["dataset"]["bpe_model"])
+
+    @property
+    def w2v_stat(self) -> Path:
+        return self.path(self.config["w2v_stat"])
+
+    @property
+    def spk_matrix(self) -> Path:
+        return self.path(self.config["spk_matrix"])
+
+    @property
+    def emo_matrix(self) -> Path:
+        return self.path(self.config["emo_matrix"])
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for bad pickles
+        raise CheckpointError(f"{path}: cannot read official checkpoint: {e}") from e
+
+
+def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested dicts of tensors → flat dotted keys; a DDP `module.` prefix is dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        elif isinstance(value, torch.Tensor):
+            out[prefix + name] = value.contiguous()
+        else:
+            raise CheckpointError(f"unexpected non-tensor entry {prefix}{name} of type {type(value).__name__}")
+    return out
+
+
+def _gpt(src: SourceLayout) -> dict[str, torch.Tensor]:
+    state = _torch_load(src.gpt)
+    # Upstream's load_checkpoint accepts {"model": sd} or a bare state dict.
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    return _flatten(state)
+
+
+def _s2mel(src: SourceLayout) -> dict[str, torch.Tensor]:
+    state = _torch_load(src.s2mel)
+    if not isinstance(state, Mapping) or "net" not in state:
+        raise CheckpointError(f"{src.s2mel}: expected a dict with key 'net'")
+    # Only the three sub-models infer_v2 loads; other top-level entries (optimizer, etc.) are training state.
+    net = state["net"]
+    missing = [k for k in ("cfm", "length_regulator", "gpt_layer") if k not in net]
+    if missing:
+        raise CheckpointError(f"{src.s2mel}: 'net' lacks {missing}")
+    return {k: v for name in ("cfm", "length_regulator", "gpt_layer") for k, v in _flatten(net[name], f"{name}.").items()}
+
+
+def _w2v_stats(src: SourceLayout) -> dict[str, torch.Tensor]:
+    state = _torch_load(src.w2v_stat)
+    if not isinstance(state, Mapping) or not {"mean", "var"} <= state.keys():
+        raise CheckpointError(f"{src.w2v_stat}: expected a dict with 'mean' and 'var'")
+    return {"mean": state["mean"].contiguous(), "var": state["var"].contiguous()}
+
+
+def _emotion(src: SourceLayout) -> dict[str, torch.Tensor]:
+    spk, emo = _torch_load(src.spk_matrix), _torch_load(src.emo_matrix)
+    if not isinstance(spk, torch.Tensor) or not isinstance(emo, torch.Tensor):
+        raise CheckpointError("feat1.pt / feat2.pt must each hold one tensor")
+    # The bare tensors get the config keys that name them (spk_matrix = feat1, emo_matrix = feat2).
+    return {"spk_matrix": spk.contiguous(), "emo_matrix": emo.contiguous()}
+
+
+def _safetensors_copy(path: Path) -> Callable[[Path], None]:
+    def write(dst: Path) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"official checkpoint file not found: {path}")
+        shutil.copyfile(path, dst)
+
+    return write
+
+
+def _tensors(fn: Callable[[], dict[str, torch.Tensor]]) -> Callable[[Path], None]:
+    def write(dst: Path) -> None:
+        save_file(fn(), str(dst), metadata={"format": "pt"})
+
+    return write
+
+
+def _bigvgan(src: SourceLayout) -> dict[str, torch.Tensor]:
+    path = src.path("hf_cache", "bigvgan", "bigvgan_generator.pt")
+    state = _torch_load(path)
+    if isinstance(state, Mapping) and "generator" in state:
+        state = state["generator"]
+    return _flatten(state)
+
+
+def _campplus(src: SourceLayout) -> dict[str, torch.Tensor]:
+    return _flatten(_torch_load(src.path("hf_cache", "campplus_cn_common.bin")))
+
+
+def _tokenizer(src: SourceLayout) -> Callable[[Path], None]:
+    def write(dst: Path) -> None:
+        from .text.tokenizer import sentencepiece_to_json
+
+        dst.write_text(sentencepiece_to_json(src.bpe), encoding="utf-8")
+
+    return write
+
+
+def _copy(path_fn: Callable[[], Path]) -> Callable[[Path], None]:
+    def write(dst: Path) -> None:
+        shutil.copyfile(path_fn(), dst)
+
+    return write
+
+
+def plan(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
+    """Output file name → writer. Order is the order of the progress bar."""
+    return {
+        "config.yaml": _copy(lambda: src.path("config.yaml")),
+        "tokenizer.json": _tokenizer(src),
+        "gpt.safetensors": _tensors(lambda: _gpt(src)),
+        "s2mel.safetensors": _tensors(lambda: _s2mel(src)),
+        "w2v_bert.json": _copy(lambda: src.path("hf_cache", "w2v-bert-2.0", "config.json")),
+        "w2v_bert.safetensors": _safetensors_copy(src.root / "hf_cache" / "w2v-bert-2.0" / "model.safetensors"),
+        "w2v_stats.safetensors": _tensors(lambda: _w2v_stats(src)),
+        "semantic_codec.safetensors": _safetensors_copy(src.root / "hf_cache" / "semantic_codec_model.safetensors"),
+        "campplus.safetensors": _tensors(lambda: _campplus(src)),
+        "bigvgan.json": _copy(lambda: src.path("hf_cache", "bigvgan", "config.json")),
+        "bigvgan.safetensors": _tensors(lambda: _bigvgan(src)),
+        "emotion.safetensors": _tensors(lambda: _emotion(src)),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert(src_dir: Path, dst_dir: Path, progress: bool = True) -> Path:
+    """Convert `src_dir` (official layout) into `dst_dir`; returns the manifest path."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    cfg_path = src_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{src_dir}: no config.yaml (is this an IndexTTS-2 checkpoint directory?)")
+    with cfg_path.open(encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    src = SourceLayout(root=src_dir, config=config)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, Any]] = {}
+    steps = plan(src)
+    bar = tqdm(steps.items(), desc="convert", unit="file", disable=not progress, file=sys.stderr)
+    for name, write in bar:
+        bar.set_postfix_str(name)
+        tmp = dst_dir / f".{name}.tmp"
+        write(tmp)
+        tmp.replace(dst_dir / name)  # atomic per file: a crash never leaves a half-written name
+        files[name] = {"sha256": sha256_file(dst_dir / name), "bytes": (dst_dir / name).stat().st_size}
+    manifest = {"format": MANIFEST_FORMAT, "source": str(src_dir.resolve()), "files": files}
+    out = dst_dir / "manifest.json"
+    out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("converted src=%s dst=%s files=%d", src_dir, dst_dir, len(files))
+    return out
+
+
+def verify(ckpt_dir: Path) -> None:
+    """Check every file listed in `manifest.json` against its SHA-256; raise on the first mismatch."""
+    ckpt_dir = Path(ckpt_dir)
+    mpath = ckpt_dir / "manifest.json"
+    if not mpath.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no manifest.json (run ttsd-convert first)")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{mpath}: unknown format {manifest.get('format')!r}")
+    for name, entry in manifest["files"].items():
+        p = ckpt_dir / name
+        if not p.is_file():
+            raise CheckpointError(f"{ckpt_dir}: {name} listed in manifest but missing")
+        if sha256_file(p) != entry["sha256"]:
+            raise CheckpointError(f"{p}: SHA-256 differs from manifest (corrupt or modified)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ttsd-convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", type=Path, help="official IndexTTS-2 checkpoint directory")
+    ap.add_argument("dst", type=Path, help="output ttsd checkpoint directory")
+    ap.add_argument("--verify", action="store_true", help="re-hash the written files against the manifest")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        convert(args.src, args.dst)
+        if args.verify:
+            verify(args.dst)
+    except CheckpointError as e:
+        print(f"ttsd-convert: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
