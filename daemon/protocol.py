@@ -1,0 +1,584 @@
+"""The ttsd wire protocol: typed messages carried as msgpack maps in binary WebSocket frames.
+
+Imports only the standard library and msgpack, so client programs can use it without torch.
+Every frame is one msgpack map with a `type` key naming the message and one key per field.
+`encode(msg)` writes any message; `decode_client(frame)` (server side) and `decode_server(frame)`
+(client side) check every field's type and range, reject unknown types and unknown keys, and raise
+`ProtocolError(code, detail)` with a stable `ErrorCode`. Decoding never splats a payload into a
+class: each message names its fields one by one. PCM travels as a msgpack `bin`, never a list.
+
+Request ids are chosen by the client (0 <= id < 2**32) and echoed on every reply to that request.
+See docs/protocol.md for the message flow and an example session."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import ClassVar, Final, TypeVar
+
+import msgpack
+
+PROTOCOL_VERSION: Final = 1
+SAMPLE_RATE_HZ: Final = 22_050          # the only output rate: BigVGAN's (config: s2mel.preprocess_params.sr)
+PCM_FORMAT: Final = "pcm_s16le"         # the only output format: signed 16-bit little-endian, mono
+N_EMOTIONS: Final = 8                   # happy angry sad afraid disgusted melancholic surprised calm
+MAX_REQUEST_ID: Final = 2**32 - 1
+MAX_VOICE_ID_CHARS: Final = 64
+MAX_NAME_CHARS: Final = 256             # client name in Hello, error detail lengths stay readable
+
+
+class ErrorCode:
+    """Stable error codes carried by `Error.code`; clients may switch on these strings."""
+
+    BAD_FRAME: Final = "bad_frame"            # not a msgpack map in a binary frame (incl. invalid UTF-8)
+    BAD_MESSAGE: Final = "bad_message"        # a known type with a missing, unknown or ill-typed field
+    UNKNOWN_TYPE: Final = "unknown_type"      # `type` names no client message
+    TOO_LARGE: Final = "too_large"            # frame over max_frame_bytes (connection closed with 1009)
+    BAD_TEXT: Final = "bad_text"              # empty, or nothing speakable after normalisation
+    TEXT_TOO_LONG: Final = "text_too_long"    # over max_text_chars for one request
+    BAD_AUDIO: Final = "bad_audio"            # reference audio that cannot be decoded or is empty
+    AUDIO_TOO_LONG: Final = "audio_too_long"  # reference audio over max_reference_audio_s
+    UNKNOWN_VOICE: Final = "unknown_voice"    # voice id never registered, or evicted from the cache
+    BUSY: Final = "busy"                      # the request queue is full; retry later
+    CANCELLED: Final = "cancelled"            # the client cancelled the request
+    SLOW_CONSUMER: Final = "slow_consumer"    # the client did not read its audio for stall_timeout_s
+    UNAUTHORIZED: Final = "unauthorized"      # missing or wrong bearer token (HTTP 401 at the handshake)
+    INTERNAL: Final = "internal"              # a server bug; the request ended, the connection lives
+    SHUTTING_DOWN: Final = "shutting_down"    # the daemon is draining and takes no new work
+
+    ALL: ClassVar[frozenset[str]] = frozenset(
+        {
+            BAD_FRAME, BAD_MESSAGE, UNKNOWN_TYPE, TOO_LARGE, BAD_TEXT, TEXT_TOO_LONG, BAD_AUDIO,
+            AUDIO_TOO_LONG, UNKNOWN_VOICE, BUSY, CANCELLED, SLOW_CONSUMER, UNAUTHORIZED, INTERNAL,
+            SHUTTING_DOWN,
+        }
+    )
+
+
+class ProtocolError(Exception):
+    """A frame that does not decode to a valid message. `request_id` is set when it could be read."""
+
+    def __init__(self, code: str, detail: str, request_id: int | None = None) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.request_id = request_id
+
+
+# --------------------------------------------------------------------------------------------
+# Client → server
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hello:
+    """Optional first message; the server answers with `ServerHello`."""
+
+    TYPE: ClassVar[str] = "hello"
+    client: str                 # free-form client name and version, for logs
+    version: int                # PROTOCOL_VERSION the client speaks
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegisterVoice:
+    """Reference audio → a voice id usable by any later `Synthesize` (answer: `VoiceRegistered`)."""
+
+    TYPE: ClassVar[str] = "register_voice"
+    id: int                         # request id, echoed in the reply
+    audio: bytes                    # speaker reference: a wav/flac/ogg/mp3 file of <= max_reference_audio_s
+    emo_audio: bytes | None = None  # optional emotion reference file; default: the speaker audio
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Synthesize:
+    """Start a request. Option fields left None take the upstream IndexTTS2 defaults."""
+
+    TYPE: ClassVar[str] = "synthesize"
+    id: int                                     # request id, unique among this connection's live requests
+    text: str                                   # the whole text; incremental: the first chunk (may be "")
+    voice: str                                  # voice id from VoiceRegistered
+    incremental: bool = False                   # True: more text follows in AppendText, ended by Flush
+    format: str = PCM_FORMAT                    # output encoding; only "pcm_s16le"
+    # emotion
+    emo_alpha: float | None = None              # emotion strength in [0, 2]
+    emo_vector: tuple[float, ...] | None = None  # 8 weights in [0, 1.2], order of N_EMOTIONS
+    emo_voice: str | None = None                # voice id whose speaker audio is the emotion reference
+    use_random: bool | None = None              # random emotion-matrix rows instead of the nearest style
+    # sampling (GPT)
+    do_sample: bool | None = None
+    temperature: float | None = None            # (0, 100]
+    top_k: int | None = None                    # 0 disables
+    top_p: float | None = None                  # (0, 1]
+    num_beams: int | None = None                # [1, 16]
+    repetition_penalty: float | None = None     # (0, 100]
+    max_mel_tokens: int | None = None           # semantic codes per segment, 50 per audio second
+    seed: int | None = None                     # seeds GPT sampling and CFM noise: reproducible audio
+    # acoustic model and segmentation
+    diffusion_steps: int | None = None          # CFM Euler steps [1, 200]
+    inference_cfg_rate: float | None = None     # classifier-free guidance rate [0, 10]
+    max_text_tokens_per_segment: int | None = None  # BPE tokens per GPT segment [2, 600]
+    quick_streaming_tokens: int | None = None   # upstream more_segment_before: smaller first segments
+    interval_silence_ms: int | None = None      # zeros before every segment but the first [0, 10000]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AppendText:
+    """More text for an incremental request; each sentence is spoken as soon as it is complete."""
+
+    TYPE: ClassVar[str] = "append_text"
+    id: int
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Flush:
+    """End of text for an incremental request: speak what is buffered, then `Done`."""
+
+    TYPE: ClassVar[str] = "flush"
+    id: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Cancel:
+    """Stop a request at the next decode step; the reply is `Error(code="cancelled")`."""
+
+    TYPE: ClassVar[str] = "cancel"
+    id: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ping:
+    """Application-level liveness check, answered by `Pong` in order with other replies."""
+
+    TYPE: ClassVar[str] = "ping"
+    nonce: int = 0              # echoed in Pong
+
+
+ClientMessage = Hello | RegisterVoice | Synthesize | AppendText | Flush | Cancel | Ping
+
+
+# --------------------------------------------------------------------------------------------
+# Server → client
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerHello:
+    """Reply to `Hello`: the protocol version, the audio format and the limits in force."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: int                        # PROTOCOL_VERSION
+    server: str                         # "ttsd/<version>"
+    sample_rate_hz: int                 # 22050; every Audio.pcm is at this rate
+    max_frame_bytes: int                # larger client frames close the connection with 1009
+    max_text_chars: int                 # per request (incremental: all chunks together)
+    max_reference_audio_s: float        # per reference audio file
+    max_voices: int                     # voice cache size; the least recently used voice is evicted
+    max_concurrent_requests: int        # requests synthesised in turn, daemon-wide
+    max_queued_requests: int            # requests waiting beyond those; more get `busy`
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VoiceRegistered:
+    TYPE: ClassVar[str] = "voice_registered"
+    id: int                     # the RegisterVoice request id
+    voice: str                  # voice id (a content hash: the same audio gives the same id)
+    audio_s: float              # duration of the speaker reference audio in seconds
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SegmentStart:
+    """Audio for one text segment follows; `text` is the segment as the model reads it."""
+
+    TYPE: ClassVar[str] = "segment_start"
+    id: int
+    index: int                  # 0, 1, 2, ... per request
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Audio:
+    TYPE: ClassVar[str] = "audio"
+    id: int                     # request id
+    seq: int                    # 0, 1, 2, ... per request, across segments
+    pcm: bytes                  # s16le mono at ServerHello.sample_rate_hz Hz; even length
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SegmentEnd:
+    TYPE: ClassVar[str] = "segment_end"
+    id: int
+    index: int
+    audio_s: float              # seconds of audio sent for this segment (leading silence included)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Done:
+    """The request finished; no more frames for this id."""
+
+    TYPE: ClassVar[str] = "done"
+    id: int
+    segments: int                   # segments spoken
+    first_audio_ms: float | None    # from the request's arrival to its first Audio frame; None without audio
+    total_ms: float                 # from the request's arrival to Done
+    audio_s: float                  # seconds of audio sent
+    rtf: float | None               # real-time factor total_ms / 1000 / audio_s; None without audio
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Error:
+    """A failed message or request. With an id, that request has ended; the connection stays open."""
+
+    TYPE: ClassVar[str] = "error"
+    id: int | None              # request id, or None when the frame could not be attributed
+    code: str                   # an ErrorCode value
+    message: str                # human-readable detail
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+    nonce: int
+
+
+ServerMessage = ServerHello | VoiceRegistered | SegmentStart | Audio | SegmentEnd | Done | Error | Pong
+Message = ClientMessage | ServerMessage
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode(msg: Message) -> bytes:
+    """One message → one msgpack map (bytes fields become `bin`, tuples become arrays)."""
+    payload: dict[str, object] = {"type": msg.TYPE}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        payload[f.name] = list(value) if isinstance(value, tuple) else value
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+_MISSING: Final = object()
+_M = TypeVar("_M")
+
+
+class _Fields:
+    """Typed reads from one decoded map. Every read removes its key, so what is left is unknown."""
+
+    def __init__(self, kind: str, payload: dict[str, object]) -> None:
+        self.kind = kind
+        self.rest = payload
+        raw_id = payload.get("id")
+        # Attribute the error to a request whenever the id itself is well-formed.
+        self.request_id = raw_id if type(raw_id) is int and 0 <= raw_id <= MAX_REQUEST_ID else None
+
+    def fail(self, detail: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"{self.kind}: {detail}", self.request_id)
+
+    def _take(self, key: str, required: bool) -> object:
+        value = self.rest.pop(key, _MISSING)
+        if value is _MISSING and required:
+            raise self.fail(f"missing field {key!r}")
+        return value
+
+    def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int:
+        value = self._take(key, default is None)
+        if value is _MISSING:
+            assert default is not None  # _take raised otherwise
+            return default
+        return self._check_int(key, value, lo, hi)
+
+    def opt_integer(self, key: str, lo: int, hi: int) -> int | None:
+        value = self._take(key, False)
+        return None if value is _MISSING or value is None else self._check_int(key, value, lo, hi)
+
+    def _check_int(self, key: str, value: object, lo: int, hi: int) -> int:
+        # bool is a subclass of int in Python; msgpack true/false must not pass as 1/0.
+        if type(value) is not int:
+            raise self.fail(f"{key!r} must be an integer, got {_kind_of(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(f"{key!r} must be in [{lo}, {hi}], got {value}")
+        return value
+
+    def number(self, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+        return self._check_float(key, self._take(key, True), lo, hi, lo_open)
+
+    def opt_number(self, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+        value = self._take(key, False)
+        return None if value is _MISSING or value is None else self._check_float(key, value, lo, hi, lo_open)
+
+    def _check_float(self, key: str, value: object, lo: float, hi: float, lo_open: bool) -> float:
+        # Integers are accepted for float fields: many msgpack encoders write 1.0 as 1.
+        if type(value) is not float and type(value) is not int:
+            raise self.fail(f"{key!r} must be a number, got {_kind_of(value)}")
+        x = float(value)
+        if not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            raise self.fail(f"{key!r} must be in {interval}, got {x:g}")
+        return x
+
+    def opt_numbers(self, key: str, n: int, lo: float, hi: float) -> tuple[float, ...] | None:
+        value = self._take(key, False)
+        if value is _MISSING or value is None:
+            return None
+        if not isinstance(value, list) or len(value) != n:
+            raise self.fail(f"{key!r} must be an array of {n} numbers")
+        return tuple(self._check_float(f"{key}[{i}]", v, lo, hi, False) for i, v in enumerate(value))
+
+    def string(self, key: str, max_chars: int | None = None, default: str | None = None) -> str:
+        value = self._take(key, default is None)
+        if value is _MISSING:
+            assert default is not None  # _take raised otherwise
+            return default
+        return self._check_str(key, value, max_chars)
+
+    def opt_string(self, key: str, max_chars: int | None = None) -> str | None:
+        value = self._take(key, False)
+        return None if value is _MISSING or value is None else self._check_str(key, value, max_chars)
+
+    def _check_str(self, key: str, value: object, max_chars: int | None) -> str:
+        if not isinstance(value, str):
+            raise self.fail(f"{key!r} must be a string, got {_kind_of(value)}")
+        if max_chars is not None and len(value) > max_chars:
+            raise self.fail(f"{key!r} is longer than {max_chars} characters")
+        return value
+
+    def binary(self, key: str) -> bytes:
+        return self._check_bytes(key, self._take(key, True))
+
+    def opt_binary(self, key: str) -> bytes | None:
+        value = self._take(key, False)
+        return None if value is _MISSING or value is None else self._check_bytes(key, value)
+
+    def _check_bytes(self, key: str, value: object) -> bytes:
+        if not isinstance(value, bytes):
+            raise self.fail(f"{key!r} must be binary (msgpack bin), got {_kind_of(value)}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._take(key, False)
+        return default if value is _MISSING else self._check_bool(key, value)
+
+    def opt_flag(self, key: str) -> bool | None:
+        value = self._take(key, False)
+        return None if value is _MISSING or value is None else self._check_bool(key, value)
+
+    def _check_bool(self, key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(f"{key!r} must be a boolean, got {_kind_of(value)}")
+        return value
+
+    def opt_id(self, key: str) -> int | None:
+        return self.opt_integer(key, 0, MAX_REQUEST_ID)
+
+    def id(self) -> int:
+        return self.integer("id", 0, MAX_REQUEST_ID)
+
+    def finish(self, msg: _M) -> _M:
+        if self.rest:
+            raise self.fail(f"unknown field(s) {', '.join(sorted(map(repr, self.rest)))}")
+        return msg
+
+
+def _kind_of(value: object) -> str:
+    return {
+        bool: "boolean", int: "integer", float: "float", str: "string", bytes: "binary",
+        list: "array", dict: "map", type(None): "nil",
+    }.get(type(value), type(value).__name__)
+
+
+def _hello(r: _Fields) -> Hello:
+    return r.finish(
+        Hello(client=r.string("client", MAX_NAME_CHARS), version=r.integer("version", 0, 2**31 - 1))
+    )
+
+
+def _register_voice(r: _Fields) -> RegisterVoice:
+    return r.finish(RegisterVoice(id=r.id(), audio=r.binary("audio"), emo_audio=r.opt_binary("emo_audio")))
+
+
+def _synthesize(r: _Fields) -> Synthesize:
+    msg = Synthesize(
+        id=r.id(),
+        text=r.string("text"),
+        voice=r.string("voice", MAX_VOICE_ID_CHARS),
+        incremental=r.flag("incremental", False),
+        format=r.string("format", default=PCM_FORMAT),
+        emo_alpha=r.opt_number("emo_alpha", 0.0, 2.0),
+        emo_vector=r.opt_numbers("emo_vector", N_EMOTIONS, 0.0, 1.2),
+        emo_voice=r.opt_string("emo_voice", MAX_VOICE_ID_CHARS),
+        use_random=r.opt_flag("use_random"),
+        do_sample=r.opt_flag("do_sample"),
+        temperature=r.opt_number("temperature", 0.0, 100.0, lo_open=True),
+        top_k=r.opt_integer("top_k", 0, 1 << 20),
+        top_p=r.opt_number("top_p", 0.0, 1.0, lo_open=True),
+        num_beams=r.opt_integer("num_beams", 1, 16),
+        repetition_penalty=r.opt_number("repetition_penalty", 0.0, 100.0, lo_open=True),
+        max_mel_tokens=r.opt_integer("max_mel_tokens", 1, 100_000),
+        seed=r.opt_integer("seed", 0, 2**63 - 1),
+        diffusion_steps=r.opt_integer("diffusion_steps", 1, 200),
+        inference_cfg_rate=r.opt_number("inference_cfg_rate", 0.0, 10.0),
+        max_text_tokens_per_segment=r.opt_integer("max_text_tokens_per_segment", 2, 600),
+        quick_streaming_tokens=r.opt_integer("quick_streaming_tokens", 0, 600),
+        interval_silence_ms=r.opt_integer("interval_silence_ms", 0, 10_000),
+    )
+    if msg.format != PCM_FORMAT:
+        raise r.fail(f"format {msg.format!r} is not supported (only {PCM_FORMAT!r})")
+    return r.finish(msg)
+
+
+def _append_text(r: _Fields) -> AppendText:
+    return r.finish(AppendText(id=r.id(), text=r.string("text")))
+
+
+def _flush(r: _Fields) -> Flush:
+    return r.finish(Flush(id=r.id()))
+
+
+def _cancel(r: _Fields) -> Cancel:
+    return r.finish(Cancel(id=r.id()))
+
+
+def _ping(r: _Fields) -> Ping:
+    return r.finish(Ping(nonce=r.integer("nonce", 0, 2**63 - 1, default=0)))
+
+
+def _server_hello(r: _Fields) -> ServerHello:
+    return r.finish(
+        ServerHello(
+            version=r.integer("version", 0, 2**31 - 1),
+            server=r.string("server", MAX_NAME_CHARS),
+            sample_rate_hz=r.integer("sample_rate_hz", 1, 1_000_000),
+            max_frame_bytes=r.integer("max_frame_bytes", 1, 2**63 - 1),
+            max_text_chars=r.integer("max_text_chars", 1, 2**63 - 1),
+            max_reference_audio_s=r.number("max_reference_audio_s", 0.0, math.inf, lo_open=True),
+            max_voices=r.integer("max_voices", 1, 2**63 - 1),
+            max_concurrent_requests=r.integer("max_concurrent_requests", 1, 2**63 - 1),
+            max_queued_requests=r.integer("max_queued_requests", 0, 2**63 - 1),
+        )
+    )
+
+
+def _voice_registered(r: _Fields) -> VoiceRegistered:
+    return r.finish(
+        VoiceRegistered(
+            id=r.id(), voice=r.string("voice", MAX_VOICE_ID_CHARS), audio_s=r.number("audio_s", 0.0, math.inf)
+        )
+    )
+
+
+def _segment_start(r: _Fields) -> SegmentStart:
+    return r.finish(SegmentStart(id=r.id(), index=r.integer("index", 0, 2**63 - 1), text=r.string("text")))
+
+
+def _audio(r: _Fields) -> Audio:
+    msg = Audio(id=r.id(), seq=r.integer("seq", 0, 2**63 - 1), pcm=r.binary("pcm"))
+    if len(msg.pcm) % 2:
+        raise r.fail("'pcm' must hold whole 16-bit samples (even length)")
+    return r.finish(msg)
+
+
+def _segment_end(r: _Fields) -> SegmentEnd:
+    index = r.integer("index", 0, 2**63 - 1)
+    return r.finish(SegmentEnd(id=r.id(), index=index, audio_s=r.number("audio_s", 0.0, math.inf)))
+
+
+def _done(r: _Fields) -> Done:
+    return r.finish(
+        Done(
+            id=r.id(),
+            segments=r.integer("segments", 0, 2**63 - 1),
+            first_audio_ms=r.opt_number("first_audio_ms", 0.0, math.inf),
+            total_ms=r.number("total_ms", 0.0, math.inf),
+            audio_s=r.number("audio_s", 0.0, math.inf),
+            rtf=r.opt_number("rtf", 0.0, math.inf),
+        )
+    )
+
+
+def _error(r: _Fields) -> Error:
+    code = r.string("code", MAX_NAME_CHARS)
+    return r.finish(Error(id=r.opt_id("id"), code=code, message=r.string("message")))
+
+
+def _pong(r: _Fields) -> Pong:
+    return r.finish(Pong(nonce=r.integer("nonce", 0, 2**63 - 1)))
+
+
+_CLIENT_DECODERS: Final[dict[str, Callable[[_Fields], ClientMessage]]] = {
+    Hello.TYPE: _hello,
+    RegisterVoice.TYPE: _register_voice,
+    Synthesize.TYPE: _synthesize,
+    AppendText.TYPE: _append_text,
+    Flush.TYPE: _flush,
+    Cancel.TYPE: _cancel,
+    Ping.TYPE: _ping,
+}
+
+_SERVER_DECODERS: Final[dict[str, Callable[[_Fields], ServerMessage]]] = {
+    ServerHello.TYPE: _server_hello,
+    VoiceRegistered.TYPE: _voice_registered,
+    SegmentStart.TYPE: _segment_start,
+    Audio.TYPE: _audio,
+    SegmentEnd.TYPE: _segment_end,
+    Done.TYPE: _done,
+    Error.TYPE: _error,
+    Pong.TYPE: _pong,
+}
+
+
+def _unpack(frame: bytes | str) -> _Fields:
+    """Frame → (type, fields) with every structural failure mapped to a ProtocolError."""
+    if isinstance(frame, str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "text frames are not part of the protocol")
+    try:
+        payload = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except UnicodeDecodeError as e:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid UTF-8 in a string at byte {e.start}") from None
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        # ExtraData, FormatError and StackError are ValueError subclasses; truncated input is ValueError.
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"not a msgpack frame: {type(e).__name__}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"a frame must be a msgpack map, got {_kind_of(payload)}")
+    kind = payload.pop("type", None)
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "missing or non-string 'type' field")
+    return _Fields(kind, payload)
+
+
+def _unknown_type(r: _Fields) -> ProtocolError:
+    detail = f"unknown message type {r.kind[:MAX_NAME_CHARS]!r}"
+    return ProtocolError(ErrorCode.UNKNOWN_TYPE, detail, r.request_id)
+
+
+def decode_client(frame: bytes | str) -> ClientMessage:
+    """A frame received by the server → a client message, or ProtocolError."""
+    r = _unpack(frame)
+    decoder = _CLIENT_DECODERS.get(r.kind)
+    if decoder is None:
+        raise _unknown_type(r)
+    return decoder(r)
+
+
+def decode_server(frame: bytes | str) -> ServerMessage:
+    """A frame received by a client → a server message, or ProtocolError."""
+    r = _unpack(frame)
+    decoder = _SERVER_DECODERS.get(r.kind)
+    if decoder is None:
+        raise _unknown_type(r)
+    return decoder(r)
+
+
+def error_of(exc: ProtocolError) -> Error:
+    """The Error message a server sends for a frame that failed to decode."""
+    return Error(id=exc.request_id, code=exc.code, message=exc.detail)
+
+
+__all__ = [
+    "PROTOCOL_VERSION", "SAMPLE_RATE_HZ", "PCM_FORMAT", "N_EMOTIONS", "MAX_REQUEST_ID", "ErrorCode",
+    "ProtocolError", "Hello", "RegisterVoice", "Synthesize", "AppendText", "Flush", "Cancel", "Ping",
+    "ClientMessage", "ServerHello", "VoiceRegistered", "SegmentStart", "Audio", "SegmentEnd", "Done",
+    "Error", "Pong", "ServerMessage", "Message", "encode", "decode_client", "decode_server", "error_of",
+]

@@ -1,0 +1,156 @@
+"""s2mel content path: the `gpt_layer` projection and the length regulator.
+
+Ports `InterpolateRegulator` (indextts/s2mel/modules/length_regulator.py) and the `gpt_layer`
+Sequential built by `MyModel` (indextts/s2mel/modules/commons.py, keys `gpt_layer.*` and
+`length_regulator.*` of s2mel.safetensors). The regulator stretches 50 Hz semantic features to
+the 86.13 Hz mel frame rate. Shapes: B batch, T_in code frames, T_out mel frames, D semantic
+width (in_channels), C regulator channels, G GPT width."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .weights import load_module, read_shapes
+
+MEL_FRAMES_PER_CODE = 1.72  # ≈ (22050 / 256) / 50: mel frames per 50 Hz semantic code (infer_v2)
+
+
+def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
+    try:
+        return raw[key]
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"config.yaml: missing key {where}.{key}") from e
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LengthRegulatorConfig:
+    channels: int  # s2mel.length_regulator.channels
+    in_channels: int  # s2mel.length_regulator.in_channels
+    content_codebook_size: int  # s2mel.length_regulator.content_codebook_size (unused embedding)
+    sampling_ratios: tuple[int, ...]  # s2mel.length_regulator.sampling_ratios (one conv block each)
+    is_discrete: bool  # s2mel.length_regulator.is_discrete
+    n_codebooks: int  # s2mel.length_regulator.n_codebooks
+    f0_condition: bool  # s2mel.length_regulator.f0_condition
+
+    @classmethod
+    def from_yaml(cls, config: Mapping[str, Any]) -> LengthRegulatorConfig:
+        """Build from the parsed config.yaml (the whole document)."""
+        where = "s2mel.length_regulator"
+        raw = _key(_key(config, "s2mel", ""), "length_regulator", "s2mel")
+        cfg = cls(
+            channels=int(_key(raw, "channels", where)),
+            in_channels=int(_key(raw, "in_channels", where)),
+            content_codebook_size=int(_key(raw, "content_codebook_size", where)),
+            sampling_ratios=tuple(int(r) for r in _key(raw, "sampling_ratios", where)),
+            is_discrete=bool(_key(raw, "is_discrete", where)),
+            n_codebooks=int(_key(raw, "n_codebooks", where)),
+            f0_condition=bool(_key(raw, "f0_condition", where)),
+        )
+        # IndexTTS2 feeds continuous features with no f0; the other upstream modes are not ported.
+        if cfg.is_discrete or cfg.n_codebooks != 1 or cfg.f0_condition or not cfg.sampling_ratios:
+            raise ConfigError(
+                f"{where}: only is_discrete=false, n_codebooks=1, f0_condition=false and "
+                "non-empty sampling_ratios are supported"
+            )
+        return cfg
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GptLayerConfig:
+    # Upstream hard-codes Linear(1280→256)→Linear(256→128)→Linear(128→1024); read from the checkpoint.
+    widths: tuple[int, ...]  # (G, 256, 128, D) from gpt_layer.{i}.weight shapes
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], prefix: str = "gpt_layer.") -> GptLayerConfig:
+        """Build from `weights.read_shapes(s2mel.safetensors)`."""
+        widths: list[int] = []
+        i = 0
+        while f"{prefix}{i}.weight" in shapes:
+            out_features, in_features = shapes[f"{prefix}{i}.weight"]
+            if not widths:
+                widths.append(in_features)
+            elif widths[-1] != in_features:
+                raise ConfigError(
+                    f"{prefix}{i}.weight: input width {in_features} != previous output {widths[-1]}"
+                )
+            widths.append(out_features)
+            i += 1
+        if not widths:
+            raise ConfigError(f"checkpoint has no {prefix}0.weight")
+        return cls(widths=tuple(widths))
+
+
+def build_gpt_layer(cfg: GptLayerConfig) -> nn.Sequential:
+    """The factorised linear map GPT latent (B, T, G) → (B, T, D); no activations, as upstream."""
+    return nn.Sequential(*(nn.Linear(a, b) for a, b in zip(cfg.widths[:-1], cfg.widths[1:], strict=True)))
+
+
+def mel_lengths(code_lens: Tensor) -> Tensor:
+    """Mel frames per segment: `(code_lens * 1.72).long()` (float32 product, truncated), as upstream."""
+    return (code_lens * MEL_FRAMES_PER_CODE).long()
+
+
+def nearest_indices(t_in: int, t_out: int, device: torch.device) -> Tensor:
+    """Source frame of each output frame for PyTorch's legacy `nearest` interpolation.
+
+    index = min(floor(i · scale), t_in − 1) with scale = t_in / t_out divided in float32, and
+    the product also in float32, exactly as ATen's `nearest_neighbor_compute_source_index`."""
+    if t_out == t_in:
+        return torch.arange(t_out, device=device)
+    if t_out == 2 * t_in:  # ATen's shortcut; identical to the formula, kept for clarity
+        return torch.arange(t_out, device=device) // 2
+    # float32 division like ATen's (float)in / out; rounding a float64 quotient could differ by an ulp.
+    scale = torch.tensor(t_in, dtype=torch.float32, device=device) / t_out
+    i = torch.arange(t_out, dtype=torch.float32, device=device)
+    return torch.floor(i * scale).long().clamp_(max=t_in - 1)
+
+
+class InterpolateRegulator(nn.Module):
+    """Continuous features (B, T_in, D) → mel-rate content (B, T_out, C)."""
+
+    def __init__(self, cfg: LengthRegulatorConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        blocks: list[nn.Module] = []
+        for _ in cfg.sampling_ratios:
+            # GroupNorm(1) normalises over all channels *and frames*: a frame depends on the whole
+            # sequence, so the prompt and each segment must go through separately and unpadded.
+            blocks += [nn.Conv1d(c, c, 3, 1, 1), nn.GroupNorm(1, c), nn.Mish()]
+        blocks.append(nn.Conv1d(c, c, 1, 1))
+        self.model = nn.Sequential(*blocks)  # keys model.{0,1,3,4,...,12}
+        # Unused at inference (discrete and masked-training paths) but stored in the checkpoint.
+        self.embedding = nn.Embedding(cfg.content_codebook_size, c)
+        self.mask_token = nn.Parameter(torch.zeros(1, c))
+        self.content_in_proj = nn.Linear(cfg.in_channels, c)
+
+    def forward(self, x: Tensor, ylens: Tensor) -> Tensor:
+        """x (B, T_in, D) float32, ylens (B,) int64 target frames → (B, max(ylens), C), zero past ylens.
+
+        Upstream returns a 5-tuple whose first entry callers use; `n_quantizers` and `f0` are no-ops."""
+        t_out = int(ylens.max())  # host sync: the output length is data-dependent
+        h = self.content_in_proj(x).transpose(1, 2)  # [B, C, T_in]
+        h = h.index_select(2, nearest_indices(h.size(2), t_out, h.device))  # [B, C, T_out]
+        h = self.model(h).transpose(1, 2)  # [B, T_out, C]
+        mask = torch.arange(t_out, device=h.device)[None, :] < ylens[:, None]  # [B, T_out]
+        return h * mask.unsqueeze(-1).to(h.dtype)
+
+
+def load_length_regulator(
+    s2mel_path: Path, config: Mapping[str, Any], device: torch.device | str
+) -> InterpolateRegulator:
+    """Strictly load `length_regulator.*` of s2mel.safetensors; config is the parsed config.yaml."""
+    cfg = LengthRegulatorConfig.from_yaml(config)
+    return load_module(lambda: InterpolateRegulator(cfg), s2mel_path, device, prefix="length_regulator.")
+
+
+def load_gpt_layer(s2mel_path: Path, device: torch.device | str) -> nn.Sequential:
+    """Strictly load `gpt_layer.*` of s2mel.safetensors; its widths come from the tensor shapes."""
+    cfg = GptLayerConfig.from_shapes(read_shapes(s2mel_path))
+    return load_module(lambda: build_gpt_layer(cfg), s2mel_path, device, prefix="gpt_layer.")

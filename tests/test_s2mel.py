@@ -1,0 +1,284 @@
+"""s2mel parity: gpt_layer, length regulator, DiT estimator and the CFM Euler sampler vs upstream goldens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ttsd.pipeline.errors import Cancelled, CheckpointMismatch, ConfigError
+from ttsd.pipeline.flow import CFM, load_cfm
+from ttsd.pipeline.length_regulator import (
+    InterpolateRegulator,
+    LengthRegulatorConfig,
+    load_gpt_layer,
+    load_length_regulator,
+    mel_lengths,
+    nearest_indices,
+)
+from ttsd.pipeline.weights import read_tensors
+
+from .conftest import FixtureSet, assert_close, assert_equal
+
+
+@dataclass
+class S2Mel:
+    config: dict[str, Any]
+    length_regulator: InterpolateRegulator
+    gpt_layer: nn.Sequential
+    cfm: CFM
+
+
+def _config(ckpt: Path) -> dict[str, Any]:
+    with (ckpt / "config.yaml").open(encoding="utf-8") as f:
+        config: dict[str, Any] = yaml.safe_load(f)
+    return config
+
+
+@pytest.fixture(scope="session")
+def s2mel(converted: Path) -> S2Mel:
+    config = _config(converted)
+    path = converted / "s2mel.safetensors"
+    return S2Mel(
+        config=config,
+        length_regulator=load_length_regulator(path, config, "cpu"),
+        gpt_layer=load_gpt_layer(path, "cpu"),
+        cfm=load_cfm(path, config, "cpu"),
+    )
+
+
+def _segments(fx: FixtureSet, variant: str) -> list[str]:
+    return [f"seg{i}." for i in range(len(fx.variant(variant)["segments"]))]
+
+
+@torch.no_grad()
+def test_prompt_condition_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
+    """The length regulator maps the golden S_ref to upstream's prompt_condition at P mel frames."""
+    s_ref = fx.golden(variant, "04_semantic_codec")["S_ref"]
+    g = fx.golden(variant, "07_prompt_condition")
+    ylens = torch.tensor([fx.golden(variant, "05_ref_mel")["ref_mel"].size(-1)])
+    assert_equal(ylens, g["ref_target_lengths"], "ref_target_lengths")
+    assert_close(s2mel.length_regulator(s_ref, ylens), g["prompt_condition"], "prompt_condition")
+
+
+@torch.no_grad()
+def test_s2mel_inputs_match_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
+    """gpt_layer on the golden latent, S_infer and the 1.72× target lengths match upstream."""
+    latent = fx.golden(variant, "11_gpt_latent")
+    codes = fx.golden(variant, "10_gpt_generate")
+    g = fx.golden(variant, "12_s2mel_inputs")
+    for seg in _segments(fx, variant):
+        out = s2mel.gpt_layer(latent[seg + "latent"])
+        assert_close(out, g[seg + "gpt_layer_out"], seg + "gpt_layer_out")
+        assert_close(g[seg + "vq2emb_out"].transpose(1, 2) + out, g[seg + "S_infer"], seg + "S_infer")
+        assert_equal(mel_lengths(codes[seg + "code_lens"]), g[seg + "target_lengths"], seg + "target_lengths")
+
+
+@torch.no_grad()
+def test_cond_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
+    """The regulated target content and its concatenation after the prompt match upstream."""
+    g12 = fx.golden(variant, "12_s2mel_inputs")
+    g13 = fx.golden(variant, "13_cond")
+    prompt_condition = fx.golden(variant, "07_prompt_condition")["prompt_condition"]
+    for seg in _segments(fx, variant):
+        cond = s2mel.length_regulator(g12[seg + "S_infer"], g12[seg + "target_lengths"])
+        assert_close(cond, g13[seg + "cond"], seg + "cond")
+        assert_close(
+            torch.cat([prompt_condition, cond], dim=1), g13[seg + "cat_condition"], seg + "cat_condition"
+        )
+
+
+@torch.no_grad()
+def test_dit_estimator_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
+    """At every recorded Euler step, the DiT velocity of both CFG halves matches upstream."""
+    g = fx.golden(variant, "14_cfm")
+    for seg in _segments(fx, variant):
+        for i, step in enumerate(g[seg + "est_steps"].tolist()):
+            x, t = g[seg + "est_x"][i], g[seg + "est_t"][i]  # [1, M, N], [1]
+            v = s2mel.cfm.estimator(
+                torch.cat([x, x]),
+                g[seg + "est_prompt_x"],
+                torch.cat([t, t]),
+                g[seg + "est_style"],
+                g[seg + "est_mu"],
+            )
+            assert_close(v[:1], g[seg + "est_dphi_cond"][i], f"{seg}dphi_cond@{step}")
+            assert_close(v[1:], g[seg + "est_dphi_uncond"][i], f"{seg}dphi_uncond@{step}")
+
+
+def _sample(s2mel: S2Mel, fx: FixtureSet, variant: str, seg: str, **kw: Any) -> Tensor:
+    g = fx.golden(variant, "14_cfm")
+    return s2mel.cfm.inference(
+        fx.golden(variant, "13_cond")[seg + "cat_condition"],
+        fx.golden(variant, "05_ref_mel")["ref_mel"],
+        fx.golden(variant, "06_campplus")["style"],
+        n_timesteps=int(g[seg + "n_timesteps"]),
+        inference_cfg_rate=float(g[seg + "inference_cfg_rate"]),
+        **kw,
+    )
+
+
+def test_cfm_sampler_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
+    """The full Euler/CFG sampler from the golden noise reproduces mel_full and the vocoder input."""
+    g = fx.golden(variant, "14_cfm")
+    vc = fx.golden(variant, "15_bigvgan")
+    prompt_frames = fx.golden(variant, "05_ref_mel")["ref_mel"].size(-1)
+    for seg in _segments(fx, variant):
+        mel = _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
+        assert_close(mel, g[seg + "mel_full"], seg + "mel_full")
+        assert_close(mel[:, :, prompt_frames:], vc[seg + "vc_target"], seg + "vc_target")
+
+
+def test_cfm_feeds_estimator_like_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
+    """The sampler's stacked estimator inputs (x, accumulated t, prompt_x, style, mu) match upstream's."""
+    g = fx.golden(variant, "14_cfm")
+    seg = _segments(fx, variant)[0]
+    seen: list[tuple[Tensor, ...]] = []
+
+    def record(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+        seen.append(tuple(a.clone() for a in args[:5]))  # x, prompt_x, t, style, mu
+
+    handle = s2mel.cfm.estimator.register_forward_pre_hook(record)
+    try:
+        _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
+    finally:
+        handle.remove()
+    assert len(seen) == int(g[seg + "n_timesteps"])
+    x, prompt_x, t, style, mu = seen[0]
+    assert_close(prompt_x, g[seg + "est_prompt_x"], "est_prompt_x")
+    assert_close(style, g[seg + "est_style"], "est_style")
+    assert_close(mu, g[seg + "est_mu"], "est_mu")
+    for i, step in enumerate(g[seg + "est_steps"].tolist()):
+        x, _, t, _, _ = seen[step]
+        assert_close(x[:1], g[seg + "est_x"][i], f"est_x@{step}")
+        assert torch.equal(x[:1], x[1:]), "both CFG halves must see the same x"
+        assert_equal(t[:1], g[seg + "est_t"][i], f"est_t@{step}")  # float32 accumulation, bit-exact
+
+
+def test_cfm_generator_noise_is_reproducible(fx: FixtureSet, s2mel: S2Mel) -> None:
+    """Noise drawn from a seeded generator equals injecting randn(generator) · temperature."""
+    seg = "seg0."
+    mel_shape = fx.golden("base", "14_cfm")[seg + "noise"].shape
+    noise = torch.randn(mel_shape, generator=torch.Generator().manual_seed(7)) * 0.5
+    drawn = _sample(s2mel, fx, "base", seg, generator=torch.Generator().manual_seed(7), temperature=0.5)
+    injected = _sample(s2mel, fx, "base", seg, noise=noise)
+    assert torch.equal(drawn, injected)
+
+
+def test_cfm_cancel_raises_between_steps(fx: FixtureSet, s2mel: S2Mel) -> None:
+    """A cancel callback that turns true stops the sampler with Cancelled before the next step."""
+    polls = 0
+
+    def cancel() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 3
+
+    calls = 0
+
+    def count(_: nn.Module, __: tuple[Tensor, ...]) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = s2mel.cfm.estimator.register_forward_pre_hook(count)
+    try:
+        with pytest.raises(Cancelled):
+            _sample(s2mel, fx, "base", "seg0.", generator=torch.Generator().manual_seed(0), cancel=cancel)
+    finally:
+        handle.remove()
+    assert calls == 3
+
+
+def test_dit_fold_weight_norm_keeps_output(fx: FixtureSet, converted: Path, s2mel: S2Mel) -> None:
+    """Folding the DiT's weight norm once gives the same velocity as recomputing it every forward."""
+    unfolded = load_cfm(converted / "s2mel.safetensors", s2mel.config, "cpu", fold=False).estimator
+    g = fx.golden("base", "14_cfm")
+    x, t = g["seg0.est_x"][0], g["seg0.est_t"][0]
+    args = (
+        torch.cat([x, x]),
+        g["seg0.est_prompt_x"],
+        torch.cat([t, t]),
+        g["seg0.est_style"],
+        g["seg0.est_mu"],
+    )
+    with torch.no_grad():
+        assert_close(s2mel.cfm.estimator(*args), unfolded(*args), "folded vs unfolded")
+    assert not any(n.endswith(("weight_g", "weight_v")) for n, _ in s2mel.cfm.named_parameters())
+
+
+@torch.no_grad()
+def test_dit_full_length_mask_equals_no_mask(fx: FixtureSet, s2mel: S2Mel) -> None:
+    """Passing x_lens equal to the sequence length (upstream's call) gives the unmasked velocity."""
+    g = fx.golden("base", "14_cfm")
+    x, t = g["seg0.est_x"][1], g["seg0.est_t"][1]
+    args = (
+        torch.cat([x, x]),
+        g["seg0.est_prompt_x"],
+        torch.cat([t, t]),
+        g["seg0.est_style"],
+        g["seg0.est_mu"],
+    )
+    masked = s2mel.cfm.estimator(*args, x_lens=g["seg0.x_lens"])
+    assert_close(masked, s2mel.cfm.estimator(*args), "x_lens=N vs None")
+    assert_close(masked[:1], g["seg0.est_dphi_cond"][1], "dphi_cond with x_lens")
+
+
+def test_nearest_indices_follow_legacy_nearest() -> None:
+    """The regulator's frame map equals torch's legacy nearest interpolation for awkward ratios."""
+    for t_in, t_out in [(60, 103), (208, 359), (7, 3), (5, 10), (9, 9), (1, 17)]:
+        src = torch.arange(t_in, dtype=torch.float32)[None, None]
+        want = torch.nn.functional.interpolate(src, size=t_out, mode="nearest")[0, 0].long()
+        assert nearest_indices(t_in, t_out, torch.device("cpu")).tolist() == want.tolist()
+
+
+def test_length_regulator_config_names_missing_key(converted: Path) -> None:
+    """A config.yaml without a regulator key raises ConfigError naming that key."""
+    config = _config(converted)
+    del config["s2mel"]["length_regulator"]["in_channels"]
+    with pytest.raises(ConfigError, match=r"s2mel\.length_regulator\.in_channels"):
+        LengthRegulatorConfig.from_yaml(config)
+
+
+def _mutate(src: Path, dst: Path, how: str, key: str) -> Path:
+    tensors = read_tensors(src)
+    if how == "removed":
+        del tensors[key]
+    elif how == "renamed":
+        tensors[key + "_renamed"] = tensors.pop(key)
+    else:
+        tensors[key] = torch.cat([tensors[key], tensors[key][:1]])  # one extra row
+    save_file(tensors, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed", "reshaped"])
+@pytest.mark.parametrize(
+    ("part", "key"),
+    [
+        ("cfm", "cfm.estimator.wavenet.in_layers.0.conv.conv.weight_v"),
+        ("length_regulator", "length_regulator.model.12.bias"),
+        ("gpt_layer", "gpt_layer.1.bias"),
+    ],
+)
+def test_s2mel_checkpoint_mismatch_names_tensor(
+    converted: Path, tmp_path: Path, s2mel: S2Mel, how: str, part: str, key: str
+) -> None:
+    """A s2mel checkpoint with one tensor removed, renamed or reshaped raises CheckpointMismatch naming it."""
+    bad = _mutate(converted / "s2mel.safetensors", tmp_path / "s2mel.safetensors", how, key)
+    load = {
+        "cfm": lambda: load_cfm(bad, s2mel.config, "cpu"),
+        "length_regulator": lambda: load_length_regulator(bad, s2mel.config, "cpu"),
+        "gpt_layer": lambda: load_gpt_layer(bad, "cpu"),
+    }[part]
+    with pytest.raises(CheckpointMismatch) as err:
+        load()
+    name = key.removeprefix(part + ".")
+    assert name in (err.value.missing if how != "reshaped" else " ".join(err.value.misshaped))
+    if how == "renamed":
+        assert err.value.unexpected == [name + "_renamed"]
