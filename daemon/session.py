@@ -1,0 +1,426 @@
+"""One WebSocket connection: its live requests, its outbound queue, and the reader and writer tasks.
+
+The reader decodes client frames, validates them against the limits, and turns them into worker
+jobs; it never waits on the model. The writer sends the outbound queue in order and, after each
+segment's last frame, returns that request's credit to the worker (see worker.py). The queue holds
+at most SEGMENT_CREDITS segments per request plus a bounded backlog of small replies: when more
+than MAX_CONTROL_BACKLOG replies are unsent, the reader stops reading, so a client that sends
+without reading is throttled by TCP instead of growing server memory.
+
+Any `TtsdError` or `ProtocolError` becomes an `Error` message and the connection stays open; an
+unexpected exception ends only the request it came from, with code `internal`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from websockets.exceptions import ConnectionClosed
+
+from ttsd.pipeline.errors import BadAudio, BadText, TtsdError
+from ttsd.pipeline.options import BadOptions, SynthesisOptions
+from ttsd.pipeline.text.segment import SentenceBuffer
+
+from . import protocol as p
+from .worker import Job, TextTooLong, VoiceResult, Worker
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
+
+    from .config import DaemonConfig
+
+log = logging.getLogger(__name__)
+
+AUDIO_FRAME_SAMPLES: Final = 5_512   # ≈ 0.25 s (11 KiB) per Audio frame: a jitter buffer can start early
+MAX_CONTROL_BACKLOG: Final = 64      # unsent non-audio replies before the reader pauses
+SERVER_NAME: Final = "ttsd/0.1"
+
+_T = TypeVar("_T")
+
+
+@dataclass(eq=False, slots=True)
+class _Outgoing:
+    frame: bytes | None                     # None: built by `build` when it is sent (Done timings)
+    request: LiveRequest | None = None
+    build: Callable[[], bytes] | None = None
+    audio_samples: int = 0                  # > 0 for Audio frames
+    returns_credit: bool = False            # the last frame of a segment
+
+
+class LiveRequest:
+    """A synthesis request between its Synthesize and its Done/Error. The worker's JobSink."""
+
+    def __init__(self, session: Session, request_id: int, text_chars: int, incremental: bool) -> None:
+        self.session = session
+        self.id = request_id
+        self.job: Job | None = None
+        self.t0 = time.perf_counter()
+        self.first_audio_t: float | None = None
+        self.text_chars = text_chars
+        self.sentences = SentenceBuffer() if incremental else None
+        self.flushed = not incremental
+        self.seq = 0
+        self.segments = 0
+        self.audio_samples = 0
+        self.finished = False
+
+    @property
+    def awaiting_text(self) -> bool:
+        return not self.flushed
+
+    # JobSink: called on the loop thread by the worker's call_soon_threadsafe.
+
+    def on_segment(self, index: int, text: str, pcm: bytes) -> None:
+        if self.finished:
+            return  # cancelled after the worker produced it
+        s = self.session
+        s.enqueue(_Outgoing(p.encode(p.SegmentStart(id=self.id, index=index, text=text)), self))
+        step = 2 * AUDIO_FRAME_SAMPLES
+        for start in range(0, len(pcm), step):
+            chunk = pcm[start : start + step]
+            frame = p.encode(p.Audio(id=self.id, seq=self.seq, pcm=chunk))
+            s.enqueue(_Outgoing(frame, self, audio_samples=len(chunk) // 2))
+            self.seq += 1
+        audio_s = len(pcm) / 2 / p.SAMPLE_RATE_HZ
+        end = p.SegmentEnd(id=self.id, index=index, audio_s=audio_s)
+        s.enqueue(_Outgoing(p.encode(end), self, returns_credit=True))
+        self.segments += 1
+
+    def on_done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.session.forget(self)
+        self.session.enqueue(_Outgoing(None, self, build=self._done_frame))
+
+    def on_error(self, code: str, message: str) -> None:
+        self.fail(code, message)
+
+    def fail(self, code: str, message: str) -> None:
+        """End the request now with an Error; its unsent audio is dropped."""
+        if self.finished:
+            return
+        self.finished = True
+        s = self.session
+        s.forget(self)
+        s.purge(self)
+        if self.job is not None:
+            # notify=False: the Error below is the one reply, whatever the worker is doing.
+            s.worker.cancel(self.job, code, notify=False)
+        s.enqueue(_Outgoing(p.encode(p.Error(id=self.id, code=code, message=message))))
+        log.info("request ended peer=%s id=%d code=%s segments=%d", s.peer, self.id, code, self.segments)
+
+    def _done_frame(self) -> bytes:
+        # Built when it is sent, so first_audio_ms and total_ms are what the client experienced.
+        total_s = time.perf_counter() - self.t0
+        audio_s = self.audio_samples / p.SAMPLE_RATE_HZ
+        first_ms = None if self.first_audio_t is None else (self.first_audio_t - self.t0) * 1000
+        rtf = total_s / audio_s if audio_s > 0 else None
+        log.info(
+            "request done peer=%s id=%d chars=%d segments=%d audio_s=%.2f first_audio_ms=%s total_ms=%.0f "
+            "rtf=%s",
+            self.session.peer, self.id, self.text_chars, self.segments, audio_s,
+            _ms_or_dash(first_ms), total_s * 1000, "-" if rtf is None else f"{rtf:.3f}",
+        )
+        done = p.Done(
+            id=self.id, segments=self.segments, first_audio_ms=first_ms, total_ms=total_s * 1000,
+            audio_s=audio_s, rtf=rtf,
+        )
+        return p.encode(done)
+
+
+def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
+    """Protocol fields → SynthesisOptions; a field left None keeps the upstream default."""
+    d = SynthesisOptions()
+    pick = _or
+    return SynthesisOptions(
+        emo_alpha=pick(msg.emo_alpha, d.emo_alpha),
+        emo_vector=msg.emo_vector,
+        use_random=pick(msg.use_random, d.use_random),
+        do_sample=pick(msg.do_sample, d.do_sample),
+        temperature=pick(msg.temperature, d.temperature),
+        top_k=pick(msg.top_k, d.top_k),
+        top_p=pick(msg.top_p, d.top_p),
+        num_beams=pick(msg.num_beams, d.num_beams),
+        repetition_penalty=pick(msg.repetition_penalty, d.repetition_penalty),
+        max_mel_tokens=pick(msg.max_mel_tokens, d.max_mel_tokens),
+        diffusion_steps=pick(msg.diffusion_steps, d.diffusion_steps),
+        inference_cfg_rate=pick(msg.inference_cfg_rate, d.inference_cfg_rate),
+        max_text_tokens_per_segment=pick(msg.max_text_tokens_per_segment, d.max_text_tokens_per_segment),
+        quick_streaming_tokens=pick(msg.quick_streaming_tokens, d.quick_streaming_tokens),
+        interval_silence_ms=pick(msg.interval_silence_ms, d.interval_silence_ms),
+        seed=msg.seed,
+    ).validated()
+
+
+class Session:
+    def __init__(self, ws: ServerConnection, worker: Worker, config: DaemonConfig) -> None:
+        self.ws = ws
+        self.worker = worker
+        self.config = config
+        self.peer = _peer(ws)
+        self.requests: dict[int, LiveRequest] = {}
+        self._outbox: deque[_Outgoing] = deque()
+        self._control_backlog = 0
+        self._wakeup = asyncio.Event()       # the writer has something to send (or must stop)
+        self._room = asyncio.Event()         # the reader may read (control backlog below the limit)
+        self._room.set()
+        self._flushed = asyncio.Event()      # the outbox is empty
+        self._flushed.set()
+        self._closing = False
+
+    async def run(self) -> None:
+        log.info("connection open peer=%s", self.peer)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.read_requests())
+                tg.create_task(self.write_replies())
+        finally:
+            self._closing = True
+            # Disconnect: stop every request at its next decode step, silently (nobody to tell).
+            for req in list(self.requests.values()):
+                req.finished = True
+                if req.job is not None:
+                    self.worker.cancel(req.job, p.ErrorCode.CANCELLED, notify=False)
+            self.requests.clear()
+            self._outbox.clear()
+            log.info("connection closed peer=%s code=%s", self.peer, self.ws.close_code)
+
+    async def close(self, code: int, reason: str, flush_timeout_s: float) -> None:
+        """Send what is queued (for at most flush_timeout_s), then close the WebSocket."""
+        try:
+            async with asyncio.timeout(flush_timeout_s):
+                await self._flushed.wait()
+        except TimeoutError:
+            log.info("close without flushing peer=%s unsent_frames=%d", self.peer, len(self._outbox))
+        await self.ws.close(code, reason)
+
+    # ---------------------------------------------------------------------------------------
+    # Outbound
+
+    def enqueue(self, item: _Outgoing) -> None:
+        if self._closing:
+            return
+        self._outbox.append(item)
+        if item.audio_samples == 0 and item.request is None:
+            self._control_backlog += 1
+            if self._control_backlog > MAX_CONTROL_BACKLOG:
+                self._room.clear()
+        self._flushed.clear()
+        self._wakeup.set()
+
+    def send(self, msg: p.ServerMessage) -> None:
+        self.enqueue(_Outgoing(p.encode(msg)))
+
+    def purge(self, req: LiveRequest) -> None:
+        """Drop a finished request's unsent frames (its credits no longer matter)."""
+        self._outbox = deque(item for item in self._outbox if item.request is not req)
+        if not self._outbox:
+            self._flushed.set()
+
+    def forget(self, req: LiveRequest) -> None:
+        if self.requests.get(req.id) is req:
+            del self.requests[req.id]
+
+    async def write_replies(self) -> None:
+        try:
+            while True:
+                while not self._outbox:
+                    self._flushed.set()
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                item = self._outbox.popleft()
+                if item.audio_samples == 0 and item.request is None:
+                    self._control_backlog -= 1
+                    if self._control_backlog <= MAX_CONTROL_BACKLOG // 2:
+                        self._room.set()
+                frame = item.frame if item.frame is not None else item.build() if item.build else b""
+                await self.ws.send(frame)
+                req = item.request
+                if req is not None:
+                    if item.audio_samples:
+                        req.audio_samples += item.audio_samples
+                        if req.first_audio_t is None:
+                            req.first_audio_t = time.perf_counter()
+                    if item.returns_credit and req.job is not None:
+                        self.worker.return_credit(req.job)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._closing = True
+            self._room.set()
+            self._flushed.set()
+
+    # ---------------------------------------------------------------------------------------
+    # Inbound
+
+    async def read_requests(self) -> None:
+        try:
+            while not self._closing:
+                await self._room.wait()
+                try:
+                    async with asyncio.timeout(self.config.idle_timeout_s):
+                        frame = await self.ws.recv()
+                except TimeoutError:
+                    if any(not r.awaiting_text for r in self.requests.values()):
+                        continue  # audio is still being produced for this client
+                    log.info("idle timeout peer=%s idle_timeout_s=%g", self.peer, self.config.idle_timeout_s)
+                    await self.ws.close(1000, "idle timeout")
+                    return
+                self.handle(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._closing = True
+            self._wakeup.set()
+
+    def handle(self, frame: bytes | str) -> None:
+        """One client frame → replies and worker calls. Never raises for bad input."""
+        request_id: int | None = None
+        try:
+            msg = p.decode_client(frame)
+            request_id = getattr(msg, "id", None)
+            self._dispatch(msg)
+        except p.ProtocolError as e:
+            log.info("bad frame peer=%s code=%s detail=%s", self.peer, e.code, e.detail)
+            self.send(p.error_of(e))
+        except TtsdError as e:
+            log.info("request rejected peer=%s id=%s code=%s error=%s", self.peer, request_id, e.code, e)
+            self.send(p.Error(id=request_id, code=e.code, message=str(e)))
+        except Exception as e:
+            log.exception("request failed peer=%s id=%s", self.peer, request_id)
+            detail = f"internal error: {type(e).__name__}"
+            req = self.requests.get(request_id) if request_id is not None else None
+            if req is not None:
+                req.fail(p.ErrorCode.INTERNAL, detail)
+            else:
+                self.send(p.Error(id=request_id, code=p.ErrorCode.INTERNAL, message=detail))
+
+    def _dispatch(self, msg: p.ClientMessage) -> None:
+        match msg:
+            case p.Hello():
+                self._hello(msg)
+            case p.RegisterVoice():
+                self._register_voice(msg)
+            case p.Synthesize():
+                self._synthesize(msg)
+            case p.AppendText():
+                self._append_text(msg)
+            case p.Flush():
+                self._flush(msg)
+            case p.Cancel():
+                req = self.requests.get(msg.id)
+                # Cancelling a finished or unknown id is a no-op: it races with Done by nature.
+                if req is not None:
+                    req.fail(p.ErrorCode.CANCELLED, "cancelled by the client")
+            case p.Ping():
+                self.send(p.Pong(nonce=msg.nonce))
+
+    def _hello(self, msg: p.Hello) -> None:
+        if msg.version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(
+                p.ErrorCode.BAD_MESSAGE,
+                f"protocol version {msg.version} is not supported; this server speaks {p.PROTOCOL_VERSION}",
+            )
+        log.info("hello peer=%s client=%r", self.peer, msg.client)
+        c = self.config
+        self.send(
+            p.ServerHello(
+                version=p.PROTOCOL_VERSION, server=SERVER_NAME, sample_rate_hz=p.SAMPLE_RATE_HZ,
+                max_frame_bytes=c.max_frame_bytes, max_text_chars=c.max_text_chars,
+                max_reference_audio_s=c.max_reference_audio_s, max_voices=c.max_voices,
+                max_concurrent_requests=c.max_concurrent_requests, max_queued_requests=c.max_queued_requests,
+            )
+        )
+
+    def _register_voice(self, msg: p.RegisterVoice) -> None:
+        if not msg.audio:
+            raise BadAudio("speaker reference audio is empty")
+        if msg.emo_audio is not None and not msg.emo_audio:
+            raise BadAudio("emotion reference audio is empty")
+
+        def done(result: VoiceResult | TtsdError) -> None:
+            if isinstance(result, VoiceResult):
+                self.send(p.VoiceRegistered(id=msg.id, voice=result.voice_id, audio_s=result.audio_s))
+            else:
+                log.info("voice rejected peer=%s id=%d code=%s error=%s",
+                         self.peer, msg.id, result.code, result)
+                self.send(p.Error(id=msg.id, code=result.code, message=str(result)))
+
+        self.worker.register_voice(msg.audio, msg.emo_audio, done)
+
+    def _synthesize(self, msg: p.Synthesize) -> None:
+        if msg.id in self.requests:
+            raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, f"request id {msg.id} is already in use", msg.id)
+        if len(msg.text) > self.config.max_text_chars:
+            limit = self.config.max_text_chars
+            raise TextTooLong(f"text has {len(msg.text)} characters; the limit is {limit}")
+        if not msg.incremental and not msg.text.strip():
+            raise BadText("text is empty")
+        try:
+            opts = synthesis_options(msg)
+        except BadOptions as e:
+            raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, str(e), msg.id) from None
+        voice = self.worker.voice(msg.voice, msg.emo_voice)
+        req = LiveRequest(self, msg.id, len(msg.text), msg.incremental)
+        job = Job(key=self.worker.new_key(), voice=voice, opts=opts, sink=req, incremental=msg.incremental)
+        if req.sentences is None:
+            job.texts.append(msg.text)
+        else:
+            job.texts.extend(req.sentences.feed(msg.text))
+            job.input_closed = False
+        self.worker.submit(job)  # Busy / ShuttingDown propagate before the request exists
+        req.job = job
+        self.requests[msg.id] = req
+        log.info(
+            "request start peer=%s id=%d key=%d chars=%d incremental=%s", self.peer, msg.id, job.key,
+            len(msg.text), msg.incremental,
+        )
+
+    def _incremental(self, request_id: int, what: str) -> LiveRequest:
+        req = self.requests.get(request_id)
+        if req is None or req.sentences is None or req.flushed:
+            detail = f"{what}: no incremental request with id {request_id} awaits text"
+            raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, detail, request_id)
+        return req
+
+    def _append_text(self, msg: p.AppendText) -> None:
+        req = self._incremental(msg.id, "append_text")
+        req.text_chars += len(msg.text)
+        if req.text_chars > self.config.max_text_chars:
+            req.fail(p.ErrorCode.TEXT_TOO_LONG, f"text exceeds {self.config.max_text_chars} characters")
+            return
+        assert req.sentences is not None and req.job is not None  # checked by _incremental / set at submit
+        sentences = req.sentences.feed(msg.text)
+        if sentences:
+            self.worker.add_text(req.job, sentences, close=False)
+
+    def _flush(self, msg: p.Flush) -> None:
+        req = self._incremental(msg.id, "flush")
+        assert req.sentences is not None and req.job is not None  # checked by _incremental / set at submit
+        rest = req.sentences.flush()
+        req.flushed = True
+        self.worker.add_text(req.job, [rest] if rest else [], close=True)
+
+
+def _ms_or_dash(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}"
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError):
+        return "?"

@@ -1,0 +1,365 @@
+"""Pipeline: every IndexTTS2 component on one device, and the per-segment glue between them.
+
+Ports the per-segment half of `IndexTTS2.infer_generator` (indextts/infer_v2.py): text →
+segments → GPT codes and latent → s2mel (gpt_layer + vq2emb, length regulator, CFM) → BigVGAN.
+`stream()` overlaps segment k+1's GPT with segment k's DiT + BigVGAN on two CUDA streams; on
+CPU the same code runs sequentially. Shapes: M codes, D GPT width, T target mel frames,
+P prompt mel frames."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from . import audio
+from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
+from .campplus import CAMPPlus, load_campplus
+from .errors import BadText, CheckpointError, ConfigError
+from .flow import CFM, load_cfm
+from .generate import GenerationConfig, generate
+from .gpt import UnifiedVoice, load_gpt
+from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
+from .options import EMOTIONS, SynthesisOptions
+from .semantic_codec import SemanticCodec, load_semantic_codec
+from .text import SentenceBuffer, TextNormalizer, TextTokenizer, split_segments
+from .voice import AudioSource, Voice, prepare_voice
+from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
+from .weights import read_tensors
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Segment:
+    index: int               # 0, 1, 2, ... within one request
+    pieces: list[str]        # BPE pieces
+    text_ids: list[int]      # ids fed to the GPT
+    text: str                # the pieces decoded back to readable text
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GptOutput:
+    codes: Tensor            # (1, M) int64 semantic codes, stop token trimmed
+    latent: Tensor           # (1, M, D) float32 second-pass latent
+
+
+def _seed_for(seed: int, segment: int) -> int:
+    # One independent, reproducible RNG per segment: offline, streamed and interleaved runs of
+    # the same request draw the same numbers whatever order the segments run in.
+    return (seed * 1000 + segment) % (2**63)
+
+
+class Pipeline:
+    """All weights of one IndexTTS2 model on one device. Holds no per-request state."""
+
+    sample_rate_hz = audio.SAMPLE_RATE_HZ
+
+    def __init__(
+        self,
+        *,
+        config: Mapping[str, Any],
+        tokenizer: TextTokenizer,
+        w2v: W2VBert,
+        w2v_stats: W2VStats,
+        codec: SemanticCodec,
+        campplus: CAMPPlus,
+        gpt: UnifiedVoice,
+        gpt_layer: torch.nn.Module,
+        length_regulator: InterpolateRegulator,
+        cfm: CFM,
+        bigvgan: BigVGAN,
+        spk_matrix: Tensor,
+        emo_matrix: Tensor,
+        device: torch.device,
+        gpt_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
+        self.gpt, self.gpt_layer, self.length_regulator, self.cfm, self.bigvgan = (
+            gpt, gpt_layer, length_regulator, cfm, bigvgan,
+        )
+        self.device = device
+        self.gpt_dtype = gpt_dtype
+        try:
+            emo_num = [int(n) for n in config["emo_num"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError("config.yaml: missing or invalid key emo_num") from e
+        if sum(emo_num) != spk_matrix.size(0) or sum(emo_num) != emo_matrix.size(0) or len(emo_num) != len(EMOTIONS):
+            raise CheckpointError(
+                f"emotion matrices have {spk_matrix.size(0)}/{emo_matrix.size(0)} rows; config emo_num {emo_num}"
+            )
+        # Upstream splits both matrices by emo_num into one group per emotion category.
+        self.spk_matrix = torch.split(spk_matrix.to(device), emo_num)
+        self.emo_matrix = torch.split(emo_matrix.to(device=device, dtype=gpt_dtype), emo_num)
+        self.streams = _Streams.create(device)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, ckpt_dir: Path | str, device: str | torch.device = "cpu", dtype: str = "float32") -> Pipeline:
+        """Load a converted checkpoint directory (ttsd-convert output). `dtype` applies to the GPT;
+        the acoustic side stays float32, as upstream runs it even in fp16 mode."""
+        ckpt = Path(ckpt_dir)
+        dev = torch.device(device)
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dev.type == "cpu" and dtype != "float32":
+            raise ConfigError("half precision needs a CUDA device; use --dtype float32 on CPU")
+        cfg_path = ckpt / "config.yaml"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{ckpt}: no config.yaml (convert the official checkpoint with ttsd-convert)")
+        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", TextNormalizer(glossary_path=_glossary(ckpt)))
+        w2v, w2v_stats = load_w2v_bert(ckpt, dev)
+        s2mel = ckpt / "s2mel.safetensors"
+        gpt = load_gpt(ckpt / "gpt.safetensors", config, dev)
+        if dtype != "float32":
+            gpt = gpt.to(DTYPES[dtype])
+        emotion = read_tensors(ckpt / "emotion.safetensors", dev)
+        if {"spk_matrix", "emo_matrix"} - emotion.keys():
+            raise CheckpointError(f"{ckpt / 'emotion.safetensors'}: needs spk_matrix and emo_matrix")
+        return cls(
+            config=config,
+            tokenizer=tokenizer,
+            w2v=w2v,
+            w2v_stats=w2v_stats,
+            codec=load_semantic_codec(ckpt, dev),
+            campplus=load_campplus(ckpt, dev),
+            gpt=gpt,
+            gpt_layer=load_gpt_layer(s2mel, dev),
+            length_regulator=load_length_regulator(s2mel, config, dev),
+            cfm=load_cfm(s2mel, config, dev),
+            bigvgan=load_bigvgan(ckpt / "bigvgan.safetensors", ckpt / "bigvgan.json", dev),
+            spk_matrix=emotion["spk_matrix"],
+            emo_matrix=emotion["emo_matrix"],
+            device=dev,
+            gpt_dtype=DTYPES[dtype],
+        )
+
+    @property
+    def max_mel_tokens(self) -> int:
+        return int(self.gpt.cfg.max_mel_tokens)
+
+    # ------------------------------------------------------------------ voice and text
+
+    def prepare_voice(self, spk_audio: AudioSource, emo_audio: AudioSource | None = None,
+                      max_input_s: float | None = None) -> Voice:
+        """Reference clip (and optional emotion clip) → cached conditioning. Raises BadAudio."""
+        return prepare_voice(self, spk_audio, emo_audio, max_input_s)
+
+    def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
+        """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText."""
+        pieces = self.tokenizer.tokenize(text)
+        groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
+        segments = [
+            Segment(index=i, pieces=list(g), text_ids=self.tokenizer.convert_tokens_to_ids(g),
+                    text=self.tokenizer.decode(g))
+            for i, g in enumerate(g for g in groups if g)
+        ]
+        if not segments:
+            raise BadText("nothing to speak: the text is empty after normalisation")
+        return segments
+
+    @staticmethod
+    def sentences(text: str) -> list[str]:
+        """Split text into sentences the way streaming input is split (SentenceBuffer)."""
+        buf = SentenceBuffer()
+        out = buf.feed(text)
+        rest = buf.flush()
+        return [s for s in [*out, rest] if s.strip()]
+
+    # ------------------------------------------------------------------ emotion
+
+    def emovec(self, voice: Voice, opts: SynthesisOptions, emo_voice: Voice | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """The (1, D) emotion vector added to the speaker latents (infer_v2 + UnifiedVoice.merge_emovec)."""
+        if opts.emo_vector is None:
+            emo = voice.emovec_emo if emo_voice is None else emo_voice.emovec_self
+            return voice.emovec_spk + opts.emo_alpha * (emo - voice.emovec_spk)
+        weights = list(opts.emo_vector)
+        scale = min(max(opts.emo_alpha, 0.0), 1.0)
+        if scale != 1.0:
+            # Upstream truncates the scaled weights toward zero at 4 decimals.
+            weights = [int(w * scale * 10000) / 10000 for w in weights]
+        mat = self.gpt.mix_emotion(
+            torch.tensor(weights, dtype=torch.float32), voice.style, self.spk_matrix, self.emo_matrix,
+            use_random=opts.use_random, generator=generator,
+        )
+        # Vector mode: the audio term is the speaker clip itself at merge alpha 1; Σw is not clamped.
+        return mat + (1.0 - sum(weights)) * voice.emovec_self
+
+    # ------------------------------------------------------------------ one segment
+
+    def generation_config(self, opts: SynthesisOptions) -> GenerationConfig:
+        return GenerationConfig(
+            do_sample=opts.do_sample,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            top_p=opts.top_p,
+            num_beams=opts.num_beams,
+            repetition_penalty=opts.repetition_penalty,
+            max_mel_tokens=min(opts.max_mel_tokens, self.max_mel_tokens),
+        )
+
+    @torch.inference_mode()
+    def run_gpt(self, voice: Voice, segment: Segment, opts: SynthesisOptions, emovec: Tensor, *,
+                seed: int, cancel: Callable[[], bool] | None = None,
+                timings: dict[str, float] | None = None) -> GptOutput:
+        """Autoregressive codes for one segment, then the second pass that yields the latent."""
+        gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment.index))
+        text = torch.tensor([segment.text_ids], dtype=torch.int64, device=self.device)  # [1, L]
+        t0 = _clock(self.device, timings)
+        codes = generate(
+            self.gpt, voice.speech_latent, emovec, text, self.generation_config(opts),
+            generator=gen, cancel=cancel, timings=timings,
+        )  # [1, M]
+        t1 = _clock(self.device, timings)
+        latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
+        t2 = _clock(self.device, timings)
+        if timings is not None:
+            timings["gpt_s"] = timings.get("gpt_s", 0.0) + (t1 - t0)
+            timings["gpt_latent_s"] = timings.get("gpt_latent_s", 0.0) + (t2 - t1)
+            timings["gpt_codes"] = timings.get("gpt_codes", 0.0) + codes.size(1)
+        return GptOutput(codes=codes, latent=latent)
+
+    @torch.inference_mode()
+    def run_acoustic(self, voice: Voice, out: GptOutput, opts: SynthesisOptions, *, seed: int, segment_index: int,
+                     noise: Tensor | None = None, cancel: Callable[[], bool] | None = None,
+                     timings: dict[str, float] | None = None) -> Tensor:
+        """GPT output → float PCM (N,) at ±32767 scale on the device (s2mel in float32, as upstream)."""
+        m = out.codes.size(1)
+        if m == 0:  # the GPT stopped at once: nothing to render for this segment
+            return torch.zeros(0, device=self.device)
+        t0 = _clock(self.device, timings)
+        s_infer = self.codec.vq2emb(out.codes).transpose(1, 2) + self.gpt_layer(out.latent)  # [1, M, Cw]
+        target = mel_lengths(torch.tensor([m], device=self.device))  # floor(1.72 M) in float32, as upstream
+        cond = self.length_regulator(s_infer, target)  # [1, T, C]
+        mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
+        gen = None
+        if noise is None:
+            gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment_index))
+        mel = self.cfm.inference(
+            mu, voice.ref_mel, voice.style, n_timesteps=opts.diffusion_steps,
+            inference_cfg_rate=opts.inference_cfg_rate, noise=None if noise is None else noise.to(self.device),
+            generator=gen, cancel=cancel,
+        )[:, :, voice.ref_mel.size(2):]  # [1, 80, T]
+        t1 = _clock(self.device, timings)
+        pcm = to_pcm_scale(self.bigvgan(mel))[0]  # [256 T]
+        t2 = _clock(self.device, timings)
+        if timings is not None:
+            timings["s2mel_s"] = timings.get("s2mel_s", 0.0) + (t1 - t0)
+            timings["bigvgan_s"] = timings.get("bigvgan_s", 0.0) + (t2 - t1)
+        return pcm
+
+    def synthesize_segment(self, voice: Voice, segment: Segment, opts: SynthesisOptions, *, emovec: Tensor,
+                           seed: int, noise: Tensor | None = None, cancel: Callable[[], bool] | None = None,
+                           timings: dict[str, float] | None = None) -> np.ndarray:
+        """One segment end to end → float32 PCM (N,) at ±32767 scale on the host."""
+        out = self.run_gpt(voice, segment, opts, emovec, seed=seed, cancel=cancel, timings=timings)
+        pcm = self.run_acoustic(voice, out, opts, seed=seed, segment_index=segment.index, noise=noise,
+                                cancel=cancel, timings=timings)
+        return pcm.cpu().numpy()
+
+    # ------------------------------------------------------------------ whole requests
+
+    def stream(self, voice: Voice, segments: Sequence[Segment], opts: SynthesisOptions, *,
+               emo_voice: Voice | None = None, noise: Mapping[int, Tensor] | None = None,
+               cancel: Callable[[], bool] | None = None,
+               timings: dict[str, float] | None = None) -> Iterator[tuple[Segment, np.ndarray]]:
+        """Yield (segment, PCM) as each segment finishes. On CUDA the GPT of segment k+1 runs on
+        its own stream while segment k's DiT + BigVGAN run on another."""
+        seed = opts.seed if opts.seed is not None else secrets.randbits(62)
+        emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed))
+        noise = noise or {}
+        if self.streams is None or len(segments) < 2:
+            for seg in segments:
+                yield seg, self.synthesize_segment(voice, seg, opts, emovec=emovec, seed=seed,
+                                                   noise=noise.get(seg.index), cancel=cancel, timings=timings)
+            return
+        yield from self.streams.overlap(self, voice, segments, opts, emovec, seed, noise, cancel, timings)
+
+    def synthesize(self, voice: Voice, text: str, opts: SynthesisOptions | None = None, *,
+                   emo_voice: Voice | None = None, noise: Mapping[int, Tensor] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> np.ndarray:
+        """Offline synthesis: all segments joined by `interval_silence_ms` of zeros → float32 (N,)."""
+        opts = (opts or SynthesisOptions()).validated()
+        segments = self.split_text(text, opts)
+        silence = np.zeros(int(self.sample_rate_hz * opts.interval_silence_ms / 1000), dtype=np.float32)
+        parts: list[np.ndarray] = []
+        for seg, pcm in self.stream(voice, segments, opts, emo_voice=emo_voice, noise=noise, cancel=cancel):
+            if parts:
+                parts.append(silence)  # between segments only, as upstream's insert_interval_silence
+            parts.append(pcm)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def _glossary(ckpt: Path) -> Path | None:
+    # Upstream: a glossary.yaml next to the checkpoint replaces the built-in term glossary.
+    path = ckpt / "glossary.yaml"
+    return path if path.is_file() else None
+
+
+def _clock(device: torch.device, timings: dict[str, float] | None) -> float:
+    if timings is None:
+        return 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host sync on purpose: only when timings are requested
+    return time.perf_counter()
+
+
+@dataclass
+class _Streams:
+    """Two CUDA streams: the GPT runs on one, DiT + BigVGAN on the other."""
+
+    gpt: torch.cuda.Stream
+    acoustic: torch.cuda.Stream
+
+    @classmethod
+    def create(cls, device: torch.device) -> _Streams | None:
+        if device.type != "cuda":
+            return None
+        return cls(gpt=torch.cuda.Stream(device), acoustic=torch.cuda.Stream(device))
+
+    def overlap(self, pipe: Pipeline, voice: Voice, segments: Sequence[Segment], opts: SynthesisOptions,
+                emovec: Tensor, seed: int, noise: Mapping[int, Tensor], cancel: Callable[[], bool] | None,
+                timings: dict[str, float] | None) -> Iterator[tuple[Segment, np.ndarray]]:
+        main = torch.cuda.current_stream(pipe.device)
+        self.gpt.wait_stream(main)  # voice tensors were produced on the main stream
+        self.acoustic.wait_stream(main)
+        with torch.cuda.stream(self.gpt):
+            pending = pipe.run_gpt(voice, segments[0], opts, emovec, seed=seed, cancel=cancel, timings=timings)
+        gpt_done = torch.cuda.Event()
+        gpt_done.record(self.gpt)
+        for k, seg in enumerate(segments):
+            current = pending
+            self.acoustic.wait_event(gpt_done)  # codes/latent of segment k finished on the GPT stream ...
+            for t in (current.codes, current.latent):
+                t.record_stream(self.acoustic)  # ... and are read on the acoustic stream: keep them alive
+            with torch.cuda.stream(self.acoustic):
+                pcm = pipe.run_acoustic(voice, current, opts, seed=seed, segment_index=seg.index,
+                                        noise=noise.get(seg.index), cancel=cancel, timings=timings)
+                pcm_host = pcm.to("cpu", non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.acoustic)
+            if k + 1 < len(segments):
+                # Segment k+1's decode is issued while segment k's DiT + BigVGAN still run.
+                with torch.cuda.stream(self.gpt):
+                    pending = pipe.run_gpt(voice, segments[k + 1], opts, emovec, seed=seed, cancel=cancel,
+                                           timings=timings)
+                gpt_done = torch.cuda.Event()
+                gpt_done.record(self.gpt)
+            done.synchronize()  # host waits for segment k's audio only
+            yield seg, pcm_host.numpy()
