@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -368,9 +369,17 @@ class Session:
             opts = synthesis_options(msg)
         except BadOptions as e:
             raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, str(e), msg.id) from None
-        voice = self.worker.voice(msg.voice, msg.emo_voice)
+        if opts.seed is None:
+            # One seed per request, not per Pipeline.stream() call: an incremental request makes one
+            # call per batch of sentences, and they must share the emotion mix and RNG lineage.
+            opts = opts.with_seed(secrets.randbits(62))
+        voice = self.worker.voice(msg.voice)
+        emo_voice = None if msg.emo_voice is None else self.worker.voice(msg.emo_voice)
         req = LiveRequest(self, msg.id, len(msg.text), msg.incremental)
-        job = Job(key=self.worker.new_key(), voice=voice, opts=opts, sink=req, incremental=msg.incremental)
+        job = Job(
+            key=self.worker.new_key(), voice=voice, emo_voice=emo_voice, opts=opts, sink=req,
+            incremental=msg.incremental,
+        )
         if req.sentences is None:
             job.texts.append(msg.text)
         else:

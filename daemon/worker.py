@@ -40,7 +40,8 @@ from .protocol import SAMPLE_RATE_HZ, ErrorCode
 
 if TYPE_CHECKING:
     from ttsd.pipeline.options import SynthesisOptions
-    from ttsd.pipeline.pipeline import Pipeline, Segment, Voice
+    from ttsd.pipeline.pipeline import Pipeline, Segment
+    from ttsd.pipeline.voice import Voice
 
     from .config import DaemonConfig
 
@@ -94,6 +95,7 @@ class Job:
     voice: Voice
     opts: SynthesisOptions
     sink: JobSink
+    emo_voice: Voice | None = None              # its speaker clip is the emotion reference
     incremental: bool = False                   # text arrives in pieces; unspeakable pieces are skipped
     texts: deque[str] = field(default_factory=deque)  # text not yet split into segments
     input_closed: bool = True                   # False while an incremental request may get more text
@@ -137,8 +139,10 @@ class _VoiceJob:
 
 
 WorkerObserver = Callable[[str, int, int], None]
-"""(event, job key, segment index) on the worker thread: "segment_begin" / "segment_end" around
-each segment, "request_end" (index = segments produced) when a job leaves the worker."""
+"""(event, job key, segment index) on the worker thread, for tests and tracing: "segment_begin" and
+"segment_end" around each segment, "parked" when a job runs out of credit (index = segments
+produced), "request_end" (index = segments produced) when a job leaves the worker. The worker
+lock is held only for "parked"; an observer may block on the others to stage a race."""
 
 
 def _voice_key(audio: bytes, emo_audio: bytes | None) -> str:
@@ -157,7 +161,8 @@ def _audio_seconds(audio: bytes, what: str) -> float:
     try:
         info = sf.info(io.BytesIO(audio))
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError, OSError) as e:
-        raise BadAudio(f"cannot decode {what}: {e}") from None
+        # libsndfile's message embeds the BytesIO repr; keep only its reason ("Format not recognised.").
+        raise BadAudio(f"cannot decode {what}: {str(e).rsplit(': ', 1)[-1]}") from None
     if info.samplerate <= 0 or info.frames <= 0:
         raise BadAudio(f"{what} holds no samples")
     return float(info.frames) / float(info.samplerate)
@@ -208,25 +213,15 @@ class Worker:
             self._next_key += 1
             return self._next_key
 
-    def voice(self, voice_id: str, emo_voice_id: str | None = None) -> Voice:
-        """A registered voice (refreshing its LRU position), or UnknownVoice. With `emo_voice_id`, the
-        voice speaks with the emotion of that voice's speaker clip. The job holds the returned object,
-        so a later eviction from the cache cannot pull it from under a running request."""
+    def voice(self, voice_id: str) -> Voice:
+        """A registered voice (refreshing its LRU position), or UnknownVoice. A job holds the returned
+        object, so a later eviction from the cache cannot pull it from under a running request."""
         with self._cond:
-            voice = self._lookup(voice_id)
-            if emo_voice_id is None:
-                return voice
-            emo = self._lookup(emo_voice_id)
-        # prepare_voice(spk, emo) differs from prepare_voice(spk) only in emovec_emo, which is
-        # get_emovec of the emotion clip loaded at 16 kHz: exactly the other voice's emovec_self.
-        return dataclasses.replace(voice, emovec_emo=emo.emovec_self)
-
-    def _lookup(self, voice_id: str) -> Voice:
-        entry = self._voices.get(voice_id)
-        if entry is None:
-            raise UnknownVoice(f"voice {voice_id!r} is not registered (or was evicted)")
-        self._voices.move_to_end(voice_id)
-        return entry[0]
+            entry = self._voices.get(voice_id)
+            if entry is None:
+                raise UnknownVoice(f"voice {voice_id!r} is not registered (or was evicted)")
+            self._voices.move_to_end(voice_id)
+            return entry[0]
 
     def submit(self, job: Job) -> None:
         """Admit a job: an active slot if one is free, else the queue, else Busy."""
@@ -378,6 +373,7 @@ class Worker:
                 if job.parked_since is None:
                     job.parked_since = now
                     log.debug("request parked key=%d", job.key)
+                    self._event("parked", job, job.produced)
                 continue
             job.credits -= 1
             job.running = True
@@ -459,10 +455,13 @@ class Worker:
         segments = list(job.segments)
         job.segments.clear()
         job.stream_left = len(segments)
-        return iter(self.pipeline.stream(job.voice, segments, job.opts, cancel=job.cancelled))
+        return iter(
+            self.pipeline.stream(job.voice, segments, job.opts, emo_voice=job.emo_voice, cancel=job.cancelled)
+        )
 
     def _run_segment(self, job: Job) -> None:
         index = job.produced
+        self._event("segment_begin", job, index)
         try:
             while True:
                 if job.stream is None:
@@ -473,7 +472,6 @@ class Worker:
                             job.credits += 1
                             job.running = False
                         return
-                self._event("segment_begin", job, index)
                 try:
                     segment, pcm = next(job.stream)
                 except StopIteration:
@@ -537,7 +535,7 @@ class Worker:
             if emo_s > limit_s:
                 raise AudioTooLong(f"emotion reference audio is {emo_s:.1f} s; the limit is {limit_s:g} s")
         t0 = time.perf_counter()
-        voice = self.pipeline.prepare_voice(audio, emo_audio)
+        voice = self.pipeline.prepare_voice(audio, emo_audio, max_input_s=limit_s)
         with self._cond:
             self._voices[voice_id] = (voice, audio_s)
             self._voices.move_to_end(voice_id)

@@ -24,7 +24,7 @@ _EXPORTS = {
     "Voice": ".voice",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["EMOTIONS", "GptOutput", "Pipeline", "Segment", "SynthesisOptions", "TtsdError", "Voice"]
 
 
 def __getattr__(name: str) -> Any:

@@ -89,7 +89,7 @@ def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tens
     """Nested dicts of tensors → flat dotted keys; a DDP `module.` prefix is dropped."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        name = key[len("module."):] if key.startswith("module.") else key
+        name = key[len("module.") :] if key.startswith("module.") else key
         if isinstance(value, Mapping):
             out.update(_flatten(value, f"{prefix}{name}."))
         elif isinstance(value, torch.Tensor):
@@ -116,7 +116,9 @@ def _s2mel(src: SourceLayout) -> dict[str, torch.Tensor]:
     missing = [k for k in ("cfm", "length_regulator", "gpt_layer") if k not in net]
     if missing:
         raise CheckpointError(f"{src.s2mel}: 'net' lacks {missing}")
-    return {k: v for name in ("cfm", "length_regulator", "gpt_layer") for k, v in _flatten(net[name], f"{name}.").items()}
+    return {
+        k: v for name in ("cfm", "length_regulator", "gpt_layer") for k, v in _flatten(net[name], f"{name}.").items()
+    }
 
 
 def _w2v_stats(src: SourceLayout) -> dict[str, torch.Tensor]:

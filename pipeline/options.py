@@ -23,22 +23,22 @@ class BadOptions(TtsdError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SynthesisOptions:
-    emo_alpha: float = 1.0                       # emotion strength (audio: interpolation; vector: scale)
+    emo_alpha: float = 1.0  # emotion strength (audio: interpolation; vector: scale)
     emo_vector: tuple[float, ...] | None = None  # 8 weights in EMOTIONS order
-    use_random: bool = False                     # random emotion-matrix rows instead of nearest style
-    do_sample: bool = True                       # False: greedy / plain beam search
+    use_random: bool = False  # random emotion-matrix rows instead of nearest style
+    do_sample: bool = True  # False: greedy / plain beam search
     temperature: float = 0.8
-    top_k: int = 30                              # 0 disables
-    top_p: float = 0.8                           # 1.0 disables
+    top_k: int = 30  # 0 disables
+    top_p: float = 0.8  # 1.0 disables
     num_beams: int = 3
     repetition_penalty: float = 10.0
-    max_mel_tokens: int = 1500                   # semantic codes per segment (50 per audio second)
+    max_mel_tokens: int = 1500  # semantic codes per segment (50 per audio second)
     diffusion_steps: int = 25
     inference_cfg_rate: float = 0.7
     max_text_tokens_per_segment: int = 120
     quick_streaming_tokens: int = 0
-    interval_silence_ms: int = 200               # zeros between segments in offline output
-    seed: int | None = None                      # seeds GPT sampling and CFM noise per segment
+    interval_silence_ms: int = 200  # zeros between segments in offline output
+    seed: int | None = None  # seeds GPT sampling and CFM noise per segment
 
     def validated(self, max_mel_tokens_limit: int | None = None) -> Self:
         """Return self if every field is in range, else raise BadOptions naming the field."""
@@ -58,7 +58,9 @@ class SynthesisOptions:
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2^63)"),
         ]
         if max_mel_tokens_limit is not None:
-            checks.append((self.max_mel_tokens <= max_mel_tokens_limit, f"max_mel_tokens must be <= {max_mel_tokens_limit}"))
+            checks.append(
+                (self.max_mel_tokens <= max_mel_tokens_limit, f"max_mel_tokens must be <= {max_mel_tokens_limit}")
+            )
         if self.emo_vector is not None:
             checks.append((len(self.emo_vector) == len(EMOTIONS), f"emo_vector needs {len(EMOTIONS)} weights"))
             checks.append((all(0.0 <= w <= 1.2 for w in self.emo_vector), "emo_vector weights must be in [0, 1.2]"))

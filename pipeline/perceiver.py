@@ -10,6 +10,7 @@ Shapes: B batch, N latents, T context frames, D dim, Dc context dim, H heads, Dh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,8 @@ class PerceiverResampler(nn.Module):
         """`mask` [B, N + T] is True on keys that may be attended (the N latents first)."""
         context = self.proj_context(x)  # [B, T, D]
         latents = self.latents.expand(x.size(0), -1, -1)  # [B, N, D]
-        for attn, ff in self.layers:  # type: ignore[misc]  # ModuleList of 2-element ModuleLists
+        for layer in self.layers:
+            attn, ff = cast(nn.ModuleList, layer)  # layers.{i}.0 Attention, layers.{i}.1 FeedForward
             latents = attn(latents, context, mask) + latents
             latents = ff(latents) + latents
         return self.norm(latents)

@@ -8,6 +8,7 @@ P prompt mel frames."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -26,15 +27,21 @@ from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
 from .errors import BadText, CheckpointError, ConfigError
 from .flow import CFM, load_cfm
-from .generate import GenerationConfig, generate
-from .gpt import UnifiedVoice, load_gpt
+from .generate import DecodeParams, generate
+from .gpt import (
+    EmotionMatrices,
+    UnifiedVoice,
+    interpolate_emovec,
+    load_emotion_matrices,
+    load_unified_voice,
+    scale_emo_vector,
+)
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
-from .options import EMOTIONS, SynthesisOptions
+from .options import SynthesisOptions
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import SentenceBuffer, TextNormalizer, TextTokenizer, split_segments
 from .voice import AudioSource, Voice, prepare_voice
 from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
-from .weights import read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +50,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Segment:
-    index: int               # 0, 1, 2, ... within one request
-    pieces: list[str]        # BPE pieces
-    text_ids: list[int]      # ids fed to the GPT
-    text: str                # the pieces decoded back to readable text
+    index: int  # 0, 1, 2, ... within one request
+    pieces: list[str]  # BPE pieces
+    text_ids: list[int]  # ids fed to the GPT
+    text: str  # the pieces decoded back to readable text
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GptOutput:
-    codes: Tensor            # (1, M) int64 semantic codes, stop token trimmed
-    latent: Tensor           # (1, M, D) float32 second-pass latent
+    codes: Tensor  # (1, M) int64 semantic codes, stop token trimmed
+    latent: Tensor  # (1, M, D) float32 second-pass latent
 
 
 def _seed_for(seed: int, segment: int) -> int:
@@ -80,8 +87,7 @@ class Pipeline:
         length_regulator: InterpolateRegulator,
         cfm: CFM,
         bigvgan: BigVGAN,
-        spk_matrix: Tensor,
-        emo_matrix: Tensor,
+        emotion: EmotionMatrices,
         device: torch.device,
         gpt_dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -89,21 +95,15 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
         self.gpt, self.gpt_layer, self.length_regulator, self.cfm, self.bigvgan = (
-            gpt, gpt_layer, length_regulator, cfm, bigvgan,
+            gpt,
+            gpt_layer,
+            length_regulator,
+            cfm,
+            bigvgan,
         )
         self.device = device
         self.gpt_dtype = gpt_dtype
-        try:
-            emo_num = [int(n) for n in config["emo_num"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError("config.yaml: missing or invalid key emo_num") from e
-        if sum(emo_num) != spk_matrix.size(0) or sum(emo_num) != emo_matrix.size(0) or len(emo_num) != len(EMOTIONS):
-            raise CheckpointError(
-                f"emotion matrices have {spk_matrix.size(0)}/{emo_matrix.size(0)} rows; config emo_num {emo_num}"
-            )
-        # Upstream splits both matrices by emo_num into one group per emotion category.
-        self.spk_matrix = torch.split(spk_matrix.to(device), emo_num)
-        self.emo_matrix = torch.split(emo_matrix.to(device=device, dtype=gpt_dtype), emo_num)
+        self.emotion = emotion
         self.streams = _Streams.create(device)
 
     # ------------------------------------------------------------------ loading
@@ -125,12 +125,9 @@ class Pipeline:
         tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", TextNormalizer(glossary_path=_glossary(ckpt)))
         w2v, w2v_stats = load_w2v_bert(ckpt, dev)
         s2mel = ckpt / "s2mel.safetensors"
-        gpt = load_gpt(ckpt / "gpt.safetensors", config, dev)
+        gpt = load_unified_voice(ckpt, config, dev)
         if dtype != "float32":
             gpt = gpt.to(DTYPES[dtype])
-        emotion = read_tensors(ckpt / "emotion.safetensors", dev)
-        if {"spk_matrix", "emo_matrix"} - emotion.keys():
-            raise CheckpointError(f"{ckpt / 'emotion.safetensors'}: needs spk_matrix and emo_matrix")
         return cls(
             config=config,
             tokenizer=tokenizer,
@@ -143,8 +140,7 @@ class Pipeline:
             length_regulator=load_length_regulator(s2mel, config, dev),
             cfm=load_cfm(s2mel, config, dev),
             bigvgan=load_bigvgan(ckpt / "bigvgan.safetensors", ckpt / "bigvgan.json", dev),
-            spk_matrix=emotion["spk_matrix"],
-            emo_matrix=emotion["emo_matrix"],
+            emotion=load_emotion_matrices(ckpt, config, dev),
             device=dev,
             gpt_dtype=DTYPES[dtype],
         )
@@ -155,8 +151,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ voice and text
 
-    def prepare_voice(self, spk_audio: AudioSource, emo_audio: AudioSource | None = None,
-                      max_input_s: float | None = None) -> Voice:
+    def prepare_voice(
+        self, spk_audio: AudioSource, emo_audio: AudioSource | None = None, max_input_s: float | None = None
+    ) -> Voice:
         """Reference clip (and optional emotion clip) → cached conditioning. Raises BadAudio."""
         return prepare_voice(self, spk_audio, emo_audio, max_input_s)
 
@@ -165,8 +162,9 @@ class Pipeline:
         pieces = self.tokenizer.tokenize(text)
         groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
         segments = [
-            Segment(index=i, pieces=list(g), text_ids=self.tokenizer.convert_tokens_to_ids(g),
-                    text=self.tokenizer.decode(g))
+            Segment(
+                index=i, pieces=list(g), text_ids=self.tokenizer.convert_tokens_to_ids(g), text=self.tokenizer.decode(g)
+            )
             for i, g in enumerate(g for g in groups if g)
         ]
         if not segments:
@@ -183,49 +181,45 @@ class Pipeline:
 
     # ------------------------------------------------------------------ emotion
 
-    def emovec(self, voice: Voice, opts: SynthesisOptions, emo_voice: Voice | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+    def emovec(
+        self,
+        voice: Voice,
+        opts: SynthesisOptions,
+        emo_voice: Voice | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """The (1, D) emotion vector added to the speaker latents (infer_v2 + UnifiedVoice.merge_emovec)."""
         if opts.emo_vector is None:
             emo = voice.emovec_emo if emo_voice is None else emo_voice.emovec_self
-            return voice.emovec_spk + opts.emo_alpha * (emo - voice.emovec_spk)
-        weights = list(opts.emo_vector)
-        scale = min(max(opts.emo_alpha, 0.0), 1.0)
-        if scale != 1.0:
-            # Upstream truncates the scaled weights toward zero at 4 decimals.
-            weights = [int(w * scale * 10000) / 10000 for w in weights]
-        mat = self.gpt.mix_emotion(
-            torch.tensor(weights, dtype=torch.float32), voice.style, self.spk_matrix, self.emo_matrix,
-            use_random=opts.use_random, generator=generator,
-        )
-        # Vector mode: the audio term is the speaker clip itself at merge alpha 1; Σw is not clamped.
-        return mat + (1.0 - sum(weights)) * voice.emovec_self
+            return interpolate_emovec(voice.emovec_spk, emo, opts.emo_alpha)
+        weights = torch.tensor(scale_emo_vector(opts.emo_vector, opts.emo_alpha), dtype=torch.float32)
+        rows = self.emotion.random_rows(generator) if opts.use_random else self.emotion.nearest_rows(voice.style)
+        # Vector mode: the audio term is the speaker clip itself at merge alpha 1 (emovec_self).
+        return self.emotion.mix(weights.to(self.device), rows, voice.emovec_self)
 
     # ------------------------------------------------------------------ one segment
 
-    def generation_config(self, opts: SynthesisOptions) -> GenerationConfig:
-        return GenerationConfig(
-            do_sample=opts.do_sample,
-            temperature=opts.temperature,
-            top_k=opts.top_k,
-            top_p=opts.top_p,
-            num_beams=opts.num_beams,
-            repetition_penalty=opts.repetition_penalty,
-            max_mel_tokens=min(opts.max_mel_tokens, self.max_mel_tokens),
-        )
-
     @torch.inference_mode()
-    def run_gpt(self, voice: Voice, segment: Segment, opts: SynthesisOptions, emovec: Tensor, *,
-                seed: int, cancel: Callable[[], bool] | None = None,
-                timings: dict[str, float] | None = None) -> GptOutput:
+    def run_gpt(
+        self,
+        voice: Voice,
+        segment: Segment,
+        opts: SynthesisOptions,
+        emovec: Tensor,
+        *,
+        seed: int,
+        cancel: Callable[[], bool] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> GptOutput:
         """Autoregressive codes for one segment, then the second pass that yields the latent."""
         gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment.index))
         text = torch.tensor([segment.text_ids], dtype=torch.int64, device=self.device)  # [1, L]
         t0 = _clock(self.device, timings)
-        codes = generate(
-            self.gpt, voice.speech_latent, emovec, text, self.generation_config(opts),
-            generator=gen, cancel=cancel, timings=timings,
-        )  # [1, M]
+        params = DecodeParams.from_options(opts)
+        if params.max_mel_tokens > self.max_mel_tokens:
+            params = dataclasses.replace(params, max_mel_tokens=self.max_mel_tokens)
+        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L', D]
+        codes = generate(self.gpt, prefix, params, generator=gen, cancel=cancel).codes  # [1, M]
         t1 = _clock(self.device, timings)
         latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
         t2 = _clock(self.device, timings)
@@ -236,9 +230,18 @@ class Pipeline:
         return GptOutput(codes=codes, latent=latent)
 
     @torch.inference_mode()
-    def run_acoustic(self, voice: Voice, out: GptOutput, opts: SynthesisOptions, *, seed: int, segment_index: int,
-                     noise: Tensor | None = None, cancel: Callable[[], bool] | None = None,
-                     timings: dict[str, float] | None = None) -> Tensor:
+    def run_acoustic(
+        self,
+        voice: Voice,
+        out: GptOutput,
+        opts: SynthesisOptions,
+        *,
+        seed: int,
+        segment_index: int,
+        noise: Tensor | None = None,
+        cancel: Callable[[], bool] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Tensor:
         """GPT output → float PCM (N,) at ±32767 scale on the device (s2mel in float32, as upstream)."""
         m = out.codes.size(1)
         if m == 0:  # the GPT stopped at once: nothing to render for this segment
@@ -252,10 +255,15 @@ class Pipeline:
         if noise is None:
             gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment_index))
         mel = self.cfm.inference(
-            mu, voice.ref_mel, voice.style, n_timesteps=opts.diffusion_steps,
-            inference_cfg_rate=opts.inference_cfg_rate, noise=None if noise is None else noise.to(self.device),
-            generator=gen, cancel=cancel,
-        )[:, :, voice.ref_mel.size(2):]  # [1, 80, T]
+            mu,
+            voice.ref_mel,
+            voice.style,
+            n_timesteps=opts.diffusion_steps,
+            inference_cfg_rate=opts.inference_cfg_rate,
+            noise=None if noise is None else noise.to(self.device),
+            generator=gen,
+            cancel=cancel,
+        )[:, :, voice.ref_mel.size(2) :]  # [1, 80, T]
         t1 = _clock(self.device, timings)
         pcm = to_pcm_scale(self.bigvgan(mel))[0]  # [256 T]
         t2 = _clock(self.device, timings)
@@ -264,21 +272,38 @@ class Pipeline:
             timings["bigvgan_s"] = timings.get("bigvgan_s", 0.0) + (t2 - t1)
         return pcm
 
-    def synthesize_segment(self, voice: Voice, segment: Segment, opts: SynthesisOptions, *, emovec: Tensor,
-                           seed: int, noise: Tensor | None = None, cancel: Callable[[], bool] | None = None,
-                           timings: dict[str, float] | None = None) -> np.ndarray:
+    def synthesize_segment(
+        self,
+        voice: Voice,
+        segment: Segment,
+        opts: SynthesisOptions,
+        *,
+        emovec: Tensor,
+        seed: int,
+        noise: Tensor | None = None,
+        cancel: Callable[[], bool] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> np.ndarray:
         """One segment end to end → float32 PCM (N,) at ±32767 scale on the host."""
         out = self.run_gpt(voice, segment, opts, emovec, seed=seed, cancel=cancel, timings=timings)
-        pcm = self.run_acoustic(voice, out, opts, seed=seed, segment_index=segment.index, noise=noise,
-                                cancel=cancel, timings=timings)
+        pcm = self.run_acoustic(
+            voice, out, opts, seed=seed, segment_index=segment.index, noise=noise, cancel=cancel, timings=timings
+        )
         return pcm.cpu().numpy()
 
     # ------------------------------------------------------------------ whole requests
 
-    def stream(self, voice: Voice, segments: Sequence[Segment], opts: SynthesisOptions, *,
-               emo_voice: Voice | None = None, noise: Mapping[int, Tensor] | None = None,
-               cancel: Callable[[], bool] | None = None,
-               timings: dict[str, float] | None = None) -> Iterator[tuple[Segment, np.ndarray]]:
+    def stream(
+        self,
+        voice: Voice,
+        segments: Sequence[Segment],
+        opts: SynthesisOptions,
+        *,
+        emo_voice: Voice | None = None,
+        noise: Mapping[int, Tensor] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Iterator[tuple[Segment, np.ndarray]]:
         """Yield (segment, PCM) as each segment finishes. On CUDA the GPT of segment k+1 runs on
         its own stream while segment k's DiT + BigVGAN run on another."""
         seed = opts.seed if opts.seed is not None else secrets.randbits(62)
@@ -286,20 +311,38 @@ class Pipeline:
         noise = noise or {}
         if self.streams is None or len(segments) < 2:
             for seg in segments:
-                yield seg, self.synthesize_segment(voice, seg, opts, emovec=emovec, seed=seed,
-                                                   noise=noise.get(seg.index), cancel=cancel, timings=timings)
+                yield (
+                    seg,
+                    self.synthesize_segment(
+                        voice,
+                        seg,
+                        opts,
+                        emovec=emovec,
+                        seed=seed,
+                        noise=noise.get(seg.index),
+                        cancel=cancel,
+                        timings=timings,
+                    ),
+                )
             return
         yield from self.streams.overlap(self, voice, segments, opts, emovec, seed, noise, cancel, timings)
 
-    def synthesize(self, voice: Voice, text: str, opts: SynthesisOptions | None = None, *,
-                   emo_voice: Voice | None = None, noise: Mapping[int, Tensor] | None = None,
-                   cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    def synthesize(
+        self,
+        voice: Voice,
+        text: str,
+        opts: SynthesisOptions | None = None,
+        *,
+        emo_voice: Voice | None = None,
+        noise: Mapping[int, Tensor] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
         """Offline synthesis: all segments joined by `interval_silence_ms` of zeros → float32 (N,)."""
         opts = (opts or SynthesisOptions()).validated()
         segments = self.split_text(text, opts)
         silence = np.zeros(int(self.sample_rate_hz * opts.interval_silence_ms / 1000), dtype=np.float32)
         parts: list[np.ndarray] = []
-        for seg, pcm in self.stream(voice, segments, opts, emo_voice=emo_voice, noise=noise, cancel=cancel):
+        for _, pcm in self.stream(voice, segments, opts, emo_voice=emo_voice, noise=noise, cancel=cancel):
             if parts:
                 parts.append(silence)  # between segments only, as upstream's insert_interval_silence
             parts.append(pcm)
@@ -333,9 +376,18 @@ class _Streams:
             return None
         return cls(gpt=torch.cuda.Stream(device), acoustic=torch.cuda.Stream(device))
 
-    def overlap(self, pipe: Pipeline, voice: Voice, segments: Sequence[Segment], opts: SynthesisOptions,
-                emovec: Tensor, seed: int, noise: Mapping[int, Tensor], cancel: Callable[[], bool] | None,
-                timings: dict[str, float] | None) -> Iterator[tuple[Segment, np.ndarray]]:
+    def overlap(
+        self,
+        pipe: Pipeline,
+        voice: Voice,
+        segments: Sequence[Segment],
+        opts: SynthesisOptions,
+        emovec: Tensor,
+        seed: int,
+        noise: Mapping[int, Tensor],
+        cancel: Callable[[], bool] | None,
+        timings: dict[str, float] | None,
+    ) -> Iterator[tuple[Segment, np.ndarray]]:
         main = torch.cuda.current_stream(pipe.device)
         self.gpt.wait_stream(main)  # voice tensors were produced on the main stream
         self.acoustic.wait_stream(main)
@@ -349,16 +401,25 @@ class _Streams:
             for t in (current.codes, current.latent):
                 t.record_stream(self.acoustic)  # ... and are read on the acoustic stream: keep them alive
             with torch.cuda.stream(self.acoustic):
-                pcm = pipe.run_acoustic(voice, current, opts, seed=seed, segment_index=seg.index,
-                                        noise=noise.get(seg.index), cancel=cancel, timings=timings)
+                pcm = pipe.run_acoustic(
+                    voice,
+                    current,
+                    opts,
+                    seed=seed,
+                    segment_index=seg.index,
+                    noise=noise.get(seg.index),
+                    cancel=cancel,
+                    timings=timings,
+                )
                 pcm_host = pcm.to("cpu", non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self.acoustic)
             if k + 1 < len(segments):
                 # Segment k+1's decode is issued while segment k's DiT + BigVGAN still run.
                 with torch.cuda.stream(self.gpt):
-                    pending = pipe.run_gpt(voice, segments[k + 1], opts, emovec, seed=seed, cancel=cancel,
-                                           timings=timings)
+                    pending = pipe.run_gpt(
+                        voice, segments[k + 1], opts, emovec, seed=seed, cancel=cancel, timings=timings
+                    )
                 gpt_done = torch.cuda.Event()
                 gpt_done.record(self.gpt)
             done.synchronize()  # host waits for segment k's audio only

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         noise: dict[int, torch.Tensor] | None = None
         if args.noise is not None:
             raw = read_tensors(args.noise)
-            noise = {int(k[3:].split(".")[0]): v for k, v in raw.items() if k.startswith("seg") and k.endswith(".noise")}
+            noise = {
+                int(k[3:].split(".")[0]): v for k, v in raw.items() if k.startswith("seg") and k.endswith(".noise")
+            }
         pcm = pipe.synthesize(voice, text, opts, noise=noise)
         t2 = time.perf_counter()
     except TtsdError as e:
@@ -124,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     audio_s = len(pcm) / pipe.sample_rate_hz
     log.info(
         "synth done out=%s audio_s=%.2f load_s=%.2f synth_s=%.2f rtf=%.3f",
-        args.out, audio_s, t1 - t0, t2 - t1, (t2 - t1) / max(audio_s, 1e-9),
+        args.out,
+        audio_s,
+        t1 - t0,
+        t2 - t1,
+        (t2 - t1) / max(audio_s, 1e-9),
     )
     return 0
 

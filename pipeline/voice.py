@@ -28,22 +28,30 @@ AudioSource = Path | bytes
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Voice:
-    spk_cond_emb: Tensor       # (1, T, Cw) normalised w2v-BERT layer 17 of the speaker clip
-    style: Tensor              # (1, 192) CAMPPlus speaker style
-    ref_mel: Tensor            # (1, 80, P) 22.05 kHz log-mel prompt
-    prompt_condition: Tensor   # (1, P, C) length-regulated semantic tokens of the prompt
-    speech_latent: Tensor      # (1, 32, D) GPT conditioning latent (conformer + perceiver)
-    emovec_spk: Tensor         # (1, D) get_emovec(spk_cond_emb): base of merge_emovec
-    emovec_self: Tensor        # (1, D) get_emovec of the speaker clip loaded at 16 kHz (vector mode)
-    emovec_emo: Tensor         # (1, D) get_emovec of the emotion clip (= emovec_self without one)
-    audio_s: float             # speaker clip length used, seconds
+    spk_cond_emb: Tensor  # (1, T, Cw) normalised w2v-BERT layer 17 of the speaker clip
+    style: Tensor  # (1, 192) CAMPPlus speaker style
+    ref_mel: Tensor  # (1, 80, P) 22.05 kHz log-mel prompt
+    prompt_condition: Tensor  # (1, P, C) length-regulated semantic tokens of the prompt
+    speech_latent: Tensor  # (1, 32, D) GPT conditioning latent (conformer + perceiver)
+    emovec_spk: Tensor  # (1, D) get_emovec(spk_cond_emb): base of merge_emovec
+    emovec_self: Tensor  # (1, D) get_emovec of the speaker clip loaded at 16 kHz (vector mode)
+    emovec_emo: Tensor  # (1, D) get_emovec of the emotion clip (= emovec_self without one)
+    audio_s: float  # speaker clip length used, seconds
 
     @property
     def nbytes(self) -> int:
         return sum(
             t.numel() * t.element_size()
-            for t in (self.spk_cond_emb, self.style, self.ref_mel, self.prompt_condition, self.speech_latent,
-                      self.emovec_spk, self.emovec_self, self.emovec_emo)
+            for t in (
+                self.spk_cond_emb,
+                self.style,
+                self.ref_mel,
+                self.prompt_condition,
+                self.speech_latent,
+                self.emovec_spk,
+                self.emovec_self,
+                self.emovec_emo,
+            )
         )
 
 

@@ -57,7 +57,9 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
 
 
-def read_tensors(path: Path, device: torch.device | str = "cpu", keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: Path, device: torch.device | str = "cpu", keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Read tensors from a safetensors file (all of them, or `keys`), onto `device`."""
     path = Path(path)
     _check_file(path)
@@ -81,7 +83,7 @@ def load_strict(
     `skip` names keys that are present in the file but deliberately not used (for example the
     w2v-BERT layers after the one we read); they are still required to be in the file."""
     path = Path(path)
-    shapes = {k[len(prefix):]: s for k, s in read_shapes(path).items() if k.startswith(prefix)}
+    shapes = {k[len(prefix) :]: s for k, s in read_shapes(path).items() if k.startswith(prefix)}
     skipped = {k for k in shapes if skip is not None and skip(k)}
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     have = {k: s for k, s in shapes.items() if k not in skipped}
@@ -94,7 +96,7 @@ def load_strict(
         where = f"{path} [{prefix}*]" if prefix else path
         raise CheckpointMismatch(where, missing, unexpected, misshaped)
     tensors = read_tensors(path, device, keys=[prefix + k for k in want])
-    state = {k[len(prefix):]: v for k, v in tensors.items()}
+    state = {k[len(prefix) :]: v for k, v in tensors.items()}
     module.load_state_dict(state, strict=True, assign=True)
 
 

@@ -72,7 +72,9 @@ def max_abs_err(actual: torch.Tensor, golden: torch.Tensor) -> float:
 
 def assert_close(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor") -> None:
     """The parity rule: same shape, and max|a-b| <= 1e-4 * max(1, max|golden|)."""
-    assert tuple(actual.shape) == tuple(golden.shape), f"{name}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}"
+    assert tuple(actual.shape) == tuple(golden.shape), (
+        f"{name}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}"
+    )
     scale = max(1.0, float(golden.double().abs().max())) if golden.numel() else 1.0
     err = max_abs_err(actual, golden)
     assert err <= REL_TOL * scale, f"{name}: max abs err {err:.3e} > {REL_TOL:.0e} * {scale:.3g}"
@@ -80,7 +82,9 @@ def assert_close(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor
 
 def assert_equal(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor") -> None:
     """Exact equality for ids and codes."""
-    assert tuple(actual.shape) == tuple(golden.shape), f"{name}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}"
+    assert tuple(actual.shape) == tuple(golden.shape), (
+        f"{name}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}"
+    )
     assert torch.equal(actual.cpu().to(golden.dtype), golden), f"{name}: values differ from golden"
 
 

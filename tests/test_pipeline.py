@@ -65,18 +65,37 @@ def test_synth_cli_writes_golden_wav(fx: FixtureSet, converted: Path, tmp_path: 
     save_file({k: v.contiguous() for k, v in fx.golden("base", "14_cfm").items() if k.endswith(".noise")}, str(noise))
     opts = golden_options(fx, "base")
     out = tmp_path / "out.wav"
-    rc = main([
-        "--checkpoints", str(converted), "--voice", str(fx.input_path("speaker.wav")), "--text", fx.text,
-        "--out", str(out), "--greedy", "--num-beams", str(opts.num_beams),
-        "--repetition-penalty", str(opts.repetition_penalty), "--max-mel-tokens", str(opts.max_mel_tokens),
-        "--max-text-tokens-per-segment", str(opts.max_text_tokens_per_segment), "--noise", str(noise),
-    ])
+    rc = main(
+        [
+            "--checkpoints",
+            str(converted),
+            "--voice",
+            str(fx.input_path("speaker.wav")),
+            "--text",
+            fx.text,
+            "--out",
+            str(out),
+            "--greedy",
+            "--num-beams",
+            str(opts.num_beams),
+            "--repetition-penalty",
+            str(opts.repetition_penalty),
+            "--max-mel-tokens",
+            str(opts.max_mel_tokens),
+            "--max-text-tokens-per-segment",
+            str(opts.max_text_tokens_per_segment),
+            "--noise",
+            str(noise),
+        ]
+    )
     assert rc == 0
     info = sf.info(str(out))
     assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
     mine, _ = sf.read(str(out), dtype="int16")
     gold, _ = sf.read(str(fx.golden_dir / "base_output.wav"), dtype="int16")
-    assert_close(torch.from_numpy(mine.astype(np.float32))[None], torch.from_numpy(gold.astype(np.float32))[None], "wav")
+    assert_close(
+        torch.from_numpy(mine.astype(np.float32))[None], torch.from_numpy(gold.astype(np.float32))[None], "wav"
+    )
 
 
 def test_stream_equals_offline(fx: FixtureSet, pipe: Pipeline) -> None:

@@ -1,0 +1,5 @@
+"""`python -m ttsd.daemon` is `ttsd`."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The daemon: a websockets server in front of one worker thread, with a staged shutdown.
+
+`Server` is the embeddable part (tests run it on port 0 with an already loaded Pipeline); `serve`
+is `ttsd serve`: load the weights, listen, tell systemd READY=1, and on SIGTERM or SIGINT
+
+  1. stop accepting (the listener closes; /healthz and new handshakes answer 503), STOPPING=1;
+  2. give in-flight requests drain_timeout_s to finish, then cancel the rest (`shutting_down`),
+     each stopping at its next decode step;
+  3. send what is queued, close every connection with 1001 (going away), join the worker, exit 0.
+
+A GET of /healthz on the same port is answered in `process_request`, before any WebSocket
+handshake, so load balancers and systemd checks need no WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.http11 import Request, Response
+
+from . import systemd
+from .protocol import ErrorCode
+from .session import SERVER_NAME, Session
+from .worker import Worker, WorkerObserver
+
+if TYPE_CHECKING:
+    from ttsd.pipeline.pipeline import Pipeline
+
+    from .config import DaemonConfig
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUE_FRAMES: Final = 16          # client frames buffered per connection before TCP pushes back
+WRITE_LIMIT_BYTES: Final = 64 * 1024  # per-connection write buffer high-water mark; send() waits above it
+PING_INTERVAL_S: Final = 20.0         # keepalive: a peer that stops answering is dropped ...
+PING_TIMEOUT_S: Final = 20.0          # ... this long after an unanswered ping
+CLOSE_TIMEOUT_S: Final = 5.0          # wait for the peer's close frame at most this long
+FLUSH_ON_CLOSE_S: Final = 5.0         # shutdown: time to send queued frames before the 1001 close
+CANCEL_GRACE_S: Final = 10.0          # shutdown: cancelled requests stop at their next decode step
+CLOSE_GOING_AWAY: Final = 1001
+
+
+class Server:
+    """One listening socket, one worker, many sessions. Use `async with Server(...)` or start/shutdown."""
+
+    def __init__(self, config: DaemonConfig, pipeline: Pipeline, observer: WorkerObserver | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.observer = observer
+        self.worker: Worker | None = None
+        self.sessions: set[Session] = set()
+        self._ws: WsServer | None = None
+        self._draining = False
+        self._shutdown: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        c = self.config
+        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer)
+        self.worker.start()
+        self._ws = await ws_serve(
+            self._handle,
+            c.host,
+            c.port,
+            process_request=self._process_request,
+            compression=None,                 # PCM does not deflate; deflate costs CPU per frame
+            max_size=c.max_frame_bytes,       # larger frames close the connection with 1009
+            max_queue=MAX_QUEUE_FRAMES,
+            write_limit=WRITE_LIMIT_BYTES,
+            ping_interval=PING_INTERVAL_S,
+            ping_timeout=PING_TIMEOUT_S,
+            close_timeout=CLOSE_TIMEOUT_S,
+            server_header=SERVER_NAME,
+        )
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def port(self) -> int:
+        return int(self._listener_address()[1])
+
+    @property
+    def url(self) -> str:
+        host, port = self._listener_address()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}"
+
+    def _listener_address(self) -> tuple[str, int]:
+        if self._ws is None:
+            raise RuntimeError("server not started")
+        name = next(iter(self._ws.sockets)).getsockname()
+        return str(name[0]), int(name[1])
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert self.worker is not None  # set in start() before the listener exists
+        session = Session(ws, self.worker, self.config)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path == "/healthz":
+            if self._draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        token = self.config.token
+        if token is not None:
+            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the time taken must not reveal how much of the token matched.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
+                log.info("unauthorized peer=%s path=%s", _peer(connection), request.path)
+                response = connection.respond(
+                    HTTPStatus.UNAUTHORIZED, f"{ErrorCode.UNAUTHORIZED}: missing or wrong bearer token\n"
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="ttsd"'
+                return response
+        if self._draining:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{ErrorCode.SHUTTING_DOWN}\n")
+        return None
+
+    async def shutdown(self) -> None:
+        """The staged shutdown (module docstring). Idempotent; concurrent callers wait for the first."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._do_shutdown())
+        await asyncio.shield(self._shutdown)
+
+    async def _do_shutdown(self) -> None:
+        self._draining = True
+        systemd.notify_stopping()
+        if self._ws is None or self.worker is None:
+            return
+        worker, ws = self.worker, self._ws
+        ws.close(close_connections=False)   # stop accepting; open connections keep going
+        worker.stop_accepting()
+        live = worker.live_jobs
+        log.info("shutdown draining requests=%d drain_timeout_s=%g", live, self.config.drain_timeout_s)
+        try:
+            async with asyncio.timeout(self.config.drain_timeout_s):
+                await worker.wait_idle()
+        except TimeoutError:
+            log.warning("shutdown drain timed out; cancelling requests=%d", worker.live_jobs)
+            worker.cancel_all(ErrorCode.SHUTTING_DOWN)
+            try:
+                async with asyncio.timeout(CANCEL_GRACE_S):
+                    await worker.wait_idle()
+            except TimeoutError:
+                log.error("shutdown: requests did not stop within %g s", CANCEL_GRACE_S)
+        await asyncio.gather(
+            *(s.close(CLOSE_GOING_AWAY, "server shutting down", FLUSH_ON_CLOSE_S) for s in list(self.sessions))
+        )
+        await ws.wait_closed()
+        await worker.stop()
+        log.info("shutdown complete")
+
+
+def _peer(connection: ServerConnection) -> str:
+    try:
+        host, port = connection.remote_address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """'auto' → cuda when available (float16 there), else cpu (float32)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+async def serve(config: DaemonConfig) -> int:
+    """`ttsd serve`: load, listen, READY=1, wait for SIGTERM/SIGINT, drain, exit code 0."""
+    if config.checkpoints is None:
+        log.error("no checkpoint directory: pass --checkpoints DIR or set checkpoints in the config file")
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    from ttsd.pipeline.errors import TtsdError
+    from ttsd.pipeline.pipeline import Pipeline
+
+    device, dtype = resolve_device(config.device, config.dtype)
+    systemd.notify_status(f"loading weights from {config.checkpoints} on {device}")
+    t0 = time.perf_counter()
+    try:
+        # In a thread so a SIGTERM during a long load is noticed as soon as it finishes.
+        pipeline = await asyncio.to_thread(Pipeline.load, config.checkpoints, device=device, dtype=dtype)
+    except TtsdError as e:
+        log.error("cannot load checkpoints=%s error=%s", config.checkpoints, e)
+        return 1
+    load_s = time.perf_counter() - t0
+    if stop.is_set():
+        log.info("stopped during load")
+        return 0
+    server = Server(config, pipeline)
+    try:
+        await server.start()
+    except OSError as e:
+        log.error("cannot listen host=%s port=%d error=%s", config.host, config.port, e.strerror)
+        return 1
+    log.info(
+        "ttsd ready url=%s device=%s dtype=%s load_s=%.2f checkpoints=%s auth=%s",
+        server.url, pipeline.device, str(pipeline.gpt_dtype).removeprefix("torch."), load_s, config.checkpoints,
+        "bearer" if config.token else "none",
+    )
+    systemd.notify_ready(f"serving on {server.url}")
+    await stop.wait()
+    log.info("shutdown signal received")
+    await server.shutdown()
+    return 0

@@ -1,0 +1,421 @@
+"""UnifiedVoice: the IndexTTS2 GPT (GPT-2 decoder over conditioning, text and semantic-code tokens).
+
+Ports indextts/gpt/model_v2.py (`UnifiedVoice` in `conformer_perceiver` / `conformer` speaker
+mode: conditioning, emotion vectors, `prepare_gpt_inputs`, the second-pass latent), the
+HF GPT-2 stack it wraps (transformers 4.52 `GPT2Model` with `wpe` zeroed and `wte` unused) and
+the emotion-matrix mixing of indextts/infer_v2.py. Module names match gpt.pth key for key, so
+loading is a strict `load_state_dict`. Per-request state (the KV cache) is a `KVCache` passed in.
+Shapes: B batch (beams), T w2v-BERT frames, W w2v-BERT width, L text tokens, N semantic codes,
+S sequence positions, S_max cache capacity, D model_dim, H heads, Dh head dim, V vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .conformer import ConformerConfig, ConformerEncoder
+from .errors import ConfigError
+from .perceiver import PerceiverConfig, PerceiverResampler
+from .weights import load_module, read_shapes
+
+LN_EPS = 1e-5            # GPT2Config.layer_norm_epsilon default; also final_norm
+SPEED_TOKENS = 2         # speed_emb[1] then speed_emb[0] follow the speaker latents
+EMO_CATEGORIES = 8       # happy angry sad afraid disgusted melancholic surprised calm
+
+
+def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
+    try:
+        return raw[key]
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"config.yaml: missing key {where + '.' if where else ''}{key}") from e
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ConfigError(f"gpt checkpoint lacks {key}: cannot derive its dimensions")
+    return shapes[key]
+
+
+def _count_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    n = 0
+    while f"{prefix}{n}.0.to_q.weight" in shapes:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GPTConfig:
+    model_dim: int                # gpt.model_dim
+    heads: int                    # gpt.heads
+    layers: int                   # gpt.layers
+    max_mel_tokens: int           # gpt.max_mel_tokens
+    max_text_tokens: int          # gpt.max_text_tokens
+    number_text_tokens: int       # gpt.number_text_tokens
+    number_mel_codes: int         # gpt.number_mel_codes
+    start_mel_token: int          # gpt.start_mel_token
+    stop_mel_token: int           # gpt.stop_mel_token
+    start_text_token: int         # gpt.start_text_token
+    stop_text_token: int          # gpt.stop_text_token
+    condition_module: ConformerConfig      # gpt.condition_module (+ input width from shapes)
+    emo_condition_module: ConformerConfig  # gpt.emo_condition_module (+ input width from shapes)
+    perceiver_mult: int           # gpt.condition_module.perceiver_mult
+    emo_perceiver_mult: int       # gpt.emo_condition_module.perceiver_mult
+    # Hard-coded upstream, read from gpt.safetensors shapes:
+    condition_num_latent: int     # perceiver_encoder.latents rows (32)
+    w2v_dim: int                  # emovec_layer in-features (1024: w2v-BERT width, emo perceiver dim)
+    perceiver_dim_head: int       # perceiver to_q rows / heads (64)
+    perceiver_depth: int          # perceiver layers (2)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.heads
+
+    @property
+    def mel_positions(self) -> int:
+        return self.max_mel_tokens + 3  # upstream LearnedPositionEmbeddings(max_mel_tokens + 2 + 1)
+
+    @property
+    def text_positions(self) -> int:
+        return self.max_text_tokens + 2
+
+    @property
+    def prefix_conds(self) -> int:
+        return self.condition_num_latent + SPEED_TOKENS  # 34 conditioning tokens before the text
+
+    def perceiver(self) -> PerceiverConfig:
+        c = self.condition_module
+        return PerceiverConfig(
+            dim=self.model_dim, dim_context=c.output_size, num_latents=self.condition_num_latent,
+            heads=c.attention_heads, dim_head=self.perceiver_dim_head, ff_mult=self.perceiver_mult,
+            depth=self.perceiver_depth,
+        )
+
+    def emo_perceiver(self) -> PerceiverConfig:
+        c = self.emo_condition_module
+        return PerceiverConfig(
+            dim=self.w2v_dim, dim_context=c.output_size, num_latents=1, heads=c.attention_heads,
+            dim_head=self.perceiver_dim_head, ff_mult=self.emo_perceiver_mult, depth=self.perceiver_depth,
+        )
+
+    @classmethod
+    def from_yaml(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> GPTConfig:
+        """Build from the parsed config.yaml and `weights.read_shapes(gpt.safetensors)`."""
+        g = _key(config, "gpt", "")
+        if _key(g, "condition_type", "gpt") != "conformer_perceiver":
+            raise ConfigError("gpt.condition_type: only conformer_perceiver (IndexTTS2) is supported")
+        w2v_dim = _shape(shapes, "emovec_layer.weight")[1]
+
+        def conformer(name: str) -> ConformerConfig:
+            raw, where = _key(g, name, "gpt"), f"gpt.{name}"
+            return ConformerConfig(
+                input_size=w2v_dim,
+                output_size=int(_key(raw, "output_size", where)),
+                linear_units=int(_key(raw, "linear_units", where)),
+                attention_heads=int(_key(raw, "attention_heads", where)),
+                num_blocks=int(_key(raw, "num_blocks", where)),
+                input_layer=str(_key(raw, "input_layer", where)),
+            )
+
+        cond, emo = conformer("condition_module"), conformer("emo_condition_module")
+        return cls(
+            model_dim=int(_key(g, "model_dim", "gpt")),
+            heads=int(_key(g, "heads", "gpt")),
+            layers=int(_key(g, "layers", "gpt")),
+            max_mel_tokens=int(_key(g, "max_mel_tokens", "gpt")),
+            max_text_tokens=int(_key(g, "max_text_tokens", "gpt")),
+            number_text_tokens=int(_key(g, "number_text_tokens", "gpt")),
+            number_mel_codes=int(_key(g, "number_mel_codes", "gpt")),
+            start_mel_token=int(_key(g, "start_mel_token", "gpt")),
+            stop_mel_token=int(_key(g, "stop_mel_token", "gpt")),
+            start_text_token=int(_key(g, "start_text_token", "gpt")),
+            stop_text_token=int(_key(g, "stop_text_token", "gpt")),
+            condition_module=cond,
+            emo_condition_module=emo,
+            perceiver_mult=int(_key(g["condition_module"], "perceiver_mult", "gpt.condition_module")),
+            emo_perceiver_mult=int(_key(g["emo_condition_module"], "perceiver_mult", "gpt.emo_condition_module")),
+            condition_num_latent=_shape(shapes, "perceiver_encoder.latents")[0],
+            w2v_dim=w2v_dim,
+            perceiver_dim_head=_shape(shapes, "perceiver_encoder.layers.0.0.to_q.weight")[0] // cond.attention_heads,
+            perceiver_depth=_count_layers(shapes, "perceiver_encoder.layers."),
+        )
+
+
+class KVCache:
+    """Per-request key/value cache: `k[i]`, `v[i]` are layer i's [B, H, S_max, Dh], written in place."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.layers, batch, cfg.heads, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.arange(max_seq_len, device=device)  # [S_max] for the causal mask
+        self._scratch: Tensor | None = None
+
+    @classmethod
+    def for_slot(cls, cfg: GPTConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """A cache big enough for any request (34 conds + longest text + longest code run): one per slot."""
+        return cls(cfg, batch, cfg.prefix_conds + cfg.text_positions + cfg.mel_positions, device, dtype)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.size(3)
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        """Beam search: row b of the cache becomes row beam_idx[b], in place (one scratch buffer)."""
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.k)
+        for buf in (self.k, self.v):
+            torch.index_select(buf, 1, beam_idx, out=self._scratch)
+            buf.copy_(self._scratch)
+
+
+class Conv1D(nn.Module):
+    """HF GPT-2 Conv1D: y = x·W + b with W stored [in, out] (keys `*.weight`, `*.bias`)."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.empty(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        # HF Conv1D layout, weight [in, out]: keys gpt.h.{i}.attn.c_attn.{weight,bias}; q | k | v on out.
+        self.c_attn = Conv1D(cfg.model_dim, 3 * cfg.model_dim)
+        self.c_proj = Conv1D(cfg.model_dim, cfg.model_dim)
+
+    def forward(self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        b, s, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=-1)
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = k.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        if k_cache is not None and v_cache is not None and input_pos is not None:
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
+            # Attend over the whole cache; unwritten slots lie after input_pos and are masked.
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, H, S, Dh]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(cfg.model_dim, 4 * cfg.model_dim)  # n_inner None -> 4·D
+        self.c_proj = Conv1D(4 * cfg.model_dim, cfg.model_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # HF "gelu_new"
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.model_dim, eps=LN_EPS)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.model_dim, eps=LN_EPS)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, k_cache, v_cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    """HF GPT2Model without wte/wpe (upstream deletes wte and replaces wpe by zeros): keys gpt.h.*, gpt.ln_f."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.model_dim, eps=LN_EPS)
+
+
+class LearnedPositionEmbeddings(nn.Module):
+    def __init__(self, seq_len: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(seq_len, dim)  # key *_pos_embedding.emb.weight
+
+
+class EmotionMatrices(nn.Module):
+    """feat1 (speaker-style rows) and feat2 (emotion rows), split into 8 groups by config `emo_num`.
+
+    Loaded from emotion.safetensors (`spk_matrix` = feat1 [R, 192], `emo_matrix` = feat2 [R, D])."""
+
+    spk_matrix: Tensor
+    emo_matrix: Tensor
+
+    def __init__(self, emo_num: Sequence[int], style_dim: int, model_dim: int) -> None:
+        super().__init__()
+        self.emo_num = tuple(emo_num)
+        self.register_buffer("spk_matrix", torch.empty(sum(self.emo_num), style_dim))
+        self.register_buffer("emo_matrix", torch.empty(sum(self.emo_num), model_dim))
+
+    def nearest_rows(self, style: Tensor) -> Tensor:
+        """Per group, the row of feat1 most cosine-similar to `style` [1, 192] → [8] local row indices."""
+        groups = self.spk_matrix.float().split(self.emo_num)
+        return torch.stack([F.cosine_similarity(style.float(), g, dim=1).argmax() for g in groups])
+
+    def random_rows(self, generator: torch.Generator | None) -> Tensor:
+        """use_random: a uniform row per group (upstream uses Python `random.randint`; seeded here)."""
+        dev = generator.device if generator is not None else torch.device("cpu")
+        return torch.tensor([int(torch.randint(n, (1,), generator=generator, device=dev)) for n in self.emo_num])
+
+    def mix(self, weights: Tensor, rows: Tensor, emovec: Tensor) -> Tensor:
+        """Σ_g w_g·feat2_g[rows_g] + (1 − Σw)·emovec: weights [8] float32, emovec [1, D] → [1, D]."""
+        groups = self.emo_matrix.split(self.emo_num)
+        e = torch.stack([g[int(i)] for g, i in zip(groups, rows.tolist(), strict=True)])  # [8, D]
+        w = weights.to(e)
+        mat = (w.unsqueeze(1) * e).sum(0).unsqueeze(0)  # [1, D]
+        return mat + (1 - w.sum()) * emovec  # nothing clamps Σw, as upstream
+
+
+def scale_emo_vector(weights: Sequence[float], emo_alpha: float) -> list[float]:
+    """Vector mode: clamp alpha to [0, 1]; unless it is 1, scale and truncate to 4 decimals (upstream)."""
+    s = max(0.0, min(1.0, emo_alpha))
+    if s == 1.0:
+        return [float(w) for w in weights]
+    return [int(w * s * 10000) / 10000 for w in weights]
+
+
+def interpolate_emovec(base: Tensor, emo: Tensor, alpha: float) -> Tensor:
+    """merge_emovec on precomputed vectors: base + alpha·(emo − base), [B, D]."""
+    return base + alpha * (emo - base)
+
+
+class UnifiedVoice(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.model_dim
+        self.conditioning_encoder = ConformerEncoder(cfg.condition_module)
+        self.perceiver_encoder = PerceiverResampler(cfg.perceiver())
+        self.emo_conditioning_encoder = ConformerEncoder(cfg.emo_condition_module)
+        self.emo_perceiver_encoder = PerceiverResampler(cfg.emo_perceiver())
+        self.speed_emb = nn.Embedding(SPEED_TOKENS, d)
+        self.text_embedding = nn.Embedding(cfg.number_text_tokens + 1, d)
+        self.emo_layer = nn.Linear(d, d)
+        self.emovec_layer = nn.Linear(cfg.w2v_dim, d)
+        self.mel_embedding = nn.Embedding(cfg.number_mel_codes, d)
+        self.gpt = GPT2Model(cfg)
+        self.mel_pos_embedding = LearnedPositionEmbeddings(cfg.mel_positions, d)
+        self.text_pos_embedding = LearnedPositionEmbeddings(cfg.text_positions, d)
+        self.final_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.text_head = nn.Linear(d, cfg.number_text_tokens + 1)  # in gpt.pth, unused at inference
+        self.mel_head = nn.Linear(d, cfg.number_mel_codes)
+
+    # --- conditioning -------------------------------------------------------------------------
+
+    @staticmethod
+    def quirk_lengths(x: Tensor) -> Tensor:
+        """Upstream passes `x.shape[-1]` of a [B, T, W] tensor as the frame count: W, not T (kept)."""
+        return torch.full((x.size(0),), x.size(-1), dtype=torch.long, device=x.device)
+
+    def conditioning_latent(self, spk_cond_emb: Tensor) -> Tensor:
+        """Speaker latents: [B, T, W] w2v-BERT features → conformer → perceiver → [B, 32, D]."""
+        h, mask = self.conditioning_encoder(spk_cond_emb, self.quirk_lengths(spk_cond_emb))
+        return self.perceiver_encoder(h, self.perceiver_encoder.latent_mask(mask))
+
+    def get_emovec(self, emo_cond_emb: Tensor) -> Tensor:
+        """Emotion vector: [B, T, W] → emo conformer → emo perceiver → emovec_layer → emo_layer → [B, D]."""
+        h, mask = self.emo_conditioning_encoder(emo_cond_emb, self.quirk_lengths(emo_cond_emb))
+        e = self.emo_perceiver_encoder(h, self.emo_perceiver_encoder.latent_mask(mask))[:, 0]  # [B, W]
+        return self.emo_layer(self.emovec_layer(e))  # no activation between them, as upstream
+
+    def merge_emovec(self, spk_cond_emb: Tensor, emo_cond_emb: Tensor, alpha: float) -> Tensor:
+        """Upstream merge_emovec: get_emovec of both clips interpolated by alpha → [B, D]."""
+        return interpolate_emovec(self.get_emovec(spk_cond_emb), self.get_emovec(emo_cond_emb), alpha)
+
+    def conds_latent(self, speech_latent: Tensor, emovec: Tensor) -> Tensor:
+        """[latent + emovec (32) | speed_emb[1] | speed_emb[0]] → [B, 34, D]; emovec skips the speed slots."""
+        b = speech_latent.size(0)
+        speed = self.speed_emb.weight[[1, 0]].unsqueeze(0).expand(b, -1, -1)  # [B, 2, D]
+        return torch.cat((speech_latent + emovec.unsqueeze(1), speed), dim=1)
+
+    def embed_text(self, text_ids: Tensor) -> Tensor:
+        """[B, L] ids → [B, L + 2, D]: start/stop text tokens added, text positions 0..L+1."""
+        c = self.cfg
+        ids = F.pad(F.pad(text_ids.long(), (1, 0), value=c.start_text_token), (0, 1), value=c.stop_text_token)
+        pos = torch.arange(ids.size(1), device=ids.device)
+        return self.text_embedding(ids) + self.text_pos_embedding.emb(pos)
+
+    def build_prefix(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor) -> Tensor:
+        """Generation prefix (upstream prepare_gpt_inputs, batch 1): [1, 34 + L' + 2, D].
+
+        Every text id equal to start_text_token or stop_text_token is removed first (upstream)."""
+        c = self.cfg
+        ids = text_ids.reshape(-1)
+        ids = ids[(ids != c.start_text_token) & (ids != c.stop_text_token)].unsqueeze(0)  # [1, L']
+        return torch.cat((self.conds_latent(speech_latent, emovec), self.embed_text(ids)), dim=1)
+
+    # --- GPT-2 stack --------------------------------------------------------------------------
+
+    def embed_mel(self, codes: Tensor, mel_pos: Tensor) -> Tensor:
+        """[B, S] codes at mel positions [S] → [B, S, D]."""
+        return self.mel_embedding(codes) + self.mel_pos_embedding.emb(mel_pos)
+
+    def forward(self, x: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """GPT-2 over input embeddings [B, S, D] → hidden states after ln_f [B, S, D].
+
+        With a cache, `input_pos` [S] are the cache slots of the S inputs (written in place) and
+        attention covers every slot ≤ its own; without one, it is one full causal pass."""
+        mask = None
+        if cache is not None:
+            if input_pos is None:
+                raise ValueError("input_pos is required with a KV cache")
+            mask = cache.positions.unsqueeze(0) <= input_pos.unsqueeze(1)  # [S, S_max]
+        for i, block in enumerate(self.gpt.h):
+            kc = cache.k[i] if cache is not None else None
+            vc = cache.v[i] if cache is not None else None
+            x = block(x, input_pos, kc, vc, mask)
+        return self.gpt.ln_f(x)
+
+    def mel_logits(self, h: Tensor) -> Tensor:
+        """Hidden states after ln_f → mel logits (the second LayerNorm, final_norm, then mel_head)."""
+        return self.mel_head(self.final_norm(h))
+
+    def latent(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, codes: Tensor) -> Tensor:
+        """Second pass (upstream `UnifiedVoice.forward`, return_latent): → [B, N, D] for s2mel.
+
+        Text ids are NOT filtered here; codes [B, N] (stop trimmed) become [start, c_1..c_N, stop]
+        at mel positions 0..N+1, and the states at the first N mel slots are returned."""
+        c = self.cfg
+        mel = F.pad(F.pad(codes.long(), (1, 0), value=c.start_mel_token), (0, 1), value=c.stop_mel_token)
+        mel_pos = torch.arange(mel.size(1), device=mel.device)
+        x = torch.cat(
+            (self.conds_latent(speech_latent, emovec), self.embed_text(text_ids), self.embed_mel(mel, mel_pos)), dim=1
+        )
+        h = self.final_norm(self.forward(x))  # [B, 34 + L + 2 + N + 2, D]
+        return h[:, -mel.size(1) : -2]  # drop the two tokens the pass added at the end
+
+
+def load_unified_voice(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> UnifiedVoice:
+    """Build UnifiedVoice from config.yaml + gpt.safetensors shapes, then load it strictly."""
+    path = Path(ckpt_dir) / "gpt.safetensors"
+    cfg = GPTConfig.from_yaml(config, read_shapes(path))
+    return load_module(lambda: UnifiedVoice(cfg), path, device)
+
+
+def load_emotion_matrices(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> EmotionMatrices:
+    """feat1/feat2 from emotion.safetensors, grouped by the config's `emo_num`."""
+    path = Path(ckpt_dir) / "emotion.safetensors"
+    emo_num = [int(n) for n in _key(config, "emo_num", "")]
+    if len(emo_num) != EMO_CATEGORIES:
+        raise ConfigError(f"config.yaml: emo_num has {len(emo_num)} groups, expected {EMO_CATEGORIES}")
+    shapes = read_shapes(path)
+    style_dim, model_dim = _shape(shapes, "spk_matrix")[1], _shape(shapes, "emo_matrix")[1]
+    return load_module(lambda: EmotionMatrices(emo_num, style_dim, model_dim), path, device)
+

@@ -1,0 +1,558 @@
+"""The daemon end to end: a real server on port 0 with the tiny model, real WebSocket clients.
+
+Races are staged with the worker's observer hook (a test blocks the worker thread at a named
+event until the client has seen what it must see), so every assertion is about the order of
+events, never about time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from ttsd.daemon import protocol as p
+from ttsd.daemon.config import DaemonConfig
+from ttsd.daemon.server import Server
+from ttsd.pipeline.options import SynthesisOptions
+from ttsd.pipeline.pipeline import Pipeline
+
+from .conftest import FixtureSet
+
+GATE_TIMEOUT_S = 120.0     # a gate that is never opened fails the test instead of hanging it
+RECV_TIMEOUT_S = 120.0
+TWO_SENTENCES = "Hello world, this is a test of 3 apples at 8:00 AM. The quick brown fox jumps over the lazy dog!"
+# Fast settings for tests that are not about audio quality: greedy, short, few CFM steps.
+FAST: dict[str, Any] = dict(
+    do_sample=False, num_beams=1, max_mel_tokens=12, diffusion_steps=2, max_text_tokens_per_segment=30, seed=3
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def pipeline(converted: Path) -> Pipeline:
+    return Pipeline.load(converted, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def speaker_wav(fx: FixtureSet) -> bytes:
+    return (fx.root / "inputs" / "speaker.wav").read_bytes()
+
+
+class Recorder:
+    """The worker observer: records (event, job key, index) and can hold the worker at an event."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int]] = []
+        self.gates: dict[tuple[str, int], threading.Event] = {}
+        self.timed_out: list[tuple[str, int]] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, event: str, key: int, index: int) -> None:
+        with self.changed:
+            self.events.append((event, key, index))
+            self.changed.notify_all()
+        gate = self.gates.get((event, index))
+        if gate is not None and not gate.wait(GATE_TIMEOUT_S):
+            self.timed_out.append((event, index))
+
+    def hold(self, event: str, index: int) -> threading.Event:
+        """Block the worker at (event, index) until the returned Event is set."""
+        gate = self.gates[(event, index)] = threading.Event()
+        return gate
+
+    def release_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+    async def wait_for(self, pred: Callable[[list[tuple[str, int, int]]], bool]) -> None:
+        def wait() -> bool:
+            with self.changed:
+                return self.changed.wait_for(lambda: pred(self.events), GATE_TIMEOUT_S)
+
+        assert await asyncio.to_thread(wait), f"worker events never matched; got {self.events}"
+
+
+@asynccontextmanager
+async def running(pipeline: Pipeline, recorder: Recorder | None = None, **overrides: Any) -> AsyncIterator[Server]:
+    config = DaemonConfig(port=0, **overrides).validated()
+    server = Server(config, pipeline, observer=recorder)
+    await server.start()
+    try:
+        yield server
+    finally:
+        if recorder is not None:
+            recorder.release_all()  # never leave the worker blocked behind a failed assertion
+        await server.shutdown()
+
+
+class Client:
+    """A thin typed wrapper over a websockets client connection."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, msg: p.ClientMessage) -> None:
+        await self.ws.send(p.encode(msg))
+
+    async def recv(self) -> p.ServerMessage:
+        async with asyncio.timeout(RECV_TIMEOUT_S):
+            return p.decode_server(await self.ws.recv())
+
+    async def until(
+        self, request_id: int | None, *, final: tuple[type, ...] = (p.Done, p.Error)
+    ) -> list[p.ServerMessage]:
+        """Messages up to and including the first `final` message for `request_id`."""
+        out: list[p.ServerMessage] = []
+        while True:
+            msg = await self.recv()
+            out.append(msg)
+            if isinstance(msg, final) and getattr(msg, "id", None) == request_id:
+                return out
+
+    async def register(self, audio: bytes, request_id: int = 1_000_000) -> str:
+        await self.send(p.RegisterVoice(id=request_id, audio=audio))
+        reply = (await self.until(request_id, final=(p.VoiceRegistered, p.Error)))[-1]
+        assert isinstance(reply, p.VoiceRegistered), reply
+        return reply.voice
+
+
+@asynccontextmanager
+async def client(server: Server, **kwargs: Any) -> AsyncIterator[Client]:
+    async with connect(server.url, compression=None, max_size=None, **kwargs) as ws:
+        yield Client(ws)
+
+
+def pcm_of(messages: list[p.ServerMessage], request_id: int) -> bytes:
+    audio = [m for m in messages if isinstance(m, p.Audio) and m.id == request_id]
+    assert [m.seq for m in audio] == list(range(len(audio))), "audio seq must run 0, 1, 2, ..."
+    return b"".join(m.pcm for m in audio)
+
+
+def offline_pcm(pipeline: Pipeline, audio: bytes, text: str, **opts: Any) -> bytes:
+    """What `ttsd synth` writes for the same inputs: Pipeline.synthesize → int16 (truncation)."""
+    voice = pipeline.prepare_voice(audio)
+    pcm = pipeline.synthesize(voice, text, SynthesisOptions(**opts))
+    return np.clip(pcm, -32767, 32767).astype("<i2").tobytes()
+
+
+async def until_true(pred: Callable[[], bool]) -> None:
+    """Poll a server-side condition from the loop (order of events, bounded so a bug cannot hang)."""
+    async with asyncio.timeout(GATE_TIMEOUT_S):
+        while not pred():
+            await asyncio.sleep(0.01)
+
+
+def last(messages: list[p.ServerMessage]) -> p.ServerMessage:
+    return messages[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming and parity
+
+
+async def test_first_sentence_audio_arrives_before_second_is_synthesised(
+    pipeline: Pipeline, speaker_wav: bytes
+) -> None:
+    """The client receives segment 0's audio while the worker is held before segment 1 begins."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 1)
+    async with running(pipeline, rec) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
+        first = await c.until(1, final=(p.Audio, p.Error))
+        assert isinstance(last(first), p.Audio)
+        assert ("segment_end", 1) not in [(e, i) for e, _, i in rec.events]
+        gate.set()
+        rest = await c.until(1)
+    assert rec.timed_out == []
+    done = last(rest)
+    assert isinstance(done, p.Done) and done.segments == 2
+    starts = [m for m in first + rest if isinstance(m, p.SegmentStart)]
+    assert [m.index for m in starts] == [0, 1]
+    assert starts[0].text.endswith(".") and starts[1].text.endswith("!")
+
+
+async def test_stream_equals_offline_synthesis(pipeline: Pipeline, speaker_wav: bytes, fx: FixtureSet) -> None:
+    """The concatenated PCM of a request equals Pipeline.synthesize output for the same inputs and seed."""
+    settings = fx.settings
+    opts: dict[str, Any] = dict(
+        do_sample=False, num_beams=1, max_mel_tokens=int(settings["max_mel_tokens"]),
+        max_text_tokens_per_segment=int(settings["max_text_tokens_per_segment"]), diffusion_steps=10, seed=11,
+    )
+    async with running(pipeline) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=7, text=fx.text, voice=voice, **opts))
+        messages = await c.until(7)
+    done = last(messages)
+    assert isinstance(done, p.Done) and done.segments == 2
+    streamed = pcm_of(messages, 7)
+    assert done.audio_s == pytest.approx(len(streamed) / 2 / p.SAMPLE_RATE_HZ)
+    assert streamed == offline_pcm(pipeline, speaker_wav, fx.text, **opts)
+
+
+async def test_sampled_stream_equals_offline_synthesis(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """With sampling on, the same seed still gives the daemon and offline synthesis identical audio."""
+    opts: dict[str, Any] = dict(max_mel_tokens=16, diffusion_steps=3, max_text_tokens_per_segment=30, seed=5)
+    async with running(pipeline) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **opts))
+        messages = await c.until(1)
+    assert isinstance(last(messages), p.Done)
+    assert pcm_of(messages, 1) == offline_pcm(pipeline, speaker_wav, TWO_SENTENCES, **opts)
+
+
+async def test_incremental_text_speaks_each_sentence(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """append_text releases each complete sentence as a segment; flush speaks the rest and ends the request."""
+    rec = Recorder()
+    async with running(pipeline, rec) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=2, text="Hello wor", voice=voice, incremental=True, **FAST))
+        await c.send(p.AppendText(id=2, text="ld. The quick"))
+        first = await c.until(2, final=(p.SegmentEnd,))       # sentence 1 spoken before the text is complete
+        await c.send(p.AppendText(id=2, text=" brown fox"))
+        await c.send(p.Flush(id=2))
+        rest = await c.until(2)
+    done = last(rest)
+    assert isinstance(done, p.Done) and done.segments == 2
+    texts = [m.text for m in first + rest if isinstance(m, p.SegmentStart)]
+    assert texts[0].replace(" ", "") == "HELLOWORLD." and "FOX" in texts[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Concurrency, cancellation, backpressure
+
+
+async def test_two_concurrent_clients_both_get_correct_audio(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """Two clients synthesising at once each receive exactly their own offline audio."""
+    texts = {1: TWO_SENTENCES, 2: "Streaming speech is fun. It works on many clients!"}
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 0)
+    async with running(pipeline, rec) as server:
+        async with client(server) as c:
+            voice = await c.register(speaker_wav)
+
+        async def one(rid: int) -> list[p.ServerMessage]:
+            async with client(server) as c:
+                await c.send(p.Synthesize(id=rid, text=texts[rid], voice=voice, **{**FAST, "seed": rid}))
+                return await c.until(rid)
+
+        tasks = [asyncio.create_task(one(rid)) for rid in (1, 2)]
+        # Both jobs are admitted before the worker starts on the first one.
+        await until_true(lambda: server.worker is not None and server.worker.live_jobs == 2)
+        gate.set()
+        results = await asyncio.gather(*tasks)
+    for rid, messages in zip((1, 2), results, strict=True):
+        assert isinstance(last(messages), p.Done), last(messages)
+        expected = offline_pcm(pipeline, speaker_wav, texts[rid], **{**FAST, "seed": rid})
+        assert pcm_of(messages, rid) == expected
+    # Fair round-robin at segment granularity: the two jobs' segments alternate.
+    ends = [key for e, key, _ in rec.events if e == "segment_end"]
+    assert len(ends) == 4 and ends[0] == ends[2] != ends[1] == ends[3], rec.events
+
+
+async def test_cancel_mid_stream_then_next_request_works(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """Cancel after the first audio gets `cancelled`, no more audio for that id, and the connection serves on."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 1)
+    async with running(pipeline, rec) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
+        await c.until(1, final=(p.Audio,))
+        await c.send(p.Cancel(id=1))
+        messages = await c.until(1, final=(p.Error, p.Done))
+        error = last(messages)
+        assert isinstance(error, p.Error) and error.code == p.ErrorCode.CANCELLED
+        gate.set()
+        await rec.wait_for(lambda ev: any(e == "request_end" for e, _, _ in ev))
+        await c.send(p.Synthesize(id=1, text="Again, please.", voice=voice, **FAST))
+        again = await c.until(1)
+    assert isinstance(last(again), p.Done)
+    assert all(not (isinstance(m, p.Audio) and m.id == 1) for m in messages[messages.index(error) + 1 :])
+    # The cancelled job stopped inside segment 1: one segment produced, not two.
+    assert [i for e, _, i in rec.events if e == "request_end"][0] == 1
+
+
+async def test_disconnect_mid_stream_frees_the_slot(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """A client that disconnects mid-request has its job stopped and its only slot given to the next client."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 1)
+    async with running(pipeline, rec, max_concurrent_requests=1, max_queued_requests=0) as server:
+        async with client(server) as a:
+            voice = await a.register(speaker_wav)
+            await a.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
+            await a.until(1, final=(p.Audio,))
+        # The server notices the close and cancels the job; admission stops counting it at once.
+        await until_true(lambda: server.worker is not None and server.worker.live_jobs == 0)
+        gate.set()
+        await rec.wait_for(lambda ev: any(e == "request_end" for e, _, _ in ev))
+        async with client(server) as b:
+            await b.send(p.Synthesize(id=1, text="Next client.", voice=voice, **FAST))
+            messages = await b.until(1)
+    assert isinstance(last(messages), p.Done), last(messages)
+    assert [i for e, _, i in rec.events if e == "request_end"][0] == 1  # stopped before segment 2 was made
+
+
+async def test_busy_when_the_queue_is_full(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """With one slot and one queue place taken, a third request gets `busy`; the first two complete."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 0)
+    async with running(pipeline, rec, max_concurrent_requests=1, max_queued_requests=1) as server:
+        async with client(server) as c:
+            voice = await c.register(speaker_wav)
+            for rid in (1, 2, 3):
+                await c.send(p.Synthesize(id=rid, text="One sentence.", voice=voice, **FAST))
+            busy = await c.until(3, final=(p.Error,))
+            assert isinstance(last(busy), p.Error) and last(busy).code == p.ErrorCode.BUSY  # type: ignore[union-attr]
+            gate.set()
+            finals = {}
+            while len(finals) < 2:
+                msg = await c.recv()
+                if isinstance(msg, p.Done | p.Error) and msg.id in (1, 2):
+                    finals[msg.id] = msg
+    assert all(isinstance(m, p.Done) for m in finals.values()), finals
+
+
+async def test_slow_consumer_is_parked_without_stalling_others(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """A client that stops reading is parked (others finish meanwhile), then cancelled with slow_consumer."""
+    rec = Recorder()
+    many = " ".join(f"Sentence number {n} is here." for n in range(1, 13))
+    async with running(pipeline, rec, stall_timeout_s=1.0) as server:
+        async with client(server) as fast:
+            voice = await fast.register(speaker_wav)
+        # The slow client reads nothing: small socket buffer, one-frame client queue, and 10 s of
+        # silence per segment so a few segments fill every buffer on the way.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        async with client(server, sock=sock, max_queue=1) as slow:
+            await slow.send(p.Synthesize(id=1, text=many, voice=voice, **{**FAST, "interval_silence_ms": 10_000}))
+            await rec.wait_for(lambda ev: any(e == "parked" for e, _, _ in ev))
+            slow_key = next(k for e, k, _ in rec.events if e == "parked")
+            async with client(server) as fast:
+                await fast.send(p.Synthesize(id=5, text="I am not stalled.", voice=voice, **FAST))
+                messages = await fast.until(5)
+            assert isinstance(last(messages), p.Done)
+            await rec.wait_for(lambda ev: ("request_end", slow_key) in [(e, k) for e, k, _ in ev])
+            codes = []
+            while True:
+                msg = await slow.recv()
+                if isinstance(msg, p.Error | p.Done):
+                    codes.append(getattr(msg, "code", "done"))
+                    break
+    assert codes == [p.ErrorCode.SLOW_CONSUMER]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: typed errors, and the daemon keeps serving
+
+
+async def test_bad_input_gets_typed_errors_and_the_connection_keeps_serving(
+    pipeline: Pipeline, speaker_wav: bytes
+) -> None:
+    """Garbage of every kind gets its own error code on one connection, which then still synthesises."""
+    valid_utf8 = msgpack.packb({"type": "synthesize", "id": 9, "text": "ab", "voice": "v"})
+    cases: list[tuple[bytes | str, str]] = [
+        (b"\xc1\x00garbage", p.ErrorCode.BAD_FRAME),                                   # malformed msgpack
+        (msgpack.packb({"type": "sing", "id": 1}), p.ErrorCode.UNKNOWN_TYPE),           # unknown type
+        (msgpack.packb({"type": "cancel", "id": "1"}), p.ErrorCode.BAD_MESSAGE),       # wrong field type
+        (msgpack.packb({"type": "synthesize", "id": 1, "text": "x", "voice": "v", "top_k": 1.5}),
+         p.ErrorCode.BAD_MESSAGE),
+        (valid_utf8.replace(b"\xa2ab", b"\xa2\xc3\x28"), p.ErrorCode.BAD_FRAME),         # invalid UTF-8
+        ('{"type": "ping"}', p.ErrorCode.BAD_FRAME),                                    # a text frame
+        (p.encode(p.Synthesize(id=2, text="   ", voice="v")), p.ErrorCode.BAD_TEXT),    # empty text
+        (p.encode(p.Synthesize(id=3, text="Hi.", voice="nope")), p.ErrorCode.UNKNOWN_VOICE),
+        (p.encode(p.Synthesize(id=4, text="x" * 101, voice="nope")), p.ErrorCode.TEXT_TOO_LONG),
+        (p.encode(p.RegisterVoice(id=5, audio=b"RIFF\x00\x00garbage" * 50)), p.ErrorCode.BAD_AUDIO),
+        (p.encode(p.RegisterVoice(id=6, audio=b"")), p.ErrorCode.BAD_AUDIO),
+        (p.encode(p.AppendText(id=77, text="x")), p.ErrorCode.BAD_MESSAGE),             # no such request
+    ]
+    async with running(pipeline, max_text_chars=100) as server, client(server) as c:
+        for data, code in cases:
+            await c.ws.send(data)
+            reply = await c.recv()
+            assert isinstance(reply, p.Error) and reply.code == code, (data[:40], reply)
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=8, text="Still here.", voice=voice, **FAST))
+        assert isinstance(last(await c.until(8)), p.Done)
+
+
+async def test_punctuation_only_text_is_bad_text(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """Text with nothing speakable after normalisation ends the request with bad_text."""
+    async with running(pipeline) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text="... !!! ...", voice=voice, **FAST))
+        reply = last(await c.until(1))
+    assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.BAD_TEXT
+
+
+async def test_oversized_frame_closes_with_1009_and_the_server_keeps_serving(pipeline: Pipeline) -> None:
+    """A frame over max_frame_bytes closes that connection with 1009; new connections are served."""
+    async with running(pipeline, max_frame_bytes=4096) as server:
+        async with client(server) as c:
+            await c.send(p.RegisterVoice(id=1, audio=b"\x00" * 10_000))
+            with pytest.raises(ConnectionClosed) as info:
+                await c.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        async with client(server) as c:
+            await c.send(p.Ping(nonce=3))
+            assert await c.recv() == p.Pong(nonce=3)
+
+
+async def test_reference_audio_too_long(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """Reference audio longer than max_reference_audio_s gets audio_too_long before any model work."""
+    async with running(pipeline, max_reference_audio_s=0.5) as server, client(server) as c:
+        await c.send(p.RegisterVoice(id=1, audio=speaker_wav))
+        reply = await c.recv()
+    assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.AUDIO_TOO_LONG and reply.id == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Handshake, health, lifecycle
+
+
+async def test_healthz_answers_200(pipeline: Pipeline) -> None:
+    """GET /healthz on the WebSocket port is a plain HTTP 200."""
+    async with running(pipeline) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    assert response.startswith(b"HTTP/1.1 200")
+    assert response.endswith(b"ok\n")
+
+
+async def test_hello_reports_version_and_limits(pipeline: Pipeline) -> None:
+    """The server hello carries the protocol version, the sample rate and the configured limits."""
+    async with running(pipeline, max_text_chars=123) as server, client(server) as c:
+        await c.send(p.Hello(client="pytest", version=p.PROTOCOL_VERSION))
+        hello = await c.recv()
+        await c.send(p.Hello(client="pytest", version=99))
+        mismatch = await c.recv()
+    assert isinstance(hello, p.ServerHello)
+    assert (hello.version, hello.sample_rate_hz, hello.max_text_chars) == (p.PROTOCOL_VERSION, 22050, 123)
+    assert isinstance(mismatch, p.Error) and mismatch.code == p.ErrorCode.BAD_MESSAGE
+
+
+async def test_bearer_token_is_required_when_configured(pipeline: Pipeline) -> None:
+    """Without the configured bearer token the handshake is refused with HTTP 401; with it, it succeeds."""
+    token = "s3cret-token-0123456789"
+    async with running(pipeline, token=token) as server:
+        with pytest.raises(InvalidStatus) as info:
+            async with client(server):
+                pass
+        assert info.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            async with client(server, additional_headers={"Authorization": "Bearer wrong-token-000000"}):
+                pass
+        async with client(server, additional_headers={"Authorization": f"Bearer {token}"}) as c:
+            await c.send(p.Ping(nonce=1))
+            assert await c.recv() == p.Pong(nonce=1)
+
+
+async def test_same_audio_gives_the_same_voice_id(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """Registering identical audio twice returns the cached voice id."""
+    async with running(pipeline) as server, client(server) as c:
+        first = await c.register(speaker_wav, request_id=1)
+        second = await c.register(speaker_wav, request_id=2)
+    assert first == second
+
+
+async def test_shutdown_drains_in_flight_requests_then_closes_with_1001(
+    pipeline: Pipeline, speaker_wav: bytes
+) -> None:
+    """On shutdown an in-flight request finishes within the drain timeout, then the connection closes 1001."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 0)
+    async with running(pipeline, rec, drain_timeout_s=120.0) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text="Finish me.", voice=voice, **FAST))
+        await rec.wait_for(lambda ev: any(e == "segment_begin" for e, _, _ in ev))
+        stopping = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0)  # the shutdown task's first step (stop accepting) runs now
+        await c.send(p.Synthesize(id=2, text="Too late.", voice=voice, **FAST))
+        refused = await c.until(2, final=(p.Error,))
+        gate.set()
+        messages = await c.until(1)
+        with pytest.raises(ConnectionClosed) as info:
+            await c.recv()
+        await stopping
+    assert isinstance(last(refused), p.Error) and last(refused).code == p.ErrorCode.SHUTTING_DOWN  # type: ignore[union-attr]
+    assert isinstance(last(messages), p.Done)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+async def test_shutdown_cancels_what_misses_the_drain_timeout(pipeline: Pipeline, speaker_wav: bytes) -> None:
+    """A request still running when drain_timeout_s ends gets shutting_down, then the close is 1001."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 1)
+    async with running(pipeline, rec, drain_timeout_s=0.0) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
+        await c.until(1, final=(p.SegmentEnd,))
+        stopping = asyncio.create_task(server.shutdown())
+        await until_true(lambda: server.worker is not None and server.worker.live_jobs == 0)
+        gate.set()  # cancel_all has flagged the job, so it stops at its first decode step
+        messages = await c.until(1)
+        with pytest.raises(ConnectionClosed) as info:
+            await c.recv()
+        await stopping
+    error = last(messages)
+    assert isinstance(error, p.Error) and error.code == p.ErrorCode.SHUTTING_DOWN
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+def test_ttsd_serve_notifies_systemd_and_exits_0_on_sigterm(converted: Path, tmp_path: Path) -> None:
+    """`ttsd serve` sends READY=1 once listening, serves /healthz, and on SIGTERM sends STOPPING=1 and exits 0."""
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(GATE_TIMEOUT_S)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+    env.pop("JOURNAL_STREAM", None)
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--checkpoints", str(converted), "--port", "0",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = notify.recv(4096).decode()
+        assert "READY=1" in ready.splitlines(), ready
+        line = ""
+        assert proc.stderr is not None
+        while "ttsd ready" not in line:
+            line = proc.stderr.readline()
+            assert line, "daemon exited before logging its ready line"
+        fields = dict(kv.split("=", 1) for kv in line.split(": ", 1)[1].split() if "=" in kv)
+        assert {"url", "device", "dtype", "load_s"} <= fields.keys(), line
+        port = int(fields["url"].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+        proc.send_signal(signal.SIGTERM)
+        stopping = notify.recv(4096).decode()
+        assert "STOPPING=1" in stopping.splitlines(), stopping
+        assert proc.wait(GATE_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        notify.close()

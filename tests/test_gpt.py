@@ -1,0 +1,307 @@
+"""UnifiedVoice GPT: conditioning, emotion vectors, prefix, generation and latent against golden tensors.
+
+Each stage is fed the golden inputs of that stage (w2v-BERT embeddings, CAMPPlus style, segment
+tokens, the manifest's call), so a failure points at one stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ttsd.pipeline.errors import Cancelled, CheckpointMismatch
+from ttsd.pipeline.generate import DecodeParams, Generated, beam_search, generate, prefill
+from ttsd.pipeline.gpt import (
+    EmotionMatrices,
+    UnifiedVoice,
+    load_emotion_matrices,
+    load_unified_voice,
+    scale_emo_vector,
+)
+
+from .conftest import FixtureSet, assert_close, assert_equal
+
+SEGMENTS = (0, 1)
+
+
+def _config(ckpt: Path) -> dict[str, Any]:
+    return dict(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")))
+
+
+@pytest.fixture(scope="session")
+def gpt(converted: Path) -> UnifiedVoice:
+    return load_unified_voice(converted, _config(converted), "cpu")
+
+
+@pytest.fixture(scope="session")
+def emo_mats(converted: Path) -> EmotionMatrices:
+    return load_emotion_matrices(converted, _config(converted), "cpu")
+
+
+def _golden_params(fx: FixtureSet, variant: str) -> DecodeParams:
+    kw = fx.variant(variant)["call"]["generation_kwargs"]
+    return DecodeParams(
+        do_sample=bool(kw["do_sample"]), temperature=1.0, top_k=0, top_p=1.0, num_beams=int(kw["num_beams"]),
+        repetition_penalty=float(kw["repetition_penalty"]), max_mel_tokens=int(fx.settings["max_mel_tokens"]),
+    )
+
+
+def _final_emovec(gpt: UnifiedVoice, mats: EmotionMatrices, fx: FixtureSet, variant: str) -> tuple[Tensor, Tensor]:
+    """(merge_emovec output, emovec passed to the GPT) as infer_v2 computes them for the manifest call."""
+    call = fx.variant(variant)["call"]
+    w2v = fx.golden(variant, "03_w2vbert")
+    spk, emo = w2v["spk.cond_emb"], w2v["emo.cond_emb"]
+    if call["emo_vector"] is None:
+        merged = gpt.merge_emovec(spk, emo, float(call["emo_alpha"]))
+        return merged, merged
+    weights = torch.tensor(scale_emo_vector(call["emo_vector"], float(call["emo_alpha"])))
+    merged = gpt.merge_emovec(spk, emo, 1.0)  # vector mode forces alpha 1 (emotion audio = speaker audio)
+    assert not call["use_random"]
+    rows = mats.nearest_rows(fx.golden(variant, "06_campplus")["style"])
+    return merged, mats.mix(weights, rows, merged)
+
+
+def _recorder() -> tuple[list[tuple[Tensor, Tensor]], Any]:
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    def rec(step: int, logits: Tensor, scores: Tensor) -> None:
+        seen.append((logits.clone(), scores.clone()))
+
+    return seen, rec
+
+
+@torch.inference_mode()
+def test_emotion_conditioning_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
+    """The emotion conformer, its mask, the emotion perceiver and get_emovec match stage 08 for both clips."""
+    w2v, g = fx.golden(variant, "03_w2vbert"), fx.golden(variant, "08_emovec")
+    for s in SEGMENTS:
+        for ref, x in (("spk_ref", w2v["spk.cond_emb"]), ("emo_ref", w2v["emo.cond_emb"])):
+            h, mask = gpt.emo_conditioning_encoder(x, gpt.quirk_lengths(x))
+            assert_close(h, g[f"seg{s}.{ref}.emo_conformer_out"], f"seg{s}.{ref}.emo_conformer_out")
+            assert_equal(mask, g[f"seg{s}.{ref}.emo_conformer_mask"], f"seg{s}.{ref}.emo_conformer_mask")
+            p = gpt.emo_perceiver_encoder(h, gpt.emo_perceiver_encoder.latent_mask(mask))
+            assert_close(p, g[f"seg{s}.{ref}.emo_perceiver_out"], f"seg{s}.{ref}.emo_perceiver_out")
+            assert_close(gpt.get_emovec(x), g[f"seg{s}.emovec_{ref}"], f"seg{s}.emovec_{ref}")
+
+
+@torch.inference_mode()
+def test_emovec_merge_and_mix_match_upstream(
+    fx: FixtureSet, variant: str, gpt: UnifiedVoice, emo_mats: EmotionMatrices
+) -> None:
+    """merge_emovec and the emotion-matrix mixing reproduce the emovec that upstream fed the GPT."""
+    g = fx.golden(variant, "08_emovec")
+    merged, final = _final_emovec(gpt, emo_mats, fx, variant)
+    for s in SEGMENTS:
+        assert_close(merged, g[f"seg{s}.emovec_merged"], f"seg{s}.emovec_merged")
+        assert_close(final, g[f"seg{s}.emovec_final"], f"seg{s}.emovec_final")
+    if "emo_vector_random_index" in g:
+        rows = emo_mats.nearest_rows(fx.golden(variant, "06_campplus")["style"])
+        assert_equal(rows, g["emo_vector_random_index"], "emo_vector_random_index")
+        call = fx.variant(variant)["call"]
+        weights = torch.tensor(scale_emo_vector(call["emo_vector"], float(call["emo_alpha"])))
+        assert_equal(weights, g["emo_vector_weights"], "emo_vector_weights")
+        mat = emo_mats.mix(weights, rows, torch.zeros_like(merged))  # zero emovec isolates Σ w·E
+        assert_close(mat, g["emovec_mat"], "emovec_mat")
+
+
+@torch.inference_mode()
+def test_speaker_conditioning_and_prefix_match_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
+    """Speaker conformer, conditioning latent, conds and the generation prefix match stage 09."""
+    spk = fx.golden(variant, "03_w2vbert")["spk.cond_emb"]
+    g8, g = fx.golden(variant, "08_emovec"), fx.golden(variant, "09_gpt_conditioning")
+    text = fx.golden(variant, "00_text")
+    h, mask = gpt.conditioning_encoder(spk, gpt.quirk_lengths(spk))
+    latent = gpt.conditioning_latent(spk)
+    for s in SEGMENTS:
+        assert_close(h, g[f"seg{s}.spk_conformer_out"], f"seg{s}.spk_conformer_out")
+        assert_equal(mask, g[f"seg{s}.spk_conformer_mask"], f"seg{s}.spk_conformer_mask")
+        assert_close(latent, g[f"seg{s}.speech_conditioning_latent"], f"seg{s}.speech_conditioning_latent")
+        emovec = g8[f"seg{s}.emovec_final"]
+        assert_close(gpt.conds_latent(latent, emovec), g[f"seg{s}.conds_latent"], f"seg{s}.conds_latent")
+        prefix = gpt.build_prefix(latent, emovec, text[f"seg{s}.text_tokens"])
+        assert_close(prefix, g[f"seg{s}.gpt_inputs_embeds"], f"seg{s}.gpt_inputs_embeds")
+
+
+@torch.inference_mode()
+def test_prefix_drops_start_and_stop_text_ids(gpt: UnifiedVoice) -> None:
+    """Text ids equal to start_text_token/stop_text_token are removed from the generation prefix."""
+    cfg = gpt.cfg
+    latent = torch.randn(1, cfg.condition_num_latent, cfg.model_dim)
+    emovec = torch.randn(1, cfg.model_dim)
+    clean = torch.tensor([[5, 9, 7]])
+    dirty = torch.tensor([[cfg.start_text_token, 5, cfg.stop_text_token, 9, 7, cfg.stop_text_token]])
+    assert torch.equal(gpt.build_prefix(latent, emovec, dirty), gpt.build_prefix(latent, emovec, clean))
+
+
+@torch.inference_mode()
+def test_greedy_generation_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
+    """Greedy decoding from the golden prefix reproduces upstream's logits, scores and codes exactly."""
+    g9, g = fx.golden(variant, "09_gpt_conditioning"), fx.golden(variant, "10_gpt_generate")
+    params = _golden_params(fx, variant)
+    for s in SEGMENTS:
+        steps, rec = _recorder()
+        out = generate(gpt, g9[f"seg{s}.gpt_inputs_embeds"], params, recorder=rec)
+        n8 = g[f"seg{s}.logits_first8"].size(1)
+        assert_close(torch.stack([lg for lg, _ in steps[:n8]], 1), g[f"seg{s}.logits_first8"], f"seg{s}.logits_first8")
+        assert_close(torch.stack([sc for _, sc in steps[:n8]], 1), g[f"seg{s}.scores_first8"], f"seg{s}.scores_first8")
+        argmax = torch.stack([sc.argmax(-1) for _, sc in steps], 1)
+        assert_equal(argmax, g[f"seg{s}.scores_argmax"], f"seg{s}.scores_argmax")
+        assert_close(torch.stack([lg.max(-1).values for lg, _ in steps], 1), g[f"seg{s}.logits_max"], "logits_max")
+        assert_equal(out.codes_raw, g[f"seg{s}.codes_raw"], f"seg{s}.codes_raw")
+        assert_equal(out.codes, g[f"seg{s}.codes"], f"seg{s}.codes")
+        assert out.stopped == bool(g[f"seg{s}.stop_produced"])
+
+
+@torch.inference_mode()
+def test_latent_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
+    """The second GPT pass over golden codes reproduces upstream's latent for s2mel."""
+    g8, g9 = fx.golden(variant, "08_emovec"), fx.golden(variant, "09_gpt_conditioning")
+    g10, g = fx.golden(variant, "10_gpt_generate"), fx.golden(variant, "11_gpt_latent")
+    text = fx.golden(variant, "00_text")
+    for s in SEGMENTS:
+        latent = gpt.latent(
+            g9[f"seg{s}.speech_conditioning_latent"], g8[f"seg{s}.emovec_final"],
+            text[f"seg{s}.text_tokens"], g10[f"seg{s}.codes"],
+        )
+        assert_close(latent, g[f"seg{s}.latent"], f"seg{s}.latent")
+
+
+def _prefix(fx: FixtureSet) -> Tensor:
+    return fx.golden("base", "09_gpt_conditioning")["seg0.gpt_inputs_embeds"]
+
+
+def _params(**kw: Any) -> DecodeParams:
+    base: dict[str, Any] = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+                                repetition_penalty=10.0, max_mel_tokens=24)
+    base.update(kw)
+    return DecodeParams(**base)
+
+
+@torch.inference_mode()
+def test_cached_decoding_equals_full_forward(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Logits of every cached decode step equal one uncached causal pass over the same sequence."""
+    prefix = _prefix(fx)
+    steps, rec = _recorder()
+    out = generate(gpt, prefix, _params(max_mel_tokens=24), recorder=rec)
+    n = out.codes_raw.size(1)
+    # Mel positions as upstream decoding sees them: start token at 0, code k at k + 1.
+    tokens = torch.cat((torch.tensor([[gpt.cfg.start_mel_token]]), out.codes_raw[:, : n - 1]), dim=1)
+    mel_pos = torch.cat((torch.tensor([0]), torch.arange(2, n + 1)))
+    x = torch.cat((prefix, gpt.embed_mel(tokens, mel_pos)), dim=1)
+    full = gpt.mel_logits(gpt(x))[:, prefix.size(1):]  # [1, n, V]
+    assert_close(torch.stack([lg for lg, _ in steps], 1), full, "cached vs full logits")
+
+
+@torch.inference_mode()
+def test_prefill_writes_cache_in_place(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Prefill fills exactly the first P + 1 cache slots of the preallocated cache."""
+    from ttsd.pipeline.gpt import KVCache
+
+    prefix = _prefix(fx)
+    cache = KVCache(gpt.cfg, 1, prefix.size(1) + 8, prefix.device, prefix.dtype)
+    k_ptr = cache.k.data_ptr()
+    prefill(gpt, prefix, cache)
+    assert cache.k.data_ptr() == k_ptr
+    filled = cache.k.abs().sum(dim=(0, 1, 2, 4)) > 0  # [S_max]
+    assert filled.tolist() == [True] * (prefix.size(1) + 1) + [False] * 7
+
+
+@torch.inference_mode()
+def test_reused_slot_cache_gives_the_same_codes(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """A per-slot KVCache reused across requests (no clearing) gives the codes of a fresh cache."""
+    from ttsd.pipeline.gpt import KVCache
+
+    g9 = fx.golden("base", "09_gpt_conditioning")
+    cache = KVCache.for_slot(gpt.cfg, 1, torch.device("cpu"), torch.float32)
+    params = _params(max_mel_tokens=30)
+    first = generate(gpt, g9["seg1.gpt_inputs_embeds"], params, cache=cache)  # longer prefix first
+    again = generate(gpt, g9["seg0.gpt_inputs_embeds"], params, cache=cache)
+    fresh = generate(gpt, g9["seg0.gpt_inputs_embeds"], params)
+    assert again.codes_raw.tolist() == fresh.codes_raw.tolist()
+    assert first.codes_raw.size(1) == 30
+
+
+@torch.inference_mode()
+def test_beam_search_with_one_beam_equals_greedy(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Beam search with num_beams=1 picks the same codes as greedy decoding.
+
+    With repetition penalty 1 (greedy penalises raw logits, beams penalise log-probs, as upstream)."""
+    params = _params(repetition_penalty=1.0, max_mel_tokens=20)
+    greedy = generate(gpt, _prefix(fx), params)
+    beam = beam_search(gpt, _prefix(fx), params)
+    assert beam.codes.tolist() == greedy.codes.tolist()
+
+
+@torch.inference_mode()
+def test_sampling_is_seeded_and_respects_top_k(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Sampling with a fixed seed is reproducible and never draws a token outside the top-k."""
+    params = _params(do_sample=True, temperature=0.8, top_k=5, top_p=0.8, max_mel_tokens=24)
+
+    def run(seed: int) -> tuple[Generated, list[tuple[Tensor, Tensor]]]:
+        steps, rec = _recorder()
+        out = generate(gpt, _prefix(fx), params, generator=torch.Generator().manual_seed(seed), recorder=rec)
+        return out, steps
+
+    a, steps = run(1234)
+    b, _ = run(1234)
+    assert a.codes_raw.tolist() == b.codes_raw.tolist()
+    for (_, scores), tok in zip(steps, a.codes_raw[0].tolist(), strict=False):
+        assert int(torch.isfinite(scores).sum()) <= 5
+        assert bool(torch.isfinite(scores[0, tok])) and tok in torch.topk(scores[0], 5).indices.tolist()
+
+
+@torch.inference_mode()
+def test_beam_sampling_is_seeded(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Upstream-default beam sampling (3 beams) is reproducible under a seed and yields valid codes."""
+    params = _params(do_sample=True, temperature=0.8, top_k=30, top_p=0.8, num_beams=3, max_mel_tokens=16)
+    a = generate(gpt, _prefix(fx), params, generator=torch.Generator().manual_seed(7))
+    b = generate(gpt, _prefix(fx), params, generator=torch.Generator().manual_seed(7))
+    assert a.codes_raw.tolist() == b.codes_raw.tolist()
+    assert gpt.cfg.stop_mel_token not in a.codes.tolist()[0]
+    assert all(0 <= c < gpt.cfg.number_mel_codes for c in a.codes_raw.tolist()[0])
+
+
+@torch.inference_mode()
+def test_cancel_raises(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """A cancel callback that turns true stops generation with Cancelled, for greedy and beams."""
+    polls = 0
+
+    def cancel_on_second_poll() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls >= 2
+
+    with pytest.raises(Cancelled):
+        generate(gpt, _prefix(fx), _params(max_mel_tokens=40), cancel=cancel_on_second_poll)
+    assert polls == 2
+    with pytest.raises(Cancelled):
+        generate(gpt, _prefix(fx), _params(num_beams=2, max_mel_tokens=40), cancel=lambda: True)
+
+
+def test_checkpoint_mismatch_names_every_bad_key(converted: Path, tmp_path: Path) -> None:
+    """A gpt checkpoint with a tensor removed, renamed and reshaped raises CheckpointMismatch naming them."""
+    tensors = load_file(str(converted / "gpt.safetensors"))
+    del tensors["mel_head.bias"]
+    tensors["final_norm.gamma"] = tensors.pop("final_norm.weight")
+    tensors["gpt.h.0.mlp.c_fc.bias"] = tensors["gpt.h.0.mlp.c_fc.bias"][:-1].clone()
+    save_file(tensors, str(tmp_path / "gpt.safetensors"))
+    with pytest.raises(CheckpointMismatch) as e:
+        load_unified_voice(tmp_path, _config(converted), "cpu")
+    assert e.value.missing == ["final_norm.weight", "mel_head.bias"]
+    assert e.value.unexpected == ["final_norm.gamma"]
+    assert len(e.value.misshaped) == 1 and e.value.misshaped[0].startswith("gpt.h.0.mlp.c_fc.bias")
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_graphed_greedy_on_cuda_matches_upstream(fx: FixtureSet, converted: Path) -> None:
+    """On CUDA the compiled decode step reproduces upstream's greedy codes."""
+    gpt = load_unified_voice(converted, _config(converted), "cuda")
+    g9, g = fx.golden("base", "09_gpt_conditioning"), fx.golden("base", "10_gpt_generate")
+    out = generate(gpt, g9["seg0.gpt_inputs_embeds"].cuda(), _golden_params(fx, "base"))
+    assert_equal(out.codes, g["seg0.codes"], "seg0.codes")

@@ -1,0 +1,194 @@
+"""The wire protocol: every message round-trips; malformed frames fail with a stable code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+from ttsd.daemon import protocol as p
+
+CLIENT_MESSAGES: list[p.ClientMessage] = [
+    p.Hello(client="test/1", version=p.PROTOCOL_VERSION),
+    p.RegisterVoice(id=1, audio=b"RIFF....", emo_audio=None),
+    p.RegisterVoice(id=2, audio=b"\x00\x01", emo_audio=b"\xff"),
+    p.Synthesize(id=3, text="Hello.", voice="abc"),
+    p.Synthesize(
+        id=4, text="", voice="abc", incremental=True, emo_alpha=0.5, emo_vector=(0.0, 1.0, 0, 0, 0, 0, 0, 0.2),
+        emo_voice="def", use_random=False, do_sample=False, temperature=0.7, top_k=0, top_p=1.0, num_beams=1,
+        repetition_penalty=10.0, max_mel_tokens=60, seed=2**62, diffusion_steps=3, inference_cfg_rate=0.7,
+        max_text_tokens_per_segment=30, quick_streaming_tokens=0, interval_silence_ms=0,
+    ),
+    p.AppendText(id=4, text="more text. "),
+    p.Flush(id=4),
+    p.Cancel(id=p.MAX_REQUEST_ID),
+    p.Ping(nonce=7),
+]
+
+SERVER_MESSAGES: list[p.ServerMessage] = [
+    p.ServerHello(
+        version=1, server="ttsd/0.1", sample_rate_hz=22050, max_frame_bytes=1 << 20, max_text_chars=5000,
+        max_reference_audio_s=30.0, max_voices=8, max_concurrent_requests=4, max_queued_requests=0,
+    ),
+    p.VoiceRegistered(id=1, voice="0123abcd", audio_s=3.5),
+    p.SegmentStart(id=3, index=0, text="HELLO."),
+    p.Audio(id=3, seq=0, pcm=b"\x01\x00\xff\x7f"),
+    p.SegmentEnd(id=3, index=0, audio_s=0.5),
+    p.Done(id=3, segments=1, first_audio_ms=12.5, total_ms=40.0, audio_s=0.5, rtf=0.08),
+    p.Done(id=5, segments=0, first_audio_ms=None, total_ms=1.0, audio_s=0.0, rtf=None),
+    p.Error(id=None, code=p.ErrorCode.BAD_FRAME, message="x"),
+    p.Error(id=9, code=p.ErrorCode.BUSY, message="retry"),
+    p.Pong(nonce=7),
+]
+
+
+def frame(**payload: object) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def rejects(data: bytes | str, code: str) -> p.ProtocolError:
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_client(data)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+@pytest.mark.parametrize("msg", CLIENT_MESSAGES, ids=lambda m: m.TYPE)
+def test_client_messages_round_trip(msg: p.ClientMessage) -> None:
+    """Every client message decodes back to an equal object."""
+    assert p.decode_client(p.encode(msg)) == msg
+
+
+@pytest.mark.parametrize("msg", SERVER_MESSAGES, ids=lambda m: m.TYPE)
+def test_server_messages_round_trip(msg: p.ServerMessage) -> None:
+    """Every server message decodes back to an equal object."""
+    assert p.decode_server(p.encode(msg)) == msg
+
+
+def test_pcm_travels_as_msgpack_bin() -> None:
+    """Audio PCM is a msgpack bin (type byte 0xc4..0xc6), not an array of numbers."""
+    raw = msgpack.unpackb(p.encode(p.Audio(id=1, seq=0, pcm=b"\x00\x01" * 100)), raw=True)
+    assert isinstance(raw[b"pcm"], bytes)
+
+
+def test_optional_fields_default_when_absent() -> None:
+    """A minimal synthesize frame gets upstream defaults (None) for every option."""
+    msg = p.decode_client(frame(type="synthesize", id=1, text="Hi.", voice="v"))
+    assert msg == p.Synthesize(id=1, text="Hi.", voice="v")
+
+
+def test_integers_accepted_for_float_fields() -> None:
+    """Encoders that write 1.0 as 1 are accepted for float fields."""
+    msg = p.decode_client(frame(type="synthesize", id=1, text="x", voice="v", temperature=1))
+    assert isinstance(msg, p.Synthesize) and msg.temperature == 1.0 and type(msg.temperature) is float
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", b"\x81", b"\x93\x01\x02\x03", b"\x01", frame(type="ping") + b"\x00", b"\xff" * 10],
+    ids=["empty", "reserved-byte", "truncated-map", "array", "int", "trailing-bytes", "garbage"],
+)
+def test_malformed_msgpack_is_bad_frame(data: bytes) -> None:
+    """Bytes that are not exactly one msgpack map fail with bad_frame."""
+    rejects(data, p.ErrorCode.BAD_FRAME)
+
+
+def test_text_frame_is_bad_frame() -> None:
+    """A WebSocket text frame (str) is not part of the protocol."""
+    rejects('{"type": "ping"}', p.ErrorCode.BAD_FRAME)
+
+
+def test_invalid_utf8_is_bad_frame() -> None:
+    """A msgpack str holding invalid UTF-8 fails with bad_frame, not an unhandled exception."""
+    good = frame(type="synthesize", id=1, text="ab", voice="v")
+    bad = good.replace(b"\xa2ab", b"\xa2\xff\xfe")
+    assert bad != good
+    rejects(bad, p.ErrorCode.BAD_FRAME)
+
+
+def test_unknown_type_keeps_the_request_id() -> None:
+    """An unknown `type` fails with unknown_type and still names the request id when readable."""
+    e = rejects(frame(type="sing", id=5), p.ErrorCode.UNKNOWN_TYPE)
+    assert e.request_id == 5
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"id": 1},                                                      # no type
+        {"type": 3, "id": 1},                                           # non-string type
+        {"type": "cancel"},                                             # missing id
+        {"type": "cancel", "id": "1"},                                  # id as string
+        {"type": "cancel", "id": True},                                 # bool is not int
+        {"type": "cancel", "id": -1},                                   # out of range
+        {"type": "cancel", "id": 2**32},                                # out of range
+        {"type": "cancel", "id": 1.0},                                  # float is not int
+        {"type": "cancel", "id": 1, "extra": 0},                        # unknown key
+        {"type": "synthesize", "id": 1, "text": b"bytes", "voice": "v"},  # bin for str
+        {"type": "synthesize", "id": 1, "text": "x", "voice": 3},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "temperature": 0},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "temperature": float("nan")},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "top_p": 1.5},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "num_beams": 0},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "emo_vector": [0.1] * 7},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "emo_vector": [2.0] * 8},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "emo_vector": "happy"},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "do_sample": 1},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "format": "mp3"},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v", "incremental": None},
+        {"type": "synthesize", "id": 1, "text": "x", "voice": "v" * 65},
+        {"type": "register_voice", "id": 1, "audio": "not bytes"},
+        {"type": "register_voice", "id": 1},
+        {"type": "ping", "nonce": -1},
+    ],
+)
+def test_wrong_fields_are_bad_message(payload: dict[str, object]) -> None:
+    """Missing, unknown, ill-typed and out-of-range fields fail with bad_message."""
+    rejects(frame(**payload), p.ErrorCode.BAD_MESSAGE)
+
+
+def test_wrong_field_error_names_the_field_and_id() -> None:
+    """The error detail names the offending field, and the request id is kept for the reply."""
+    e = rejects(frame(type="synthesize", id=8, text="x", voice="v", top_k="many"), p.ErrorCode.BAD_MESSAGE)
+    assert "top_k" in e.detail and e.request_id == 8
+
+
+def test_non_string_map_keys_are_bad_frame() -> None:
+    """Integer map keys cannot be field names (strict_map_key)."""
+    rejects(msgpack.packb({1: 2, "type": "ping"}), p.ErrorCode.BAD_FRAME)
+
+
+def test_deep_nesting_is_bad_frame() -> None:
+    """A deeply nested frame fails cleanly instead of exhausting the stack."""
+    data = b"\x91" * 100_000 + b"\xc0"
+    rejects(data, p.ErrorCode.BAD_FRAME)
+
+
+def test_server_decoder_rejects_client_messages() -> None:
+    """decode_server knows only server messages (a client must not mistake its own echo)."""
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_server(p.encode(p.Cancel(id=1)))
+    assert info.value.code == p.ErrorCode.UNKNOWN_TYPE
+
+
+def test_odd_length_pcm_is_rejected() -> None:
+    """Audio must carry whole 16-bit samples."""
+    with pytest.raises(p.ProtocolError):
+        p.decode_server(frame(type="audio", id=1, seq=0, pcm=b"\x00\x01\x02"))
+
+
+def test_error_codes_are_stable_strings() -> None:
+    """The documented error codes exist with their documented spelling."""
+    assert p.ErrorCode.ALL == {
+        "bad_frame", "bad_message", "unknown_type", "too_large", "bad_text", "text_too_long", "bad_audio",
+        "audio_too_long", "unknown_voice", "busy", "cancelled", "slow_consumer", "unauthorized", "internal",
+        "shutting_down",
+    }
+
+
+def test_protocol_imports_without_torch() -> None:
+    """Clients can import the protocol module without torch being imported."""
+    code = "import sys, ttsd.daemon.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
