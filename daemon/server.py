@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from . import systemd
 from .protocol import ErrorCode
 from .session import SERVER_NAME, Session
-from .worker import Worker, WorkerObserver
+from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
     from ttsd.pipeline.pipeline import Pipeline
@@ -52,10 +52,17 @@ CLOSE_GOING_AWAY: Final = 1001
 class Server:
     """One listening socket, one worker, many sessions. Use `async with Server(...)` or start/shutdown."""
 
-    def __init__(self, config: DaemonConfig, pipeline: Pipeline, observer: WorkerObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        pipeline: Pipeline,
+        observer: WorkerObserver | None = None,
+        voices: VoiceCache | None = None,
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.observer = observer
+        self.voices = voices
         self.worker: Worker | None = None
         self.sessions: set[Session] = set()
         self._ws: WsServer | None = None
@@ -64,7 +71,7 @@ class Server:
 
     async def start(self) -> None:
         c = self.config
-        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer)
+        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
         self.worker.start()
         self._ws = await ws_serve(
             self._handle,

@@ -168,6 +168,41 @@ def _audio_seconds(audio: bytes, what: str) -> float:
     return float(info.frames) / float(info.samplerate)
 
 
+class VoiceCache:
+    """Registered voices by id, the least recently used evicted beyond `max_voices`. Thread-safe.
+
+    Separate from the Worker so that a cache can outlive one (tests share one across servers)."""
+
+    def __init__(self, max_voices: int) -> None:
+        self.max_voices = max_voices
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[Voice, float]] = OrderedDict()  # id → (voice, audio_s)
+
+    def get(self, voice_id: str) -> Voice:
+        """The voice (refreshing its LRU position), or UnknownVoice."""
+        entry = self.lookup(voice_id)
+        if entry is None:
+            raise UnknownVoice(f"voice {voice_id!r} is not registered (or was evicted)")
+        return entry[0]
+
+    def lookup(self, voice_id: str) -> tuple[Voice, float] | None:
+        with self._lock:
+            entry = self._entries.get(voice_id)
+            if entry is not None:
+                self._entries.move_to_end(voice_id)
+            return entry
+
+    def put(self, voice_id: str, voice: Voice, audio_s: float) -> list[str]:
+        """Insert or refresh a voice; returns the ids evicted to make room."""
+        with self._lock:
+            self._entries[voice_id] = (voice, audio_s)
+            self._entries.move_to_end(voice_id)
+            evicted = []
+            while len(self._entries) > self.max_voices:
+                evicted.append(self._entries.popitem(last=False)[0])
+            return evicted
+
+
 def to_pcm_s16le(pcm: np.ndarray, leading_silence_samples: int = 0) -> bytes:
     """Float PCM at ±32767 scale (1-D) → s16le bytes, truncating toward zero as upstream's cast does."""
     out = np.zeros(leading_silence_samples + pcm.shape[0], dtype="<i2")
@@ -184,8 +219,10 @@ class Worker:
         config: DaemonConfig,
         loop: asyncio.AbstractEventLoop,
         observer: WorkerObserver | None = None,
+        voices: VoiceCache | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.voices = voices if voices is not None else VoiceCache(config.max_voices)
         self.config = config
         self.loop = loop
         self.observer = observer
@@ -193,7 +230,6 @@ class Worker:
         self._active: deque[Job] = deque()      # round-robin order; the head runs next
         self._waiting: deque[Job] = deque()     # admitted, waiting for an active slot
         self._voice_jobs: deque[_VoiceJob] = deque()
-        self._voices: OrderedDict[str, tuple[Voice, float]] = OrderedDict()  # LRU: id → (voice, audio_s)
         self._next_key = 0
         self._accepting = True
         self._stopping = False
@@ -214,14 +250,9 @@ class Worker:
             return self._next_key
 
     def voice(self, voice_id: str) -> Voice:
-        """A registered voice (refreshing its LRU position), or UnknownVoice. A job holds the returned
-        object, so a later eviction from the cache cannot pull it from under a running request."""
-        with self._cond:
-            entry = self._voices.get(voice_id)
-            if entry is None:
-                raise UnknownVoice(f"voice {voice_id!r} is not registered (or was evicted)")
-            self._voices.move_to_end(voice_id)
-            return entry[0]
+        """A registered voice, or UnknownVoice. A job holds the returned object, so a later eviction
+        from the cache cannot pull it from under a running request."""
+        return self.voices.get(voice_id)
 
     def submit(self, job: Job) -> None:
         """Admit a job: an active slot if one is free, else the queue, else Busy."""
@@ -520,12 +551,6 @@ class Worker:
         self._post(vj.done, result)
 
     def _prepare_voice(self, audio: bytes, emo_audio: bytes | None) -> VoiceResult:
-        voice_id = _voice_key(audio, emo_audio)
-        with self._cond:
-            cached = self._voices.get(voice_id)
-            if cached is not None:
-                self._voices.move_to_end(voice_id)
-                return VoiceResult(voice_id, cached[1])
         limit_s = self.config.max_reference_audio_s
         audio_s = _audio_seconds(audio, "speaker reference audio")
         if audio_s > limit_s:
@@ -534,14 +559,13 @@ class Worker:
             emo_s = _audio_seconds(emo_audio, "emotion reference audio")
             if emo_s > limit_s:
                 raise AudioTooLong(f"emotion reference audio is {emo_s:.1f} s; the limit is {limit_s:g} s")
+        voice_id = _voice_key(audio, emo_audio)
+        if self.voices.lookup(voice_id) is not None:
+            return VoiceResult(voice_id, audio_s)
         t0 = time.perf_counter()
         voice = self.pipeline.prepare_voice(audio, emo_audio, max_input_s=limit_s)
-        with self._cond:
-            self._voices[voice_id] = (voice, audio_s)
-            self._voices.move_to_end(voice_id)
-            while len(self._voices) > self.config.max_voices:
-                evicted, _ = self._voices.popitem(last=False)
-                log.info("voice evicted voice=%s", evicted)
+        for evicted in self.voices.put(voice_id, voice, audio_s):
+            log.info("voice evicted voice=%s", evicted)
         log.info(
             "voice registered voice=%s audio_s=%.2f emo=%s prepare_ms=%.0f",
             voice_id, audio_s, emo_audio is not None, (time.perf_counter() - t0) * 1000,

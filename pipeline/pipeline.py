@@ -30,6 +30,7 @@ from .flow import CFM, load_cfm
 from .generate import DecodeParams, generate
 from .gpt import (
     EmotionMatrices,
+    KVCache,
     UnifiedVoice,
     interpolate_emovec,
     load_emotion_matrices,
@@ -69,7 +70,9 @@ def _seed_for(seed: int, segment: int) -> int:
 
 
 class Pipeline:
-    """All weights of one IndexTTS2 model on one device. Holds no per-request state."""
+    """All weights of one IndexTTS2 model on one device. Holds no per-request state: what a
+    request needs (voice, options, seed, emotion vector) is passed in. It owns the reusable KV
+    caches, so one thread drives a Pipeline at a time (the daemon's worker thread)."""
 
     sample_rate_hz = audio.SAMPLE_RATE_HZ
 
@@ -104,6 +107,7 @@ class Pipeline:
         self.device = device
         self.gpt_dtype = gpt_dtype
         self.emotion = emotion
+        self._kv: dict[int, KVCache] = {}
         self.streams = _Streams.create(device)
 
     # ------------------------------------------------------------------ loading
@@ -199,6 +203,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one segment
 
+    def _kv_cache(self, rows: int) -> KVCache:
+        # One preallocated cache per beam count, reused by every request: decoding allocates no
+        # cache memory, and on CUDA the graphed decode step replays on the same addresses.
+        cache = self._kv.get(rows)
+        if cache is None:
+            cache = KVCache.for_slot(self.gpt.cfg, rows, self.device, self.gpt_dtype)
+            self._kv[rows] = cache
+        return cache
+
     @torch.inference_mode()
     def run_gpt(
         self,
@@ -219,7 +232,8 @@ class Pipeline:
         if params.max_mel_tokens > self.max_mel_tokens:
             params = dataclasses.replace(params, max_mel_tokens=self.max_mel_tokens)
         prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L', D]
-        codes = generate(self.gpt, prefix, params, generator=gen, cancel=cancel).codes  # [1, M]
+        cache = self._kv_cache(params.num_beams)
+        codes = generate(self.gpt, prefix, params, generator=gen, cancel=cancel, cache=cache).codes  # [1, M]
         t1 = _clock(self.device, timings)
         latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
         t2 = _clock(self.device, timings)

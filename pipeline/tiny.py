@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import yaml
@@ -360,7 +360,7 @@ class _Init:
         """Initialise `m`'s own (non-recursive) tensors by its type."""
         if isinstance(m, WeightNorm):
             shape = (m.weight if m.folded else m.weight_v).shape
-            fan_in = math.prod(shape[1:])
+            fan_in = float(math.prod(shape[1:]))
             if isinstance(m, WNConvTranspose1d):
                 fan_in = shape[0] * shape[2] / m.stride  # inputs reaching one output sample
             if m.folded:
@@ -444,13 +444,17 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _initialised(module: nn.Module, seed: int, name: str, *, layer_scale: float = 1.0) -> nn.Module:
-    _Init(_generator(seed, name)).run(module, layer_scale=layer_scale)
+M = TypeVar("M", bound=nn.Module)
+
+
+def _initialised(module: M, gen: torch.Generator, *, layer_scale: float = 1.0) -> M:
+    _Init(gen).run(module, layer_scale=layer_scale)
     return module.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
-# Components
+# Components: make_* builds the uninitialised module (works under `torch.device("meta")`),
+# build_* fills it from the file's generator.
 
 
 def _gpt_shapes(config: Mapping[str, Any], w2v_dim: int) -> dict[str, tuple[int, ...]]:
@@ -466,58 +470,45 @@ def _gpt_shapes(config: Mapping[str, Any], w2v_dim: int) -> dict[str, tuple[int,
     return shapes
 
 
-def _dit_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+def _s2mel_shapes(config: Mapping[str, Any], w2v_dim: int) -> dict[str, tuple[int, ...]]:
+    """The s2mel shapes DiTConfig / GptLayerConfig read for dims the official code hard-codes."""
     d = int(config["s2mel"]["DiT"]["hidden_dim"])
     ffn = find_multiple(int(2 * 4 * d / 3), 256)  # gpt-fast ModelArgs.intermediate_size
+    widths = (int(config["gpt"]["model_dim"]), *GPT_LAYER_HIDDEN, w2v_dim)
     return {
         "cfm.estimator.transformer.layers.0.feed_forward.w1.weight": (ffn, d),
         "cfm.estimator.t_embedder.mlp.0.weight": (d, DIT_FREQUENCY_EMBEDDING),
         "cfm.estimator.input_pos": (DIT_BLOCK_SIZE,),
+        **{f"gpt_layer.{i}.weight": (b, a) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))},
     }
 
 
-def build_gpt(p: Preset, seed: int) -> UnifiedVoice:
+def make_gpt(p: Preset) -> UnifiedVoice:
     config = preset_config(p)
-    cfg = GPTConfig.from_yaml(config, _gpt_shapes(config, p.w2v["hidden_size"]))
-    return _initialised(UnifiedVoice(cfg), seed, "gpt.pth")  # type: ignore[return-value]
+    return UnifiedVoice(GPTConfig.from_yaml(config, _gpt_shapes(config, p.w2v["hidden_size"])))
 
 
-def build_s2mel(p: Preset, seed: int) -> tuple[CFM, InterpolateRegulator, nn.Sequential]:
+def make_s2mel(p: Preset) -> tuple[CFM, InterpolateRegulator, nn.Sequential]:
     config = preset_config(p)
-    cfm = CFM(CFMConfig.from_yaml(config, _dit_shapes(config)))
-    lr = InterpolateRegulator(LengthRegulatorConfig.from_yaml(config))
-    widths = (int(config["gpt"]["model_dim"]), *GPT_LAYER_HIDDEN, p.w2v["hidden_size"])
-    shapes = {f"gpt_layer.{i}.weight": (b, a) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))}
-    gpt_layer = build_gpt_layer(GptLayerConfig.from_shapes(shapes))
-    gen = _generator(seed, "s2mel.pth")
-    for m in (cfm, lr, gpt_layer):  # one stream for the file, in its key order
-        _Init(gen).run(m)
-        m.eval().requires_grad_(False)
-    return cfm, lr, gpt_layer
+    shapes = _s2mel_shapes(config, p.w2v["hidden_size"])
+    return (
+        CFM(CFMConfig.from_yaml(config, shapes)),
+        InterpolateRegulator(LengthRegulatorConfig.from_yaml(config)),
+        build_gpt_layer(GptLayerConfig.from_shapes(shapes)),
+    )
 
 
-def build_w2v(p: Preset, seed: int, *, all_layers: bool = True) -> W2VBert:
-    """w2v-BERT with every layer of the file (all_layers) or only the ones inference runs.
-
-    The layers are drawn in order, so the truncated model equals a prefix of the full one."""
+def make_w2v(p: Preset, *, all_layers: bool = True) -> W2VBert:
+    """w2v-BERT with every layer of the file (all_layers) or only the ones inference runs."""
     cfg = W2VBertConfig.from_json(w2v_config(p))
     model = W2VBert(cfg)
     if all_layers:
         model.encoder = Encoder(cfg, cfg.num_hidden_layers)
-    return _initialised(model, seed, "w2v-bert-2.0/model.safetensors")  # type: ignore[return-value]
+    return model
 
 
-def build_w2v_stats(p: Preset, seed: int) -> dict[str, Tensor]:
-    gen = _generator(seed, "wav2vec2bert_stats.pt")
-    d = p.w2v["hidden_size"]
-    return {"mean": torch.randn(d, generator=gen) * 0.1, "var": torch.rand(d, generator=gen) * 1.5 + 0.5}
-
-
-def build_codec(p: Preset, seed: int) -> SemanticCodec:
-    cfg = SemanticCodecConfig.from_yaml(preset_config(p))
-    return _initialised(  # type: ignore[return-value]
-        SemanticCodec(cfg), seed, "semantic_codec_model.safetensors", layer_scale=1.0 / cfg.vocos_num_layers
-    )
+def make_codec(p: Preset) -> SemanticCodec:
+    return SemanticCodec(SemanticCodecConfig.from_yaml(preset_config(p)))
 
 
 def campplus_config(p: Preset) -> CAMPPlusConfig:
@@ -534,13 +525,48 @@ def campplus_config(p: Preset) -> CAMPPlusConfig:
     )
 
 
+def make_campplus(p: Preset) -> CAMPPlus:
+    return CAMPPlus(campplus_config(p))
+
+
+def make_bigvgan(p: Preset) -> BigVGAN:
+    return BigVGAN(BigVGANConfig.from_json(bigvgan_config(p)))
+
+
+def build_gpt(p: Preset, seed: int) -> UnifiedVoice:
+    return _initialised(make_gpt(p), _generator(seed, "gpt.pth"))
+
+
+def build_s2mel(p: Preset, seed: int) -> tuple[CFM, InterpolateRegulator, nn.Sequential]:
+    gen = _generator(seed, "s2mel.pth")  # one stream for the file, in its key order
+    cfm, lr, gpt_layer = make_s2mel(p)
+    return _initialised(cfm, gen), _initialised(lr, gen), _initialised(gpt_layer, gen)
+
+
+def build_w2v(p: Preset, seed: int, *, all_layers: bool = True) -> W2VBert:
+    """The layers are drawn in order, so the truncated model equals a prefix of the full one."""
+    return _initialised(make_w2v(p, all_layers=all_layers), _generator(seed, "w2v-bert-2.0/model.safetensors"))
+
+
+def build_w2v_stats(p: Preset, seed: int) -> dict[str, Tensor]:
+    """Layer-17 mean ~ N(0, 0.1²) and variance in [0.5, 2.0] (strictly positive: it is square-rooted)."""
+    gen = _generator(seed, "wav2vec2bert_stats.pt")
+    d = p.w2v["hidden_size"]
+    return {"mean": torch.randn(d, generator=gen) * 0.1, "var": torch.rand(d, generator=gen) * 1.5 + 0.5}
+
+
+def build_codec(p: Preset, seed: int) -> SemanticCodec:
+    codec = make_codec(p)
+    layer_scale = 1.0 / int(preset_config(p)["semantic_codec"]["vocos_num_layers"])
+    return _initialised(codec, _generator(seed, "semantic_codec_model.safetensors"), layer_scale=layer_scale)
+
+
 def build_campplus(p: Preset, seed: int) -> CAMPPlus:
-    return _initialised(CAMPPlus(campplus_config(p)), seed, "campplus_cn_common.bin")  # type: ignore[return-value]
+    return _initialised(make_campplus(p), _generator(seed, "campplus_cn_common.bin"))
 
 
 def build_bigvgan(p: Preset, seed: int) -> BigVGAN:
-    cfg = BigVGANConfig.from_json(bigvgan_config(p))
-    return _initialised(BigVGAN(cfg), seed, "bigvgan_generator.pt")  # type: ignore[return-value]
+    return _initialised(make_bigvgan(p), _generator(seed, "bigvgan_generator.pt"))
 
 
 def build_emotion(p: Preset, seed: int) -> tuple[Tensor, Tensor]:
@@ -599,10 +625,10 @@ Xylophones, quizzes, jazz, jackets, zigzags and quick foxes vex every keyboard.
 # Frequent simplified characters (plus those of the usual test sentences); the tiny vocabulary
 # keeps the first TINY_CJK_CHARS, the full one also takes code points from U+4E00 up.
 CJK_COMMON = (
-    "的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生自会那后能对着事其里所去"
+    "你好世界今天吃饭吧语音零四五六七八九的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生自会那后能对着事其里所去"
     "行过家十用发天如然作方成者多日都三小军二无同么经法当起与好看学进种将还分此心前面又定见只主没公从知身现两"
     "明文体长把高理意已关点几实外月老动向本结东区很它正手利位队机期新被感变处代打气内太果平加或给员海世记相物"
-    "战论情想声今开但回路间更走水完头百资重全最基提制金力应少电合问教常因务色零四五六七八九世界你好吃饭吧语音"
+    "战论情想声今开但回路间更走水完头百资重全最基提制金力应少电合问教常因务色"
 )
 TINY_CJK_CHARS = 120
 PUNCTUATION = ".,!?'-"
@@ -714,7 +740,9 @@ def plan(p: Preset, seed: int) -> dict[str, Callable[[Path], None]]:
             _state(build_w2v(p, seed)), path, {"format": "pt"}
         ),
         # MaskGCT's file was written by accelerate's save_model: no metadata.
-        "hf_cache/semantic_codec_model.safetensors": lambda path: _safetensors(_state(build_codec(p, seed)), path, None),
+        "hf_cache/semantic_codec_model.safetensors": lambda path: _safetensors(
+            _state(build_codec(p, seed)), path, None
+        ),
         "hf_cache/campplus_cn_common.bin": lambda path: _torch_save(_state(build_campplus(p, seed)), path),
         "hf_cache/bigvgan/config.json": lambda path: _json(bigvgan_config(p), path),
         "hf_cache/bigvgan/bigvgan_generator.pt": lambda path: _torch_save(
@@ -804,6 +832,7 @@ def random_pipeline(
     """A `Pipeline` over `random_components(preset, seed)`, prepared as `Pipeline.load` prepares a
     loaded one: weight norm folded, non-persistent buffers built on `device`, GPT in `dtype`."""
     from .errors import ConfigError
+    from .gpt import EmotionMatrices
     from .pipeline import DTYPES, Pipeline
     from .text import TextNormalizer, TextTokenizer, sentencepiece_to_json
     from .w2v_bert import W2VStats
@@ -815,10 +844,13 @@ def random_pipeline(
     c = random_components(preset, seed)
     stats = W2VStats(c.w2v_stats["mean"].numel())
     stats.mean, stats.var = c.w2v_stats["mean"], c.w2v_stats["var"]
+    emo_num = [int(n) for n in c.config["emo_num"]]
+    emotion = EmotionMatrices(emo_num, c.spk_matrix.size(1), c.emo_matrix.size(1))
+    emotion.spk_matrix, emotion.emo_matrix = c.spk_matrix, c.emo_matrix
     c.codec.fold()
     c.cfm.fold_weight_norm()
     c.bigvgan.fold_weight_norm()
-    modules: list[nn.Module] = [*c.modules(), stats]
+    modules: list[nn.Module] = [*c.modules(), stats, emotion]
     for m in modules:
         m.to(dev)
         build_buffers(m, dev)
@@ -843,8 +875,7 @@ def random_pipeline(
         length_regulator=c.length_regulator,
         cfm=c.cfm,
         bigvgan=c.bigvgan,
-        spk_matrix=c.spk_matrix,
-        emo_matrix=c.emo_matrix,
+        emotion=emotion,
         device=dev,
         gpt_dtype=DTYPES[dtype],
     )

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -51,17 +52,19 @@ TEXT = "Hello world, this is a test. The quick brown fox jumps over the lazy dog
 class Lines:
     """A subprocess stream read on a thread: every line kept, and waitable by pattern."""
 
-    def __init__(self, stream: object) -> None:
+    def __init__(self, stream: IO[bytes] | IO[str] | None) -> None:
+        assert stream is not None, "start the subprocess with stderr=subprocess.PIPE"
         self.all: list[str] = []
         self._new: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
-    def _pump(self, stream: object) -> None:
-        for raw in stream:  # type: ignore[attr-defined]
-            line = raw.decode(errors="replace").rstrip("\n") if isinstance(raw, bytes) else raw.rstrip("\n")
-            self.all.append(line)
-            self._new.put(line)
+    def _pump(self, stream: IO[bytes] | IO[str]) -> None:
+        with stream:  # closed at EOF, so no pipe outlives its test
+            for raw in stream:
+                line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+                self.all.append(line.rstrip("\n"))
+                self._new.put(line.rstrip("\n"))
         self._new.put(None)
 
     def wait_for(self, pattern: str) -> re.Match[str]:
@@ -77,6 +80,10 @@ class Lines:
             m = rx.search(line)
             if m:
                 return m
+
+    def join(self) -> None:
+        """Wait for EOF (the process has exited or closed the stream)."""
+        self._thread.join(GUARD_S)
 
     def since(self, n: int) -> list[str]:
         return self.all[n:]
@@ -116,8 +123,7 @@ def daemon(converted: Path) -> Iterator[Daemon]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        log.join()
 
 
 def _say(*args: str) -> list[str]:
@@ -199,21 +205,23 @@ def test_say_streams_stdin_one_segment_per_sentence(daemon: Daemon, fx: FixtureS
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        err.join()
     assert soundfile.info(str(tmp_path / "stdin.wav")).frames > 0
 
 
-def _long_text(n: int = 60) -> str:
-    return " ".join(f"This is sentence number {i} of a long text." for i in range(n))
-
-
 def _interrupt_say(daemon: Daemon, args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Start ttsd-say on a long text, SIGINT it once audio flows; return (exit code, stderr)."""
+    """Stream one stdin line to ttsd-say, SIGINT it once its audio flows; return (exit code, stderr).
+
+    stdin stays open, so the request is certainly still live on the daemon when the signal lands."""
     mark = len(daemon.log.all)
-    proc = subprocess.Popen(_say("--url", daemon.url, *FAST_FLAGS, "-v", *args, _long_text()),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_say("--url", daemon.url, *FAST_FLAGS, "-v", *args),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env)
+    assert proc.stdin is not None
     err = Lines(proc.stderr)
     try:
+        proc.stdin.write("The first sentence is spoken. And then the user presses Ctrl-C\n")
+        proc.stdin.flush()
         err.wait_for(r"^ttsd-say: segment 0: ")
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=GUARD_S)
@@ -221,7 +229,8 @@ def _interrupt_say(daemon: Daemon, args: list[str], env: dict[str, str]) -> tupl
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    err._thread.join(GUARD_S)
+        proc.stdin.close()
+        err.join()
     # The daemon itself logged the cancel (not merely a dropped connection).
     while not any(re.search(r"request ended .* code=cancelled", line) for line in daemon.log.since(mark)):
         daemon.log.wait_for(r"request ended .* code=cancelled")
@@ -229,7 +238,7 @@ def _interrupt_say(daemon: Daemon, args: list[str], env: dict[str, str]) -> tupl
 
 
 def test_say_sigint_cancels_on_the_daemon(daemon: Daemon, fx: FixtureSet, tmp_path: Path) -> None:
-    """Ctrl-C while streaming to a file sends cancel, the daemon ends the request, ttsd-say exits 130."""
+    """Ctrl-C while streaming stdin to a file sends cancel, the daemon ends the request, ttsd-say exits 130."""
     code, err = _interrupt_say(daemon, ["--voice", str(fx.input_path("speaker.wav")),
                                         "--out", str(tmp_path / "x.wav")], _clean_env())
     assert code == 130, err
@@ -277,7 +286,8 @@ async def test_client_cancel_then_next_request_works(daemon: Daemon, fx: Fixture
     """cancel() mid-stream ends the iteration with Cancelled, and the same connection serves the next request."""
     async with Client(daemon.url) as c:
         voice = await c.register_voice(fx.input_path("speaker.wav"))
-        synthesis = c.synthesize(_long_text(), voice=voice, **FAST)
+        # Incremental and never flushed: the request is certainly live when the cancel arrives.
+        synthesis = c.synthesize("The first sentence is spoken. ", voice=voice, incremental=True, **FAST)
         with pytest.raises(Cancelled):
             async for event in synthesis:
                 if isinstance(event, p.Audio):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from ttsd.daemon import protocol as p
 from ttsd.daemon.config import DaemonConfig
 from ttsd.daemon.server import Server
+from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.options import SynthesisOptions
 from ttsd.pipeline.pipeline import Pipeline
+from ttsd.pipeline.voice import Voice
 
 from .conftest import FixtureSet
 
@@ -53,6 +55,25 @@ def pipeline(converted: Path) -> Pipeline:
 @pytest.fixture(scope="session")
 def speaker_wav(fx: FixtureSet) -> bytes:
     return (fx.root / "inputs" / "speaker.wav").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def voices(pipeline: Pipeline) -> VoiceCache:
+    """One voice cache for every test server: the reference clip is prepared once per session."""
+    return VoiceCache(max_voices=8)
+
+
+Daemon = Callable[..., AbstractAsyncContextManager[Server]]
+
+
+@pytest.fixture
+def daemon(pipeline: Pipeline, voices: VoiceCache) -> Daemon:
+    """`async with daemon(recorder, **config_overrides) as server`: a real server on port 0."""
+
+    def start(recorder: Recorder | None = None, **overrides: Any) -> AbstractAsyncContextManager[Server]:
+        return running(pipeline, voices, recorder, **overrides)
+
+    return start
 
 
 class Recorder:
@@ -90,9 +111,11 @@ class Recorder:
 
 
 @asynccontextmanager
-async def running(pipeline: Pipeline, recorder: Recorder | None = None, **overrides: Any) -> AsyncIterator[Server]:
+async def running(
+    pipeline: Pipeline, voices: VoiceCache, recorder: Recorder | None, **overrides: Any
+) -> AsyncIterator[Server]:
     config = DaemonConfig(port=0, **overrides).validated()
-    server = Server(config, pipeline, observer=recorder)
+    server = Server(config, pipeline, observer=recorder, voices=voices)
     await server.start()
     try:
         yield server
@@ -145,9 +168,8 @@ def pcm_of(messages: list[p.ServerMessage], request_id: int) -> bytes:
     return b"".join(m.pcm for m in audio)
 
 
-def offline_pcm(pipeline: Pipeline, audio: bytes, text: str, **opts: Any) -> bytes:
+def offline_pcm(pipeline: Pipeline, voice: Voice, text: str, **opts: Any) -> bytes:
     """What `ttsd synth` writes for the same inputs: Pipeline.synthesize → int16 (truncation)."""
-    voice = pipeline.prepare_voice(audio)
     pcm = pipeline.synthesize(voice, text, SynthesisOptions(**opts))
     return np.clip(pcm, -32767, 32767).astype("<i2").tobytes()
 
@@ -168,12 +190,12 @@ def last(messages: list[p.ServerMessage]) -> p.ServerMessage:
 
 
 async def test_first_sentence_audio_arrives_before_second_is_synthesised(
-    pipeline: Pipeline, speaker_wav: bytes
+    daemon: Daemon, speaker_wav: bytes
 ) -> None:
     """The client receives segment 0's audio while the worker is held before segment 1 begins."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 1)
-    async with running(pipeline, rec) as server, client(server) as c:
+    async with daemon(rec) as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
         first = await c.until(1, final=(p.Audio, p.Error))
@@ -189,14 +211,16 @@ async def test_first_sentence_audio_arrives_before_second_is_synthesised(
     assert starts[0].text.endswith(".") and starts[1].text.endswith("!")
 
 
-async def test_stream_equals_offline_synthesis(pipeline: Pipeline, speaker_wav: bytes, fx: FixtureSet) -> None:
+async def test_stream_equals_offline_synthesis(
+    pipeline: Pipeline, voices: VoiceCache, daemon: Daemon, speaker_wav: bytes, fx: FixtureSet
+) -> None:
     """The concatenated PCM of a request equals Pipeline.synthesize output for the same inputs and seed."""
     settings = fx.settings
     opts: dict[str, Any] = dict(
         do_sample=False, num_beams=1, max_mel_tokens=int(settings["max_mel_tokens"]),
         max_text_tokens_per_segment=int(settings["max_text_tokens_per_segment"]), diffusion_steps=10, seed=11,
     )
-    async with running(pipeline) as server, client(server) as c:
+    async with daemon() as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=7, text=fx.text, voice=voice, **opts))
         messages = await c.until(7)
@@ -204,24 +228,26 @@ async def test_stream_equals_offline_synthesis(pipeline: Pipeline, speaker_wav: 
     assert isinstance(done, p.Done) and done.segments == 2
     streamed = pcm_of(messages, 7)
     assert done.audio_s == pytest.approx(len(streamed) / 2 / p.SAMPLE_RATE_HZ)
-    assert streamed == offline_pcm(pipeline, speaker_wav, fx.text, **opts)
+    assert streamed == offline_pcm(pipeline, voices.get(voice), fx.text, **opts)
 
 
-async def test_sampled_stream_equals_offline_synthesis(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_sampled_stream_equals_offline_synthesis(
+    pipeline: Pipeline, voices: VoiceCache, daemon: Daemon, speaker_wav: bytes
+) -> None:
     """With sampling on, the same seed still gives the daemon and offline synthesis identical audio."""
     opts: dict[str, Any] = dict(max_mel_tokens=16, diffusion_steps=3, max_text_tokens_per_segment=30, seed=5)
-    async with running(pipeline) as server, client(server) as c:
+    async with daemon() as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **opts))
         messages = await c.until(1)
     assert isinstance(last(messages), p.Done)
-    assert pcm_of(messages, 1) == offline_pcm(pipeline, speaker_wav, TWO_SENTENCES, **opts)
+    assert pcm_of(messages, 1) == offline_pcm(pipeline, voices.get(voice), TWO_SENTENCES, **opts)
 
 
-async def test_incremental_text_speaks_each_sentence(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_incremental_text_speaks_each_sentence(daemon: Daemon, speaker_wav: bytes) -> None:
     """append_text releases each complete sentence as a segment; flush speaks the rest and ends the request."""
     rec = Recorder()
-    async with running(pipeline, rec) as server, client(server) as c:
+    async with daemon(rec) as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=2, text="Hello wor", voice=voice, incremental=True, **FAST))
         await c.send(p.AppendText(id=2, text="ld. The quick"))
@@ -239,12 +265,14 @@ async def test_incremental_text_speaks_each_sentence(pipeline: Pipeline, speaker
 # Concurrency, cancellation, backpressure
 
 
-async def test_two_concurrent_clients_both_get_correct_audio(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_two_concurrent_clients_both_get_correct_audio(
+    pipeline: Pipeline, voices: VoiceCache, daemon: Daemon, speaker_wav: bytes
+) -> None:
     """Two clients synthesising at once each receive exactly their own offline audio."""
     texts = {1: TWO_SENTENCES, 2: "Streaming speech is fun. It works on many clients!"}
     rec = Recorder()
     gate = rec.hold("segment_begin", 0)
-    async with running(pipeline, rec) as server:
+    async with daemon(rec) as server:
         async with client(server) as c:
             voice = await c.register(speaker_wav)
 
@@ -260,18 +288,18 @@ async def test_two_concurrent_clients_both_get_correct_audio(pipeline: Pipeline,
         results = await asyncio.gather(*tasks)
     for rid, messages in zip((1, 2), results, strict=True):
         assert isinstance(last(messages), p.Done), last(messages)
-        expected = offline_pcm(pipeline, speaker_wav, texts[rid], **{**FAST, "seed": rid})
+        expected = offline_pcm(pipeline, voices.get(voice), texts[rid], **{**FAST, "seed": rid})
         assert pcm_of(messages, rid) == expected
     # Fair round-robin at segment granularity: the two jobs' segments alternate.
     ends = [key for e, key, _ in rec.events if e == "segment_end"]
     assert len(ends) == 4 and ends[0] == ends[2] != ends[1] == ends[3], rec.events
 
 
-async def test_cancel_mid_stream_then_next_request_works(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_cancel_mid_stream_then_next_request_works(daemon: Daemon, speaker_wav: bytes) -> None:
     """Cancel after the first audio gets `cancelled`, no more audio for that id, and the connection serves on."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 1)
-    async with running(pipeline, rec) as server, client(server) as c:
+    async with daemon(rec) as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
         await c.until(1, final=(p.Audio,))
@@ -289,11 +317,11 @@ async def test_cancel_mid_stream_then_next_request_works(pipeline: Pipeline, spe
     assert [i for e, _, i in rec.events if e == "request_end"][0] == 1
 
 
-async def test_disconnect_mid_stream_frees_the_slot(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_disconnect_mid_stream_frees_the_slot(daemon: Daemon, speaker_wav: bytes) -> None:
     """A client that disconnects mid-request has its job stopped and its only slot given to the next client."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 1)
-    async with running(pipeline, rec, max_concurrent_requests=1, max_queued_requests=0) as server:
+    async with daemon(rec, max_concurrent_requests=1, max_queued_requests=0) as server:
         async with client(server) as a:
             voice = await a.register(speaker_wav)
             await a.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
@@ -309,19 +337,19 @@ async def test_disconnect_mid_stream_frees_the_slot(pipeline: Pipeline, speaker_
     assert [i for e, _, i in rec.events if e == "request_end"][0] == 1  # stopped before segment 2 was made
 
 
-async def test_busy_when_the_queue_is_full(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_busy_when_the_queue_is_full(daemon: Daemon, speaker_wav: bytes) -> None:
     """With one slot and one queue place taken, a third request gets `busy`; the first two complete."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 0)
-    async with running(pipeline, rec, max_concurrent_requests=1, max_queued_requests=1) as server:
+    async with daemon(rec, max_concurrent_requests=1, max_queued_requests=1) as server:
         async with client(server) as c:
             voice = await c.register(speaker_wav)
             for rid in (1, 2, 3):
                 await c.send(p.Synthesize(id=rid, text="One sentence.", voice=voice, **FAST))
-            busy = await c.until(3, final=(p.Error,))
-            assert isinstance(last(busy), p.Error) and last(busy).code == p.ErrorCode.BUSY  # type: ignore[union-attr]
+            busy = last(await c.until(3, final=(p.Error,)))
+            assert isinstance(busy, p.Error) and busy.code == p.ErrorCode.BUSY
             gate.set()
-            finals = {}
+            finals: dict[int, p.ServerMessage] = {}
             while len(finals) < 2:
                 msg = await c.recv()
                 if isinstance(msg, p.Done | p.Error) and msg.id in (1, 2):
@@ -329,11 +357,11 @@ async def test_busy_when_the_queue_is_full(pipeline: Pipeline, speaker_wav: byte
     assert all(isinstance(m, p.Done) for m in finals.values()), finals
 
 
-async def test_slow_consumer_is_parked_without_stalling_others(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_slow_consumer_is_parked_without_stalling_others(daemon: Daemon, speaker_wav: bytes) -> None:
     """A client that stops reading is parked (others finish meanwhile), then cancelled with slow_consumer."""
     rec = Recorder()
     many = " ".join(f"Sentence number {n} is here." for n in range(1, 13))
-    async with running(pipeline, rec, stall_timeout_s=1.0) as server:
+    async with daemon(rec, stall_timeout_s=1.0) as server:
         async with client(server) as fast:
             voice = await fast.register(speaker_wav)
         # The slow client reads nothing: small socket buffer, one-frame client queue, and 10 s of
@@ -364,7 +392,7 @@ async def test_slow_consumer_is_parked_without_stalling_others(pipeline: Pipelin
 
 
 async def test_bad_input_gets_typed_errors_and_the_connection_keeps_serving(
-    pipeline: Pipeline, speaker_wav: bytes
+    daemon: Daemon, speaker_wav: bytes
 ) -> None:
     """Garbage of every kind gets its own error code on one connection, which then still synthesises."""
     valid_utf8 = msgpack.packb({"type": "synthesize", "id": 9, "text": "ab", "voice": "v"})
@@ -383,7 +411,7 @@ async def test_bad_input_gets_typed_errors_and_the_connection_keeps_serving(
         (p.encode(p.RegisterVoice(id=6, audio=b"")), p.ErrorCode.BAD_AUDIO),
         (p.encode(p.AppendText(id=77, text="x")), p.ErrorCode.BAD_MESSAGE),             # no such request
     ]
-    async with running(pipeline, max_text_chars=100) as server, client(server) as c:
+    async with daemon(max_text_chars=100) as server, client(server) as c:
         for data, code in cases:
             await c.ws.send(data)
             reply = await c.recv()
@@ -393,18 +421,18 @@ async def test_bad_input_gets_typed_errors_and_the_connection_keeps_serving(
         assert isinstance(last(await c.until(8)), p.Done)
 
 
-async def test_punctuation_only_text_is_bad_text(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_punctuation_only_text_is_bad_text(daemon: Daemon, speaker_wav: bytes) -> None:
     """Text with nothing speakable after normalisation ends the request with bad_text."""
-    async with running(pipeline) as server, client(server) as c:
+    async with daemon() as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=1, text="... !!! ...", voice=voice, **FAST))
         reply = last(await c.until(1))
     assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.BAD_TEXT
 
 
-async def test_oversized_frame_closes_with_1009_and_the_server_keeps_serving(pipeline: Pipeline) -> None:
+async def test_oversized_frame_closes_with_1009_and_the_server_keeps_serving(daemon: Daemon) -> None:
     """A frame over max_frame_bytes closes that connection with 1009; new connections are served."""
-    async with running(pipeline, max_frame_bytes=4096) as server:
+    async with daemon(max_frame_bytes=4096) as server:
         async with client(server) as c:
             await c.send(p.RegisterVoice(id=1, audio=b"\x00" * 10_000))
             with pytest.raises(ConnectionClosed) as info:
@@ -415,9 +443,9 @@ async def test_oversized_frame_closes_with_1009_and_the_server_keeps_serving(pip
             assert await c.recv() == p.Pong(nonce=3)
 
 
-async def test_reference_audio_too_long(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_reference_audio_too_long(daemon: Daemon, speaker_wav: bytes) -> None:
     """Reference audio longer than max_reference_audio_s gets audio_too_long before any model work."""
-    async with running(pipeline, max_reference_audio_s=0.5) as server, client(server) as c:
+    async with daemon(max_reference_audio_s=0.5) as server, client(server) as c:
         await c.send(p.RegisterVoice(id=1, audio=speaker_wav))
         reply = await c.recv()
     assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.AUDIO_TOO_LONG and reply.id == 1
@@ -427,9 +455,9 @@ async def test_reference_audio_too_long(pipeline: Pipeline, speaker_wav: bytes) 
 # Handshake, health, lifecycle
 
 
-async def test_healthz_answers_200(pipeline: Pipeline) -> None:
+async def test_healthz_answers_200(daemon: Daemon) -> None:
     """GET /healthz on the WebSocket port is a plain HTTP 200."""
-    async with running(pipeline) as server:
+    async with daemon() as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         await writer.drain()
@@ -440,9 +468,9 @@ async def test_healthz_answers_200(pipeline: Pipeline) -> None:
     assert response.endswith(b"ok\n")
 
 
-async def test_hello_reports_version_and_limits(pipeline: Pipeline) -> None:
+async def test_hello_reports_version_and_limits(daemon: Daemon) -> None:
     """The server hello carries the protocol version, the sample rate and the configured limits."""
-    async with running(pipeline, max_text_chars=123) as server, client(server) as c:
+    async with daemon(max_text_chars=123) as server, client(server) as c:
         await c.send(p.Hello(client="pytest", version=p.PROTOCOL_VERSION))
         hello = await c.recv()
         await c.send(p.Hello(client="pytest", version=99))
@@ -452,10 +480,10 @@ async def test_hello_reports_version_and_limits(pipeline: Pipeline) -> None:
     assert isinstance(mismatch, p.Error) and mismatch.code == p.ErrorCode.BAD_MESSAGE
 
 
-async def test_bearer_token_is_required_when_configured(pipeline: Pipeline) -> None:
+async def test_bearer_token_is_required_when_configured(daemon: Daemon) -> None:
     """Without the configured bearer token the handshake is refused with HTTP 401; with it, it succeeds."""
     token = "s3cret-token-0123456789"
-    async with running(pipeline, token=token) as server:
+    async with daemon(token=token) as server:
         with pytest.raises(InvalidStatus) as info:
             async with client(server):
                 pass
@@ -468,43 +496,43 @@ async def test_bearer_token_is_required_when_configured(pipeline: Pipeline) -> N
             assert await c.recv() == p.Pong(nonce=1)
 
 
-async def test_same_audio_gives_the_same_voice_id(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_same_audio_gives_the_same_voice_id(daemon: Daemon, speaker_wav: bytes) -> None:
     """Registering identical audio twice returns the cached voice id."""
-    async with running(pipeline) as server, client(server) as c:
+    async with daemon() as server, client(server) as c:
         first = await c.register(speaker_wav, request_id=1)
         second = await c.register(speaker_wav, request_id=2)
     assert first == second
 
 
 async def test_shutdown_drains_in_flight_requests_then_closes_with_1001(
-    pipeline: Pipeline, speaker_wav: bytes
+    daemon: Daemon, speaker_wav: bytes
 ) -> None:
     """On shutdown an in-flight request finishes within the drain timeout, then the connection closes 1001."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 0)
-    async with running(pipeline, rec, drain_timeout_s=120.0) as server, client(server) as c:
+    async with daemon(rec, drain_timeout_s=120.0) as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=1, text="Finish me.", voice=voice, **FAST))
         await rec.wait_for(lambda ev: any(e == "segment_begin" for e, _, _ in ev))
         stopping = asyncio.create_task(server.shutdown())
         await asyncio.sleep(0)  # the shutdown task's first step (stop accepting) runs now
         await c.send(p.Synthesize(id=2, text="Too late.", voice=voice, **FAST))
-        refused = await c.until(2, final=(p.Error,))
+        refused = last(await c.until(2, final=(p.Error,)))
         gate.set()
         messages = await c.until(1)
         with pytest.raises(ConnectionClosed) as info:
             await c.recv()
         await stopping
-    assert isinstance(last(refused), p.Error) and last(refused).code == p.ErrorCode.SHUTTING_DOWN  # type: ignore[union-attr]
+    assert isinstance(refused, p.Error) and refused.code == p.ErrorCode.SHUTTING_DOWN
     assert isinstance(last(messages), p.Done)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
 
 
-async def test_shutdown_cancels_what_misses_the_drain_timeout(pipeline: Pipeline, speaker_wav: bytes) -> None:
+async def test_shutdown_cancels_what_misses_the_drain_timeout(daemon: Daemon, speaker_wav: bytes) -> None:
     """A request still running when drain_timeout_s ends gets shutting_down, then the close is 1001."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 1)
-    async with running(pipeline, rec, drain_timeout_s=0.0) as server, client(server) as c:
+    async with daemon(rec, drain_timeout_s=0.0) as server, client(server) as c:
         voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=1, text=TWO_SENTENCES, voice=voice, **FAST))
         await c.until(1, final=(p.SegmentEnd,))

@@ -123,7 +123,9 @@ def test_hub_downloader_verifies_lfs_blob_digest(fx: FixtureSet, tmp_path: Path,
 
 def test_fetch_cli_from_directory(fx: FixtureSet, tmp_path: Path) -> None:
     """`ttsd fetch --from-dir` verifies, lays out and converts a local official directory, exit 0."""
-    assert download.main(["--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt)]) == 0
+    from ttsd.daemon.cli import main as ttsd
+
+    assert ttsd(["fetch", "--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt)]) == 0
     assert (tmp_path / "ckpt" / "official" / "hf_cache" / "bigvgan" / "bigvgan_generator.pt").is_file()
     assert set(json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["files"]) == CONVERTED_FILES
 
@@ -200,7 +202,6 @@ def test_example_toml_names_every_config_field() -> None:
 # --- sd_notify --------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_daemon_notifies_ready_and_stopping(converted: Path, tmp_path: Path) -> None:
     """The daemon sends READY=1 once it serves and STOPPING=1 on SIGTERM to the test's NOTIFY_SOCKET."""
     path = tmp_path / "notify.sock"
