@@ -71,7 +71,9 @@ class Player:
         self._offset = 0                         # frames of _chunks[0] already played
         self._buffering = False                  # true after an underrun until jitter_frames are queued
         self._ended = False                      # no more chunks will come
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()            # the queue, shared with PortAudio's callback thread
+        self._stream_lock = threading.Lock()     # stream start/stop/abort/close, from any thread
+        self._aborted = False
         self._empty = threading.Event()          # set when ended and everything has been played
         self._stream: Any = None
         self._sd = _sounddevice()
@@ -85,14 +87,15 @@ class Player:
 
     def write(self, pcm: bytes) -> None:
         """Queue s16le mono PCM; the first call starts the output stream."""
-        if not pcm:
+        if not pcm or self._aborted:
             return
         frames = np.frombuffer(pcm, dtype="<i2").astype(np.int16, copy=False)
         with self._lock:
             self._chunks.append(frames)
             self._queued_frames += len(frames)
-        if self._stream is None:
-            self._open()
+        with self._stream_lock:
+            if self._stream is None and not self._aborted:
+                self._open()
 
     def _open(self) -> None:
         sd = self._sd
@@ -142,25 +145,31 @@ class Player:
                 self._empty.set()
 
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Mark the end, wait until everything queued has played, stop. False on timeout."""
+        """Mark the end, wait until everything queued has played, stop. False on timeout.
+
+        Safe to call from a worker thread while another thread may call `abort()`."""
         self.end()
         done = self._empty.wait(timeout_s)
-        if done and self._stream is not None:
-            self._stream.stop()   # returns once the device has played its own buffers
+        with self._stream_lock:
+            if done and not self._aborted and self._stream is not None:
+                self._stream.stop()   # returns once the device has played its own buffers
         return done
 
     def abort(self) -> None:
-        """Stop now, dropping queued audio."""
+        """Stop now, dropping queued audio; a `drain()` waiting elsewhere returns."""
         with self._lock:
             self._chunks.clear()
             self._queued_frames = 0
             self._ended = True
-        if self._stream is not None:
-            self._stream.abort()
+        with self._stream_lock:
+            self._aborted = True
+            if self._stream is not None:
+                self._stream.abort()
         self._empty.set()
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
         self._empty.set()

@@ -125,16 +125,19 @@ class Output:
         else:
             self._player.write(pcm)
 
-    def finish(self) -> None:
-        """Everything has arrived: finish the file, or wait until playback has played it."""
+    async def finish(self) -> None:
+        """Everything has arrived: finish the file, or wait until playback has played it.
+
+        The wait runs in a thread so Ctrl-C during the last seconds of playback still works."""
         if self._closed:
             return
-        self._closed = True
         if self._file is not None:
+            self._closed = True
             self._file.close()
-        else:
-            # Off the event loop would be nicer, but nothing else runs once the request is done.
-            self._player.drain()
+            return
+        await asyncio.to_thread(self._player.drain)
+        if not self._closed:  # abort() may have run meanwhile and closed it
+            self._closed = True
             self._player.close()
 
     def abort(self) -> None:
@@ -218,7 +221,7 @@ async def _speak(args: argparse.Namespace, out: Output, run: Run) -> None:
                             print(f"ttsd-say: segment {event.index}: {event.text}", file=sys.stderr, flush=True)
                     case Done():
                         run.done = event
-        out.finish()
+        await out.finish()
 
 
 async def _main(args: argparse.Namespace, out: Output) -> int:

@@ -120,8 +120,8 @@ class Pipeline:
         dev = torch.device(device)
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if dev.type == "cpu" and dtype != "float32":
-            raise ConfigError("half precision needs a CUDA device; use --dtype float32 on CPU")
+        if dev.type == "cpu" and dtype == "float16":
+            raise ConfigError("float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         cfg_path = ckpt / "config.yaml"
         if not cfg_path.is_file():
             raise CheckpointError(f"{ckpt}: no config.yaml (convert the official checkpoint with ttsd-convert)")
@@ -321,7 +321,7 @@ class Pipeline:
         """Yield (segment, PCM) as each segment finishes. On CUDA the GPT of segment k+1 runs on
         its own stream while segment k's DiT + BigVGAN run on another."""
         seed = opts.seed if opts.seed is not None else secrets.randbits(62)
-        emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed))
+        emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed)).to(self.gpt_dtype)
         noise = noise or {}
         if self.streams is None or len(segments) < 2:
             for seg in segments:

@@ -269,7 +269,7 @@ async def test_two_concurrent_clients_both_get_correct_audio(
     pipeline: Pipeline, voices: VoiceCache, daemon: Daemon, speaker_wav: bytes
 ) -> None:
     """Two clients synthesising at once each receive exactly their own offline audio."""
-    texts = {1: TWO_SENTENCES, 2: "Streaming speech is fun. It works on many clients!"}
+    texts = {1: TWO_SENTENCES, 2: "The quick brown fox jumps over the lazy dog! Hello world, this is a test of 3 apples."}
     rec = Recorder()
     gate = rec.hold("segment_begin", 0)
     async with daemon(rec) as server:

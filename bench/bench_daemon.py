@@ -1,0 +1,212 @@
+"""Daemon benchmark: N concurrent WebSocket clients, time to first audio, throughput, cancel latency.
+
+    python bench/bench_daemon.py --url ws://127.0.0.1:8765 --clients 8
+    python bench/bench_daemon.py --spawn --checkpoints CKPT --clients 4 --device cpu
+
+Every client opens its own connection (the `ttsd.clients` library), registers the same
+reference audio and, after one warm-up request, sends `--requests` requests back to back, all
+clients at once. Time to first audio is measured at the client, from sending `Synthesize` to the
+first `Audio` frame (the server's own `Done.first_audio_ms` is reported beside it). Throughput is
+the audio seconds all clients received per wall-clock second. Cancel latency is the time from
+sending `Cancel` (right after a request's first audio frame) to the `cancelled` error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ttsd.clients.client import Cancelled, Client
+from ttsd.daemon.protocol import Audio, Done
+
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home again."
+CANCEL_TEXT = " ".join([TEXT] * 6)  # long enough to still be running when the cancel arrives
+SPAWN_TIMEOUT_S = 900.0  # loading full-size weights on a slow disk / CPU can take minutes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Result:
+    first_audio_s: float  # client side: Synthesize sent → first Audio frame
+    server_first_audio_ms: float | None
+    total_s: float
+    audio_s: float
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def one_request(client: Client, voice: str, text: str, options: dict[str, Any]) -> Result:
+    syn = client.synthesize(text, voice=voice, **options)
+    t0 = time.perf_counter()
+    await syn.start()
+    first: float | None = None
+    done: Done | None = None
+    async for event in syn:
+        if isinstance(event, Audio) and first is None:
+            first = time.perf_counter() - t0
+        elif isinstance(event, Done):
+            done = event
+    total = time.perf_counter() - t0
+    return Result(
+        first_audio_s=first if first is not None else total,
+        server_first_audio_ms=None if done is None else done.first_audio_ms,
+        total_s=total,
+        audio_s=0.0 if done is None else done.audio_s,
+    )
+
+
+async def one_cancel(client: Client, voice: str, options: dict[str, Any]) -> float:
+    """Seconds from sending Cancel (after the first audio frame) to the request's `cancelled` error."""
+    syn = client.synthesize(CANCEL_TEXT, voice=voice, **options)
+    sent: float | None = None
+    try:
+        async for event in syn:
+            if isinstance(event, Audio) and sent is None:
+                sent = time.perf_counter()
+                await syn.cancel()
+    except Cancelled:
+        return time.perf_counter() - (sent if sent is not None else time.perf_counter())
+    return float("nan")  # finished before the cancel took effect
+
+
+async def client_run(url: str, token: str | None, audio: bytes, n: int, options: dict[str, Any],
+                     start: asyncio.Event, ready: asyncio.Queue[str]) -> list[Result]:
+    async with Client(url, token) as client:
+        voice = await client.register_voice(audio)
+        await one_request(client, voice, TEXT, options)  # warm-up: voice and code paths hot
+        await ready.put(voice)
+        await start.wait()
+        return [await one_request(client, voice, TEXT, options) for _ in range(n)]
+
+
+async def bench(args: argparse.Namespace, url: str) -> None:
+    audio = args.voice.read_bytes() if args.voice is not None else _synthetic_voice(args.voice_s)
+    options: dict[str, Any] = {"seed": 0}
+    for name in ("max_mel_tokens", "num_beams", "diffusion_steps"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    start, ready = asyncio.Event(), asyncio.Queue[str]()
+    tasks = [asyncio.create_task(client_run(url, args.token, audio, args.requests, options, start, ready))
+             for _ in range(args.clients)]
+    for _ in range(args.clients):
+        await ready.get()
+    t0 = time.perf_counter()
+    start.set()
+    results = [r for rs in await asyncio.gather(*tasks) for r in rs]
+    wall = time.perf_counter() - t0
+
+    cancels: list[float] = []
+    async with Client(url, args.token) as client:
+        voice = await client.register_voice(audio)
+        for _ in range(args.cancels):
+            cancels.append(await one_cancel(client, voice, options))
+
+    ttfa = [r.first_audio_s for r in results]
+    server = [r.server_first_audio_ms for r in results if r.server_first_audio_ms is not None]
+    audio_total = sum(r.audio_s for r in results)
+    print(f"url: {url}")
+    print(f"clients: {args.clients}  requests per client: {args.requests}  options: {options}")
+    print()
+    print("| clients | requests | ttfa_p50_s | ttfa_p95_s | server_ttfa_p50_ms | audio_s | wall_s "
+          "| audio_s_per_wall_s | cancel_p50_ms | cancel_max_ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ok_cancels = [c for c in cancels if c == c]
+    print(
+        f"| {args.clients} | {len(results)} | {percentile(ttfa, 50):.3f} | {percentile(ttfa, 95):.3f} "
+        f"| {statistics.median(server) if server else float('nan'):.0f} | {audio_total:.2f} | {wall:.2f} "
+        f"| {audio_total / wall:.3f} "
+        f"| {1000 * statistics.median(ok_cancels) if ok_cancels else float('nan'):.0f} "
+        f"| {1000 * max(ok_cancels) if ok_cancels else float('nan'):.0f} |"
+    )
+    if len(ok_cancels) < len(cancels):
+        print(f"{len(cancels) - len(ok_cancels)} request(s) finished before their cancel arrived")
+
+
+def _synthetic_voice(seconds: float) -> bytes:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_pipeline import synthetic_voice
+
+    return synthetic_voice(seconds)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def spawned(args: argparse.Namespace) -> Iterator[str]:
+    """Run `ttsd serve` on a free loopback port until the block ends; yields its WebSocket URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--checkpoints", str(args.checkpoints),
+           "--port", str(port), "--device", args.device, "--dtype", args.dtype,
+           "--max-concurrent-requests", str(max(args.clients, 1)), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TTSD_TOKEN": ""})
+    try:
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ttsd serve exited with {proc.returncode} during start-up")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError("ttsd serve did not become healthy in time")
+            time.sleep(0.5)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)  # graceful drain, as systemd would stop it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon URL (ignored with --spawn)")
+    ap.add_argument("--token", default=os.environ.get("TTSD_TOKEN") or None, help="bearer token ($TTSD_TOKEN)")
+    ap.add_argument("--spawn", action="store_true", help="start `ttsd serve` for the run (needs --checkpoints)")
+    ap.add_argument("--checkpoints", type=Path, help="converted checkpoint directory for --spawn")
+    ap.add_argument("--device", default="cpu", help="--spawn: torch device")
+    ap.add_argument("--dtype", default="float32", help="--spawn: GPT dtype")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent connections")
+    ap.add_argument("--requests", type=int, default=2, help="timed requests per client, back to back")
+    ap.add_argument("--cancels", type=int, default=3, help="cancel-latency samples")
+    ap.add_argument("--voice", type=Path, help="reference audio (default: a synthetic voiced signal)")
+    ap.add_argument("--voice-s", type=float, default=6.0, help="length of the synthetic reference (seconds)")
+    ap.add_argument("--max-mel-tokens", type=int, help="codes per segment (server default otherwise)")
+    ap.add_argument("--num-beams", type=int)
+    ap.add_argument("--diffusion-steps", type=int)
+    args = ap.parse_args(argv)
+    if args.spawn and args.checkpoints is None:
+        ap.error("--spawn needs --checkpoints")
+    if args.spawn:
+        with spawned(args) as url:
+            asyncio.run(bench(args, url))
+    else:
+        asyncio.run(bench(args, args.url))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
