@@ -30,6 +30,7 @@ from typing import Any
 
 from ttsd.clients.client import Cancelled, Client
 from ttsd.daemon.protocol import Audio, Done
+from ttsd.pipeline.tiny import synthetic_voice
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home again."
 CANCEL_TEXT = " ".join([TEXT] * 6)  # long enough to still be running when the cancel arrives
@@ -96,7 +97,7 @@ async def client_run(url: str, token: str | None, audio: bytes, n: int, options:
 
 
 async def bench(args: argparse.Namespace, url: str) -> None:
-    audio = args.voice.read_bytes() if args.voice is not None else _synthetic_voice(args.voice_s)
+    audio = args.voice.read_bytes() if args.voice is not None else synthetic_voice(args.voice_s)
     options: dict[str, Any] = {"seed": 0}
     for name in ("max_mel_tokens", "num_beams", "diffusion_steps"):
         if getattr(args, name) is not None:
@@ -136,13 +137,6 @@ async def bench(args: argparse.Namespace, url: str) -> None:
     )
     if len(ok_cancels) < len(cancels):
         print(f"{len(cancels) - len(ok_cancels)} request(s) finished before their cancel arrived")
-
-
-def _synthetic_voice(seconds: float) -> bytes:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_pipeline import synthetic_voice
-
-    return synthetic_voice(seconds)
 
 
 def _free_port() -> int:

@@ -17,7 +17,6 @@ audio defaults to a synthetic voiced signal of `--voice-s` seconds."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import resource
@@ -30,12 +29,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.generate import prefill
 from ttsd.pipeline.gpt import KVCache
+from ttsd.pipeline.tiny import synthetic_voice
 from ttsd.pipeline.voice import Voice
 
 TEXTS = {
@@ -68,7 +67,7 @@ class Row:
     gpt_latent_s: float  # the second GPT forward
     s2mel_s: float  # gpt_layer + vq2emb + length regulator + CFM (DiT × steps)
     bigvgan_s: float
-    peak_mem_mb: float  # CUDA: max_memory_allocated; CPU: peak RSS growth during the run
+    peak_mem_mb: float  # CUDA: max_memory_allocated; CPU: peak process RSS during the run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +98,8 @@ def _proc_status_kb(field: str) -> int | None:
 
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[list[float]]:
-    """Yields a one-element list that holds the peak memory in MiB once the block ends."""
+    """Yields a one-element list that holds the peak memory in MiB once the block ends: CUDA
+    max_memory_allocated, or the process' peak RSS on CPU (weights included in both)."""
     out = [float("nan")]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,30 +114,12 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
         reset = True
     except OSError:
         reset = False
-    base = _proc_status_kb("VmRSS")
     yield out
     hwm = _proc_status_kb("VmHWM") if reset else None
-    if hwm is not None and base is not None:
-        out[0] = (hwm - base) / 1024
+    if hwm is not None:
+        out[0] = hwm / 1024
     else:  # ru_maxrss is the process lifetime peak (KiB on Linux)
         out[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
-    """A voiced test signal (glottal-like pulse train through two formant resonances + breath noise) as WAV."""
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE_HZ)
-    t = np.arange(n) / SAMPLE_RATE_HZ
-    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)  # slow intonation
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE_HZ
-    src = sum(np.sin(k * phase) / k for k in range(1, 30))
-    voiced = src * (0.6 + 0.4 * np.sin(2 * np.pi * 3.0 * t) ** 2)  # syllable-rate envelope
-    sig = 0.1 * voiced + 0.01 * rng.standard_normal(n)
-    buf = io.BytesIO()
-    sf.write(buf, (sig / np.abs(sig).max() * 0.5).astype(np.float32), SAMPLE_RATE_HZ, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 def suppress_stop(pipe: Pipeline) -> None:
@@ -163,7 +145,7 @@ def prefill_s(pipe: Pipeline, voice: Voice, text_ids: Sequence[int], emovec: tor
     cache = KVCache(pipe.gpt.cfg, beams, prefix.size(1) + 8, pipe.device, prefix.dtype)
     _sync(pipe.device)
     t0 = time.perf_counter()
-    prefill(pipe.gpt, prefix, cache)
+    prefill(pipe.gpt, prefix.expand(beams, -1, -1), cache)  # beam search prefills every beam row
     _sync(pipe.device)
     return time.perf_counter() - t0
 

@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATES:
-        module = importlib.import_module(DELEGATES[argv[0]][0])
+        name = DELEGATES[argv[0]][0]
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise  # the module exists but lacks a dependency: show the real error
+            print(f"ttsd {argv[0]}: not available in this installation ({name} is missing)", file=sys.stderr)
+            return 2
         return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from ttsd.pipeline.errors import ConfigError

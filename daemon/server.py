@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUE_FRAMES: Final = 16          # client frames buffered per connection before TCP pushes back
 WRITE_LIMIT_BYTES: Final = 64 * 1024  # per-connection write buffer high-water mark; send() waits above it
+# Kernel send buffer per connection. Linux autotunes it up to tcp_wmem's max (4 MiB, ~95 s of audio,
+# already at the start on loopback), which would let a client that stops reading absorb minutes of
+# audio before credits park its requests. 256 KiB is ~6 s of audio and still ~2.5 MB/s at 100 ms
+# RTT, far above the 44 kB/s real-time rate.
+SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
 PING_INTERVAL_S: Final = 20.0         # keepalive: a peer that stops answering is dropped ...
 PING_TIMEOUT_S: Final = 20.0          # ... this long after an unanswered ping
 CLOSE_TIMEOUT_S: Final = 5.0          # wait for the peer's close frame at most this long
@@ -73,7 +79,15 @@ class Server:
         c = self.config
         self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
         self.worker.start()
-        self._ws = await ws_serve(
+        try:
+            self._ws = await self._listen()
+        except BaseException:
+            await self.worker.stop()  # e.g. the port is taken: do not leave the thread behind
+            raise
+
+    async def _listen(self) -> WsServer:
+        c = self.config
+        return await ws_serve(
             self._handle,
             c.host,
             c.port,
@@ -113,6 +127,12 @@ class Server:
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert self.worker is not None  # set in start() before the listener exists
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
+            except OSError as e:
+                log.debug("cannot set SO_SNDBUF error=%s", e)
         session = Session(ws, self.worker, self.config)
         self.sessions.add(session)
         try:
@@ -214,7 +234,7 @@ async def serve(config: DaemonConfig) -> int:
         # In a thread so a SIGTERM during a long load is noticed as soon as it finishes.
         pipeline = await asyncio.to_thread(Pipeline.load, config.checkpoints, device=device, dtype=dtype)
     except TtsdError as e:
-        log.error("cannot load checkpoints=%s error=%s", config.checkpoints, e)
+        log.error("cannot load checkpoints=%s error=%r", config.checkpoints, str(e))
         return 1
     load_s = time.perf_counter() - t0
     if stop.is_set():
@@ -224,7 +244,7 @@ async def serve(config: DaemonConfig) -> int:
     try:
         await server.start()
     except OSError as e:
-        log.error("cannot listen host=%s port=%d error=%s", config.host, config.port, e.strerror)
+        log.error("cannot listen host=%s port=%d error=%r", config.host, config.port, e.strerror)
         return 1
     log.info(
         "ttsd ready url=%s device=%s dtype=%s load_s=%.2f checkpoints=%s auth=%s",

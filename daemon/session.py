@@ -290,10 +290,10 @@ class Session:
             request_id = getattr(msg, "id", None)
             self._dispatch(msg)
         except p.ProtocolError as e:
-            log.info("bad frame peer=%s code=%s detail=%s", self.peer, e.code, e.detail)
+            log.info("bad frame peer=%s code=%s detail=%r", self.peer, e.code, e.detail)
             self.send(p.error_of(e))
         except TtsdError as e:
-            log.info("request rejected peer=%s id=%s code=%s error=%s", self.peer, request_id, e.code, e)
+            log.info("request rejected peer=%s id=%s code=%s error=%r", self.peer, request_id, e.code, str(e))
             self.send(p.Error(id=request_id, code=e.code, message=str(e)))
         except Exception as e:
             log.exception("request failed peer=%s id=%s", self.peer, request_id)
@@ -351,8 +351,9 @@ class Session:
             if isinstance(result, VoiceResult):
                 self.send(p.VoiceRegistered(id=msg.id, voice=result.voice_id, audio_s=result.audio_s))
             else:
-                log.info("voice rejected peer=%s id=%d code=%s error=%s",
-                         self.peer, msg.id, result.code, result)
+                log.info(
+                    "voice rejected peer=%s id=%d code=%s error=%r", self.peer, msg.id, result.code, str(result)
+                )
                 self.send(p.Error(id=msg.id, code=result.code, message=str(result)))
 
         self.worker.register_voice(msg.audio, msg.emo_audio, done)

@@ -33,7 +33,7 @@ def notify(*assignments: str) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message, address)
     except OSError as e:
-        log.warning("sd_notify failed address=%s error=%s", os.environ.get(NOTIFY_SOCKET_ENV), e)
+        log.warning("sd_notify failed address=%s error=%r", os.environ.get(NOTIFY_SOCKET_ENV), str(e))
         return False
     return True
 

@@ -372,9 +372,12 @@ class Worker:
                     self._finish(item)
                 else:
                     self._run_segment(item)
-            except Exception:
-                # A bug in one job must not take down the thread that serves everyone.
+            except Exception as e:
+                # A bug in one job must not take down the thread that serves everyone, nor leave
+                # that job marked running forever (it would hold its slot).
                 log.exception("worker failure kind=%s", kind)
+                if isinstance(item, Job):
+                    self._fail(item, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
 
     def _pick(self) -> tuple[str, Any] | None:
         """Under the lock: the next thing to do, or None to wait. Order: finish stopped or completed
@@ -520,7 +523,7 @@ class Worker:
                 job.stop(ErrorCode.CANCELLED, _STOP_MESSAGES[ErrorCode.CANCELLED], False)
             return
         except TtsdError as e:
-            log.info("request failed key=%d code=%s error=%s", job.key, e.code, e)
+            log.info("request failed key=%d code=%s error=%r", job.key, e.code, str(e))
             self._fail(job, e.code, str(e))
             return
         except Exception as e:

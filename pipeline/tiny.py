@@ -247,7 +247,7 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 
 
-def preset(name: str) -> Preset:
+def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
@@ -756,7 +756,7 @@ def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, 
 
     The result is what `ttsd-convert` takes; returns `out_dir`. Same (preset, seed) → same bytes
     for every tensor file."""
-    p = PRESETS[preset] if preset in PRESETS else _unknown(preset)
+    p = get_preset(preset)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = plan(p, seed)
@@ -770,10 +770,6 @@ def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, 
         tmp.replace(dst)  # a crash never leaves a half-written file under its real name
     log.info("make-tiny done preset=%s seed=%d out=%s files=%d", p.name, seed, out, len(steps))
     return out
-
-
-def _unknown(name: str) -> Preset:
-    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -805,7 +801,7 @@ class RandomComponents:
 
 def random_components(preset: str = "tiny", seed: int = 0) -> RandomComponents:
     """The same weights `write_official(preset, seed)` writes, built in memory (w2v-BERT truncated)."""
-    p = PRESETS[preset] if preset in PRESETS else _unknown(preset)
+    p = get_preset(preset)
     config = preset_config(p)
     cfm, lr, gpt_layer = build_s2mel(p, seed)
     spk, emo = build_emotion(p, seed)
@@ -881,6 +877,29 @@ def random_pipeline(
     )
 
 
+def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
+    """A voiced test signal (glottal-like pulse train through two formant resonances + breath noise) as WAV."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from .audio import SAMPLE_RATE_HZ
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE_HZ)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)  # slow intonation
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE_HZ
+    src = sum(np.sin(k * phase) / k for k in range(1, 30))
+    voiced = src * (0.6 + 0.4 * np.sin(2 * np.pi * 3.0 * t) ** 2)  # syllable-rate envelope
+    sig = 0.1 * voiced + 0.01 * rng.standard_normal(n)
+    buf = io.BytesIO()
+    sf.write(buf, (sig / np.abs(sig).max() * 0.5).astype(np.float32), SAMPLE_RATE_HZ, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 
@@ -891,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default %(default)s)")
     ap.add_argument("--convert", type=Path, metavar="DST", help="also run ttsd-convert into DST")
+    ap.add_argument("--voice", type=Path, metavar="WAV", help="also write a synthetic 6 s reference voice here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .errors import TtsdError
@@ -901,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
             from .convert import convert
 
             convert(args.out, args.convert)
+        if args.voice is not None:
+            args.voice.parent.mkdir(parents=True, exist_ok=True)
+            args.voice.write_bytes(synthetic_voice(6.0, args.seed))
     except (TtsdError, OSError) as e:
         print(f"ttsd make-tiny: {e}", file=sys.stderr)
         return 2

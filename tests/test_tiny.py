@@ -220,6 +220,20 @@ def test_generated_model_synthesises_finite_audio_of_the_expected_length(generat
     assert bool(torch.isfinite(pcm).all())
 
 
+def test_random_pipeline_equals_the_loaded_generated_checkpoint(generated: Path) -> None:
+    """The in-memory random pipeline holds exactly the weights of the written, converted and loaded one."""
+    from ttsd.pipeline import Pipeline
+
+    loaded = Pipeline.load(generated, device="cpu")
+    memory = tiny.random_pipeline("tiny", seed=0)
+    for name in ("gpt", "cfm", "length_regulator", "gpt_layer", "w2v", "w2v_stats", "codec", "campplus", "bigvgan"):
+        want, have = getattr(loaded, name).state_dict(), getattr(memory, name).state_dict()
+        assert have.keys() == want.keys(), name
+        for k in want:
+            assert torch.equal(have[k], want[k]), f"{name}.{k}"
+    assert memory.tokenizer.encode("Hello, world!") == loaded.tokenizer.encode("Hello, world!")
+
+
 def test_truncated_safetensors_names_the_file(official: Path, tmp_path: Path) -> None:
     """A truncated semantic-codec file converts, then loading fails with a CheckpointError naming it."""
     from ttsd.pipeline import Pipeline
