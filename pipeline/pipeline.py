@@ -321,7 +321,9 @@ class Pipeline:
         """Yield (segment, PCM) as each segment finishes. On CUDA the GPT of segment k+1 runs on
         its own stream while segment k's DiT + BigVGAN run on another."""
         seed = opts.seed if opts.seed is not None else secrets.randbits(62)
-        emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed)).to(self.gpt_dtype)
+        emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed)).to(
+            self.gpt_dtype
+        )
         noise = noise or {}
         if self.streams is None or len(segments) < 2:
             for seg in segments:
@@ -405,19 +407,24 @@ class _Streams:
         main = torch.cuda.current_stream(pipe.device)
         self.gpt.wait_stream(main)  # voice tensors were produced on the main stream
         self.acoustic.wait_stream(main)
-        with torch.cuda.stream(self.gpt):
-            pending = pipe.run_gpt(voice, segments[0], opts, emovec, seed=seed, cancel=cancel, timings=timings)
-        gpt_done = torch.cuda.Event()
-        gpt_done.record(self.gpt)
+
+        def gpt(k: int) -> tuple[GptOutput, torch.cuda.Event]:
+            with torch.cuda.stream(self.gpt):
+                out = pipe.run_gpt(voice, segments[k], opts, emovec, seed=seed, cancel=cancel, timings=timings)
+            done = torch.cuda.Event()
+            done.record(self.gpt)
+            return out, done
+
+        pending: tuple[GptOutput, torch.cuda.Event] | None = None
         for k, seg in enumerate(segments):
-            current = pending
+            out, gpt_done = pending if pending is not None else gpt(k)
             self.acoustic.wait_event(gpt_done)  # codes/latent of segment k finished on the GPT stream ...
-            for t in (current.codes, current.latent):
+            for t in (out.codes, out.latent):
                 t.record_stream(self.acoustic)  # ... and are read on the acoustic stream: keep them alive
             with torch.cuda.stream(self.acoustic):
                 pcm = pipe.run_acoustic(
                     voice,
-                    current,
+                    out,
                     opts,
                     seed=seed,
                     segment_index=seg.index,
@@ -426,15 +433,10 @@ class _Streams:
                     timings=timings,
                 )
                 pcm_host = pcm.to("cpu", non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self.acoustic)
-            if k + 1 < len(segments):
-                # Segment k+1's decode is issued while segment k's DiT + BigVGAN still run.
-                with torch.cuda.stream(self.gpt):
-                    pending = pipe.run_gpt(
-                        voice, segments[k + 1], opts, emovec, seed=seed, cancel=cancel, timings=timings
-                    )
-                gpt_done = torch.cuda.Event()
-                gpt_done.record(self.gpt)
-            done.synchronize()  # host waits for segment k's audio only
+                acoustic_done = torch.cuda.Event()
+                acoustic_done.record(self.acoustic)
+            # Segment k+1's decode runs while segment k's DiT + BigVGAN are on the GPU. Not after
+            # segment 0: its audio goes out as soon as it exists, so first audio waits on nothing.
+            pending = gpt(k + 1) if 0 < k < len(segments) - 1 else None
+            acoustic_done.synchronize()  # host waits for segment k's audio only
             yield seg, pcm_host.numpy()

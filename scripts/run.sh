@@ -22,7 +22,7 @@ for _ in $(seq 1 120); do
     python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" 2>/dev/null && break
     sleep 0.5
 done
-ttsd-say --url "ws://127.0.0.1:$port" --voice "$work/voice.wav" --seed 1 --out out/hello.wav \
+ttsd-say --url "ws://127.0.0.1:$port" --voice "$work/voice.wav" --seed 1 --max-mel-tokens 250 --out out/hello.wav \
     "Hello from ttsd. This tiny model has random weights, so it sounds like noise."
 python - <<'PY'
 import soundfile as sf
