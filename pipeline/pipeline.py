@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ class Pipeline:
         self.gpt_dtype = gpt_dtype
         self.emotion = emotion
         self._kv: dict[int, KVCache] = {}
-        self.streams = _Streams.create(device)
+        self.lanes = _Lanes(device)
 
     # ------------------------------------------------------------------ loading
 
@@ -319,29 +320,42 @@ class Pipeline:
         timings: dict[str, float] | None = None,
     ) -> Iterator[tuple[Segment, np.ndarray]]:
         """Yield (segment, PCM) as each segment finishes. On CUDA the GPT of segment k+1 runs on
-        its own stream while segment k's DiT + BigVGAN run on another."""
+        its own stream while segment k's DiT + BigVGAN run on another; on CPU the same code runs
+        the stages one after the other."""
         seed = opts.seed if opts.seed is not None else secrets.randbits(62)
         emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed)).to(
             self.gpt_dtype
         )
         noise = noise or {}
-        if self.streams is None or len(segments) < 2:
-            for seg in segments:
-                yield (
-                    seg,
-                    self.synthesize_segment(
-                        voice,
-                        seg,
-                        opts,
-                        emovec=emovec,
-                        seed=seed,
-                        noise=noise.get(seg.index),
-                        cancel=cancel,
-                        timings=timings,
-                    ),
-                )
-            return
-        yield from self.streams.overlap(self, voice, segments, opts, emovec, seed, noise, cancel, timings)
+        lanes = self.lanes
+        lanes.start()
+        pending: tuple[GptOutput, torch.cuda.Event | None] | None = None
+
+        def gpt(k: int) -> tuple[GptOutput, torch.cuda.Event | None]:
+            with lanes.on(lanes.gpt):
+                out = self.run_gpt(voice, segments[k], opts, emovec, seed=seed, cancel=cancel, timings=timings)
+                return out, lanes.mark(lanes.gpt)
+
+        for k, seg in enumerate(segments):
+            out, gpt_done = pending if pending is not None else gpt(k)
+            lanes.hand_over(gpt_done, lanes.acoustic, out.codes, out.latent)  # GPT lane → acoustic lane
+            with lanes.on(lanes.acoustic):
+                pcm = self.run_acoustic(
+                    voice,
+                    out,
+                    opts,
+                    seed=seed,
+                    segment_index=seg.index,
+                    noise=noise.get(seg.index),
+                    cancel=cancel,
+                    timings=timings,
+                ).to("cpu", non_blocking=True)
+                acoustic_done = lanes.mark(lanes.acoustic)
+            # Segment k+1's decode runs while segment k's DiT + BigVGAN are on the GPU. Not after
+            # segment 0: its audio goes out as soon as it exists, so first audio waits on nothing.
+            pending = gpt(k + 1) if 0 < k < len(segments) - 1 else None
+            lanes.wait_host(acoustic_done)  # the host waits for segment k's audio only
+            yield seg, pcm.numpy()
 
     def synthesize(
         self,
@@ -379,64 +393,40 @@ def _clock(device: torch.device, timings: dict[str, float] | None) -> float:
     return time.perf_counter()
 
 
-@dataclass
-class _Streams:
-    """Two CUDA streams: the GPT runs on one, DiT + BigVGAN on the other."""
+class _Lanes:
+    """The GPT lane and the acoustic lane: two CUDA streams created once, or, on CPU, no-ops so
+    the same stream() code runs sequentially. Every hand-off between lanes goes through here."""
 
-    gpt: torch.cuda.Stream
-    acoustic: torch.cuda.Stream
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.gpt = torch.cuda.Stream(device) if self.cuda else None
+        self.acoustic = torch.cuda.Stream(device) if self.cuda else None
 
-    @classmethod
-    def create(cls, device: torch.device) -> _Streams | None:
-        if device.type != "cuda":
+    def start(self) -> None:
+        if self.cuda:
+            main = torch.cuda.current_stream(self.device)
+            for lane in (self.gpt, self.acoustic):
+                if lane is not None:
+                    lane.wait_stream(main)  # voice tensors were produced on the main stream
+
+    def on(self, lane: torch.cuda.Stream | None) -> AbstractContextManager[object]:
+        return torch.cuda.stream(lane) if lane is not None else nullcontext()
+
+    def mark(self, lane: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        if lane is None:
             return None
-        return cls(gpt=torch.cuda.Stream(device), acoustic=torch.cuda.Stream(device))
+        event = torch.cuda.Event()
+        event.record(lane)
+        return event
 
-    def overlap(
-        self,
-        pipe: Pipeline,
-        voice: Voice,
-        segments: Sequence[Segment],
-        opts: SynthesisOptions,
-        emovec: Tensor,
-        seed: int,
-        noise: Mapping[int, Tensor],
-        cancel: Callable[[], bool] | None,
-        timings: dict[str, float] | None,
-    ) -> Iterator[tuple[Segment, np.ndarray]]:
-        main = torch.cuda.current_stream(pipe.device)
-        self.gpt.wait_stream(main)  # voice tensors were produced on the main stream
-        self.acoustic.wait_stream(main)
+    def hand_over(self, event: torch.cuda.Event | None, to: torch.cuda.Stream | None, *tensors: Tensor) -> None:
+        if event is None or to is None:
+            return
+        to.wait_event(event)  # produced on the other lane: wait for it on this one ...
+        for t in tensors:
+            t.record_stream(to)  # ... and keep its memory alive until this lane is done with it
 
-        def gpt(k: int) -> tuple[GptOutput, torch.cuda.Event]:
-            with torch.cuda.stream(self.gpt):
-                out = pipe.run_gpt(voice, segments[k], opts, emovec, seed=seed, cancel=cancel, timings=timings)
-            done = torch.cuda.Event()
-            done.record(self.gpt)
-            return out, done
-
-        pending: tuple[GptOutput, torch.cuda.Event] | None = None
-        for k, seg in enumerate(segments):
-            out, gpt_done = pending if pending is not None else gpt(k)
-            self.acoustic.wait_event(gpt_done)  # codes/latent of segment k finished on the GPT stream ...
-            for t in (out.codes, out.latent):
-                t.record_stream(self.acoustic)  # ... and are read on the acoustic stream: keep them alive
-            with torch.cuda.stream(self.acoustic):
-                pcm = pipe.run_acoustic(
-                    voice,
-                    out,
-                    opts,
-                    seed=seed,
-                    segment_index=seg.index,
-                    noise=noise.get(seg.index),
-                    cancel=cancel,
-                    timings=timings,
-                )
-                pcm_host = pcm.to("cpu", non_blocking=True)
-                acoustic_done = torch.cuda.Event()
-                acoustic_done.record(self.acoustic)
-            # Segment k+1's decode runs while segment k's DiT + BigVGAN are on the GPU. Not after
-            # segment 0: its audio goes out as soon as it exists, so first audio waits on nothing.
-            pending = gpt(k + 1) if 0 < k < len(segments) - 1 else None
-            acoustic_done.synchronize()  # host waits for segment k's audio only
-            yield seg, pcm_host.numpy()
+    def wait_host(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()

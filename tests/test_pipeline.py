@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -133,3 +134,29 @@ def test_bad_inputs_raise_typed_errors(fx: FixtureSet, pipe: Pipeline) -> None:
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(top_p=0.0))
     with pytest.raises(Cancelled):
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(max_mel_tokens=30, diffusion_steps=2), cancel=lambda: True)
+
+
+def test_stream_issues_next_gpt_before_waiting_for_audio(
+    fx: FixtureSet, pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the second segment on, segment k+1's GPT is issued before segment k's audio is handed out."""
+    events: list[str] = []
+    run_gpt, run_acoustic = pipe.run_gpt, pipe.run_acoustic
+
+    def gpt(voice: Any, segment: Any, *args: Any, **kwargs: Any) -> Any:
+        events.append(f"gpt{segment.index}")
+        return run_gpt(voice, segment, *args, **kwargs)
+
+    def acoustic(*args: Any, segment_index: int, **kwargs: Any) -> Any:
+        events.append(f"acoustic{segment_index}")
+        return run_acoustic(*args, segment_index=segment_index, **kwargs)
+
+    monkeypatch.setattr(pipe, "run_gpt", gpt)
+    monkeypatch.setattr(pipe, "run_acoustic", acoustic)
+    opts = SynthesisOptions(max_mel_tokens=6, diffusion_steps=1, max_text_tokens_per_segment=8, seed=1)
+    voice = pipe.prepare_voice(fx.input_path("speaker.wav"))
+    segments = pipe.split_text("One two three. Four five six. Seven eight nine.", opts)[:3]
+    assert len(segments) == 3
+    for seg, _ in pipe.stream(voice, segments, opts):
+        events.append(f"out{seg.index}")
+    assert events == ["gpt0", "acoustic0", "out0", "gpt1", "acoustic1", "gpt2", "out1", "acoustic2", "out2"]
