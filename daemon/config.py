@@ -29,7 +29,7 @@ class DaemonConfig:
     port: int = DEFAULT_PORT             # TCP port; 0 picks a free one (tests)
     checkpoints: Path | None = None      # converted checkpoint directory (ttsd-convert output)
     device: str = "auto"                 # torch device: auto (cuda if available), cpu, cuda, cuda:1
-    dtype: str = "auto"                  # GPT dtype: auto (float16 on CUDA, float32 on CPU), float32, ...
+    dtype: str = "auto"                  # GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA)
     max_frame_bytes: int = 16 * 2**20    # largest client frame; reference audio travels in one frame
     max_text_chars: int = 5_000          # per request (incremental: all chunks together)
     max_reference_audio_s: float = 30.0  # per reference audio file (upstream uses the first 15 s)

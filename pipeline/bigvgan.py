@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import require
 from .errors import ConfigError
 from .layers import WNConv1d, WNConvTranspose1d, fold_weight_norm
 from .weights import load_module, read_shapes
@@ -27,13 +28,6 @@ PCM_SCALE = 32767.0  # infer_v2: wav = clamp(32767 · wav, -32767, 32767)
 AA_RATIO = 2  # Activation1d up/down ratio (hard-coded upstream)
 AA_KERNEL = 12  # Activation1d filter taps: int(6 · ratio // 2) · 2
 SNAKE_EPS = 1e-9  # SnakeBeta no_div_by_zero
-
-
-def _key(raw: Mapping[str, Any], key: str) -> Any:
-    try:
-        return raw[key]
-    except KeyError as e:
-        raise ConfigError(f"bigvgan.json: missing key {key}") from e
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,22 +58,22 @@ class BigVGANConfig:
     def from_json(cls, raw: Mapping[str, Any]) -> BigVGANConfig:
         """Build from the parsed bigvgan.json (the HF config.json of the vocoder)."""
         cfg = cls(
-            resblock=str(_key(raw, "resblock")),
-            num_mels=int(_key(raw, "num_mels")),
-            upsample_rates=tuple(int(r) for r in _key(raw, "upsample_rates")),
-            upsample_kernel_sizes=tuple(int(k) for k in _key(raw, "upsample_kernel_sizes")),
-            upsample_initial_channel=int(_key(raw, "upsample_initial_channel")),
-            resblock_kernel_sizes=tuple(int(k) for k in _key(raw, "resblock_kernel_sizes")),
+            resblock=str(require(raw, "resblock", file="bigvgan.json")),
+            num_mels=int(require(raw, "num_mels", file="bigvgan.json")),
+            upsample_rates=tuple(int(r) for r in require(raw, "upsample_rates", file="bigvgan.json")),
+            upsample_kernel_sizes=tuple(int(k) for k in require(raw, "upsample_kernel_sizes", file="bigvgan.json")),
+            upsample_initial_channel=int(require(raw, "upsample_initial_channel", file="bigvgan.json")),
+            resblock_kernel_sizes=tuple(int(k) for k in require(raw, "resblock_kernel_sizes", file="bigvgan.json")),
             resblock_dilation_sizes=tuple(
-                tuple(int(d) for d in ds) for ds in _key(raw, "resblock_dilation_sizes")
+                tuple(int(d) for d in ds) for ds in require(raw, "resblock_dilation_sizes", file="bigvgan.json")
             ),
-            activation=str(_key(raw, "activation")),
-            snake_logscale=bool(_key(raw, "snake_logscale")),
+            activation=str(require(raw, "activation", file="bigvgan.json")),
+            snake_logscale=bool(require(raw, "snake_logscale", file="bigvgan.json")),
             # Upstream reads these two with h.get(key, True): absent means True.
             use_tanh_at_final=bool(raw.get("use_tanh_at_final", True)),
             use_bias_at_final=bool(raw.get("use_bias_at_final", True)),
-            sampling_rate=int(_key(raw, "sampling_rate")),
-            hop_size=int(_key(raw, "hop_size")),
+            sampling_rate=int(require(raw, "sampling_rate", file="bigvgan.json")),
+            hop_size=int(require(raw, "hop_size", file="bigvgan.json")),
         )
         if cfg.resblock != "1":
             raise ConfigError(f'bigvgan.json: resblock {cfg.resblock!r} is not supported (v2 uses "1")')

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .config import load_yaml
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,7 @@ def convert(src_dir: Path, dst_dir: Path, progress: bool = True) -> Path:
     cfg_path = src_dir / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{src_dir}: no config.yaml (is this an IndexTTS-2 checkpoint directory?)")
-    with cfg_path.open(encoding="utf-8") as f:
-        config = yaml.safe_load(f)
+    config = load_yaml(cfg_path)
     src = SourceLayout(root=src_dir, config=config)
     dst_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, Any]] = {}

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import require, shape
 from .errors import ConfigError
 from .layers import WNConv1d, WNLinear, fold_weight_norm
 
@@ -25,20 +26,6 @@ NORM_EPS = 1e-5  # RMSNorm eps (ModelArgs.norm_eps)
 FINAL_NORM_EPS = 1e-6  # FinalLayer LayerNorm eps
 TIME_MAX_PERIOD = 10_000  # TimestepEmbedder.max_period
 TIME_SCALE = 1000.0  # TimestepEmbedder.scale: t in [0, 1] is embedded as 1000·t
-
-
-def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
-    try:
-        return raw[key]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"config.yaml: missing key {where}.{key}") from e
-
-
-def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
-    try:
-        return shapes[key]
-    except KeyError as e:
-        raise ConfigError(f"s2mel checkpoint lacks {key} (needed for a hard-coded dimension)") from e
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,47 +68,47 @@ class DiTConfig:
         cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], prefix: str = "cfm.estimator."
     ) -> DiTConfig:
         """Build from the parsed config.yaml and `weights.read_shapes(s2mel.safetensors)`."""
-        s2mel = _key(config, "s2mel", "")
-        dit = _key(s2mel, "DiT", "s2mel")
-        wn = _key(s2mel, "wavenet", "s2mel")
+        s2mel = require(config, "s2mel", "")
+        dit = require(s2mel, "DiT", "s2mel")
+        wn = require(s2mel, "wavenet", "s2mel")
         w = "s2mel.DiT"
         unsupported = {
-            "final_layer_type": (_key(dit, "final_layer_type", w), "wavenet"),
-            "is_causal": (bool(_key(dit, "is_causal", w)), False),
-            "time_as_token": (bool(_key(dit, "time_as_token", w)), False),
-            "style_as_token": (bool(_key(dit, "style_as_token", w)), False),
+            "final_layer_type": (require(dit, "final_layer_type", w), "wavenet"),
+            "is_causal": (bool(require(dit, "is_causal", w)), False),
+            "time_as_token": (bool(require(dit, "time_as_token", w)), False),
+            "style_as_token": (bool(require(dit, "style_as_token", w)), False),
         }
         for name, (have, want) in unsupported.items():
             if have != want:
                 raise ConfigError(f"{w}.{name}={have!r} is not supported (IndexTTS2 uses {want!r})")
         return cls(
-            hidden_dim=int(_key(dit, "hidden_dim", w)),
-            num_heads=int(_key(dit, "num_heads", w)),
-            depth=int(_key(dit, "depth", w)),
-            in_channels=int(_key(dit, "in_channels", w)),
-            content_dim=int(_key(dit, "content_dim", w)),
-            content_codebook_size=int(_key(dit, "content_codebook_size", w)),
-            style_condition=bool(_key(dit, "style_condition", w)),
-            long_skip_connection=bool(_key(dit, "long_skip_connection", w)),
-            uvit_skip_connection=bool(_key(dit, "uvit_skip_connection", w)),
-            style_dim=int(_key(_key(s2mel, "style_encoder", "s2mel"), "dim", "s2mel.style_encoder")),
+            hidden_dim=int(require(dit, "hidden_dim", w)),
+            num_heads=int(require(dit, "num_heads", w)),
+            depth=int(require(dit, "depth", w)),
+            in_channels=int(require(dit, "in_channels", w)),
+            content_dim=int(require(dit, "content_dim", w)),
+            content_codebook_size=int(require(dit, "content_codebook_size", w)),
+            style_condition=bool(require(dit, "style_condition", w)),
+            long_skip_connection=bool(require(dit, "long_skip_connection", w)),
+            uvit_skip_connection=bool(require(dit, "uvit_skip_connection", w)),
+            style_dim=int(require(require(s2mel, "style_encoder", "s2mel"), "dim", "s2mel.style_encoder")),
             wavenet=WaveNetConfig(
-                hidden_dim=int(_key(wn, "hidden_dim", "s2mel.wavenet")),
-                num_layers=int(_key(wn, "num_layers", "s2mel.wavenet")),
-                kernel_size=int(_key(wn, "kernel_size", "s2mel.wavenet")),
-                dilation_rate=int(_key(wn, "dilation_rate", "s2mel.wavenet")),
+                hidden_dim=int(require(wn, "hidden_dim", "s2mel.wavenet")),
+                num_layers=int(require(wn, "num_layers", "s2mel.wavenet")),
+                kernel_size=int(require(wn, "kernel_size", "s2mel.wavenet")),
+                dilation_rate=int(require(wn, "dilation_rate", "s2mel.wavenet")),
             ),
-            intermediate_size=_shape(shapes, f"{prefix}transformer.layers.0.feed_forward.w1.weight")[0],
-            frequency_embedding_size=_shape(shapes, f"{prefix}t_embedder.mlp.0.weight")[1],
-            block_size=_shape(shapes, f"{prefix}input_pos")[0],
+            intermediate_size=shape(
+                shapes, f"{prefix}transformer.layers.0.feed_forward.w1.weight", "s2mel.safetensors"
+            )[0],
+            frequency_embedding_size=shape(shapes, f"{prefix}t_embedder.mlp.0.weight", "s2mel.safetensors")[1],
+            block_size=shape(shapes, f"{prefix}input_pos", "s2mel.safetensors")[0],
         )
 
 
 def rope_table(length: int, head_dim: int, device: torch.device) -> Tensor:
     """gpt-fast `precompute_freqs_cis` in float32: (length, Dh/2, 2) holding (cos, sin) of pos·θ_p."""
-    theta = 1.0 / (
-        ROPE_BASE ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim)
-    )
+    theta = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angle = torch.outer(torch.arange(length, device=device), theta)  # [length, Dh/2] float32
     return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
 
@@ -147,9 +134,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()  # statistics in float32 whatever the activation dtype
-        return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + NORM_EPS)).type_as(
-            x
-        ) * self.weight
+        return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + NORM_EPS)).type_as(x) * self.weight
 
 
 class AdaptiveLayerNorm(nn.Module):
@@ -251,9 +236,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden: int, frequency_embedding_size: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         half = frequency_embedding_size // 2
         self.odd = frequency_embedding_size % 2 == 1
         # Persistent upstream (key t_embedder.freqs): exp(−ln(10000)·k/half).

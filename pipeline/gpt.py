@@ -19,27 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .errors import ConfigError
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import load_module, read_shapes
 
-LN_EPS = 1e-5            # GPT2Config.layer_norm_epsilon default; also final_norm
-SPEED_TOKENS = 2         # speed_emb[1] then speed_emb[0] follow the speaker latents
-EMO_CATEGORIES = 8       # happy angry sad afraid disgusted melancholic surprised calm
-
-
-def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
-    try:
-        return raw[key]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"config.yaml: missing key {where + '.' if where else ''}{key}") from e
-
-
-def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise ConfigError(f"gpt checkpoint lacks {key}: cannot derive its dimensions")
-    return shapes[key]
+LN_EPS = 1e-5  # GPT2Config.layer_norm_epsilon default; also final_norm
+SPEED_TOKENS = 2  # speed_emb[1] then speed_emb[0] follow the speaker latents
+EMO_CATEGORIES = 8  # happy angry sad afraid disgusted melancholic surprised calm
 
 
 def _count_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
@@ -51,26 +39,26 @@ def _count_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GPTConfig:
-    model_dim: int                # gpt.model_dim
-    heads: int                    # gpt.heads
-    layers: int                   # gpt.layers
-    max_mel_tokens: int           # gpt.max_mel_tokens
-    max_text_tokens: int          # gpt.max_text_tokens
-    number_text_tokens: int       # gpt.number_text_tokens
-    number_mel_codes: int         # gpt.number_mel_codes
-    start_mel_token: int          # gpt.start_mel_token
-    stop_mel_token: int           # gpt.stop_mel_token
-    start_text_token: int         # gpt.start_text_token
-    stop_text_token: int          # gpt.stop_text_token
-    condition_module: ConformerConfig      # gpt.condition_module (+ input width from shapes)
+    model_dim: int  # gpt.model_dim
+    heads: int  # gpt.heads
+    layers: int  # gpt.layers
+    max_mel_tokens: int  # gpt.max_mel_tokens
+    max_text_tokens: int  # gpt.max_text_tokens
+    number_text_tokens: int  # gpt.number_text_tokens
+    number_mel_codes: int  # gpt.number_mel_codes
+    start_mel_token: int  # gpt.start_mel_token
+    stop_mel_token: int  # gpt.stop_mel_token
+    start_text_token: int  # gpt.start_text_token
+    stop_text_token: int  # gpt.stop_text_token
+    condition_module: ConformerConfig  # gpt.condition_module (+ input width from shapes)
     emo_condition_module: ConformerConfig  # gpt.emo_condition_module (+ input width from shapes)
-    perceiver_mult: int           # gpt.condition_module.perceiver_mult
-    emo_perceiver_mult: int       # gpt.emo_condition_module.perceiver_mult
+    perceiver_mult: int  # gpt.condition_module.perceiver_mult
+    emo_perceiver_mult: int  # gpt.emo_condition_module.perceiver_mult
     # Hard-coded upstream, read from gpt.safetensors shapes:
-    condition_num_latent: int     # perceiver_encoder.latents rows (32)
-    w2v_dim: int                  # emovec_layer in-features (1024: w2v-BERT width, emo perceiver dim)
-    perceiver_dim_head: int       # perceiver to_q rows / heads (64)
-    perceiver_depth: int          # perceiver layers (2)
+    condition_num_latent: int  # perceiver_encoder.latents rows (32)
+    w2v_dim: int  # emovec_layer in-features (1024: w2v-BERT width, emo perceiver dim)
+    perceiver_dim_head: int  # perceiver to_q rows / heads (64)
+    perceiver_depth: int  # perceiver layers (2)
 
     @property
     def head_dim(self) -> int:
@@ -91,57 +79,67 @@ class GPTConfig:
     def perceiver(self) -> PerceiverConfig:
         c = self.condition_module
         return PerceiverConfig(
-            dim=self.model_dim, dim_context=c.output_size, num_latents=self.condition_num_latent,
-            heads=c.attention_heads, dim_head=self.perceiver_dim_head, ff_mult=self.perceiver_mult,
+            dim=self.model_dim,
+            dim_context=c.output_size,
+            num_latents=self.condition_num_latent,
+            heads=c.attention_heads,
+            dim_head=self.perceiver_dim_head,
+            ff_mult=self.perceiver_mult,
             depth=self.perceiver_depth,
         )
 
     def emo_perceiver(self) -> PerceiverConfig:
         c = self.emo_condition_module
         return PerceiverConfig(
-            dim=self.w2v_dim, dim_context=c.output_size, num_latents=1, heads=c.attention_heads,
-            dim_head=self.perceiver_dim_head, ff_mult=self.emo_perceiver_mult, depth=self.perceiver_depth,
+            dim=self.w2v_dim,
+            dim_context=c.output_size,
+            num_latents=1,
+            heads=c.attention_heads,
+            dim_head=self.perceiver_dim_head,
+            ff_mult=self.emo_perceiver_mult,
+            depth=self.perceiver_depth,
         )
 
     @classmethod
     def from_yaml(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> GPTConfig:
         """Build from the parsed config.yaml and `weights.read_shapes(gpt.safetensors)`."""
-        g = _key(config, "gpt", "")
-        if _key(g, "condition_type", "gpt") != "conformer_perceiver":
+        g = require(config, "gpt", "")
+        if require(g, "condition_type", "gpt") != "conformer_perceiver":
             raise ConfigError("gpt.condition_type: only conformer_perceiver (IndexTTS2) is supported")
-        w2v_dim = _shape(shapes, "emovec_layer.weight")[1]
+        w2v_dim = shape(shapes, "emovec_layer.weight", "gpt.safetensors")[1]
 
         def conformer(name: str) -> ConformerConfig:
-            raw, where = _key(g, name, "gpt"), f"gpt.{name}"
+            raw, where = require(g, name, "gpt"), f"gpt.{name}"
             return ConformerConfig(
                 input_size=w2v_dim,
-                output_size=int(_key(raw, "output_size", where)),
-                linear_units=int(_key(raw, "linear_units", where)),
-                attention_heads=int(_key(raw, "attention_heads", where)),
-                num_blocks=int(_key(raw, "num_blocks", where)),
-                input_layer=str(_key(raw, "input_layer", where)),
+                output_size=int(require(raw, "output_size", where)),
+                linear_units=int(require(raw, "linear_units", where)),
+                attention_heads=int(require(raw, "attention_heads", where)),
+                num_blocks=int(require(raw, "num_blocks", where)),
+                input_layer=str(require(raw, "input_layer", where)),
             )
 
         cond, emo = conformer("condition_module"), conformer("emo_condition_module")
         return cls(
-            model_dim=int(_key(g, "model_dim", "gpt")),
-            heads=int(_key(g, "heads", "gpt")),
-            layers=int(_key(g, "layers", "gpt")),
-            max_mel_tokens=int(_key(g, "max_mel_tokens", "gpt")),
-            max_text_tokens=int(_key(g, "max_text_tokens", "gpt")),
-            number_text_tokens=int(_key(g, "number_text_tokens", "gpt")),
-            number_mel_codes=int(_key(g, "number_mel_codes", "gpt")),
-            start_mel_token=int(_key(g, "start_mel_token", "gpt")),
-            stop_mel_token=int(_key(g, "stop_mel_token", "gpt")),
-            start_text_token=int(_key(g, "start_text_token", "gpt")),
-            stop_text_token=int(_key(g, "stop_text_token", "gpt")),
+            model_dim=int(require(g, "model_dim", "gpt")),
+            heads=int(require(g, "heads", "gpt")),
+            layers=int(require(g, "layers", "gpt")),
+            max_mel_tokens=int(require(g, "max_mel_tokens", "gpt")),
+            max_text_tokens=int(require(g, "max_text_tokens", "gpt")),
+            number_text_tokens=int(require(g, "number_text_tokens", "gpt")),
+            number_mel_codes=int(require(g, "number_mel_codes", "gpt")),
+            start_mel_token=int(require(g, "start_mel_token", "gpt")),
+            stop_mel_token=int(require(g, "stop_mel_token", "gpt")),
+            start_text_token=int(require(g, "start_text_token", "gpt")),
+            stop_text_token=int(require(g, "stop_text_token", "gpt")),
             condition_module=cond,
             emo_condition_module=emo,
-            perceiver_mult=int(_key(g["condition_module"], "perceiver_mult", "gpt.condition_module")),
-            emo_perceiver_mult=int(_key(g["emo_condition_module"], "perceiver_mult", "gpt.emo_condition_module")),
-            condition_num_latent=_shape(shapes, "perceiver_encoder.latents")[0],
+            perceiver_mult=int(require(g["condition_module"], "perceiver_mult", "gpt.condition_module")),
+            emo_perceiver_mult=int(require(g["emo_condition_module"], "perceiver_mult", "gpt.emo_condition_module")),
+            condition_num_latent=shape(shapes, "perceiver_encoder.latents", "gpt.safetensors")[0],
             w2v_dim=w2v_dim,
-            perceiver_dim_head=_shape(shapes, "perceiver_encoder.layers.0.0.to_q.weight")[0] // cond.attention_heads,
+            perceiver_dim_head=shape(shapes, "perceiver_encoder.layers.0.0.to_q.weight", "gpt.safetensors")[0]
+            // cond.attention_heads,
             perceiver_depth=_count_layers(shapes, "perceiver_encoder.layers."),
         )
 
@@ -194,8 +192,9 @@ class GPT2Attention(nn.Module):
         self.c_attn = Conv1D(cfg.model_dim, 3 * cfg.model_dim)
         self.c_proj = Conv1D(cfg.model_dim, cfg.model_dim)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None,
-                mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
         b, s, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=-1)
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
@@ -229,8 +228,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.model_dim, eps=LN_EPS)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None,
-                mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
         x = x + self.attn(self.ln_1(x), input_pos, k_cache, v_cache, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -412,10 +412,10 @@ def load_unified_voice(ckpt_dir: Path, config: Mapping[str, Any], device: torch.
 def load_emotion_matrices(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> EmotionMatrices:
     """feat1/feat2 from emotion.safetensors, grouped by the config's `emo_num`."""
     path = Path(ckpt_dir) / "emotion.safetensors"
-    emo_num = [int(n) for n in _key(config, "emo_num", "")]
+    emo_num = [int(n) for n in require(config, "emo_num", "")]
     if len(emo_num) != EMO_CATEGORIES:
         raise ConfigError(f"config.yaml: emo_num has {len(emo_num)} groups, expected {EMO_CATEGORIES}")
     shapes = read_shapes(path)
-    style_dim, model_dim = _shape(shapes, "spk_matrix")[1], _shape(shapes, "emo_matrix")[1]
+    style_dim = shape(shapes, "spk_matrix", "emotion.safetensors")[1]
+    model_dim = shape(shapes, "emo_matrix", "emotion.safetensors")[1]
     return load_module(lambda: EmotionMatrices(emo_num, style_dim, model_dim), path, device)
-

@@ -16,17 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import require
 from .errors import ConfigError
 from .weights import load_module, read_shapes
 
 MEL_FRAMES_PER_CODE = 1.72  # ≈ (22050 / 256) / 50: mel frames per 50 Hz semantic code (infer_v2)
-
-
-def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
-    try:
-        return raw[key]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"config.yaml: missing key {where}.{key}") from e
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,15 +37,15 @@ class LengthRegulatorConfig:
     def from_yaml(cls, config: Mapping[str, Any]) -> LengthRegulatorConfig:
         """Build from the parsed config.yaml (the whole document)."""
         where = "s2mel.length_regulator"
-        raw = _key(_key(config, "s2mel", ""), "length_regulator", "s2mel")
+        raw = require(require(config, "s2mel", ""), "length_regulator", "s2mel")
         cfg = cls(
-            channels=int(_key(raw, "channels", where)),
-            in_channels=int(_key(raw, "in_channels", where)),
-            content_codebook_size=int(_key(raw, "content_codebook_size", where)),
-            sampling_ratios=tuple(int(r) for r in _key(raw, "sampling_ratios", where)),
-            is_discrete=bool(_key(raw, "is_discrete", where)),
-            n_codebooks=int(_key(raw, "n_codebooks", where)),
-            f0_condition=bool(_key(raw, "f0_condition", where)),
+            channels=int(require(raw, "channels", where)),
+            in_channels=int(require(raw, "in_channels", where)),
+            content_codebook_size=int(require(raw, "content_codebook_size", where)),
+            sampling_ratios=tuple(int(r) for r in require(raw, "sampling_ratios", where)),
+            is_discrete=bool(require(raw, "is_discrete", where)),
+            n_codebooks=int(require(raw, "n_codebooks", where)),
+            f0_condition=bool(require(raw, "f0_condition", where)),
         )
         # IndexTTS2 feeds continuous features with no f0; the other upstream modes are not ported.
         if cfg.is_discrete or cfg.n_codebooks != 1 or cfg.f0_condition or not cfg.sampling_ratios:

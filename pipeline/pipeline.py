@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from . import audio
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
+from .config import load_yaml
 from .errors import BadText, CheckpointError, ConfigError
 from .flow import CFM, load_cfm
 from .generate import DecodeParams, generate
@@ -126,7 +126,7 @@ class Pipeline:
         cfg_path = ckpt / "config.yaml"
         if not cfg_path.is_file():
             raise CheckpointError(f"{ckpt}: no config.yaml (convert the official checkpoint with ttsd-convert)")
-        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        config = load_yaml(cfg_path)
         tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", TextNormalizer(glossary_path=_glossary(ckpt)))
         w2v, w2v_stats = load_w2v_bert(ckpt, dev)
         s2mel = ckpt / "s2mel.safetensors"

@@ -21,19 +21,13 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from .config import require
 from .errors import ConfigError
 from .layers import WNConv1d, fold_weight_norm
 from .weights import load_module
 
 VOCOS_KERNEL = 7          # embed and depthwise conv taps (VocosBackbone / ConvNeXtBlock)
 VOCOS_LN_EPS = 1e-6       # every LayerNorm of the Vocos backbone
-
-
-def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
-    try:
-        return raw[key]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"config.yaml: missing key {where}.{key}") from e
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,17 +44,17 @@ class SemanticCodecConfig:
     def from_yaml(cls, config: Mapping[str, Any]) -> SemanticCodecConfig:
         """Build from the parsed config.yaml (the whole document)."""
         where = "semantic_codec"
-        raw = _key(config, where, "")
+        raw = require(config, where, "")
         # RepCodec reads these two with hasattr() and falls back to its class defaults (1, 1).
         if int(raw.get("downsample_scale", 1)) > 1:
             raise ConfigError(f"{where}.downsample_scale > 1 (the IndexTTS-2.5 codec) is not supported")
         return cls(
-            codebook_size=int(_key(raw, "codebook_size", where)),
-            hidden_size=int(_key(raw, "hidden_size", where)),
-            codebook_dim=int(_key(raw, "codebook_dim", where)),
-            vocos_dim=int(_key(raw, "vocos_dim", where)),
-            vocos_intermediate_dim=int(_key(raw, "vocos_intermediate_dim", where)),
-            vocos_num_layers=int(_key(raw, "vocos_num_layers", where)),
+            codebook_size=int(require(raw, "codebook_size", where)),
+            hidden_size=int(require(raw, "hidden_size", where)),
+            codebook_dim=int(require(raw, "codebook_dim", where)),
+            vocos_dim=int(require(raw, "vocos_dim", where)),
+            vocos_intermediate_dim=int(require(raw, "vocos_intermediate_dim", where)),
+            vocos_num_layers=int(require(raw, "vocos_num_layers", where)),
             num_quantizers=int(raw.get("num_quantizers", 1)),
         )
 

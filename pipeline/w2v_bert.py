@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import require
 from .errors import ConfigError
 from .weights import load_module, read_shapes
 
@@ -30,13 +31,6 @@ from .weights import load_module, read_shapes
 # MaskGCT's semantic codec was trained on. Layers 17.. never run.
 HIDDEN_STATE_LAYER = 17
 HF_PREFIX = "wav2vec2_bert."  # transformers accepts (and some exports carry) this key prefix
-
-
-def _key(raw: Mapping[str, Any], key: str, where: str) -> Any:
-    try:
-        return raw[key]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{where}: missing key {key}") from e
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -60,20 +54,20 @@ class W2VBertConfig:
     def from_json(cls, raw: Mapping[str, Any], where: str = "w2v_bert.json") -> W2VBertConfig:
         """Build from the parsed HF config.json (converted copy: w2v_bert.json)."""
         cfg = cls(
-            hidden_size=int(_key(raw, "hidden_size", where)),
-            num_hidden_layers=int(_key(raw, "num_hidden_layers", where)),
-            num_attention_heads=int(_key(raw, "num_attention_heads", where)),
-            intermediate_size=int(_key(raw, "intermediate_size", where)),
-            hidden_act=str(_key(raw, "hidden_act", where)),
-            feature_projection_input_dim=int(_key(raw, "feature_projection_input_dim", where)),
-            layer_norm_eps=float(_key(raw, "layer_norm_eps", where)),
-            position_embeddings_type=str(_key(raw, "position_embeddings_type", where)),
-            left_max_position_embeddings=int(_key(raw, "left_max_position_embeddings", where)),
-            right_max_position_embeddings=int(_key(raw, "right_max_position_embeddings", where)),
-            conv_depthwise_kernel_size=int(_key(raw, "conv_depthwise_kernel_size", where)),
-            mask_time_prob=float(_key(raw, "mask_time_prob", where)),
-            mask_feature_prob=float(_key(raw, "mask_feature_prob", where)),
-            add_adapter=bool(_key(raw, "add_adapter", where)),
+            hidden_size=int(require(raw, "hidden_size", file=where)),
+            num_hidden_layers=int(require(raw, "num_hidden_layers", file=where)),
+            num_attention_heads=int(require(raw, "num_attention_heads", file=where)),
+            intermediate_size=int(require(raw, "intermediate_size", file=where)),
+            hidden_act=str(require(raw, "hidden_act", file=where)),
+            feature_projection_input_dim=int(require(raw, "feature_projection_input_dim", file=where)),
+            layer_norm_eps=float(require(raw, "layer_norm_eps", file=where)),
+            position_embeddings_type=str(require(raw, "position_embeddings_type", file=where)),
+            left_max_position_embeddings=int(require(raw, "left_max_position_embeddings", file=where)),
+            right_max_position_embeddings=int(require(raw, "right_max_position_embeddings", file=where)),
+            conv_depthwise_kernel_size=int(require(raw, "conv_depthwise_kernel_size", file=where)),
+            mask_time_prob=float(require(raw, "mask_time_prob", file=where)),
+            mask_feature_prob=float(require(raw, "mask_feature_prob", file=where)),
+            add_adapter=bool(require(raw, "add_adapter", file=where)),
         )
         if cfg.position_embeddings_type != "relative_key" or cfg.hidden_act not in ("swish", "silu"):
             raise ConfigError(f"{where}: only position_embeddings_type=relative_key with swish is supported")
