@@ -21,6 +21,8 @@ from ttsd.pipeline.errors import ConfigError
 DEFAULT_PORT: Final = 8765
 TOKEN_ENV: Final = "TTSD_TOKEN"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# ttsd.pipeline.tiny.PRESETS, named here because importing that module imports torch.
+RANDOM_WEIGHT_PRESETS: Final = ("tiny", "full")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -28,6 +30,8 @@ class DaemonConfig:
     host: str = "127.0.0.1"              # bind address; anything but loopback requires `token`
     port: int = DEFAULT_PORT             # TCP port; 0 picks a free one (tests)
     checkpoints: Path | None = None      # converted checkpoint directory (ttsd-convert output)
+    random_weights: str | None = None    # instead of checkpoints: seeded random `tiny` or `full` model (benchmarks)
+    random_seed: int = 0                 # seed of the random_weights model
     device: str = "auto"                 # torch device: auto (cuda if available), cpu, cuda, cuda:1
     dtype: str = "auto"                  # GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA)
     max_frame_bytes: int = 16 * 2**20    # largest client frame; reference audio travels in one frame
@@ -57,6 +61,14 @@ class DaemonConfig:
             (self.stall_timeout_s > 0, "stall_timeout_s must be > 0"),
             (self.token is None or len(self.token) >= 16, "token must be at least 16 characters"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
+            (
+                self.random_weights in (None, *RANDOM_WEIGHT_PRESETS),
+                f"random_weights must be one of {', '.join(RANDOM_WEIGHT_PRESETS)}, got {self.random_weights!r}",
+            ),
+            (
+                self.random_weights is None or self.checkpoints is None,
+                "give either checkpoints or random_weights, not both",
+            ),
         ]
         for ok, message in checks:
             if not ok:

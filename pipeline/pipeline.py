@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,19 +228,16 @@ class Pipeline:
         """Autoregressive codes for one segment, then the second pass that yields the latent."""
         gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment.index))
         text = torch.tensor([segment.text_ids], dtype=torch.int64, device=self.device)  # [1, L]
-        t0 = _clock(self.device, timings)
         params = DecodeParams.from_options(opts)
         if params.max_mel_tokens > self.max_mel_tokens:
             params = dataclasses.replace(params, max_mel_tokens=self.max_mel_tokens)
-        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L', D]
-        cache = self._kv_cache(params.num_beams)
-        codes = generate(self.gpt, prefix, params, generator=gen, cancel=cancel, cache=cache).codes  # [1, M]
-        t1 = _clock(self.device, timings)
-        latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
-        t2 = _clock(self.device, timings)
+        with _timed(timings, "gpt_s", self.device):
+            prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L', D]
+            cache = self._kv_cache(params.num_beams)
+            codes = generate(self.gpt, prefix, params, generator=gen, cancel=cancel, cache=cache).codes  # [1, M]
+        with _timed(timings, "gpt_latent_s", self.device):
+            latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
         if timings is not None:
-            timings["gpt_s"] = timings.get("gpt_s", 0.0) + (t1 - t0)
-            timings["gpt_latent_s"] = timings.get("gpt_latent_s", 0.0) + (t2 - t1)
             timings["gpt_codes"] = timings.get("gpt_codes", 0.0) + codes.size(1)
         return GptOutput(codes=codes, latent=latent)
 
@@ -261,7 +258,23 @@ class Pipeline:
         m = out.codes.size(1)
         if m == 0:  # the GPT stopped at once: nothing to render for this segment
             return torch.zeros(0, device=self.device)
-        t0 = _clock(self.device, timings)
+        with _timed(timings, "s2mel_s", self.device):
+            mel = self._s2mel(voice, out, opts, seed, segment_index, noise, cancel)  # [1, 80, T]
+        with _timed(timings, "bigvgan_s", self.device):
+            return to_pcm_scale(self.bigvgan(mel))[0]  # [256 T]
+
+    def _s2mel(
+        self,
+        voice: Voice,
+        out: GptOutput,
+        opts: SynthesisOptions,
+        seed: int,
+        segment_index: int,
+        noise: Tensor | None,
+        cancel: Callable[[], bool] | None,
+    ) -> Tensor:
+        """gpt_layer + vq2emb → length regulator → CFM → the target mel (1, 80, T), in float32."""
+        m = out.codes.size(1)
         s_infer = self.codec.vq2emb(out.codes).transpose(1, 2) + self.gpt_layer(out.latent)  # [1, M, Cw]
         target = mel_lengths(torch.tensor([m], device=self.device))  # floor(1.72 M) in float32, as upstream
         cond = self.length_regulator(s_infer, target)  # [1, T, C]
@@ -278,14 +291,8 @@ class Pipeline:
             noise=None if noise is None else noise.to(self.device),
             generator=gen,
             cancel=cancel,
-        )[:, :, voice.ref_mel.size(2) :]  # [1, 80, T]
-        t1 = _clock(self.device, timings)
-        pcm = to_pcm_scale(self.bigvgan(mel))[0]  # [256 T]
-        t2 = _clock(self.device, timings)
-        if timings is not None:
-            timings["s2mel_s"] = timings.get("s2mel_s", 0.0) + (t1 - t0)
-            timings["bigvgan_s"] = timings.get("bigvgan_s", 0.0) + (t2 - t1)
-        return pcm
+        )
+        return mel[:, :, voice.ref_mel.size(2) :]  # [1, 80, T]
 
     def synthesize_segment(
         self,
@@ -385,12 +392,19 @@ def _glossary(ckpt: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _clock(device: torch.device, timings: dict[str, float] | None) -> float:
+@contextmanager
+def _timed(timings: dict[str, float] | None, key: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the block to timings[key]; a no-op (and no sync) without timings."""
     if timings is None:
-        return 0.0
+        yield
+        return
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # host sync on purpose: only when timings are requested
-    return time.perf_counter()
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 class _Lanes:
