@@ -23,9 +23,9 @@ from torch import Tensor
 from .errors import Cancelled
 from .gpt import KVCache, UnifiedVoice
 
-STOP_CHECK_EVERY = 8        # decode steps between host syncs (stop token check, cancel poll)
-FAKE_PROMPT_ID = 1          # upstream fake input_ids are all 1 before the start token: code 1 is always penalised
-BEAM_INIT_SCORE = -1e9      # HF beam_scores[:, 1:]: all beams start identical, only beam 0 may expand
+STOP_CHECK_EVERY = 8  # decode steps between host syncs (stop token check, cancel poll)
+FAKE_PROMPT_ID = 1  # upstream fake input_ids are all 1 before the start token: code 1 is always penalised
+BEAM_INIT_SCORE = -1e9  # HF beam_scores[:, 1:]: all beams start identical, only beam 0 may expand
 
 StepFn = Callable[[UnifiedVoice, Tensor, Tensor, Tensor, KVCache], Tensor]
 StepRecorder = Callable[[int, Tensor, Tensor], None]  # (step, raw logits [B, V], processed scores [B, V])
@@ -35,27 +35,31 @@ StepRecorder = Callable[[int, Tensor, Tensor], None]  # (step, raw logits [B, V]
 class DecodeParams:
     do_sample: bool
     temperature: float
-    top_k: int                 # 0 disables
-    top_p: float               # 1.0 disables
+    top_k: int  # 0 disables
+    top_p: float  # 1.0 disables
     num_beams: int
     repetition_penalty: float  # 1.0 disables
-    max_mel_tokens: int        # K: codes generated at most (stop token included)
+    max_mel_tokens: int  # K: codes generated at most (stop token included)
 
     @classmethod
     def from_options(cls, opts: Any) -> DecodeParams:
         """From `SynthesisOptions` (any object with the same field names)."""
         return cls(
-            do_sample=bool(opts.do_sample), temperature=float(opts.temperature), top_k=int(opts.top_k),
-            top_p=float(opts.top_p), num_beams=int(opts.num_beams),
-            repetition_penalty=float(opts.repetition_penalty), max_mel_tokens=int(opts.max_mel_tokens),
+            do_sample=bool(opts.do_sample),
+            temperature=float(opts.temperature),
+            top_k=int(opts.top_k),
+            top_p=float(opts.top_p),
+            num_beams=int(opts.num_beams),
+            repetition_penalty=float(opts.repetition_penalty),
+            max_mel_tokens=int(opts.max_mel_tokens),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Generated:
     codes_raw: Tensor  # [1, N'] as inference_speech returns them: ends in the stop token if one came
-    codes: Tensor      # [1, N] trimmed at the first stop token (the second pass's input)
-    stopped: bool      # the stop token was produced
+    codes: Tensor  # [1, N] trimmed at the first stop token (the second pass's input)
+    stopped: bool  # the stop token was produced
 
 
 def graphed(fn: StepFn, *, enabled: bool) -> StepFn:
@@ -70,9 +74,9 @@ def _compile(fn: StepFn) -> StepFn:
     return compiled
 
 
-def _step_fn(cache: KVCache, device: torch.device) -> StepFn:
+def _step_fn(cache: KVCache, device: torch.device, graphs: bool) -> StepFn:
     """The decode step for this device; on CUDA the cache is marked static so graphs replay in place."""
-    enabled = device.type == "cuda"
+    enabled = graphs and device.type == "cuda"
     if enabled:
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
@@ -170,6 +174,7 @@ def generate(
     cancel: Callable[[], bool] | None = None,
     recorder: StepRecorder | None = None,
     cache: KVCache | None = None,
+    graphs: bool = True,
 ) -> Generated:
     """Generate semantic codes after `prefix` [1, P, D] (from `UnifiedVoice.build_prefix`).
 
@@ -177,13 +182,16 @@ def generate(
     num_beams > 1: beam search / beam sampling as upstream. `cancel` is polled every
     STOP_CHECK_EVERY steps and raises Cancelled; `recorder` sees every step's logits and scores.
     `cache` (optional) is a per-slot KVCache with num_beams rows reused across requests, so that
-    graphed steps replay on the same buffers; by default one is allocated for this call."""
+    graphed steps replay on the same buffers; by default one is allocated for this call.
+    `graphs` False keeps the decode step eager on CUDA too (it is always eager on CPU)."""
     if params.num_beams > 1:
-        return beam_search(gpt, prefix, params, generator=generator, cancel=cancel, recorder=recorder, cache=cache)
+        return beam_search(
+            gpt, prefix, params, generator=generator, cancel=cancel, recorder=recorder, cache=cache, graphs=graphs
+        )
     _poll(cancel)
     stop = gpt.cfg.stop_mel_token
     cache, seen = _new_state(gpt, prefix, params, 1, cache)
-    step_fn = _step_fn(cache, prefix.device)
+    step_fn = _step_fn(cache, prefix.device, graphs)
     codes = torch.full((1, params.max_mel_tokens), stop, dtype=torch.long, device=prefix.device)  # [1, K]
     input_pos = torch.tensor([prefix.size(1) + 1], device=prefix.device)  # cache slot of the first code
     mel_pos = torch.tensor([2], device=prefix.device)  # upstream off-by-one: code k sits at mel position k+1
@@ -249,6 +257,7 @@ def beam_search(
     cancel: Callable[[], bool] | None = None,
     recorder: StepRecorder | None = None,
     cache: KVCache | None = None,
+    graphs: bool = True,
 ) -> Generated:
     """HF beam search (do_sample False) / beam sampling (True) with num_beams ≥ 1 rows.
 
@@ -256,7 +265,7 @@ def beam_search(
     _poll(cancel)
     nb, stop, dev = params.num_beams, gpt.cfg.stop_mel_token, prefix.device
     cache, seen = _new_state(gpt, prefix, params, nb, cache)
-    step_fn = _step_fn(cache, dev)
+    step_fn = _step_fn(cache, dev, graphs)
     seqs = torch.full((nb, params.max_mel_tokens), stop, dtype=torch.long, device=dev)  # [B, K]
     scratch = torch.empty_like(seqs)
     seen_scratch = torch.empty_like(seen)

@@ -94,6 +94,7 @@ class Pipeline:
         emotion: EmotionMatrices,
         device: torch.device,
         gpt_dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = True,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -107,6 +108,7 @@ class Pipeline:
         )
         self.device = device
         self.gpt_dtype = gpt_dtype
+        self.cuda_graphs = cuda_graphs  # CUDA only: the decode step compiled into CUDA graphs
         self.emotion = emotion
         self._kv: dict[int, KVCache] = {}
         self.lanes = _Lanes(device)
@@ -114,9 +116,17 @@ class Pipeline:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, ckpt_dir: Path | str, device: str | torch.device = "cpu", dtype: str = "float32") -> Pipeline:
+    def load(
+        cls,
+        ckpt_dir: Path | str,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        *,
+        cuda_graphs: bool = True,
+    ) -> Pipeline:
         """Load a converted checkpoint directory (ttsd-convert output). `dtype` applies to the GPT;
-        the acoustic side stays float32, as upstream runs it even in fp16 mode."""
+        the acoustic side stays float32, as upstream runs it even in fp16 mode. `cuda_graphs`
+        compiles the GPT decode step into CUDA graphs on CUDA devices."""
         ckpt = Path(ckpt_dir)
         dev = torch.device(device)
         if dtype not in DTYPES:
@@ -148,6 +158,7 @@ class Pipeline:
             emotion=load_emotion_matrices(ckpt, config, dev),
             device=dev,
             gpt_dtype=DTYPES[dtype],
+            cuda_graphs=cuda_graphs,
         )
 
     @property
@@ -234,7 +245,9 @@ class Pipeline:
         with _timed(timings, "gpt_s", self.device):
             prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L', D]
             cache = self._kv_cache(params.num_beams)
-            codes = generate(self.gpt, prefix, params, generator=gen, cancel=cancel, cache=cache).codes  # [1, M]
+            codes = generate(
+                self.gpt, prefix, params, generator=gen, cancel=cancel, cache=cache, graphs=self.cuda_graphs
+            ).codes  # [1, M]
         with _timed(timings, "gpt_latent_s", self.device):
             latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
         if timings is not None:

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output file; format from the extension (wav/flac/ogg)")
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="GPT dtype")
+    ap.add_argument(
+        "--no-cuda-graphs", action="store_true", help="run the GPT decode step eagerly on CUDA (no torch.compile)"
+    )
     ap.add_argument("--noise", type=Path, help="safetensors with CFM starting noise per segment (seg{i}.noise)")
     add_synthesis_flags(ap)
     args = ap.parse_args(argv)
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(args)
         t0 = time.perf_counter()
-        pipe = Pipeline.load(args.checkpoints, device=args.device, dtype=args.dtype)
+        pipe = Pipeline.load(
+            args.checkpoints, device=args.device, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs
+        )
         t1 = time.perf_counter()
         voice = pipe.prepare_voice(args.voice, args.emo_audio)
         noise: dict[int, torch.Tensor] | None = None
