@@ -2,13 +2,19 @@
 
     python bench/bench_daemon.py --url ws://127.0.0.1:8765 --clients 8
     python bench/bench_daemon.py --spawn --checkpoints CKPT --clients 4 --device cpu
+    python bench/bench_daemon.py --random-full --clients 2 --max-mel-tokens 25   # real sizes, random weights
 
 Every client opens its own connection (the `ttsd.clients` library), registers the same
 reference audio and, after one warm-up request, sends `--requests` requests back to back, all
 clients at once. Time to first audio is measured at the client, from sending `Synthesize` to the
 first `Audio` frame (the server's own `Done.first_audio_ms` is reported beside it). Throughput is
 the audio seconds all clients received per wall-clock second. Cancel latency is the time from
-sending `Cancel` (right after a request's first audio frame) to the `cancelled` error."""
+sending `Cancel` (right after a request's first audio frame) to the `cancelled` error.
+
+`--random-full` (or `--random tiny`) spawns `ttsd serve --random-weights PRESET`: the architecture
+with seeded random weights, built in memory, no checkpoints needed. A random model never emits the
+stop token, so every segment decodes exactly `--max-mel-tokens` codes (default
+RANDOM_MAX_MEL_TOKENS): the real cost without real weights."""
 
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from ttsd.pipeline.tiny import synthetic_voice
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home again."
 CANCEL_TEXT = " ".join([TEXT] * 6)  # long enough to still be running when the cancel arrives
 SPAWN_TIMEOUT_S = 900.0  # loading full-size weights on a slow disk / CPU can take minutes
+RANDOM_MAX_MEL_TOKENS = 50  # codes per segment for random models when --max-mel-tokens is not given (1 s audio)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -86,14 +93,14 @@ async def one_cancel(client: Client, voice: str, options: dict[str, Any]) -> flo
     return float("nan")  # finished before the cancel took effect
 
 
-async def client_run(url: str, token: str | None, audio: bytes, n: int, options: dict[str, Any],
+async def client_run(url: str, token: str | None, audio: bytes, text: str, n: int, options: dict[str, Any],
                      start: asyncio.Event, ready: asyncio.Queue[str]) -> list[Result]:
     async with Client(url, token) as client:
         voice = await client.register_voice(audio)
-        await one_request(client, voice, TEXT, options)  # warm-up: voice and code paths hot
+        await one_request(client, voice, text, options)  # warm-up: voice and code paths hot
         await ready.put(voice)
         await start.wait()
-        return [await one_request(client, voice, TEXT, options) for _ in range(n)]
+        return [await one_request(client, voice, text, options) for _ in range(n)]
 
 
 async def bench(args: argparse.Namespace, url: str) -> None:
@@ -103,7 +110,7 @@ async def bench(args: argparse.Namespace, url: str) -> None:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     start, ready = asyncio.Event(), asyncio.Queue[str]()
-    tasks = [asyncio.create_task(client_run(url, args.token, audio, args.requests, options, start, ready))
+    tasks = [asyncio.create_task(client_run(url, args.token, audio, args.text, args.requests, options, start, ready))
              for _ in range(args.clients)]
     for _ in range(args.clients):
         await ready.get()
@@ -122,6 +129,9 @@ async def bench(args: argparse.Namespace, url: str) -> None:
     server = [r.server_first_audio_ms for r in results if r.server_first_audio_ms is not None]
     audio_total = sum(r.audio_s for r in results)
     print(f"url: {url}")
+    if args.spawn:
+        model = args.checkpoints if args.random is None else f"random {args.random} (seed {args.random_seed})"
+        print(f"spawned: ttsd serve, model {model}, device {args.device}, dtype {args.dtype}")
     print(f"clients: {args.clients}  requests per client: {args.requests}  options: {options}")
     print()
     print("| clients | requests | ttfa_p50_s | ttfa_p95_s | server_ttfa_p50_ms | audio_s | wall_s "
@@ -149,7 +159,11 @@ def _free_port() -> int:
 def spawned(args: argparse.Namespace) -> Iterator[str]:
     """Run `ttsd serve` on a free loopback port until the block ends; yields its WebSocket URL."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--checkpoints", str(args.checkpoints),
+    if args.random is not None:
+        weights = ["--random-weights", args.random, "--random-seed", str(args.random_seed)]
+    else:
+        weights = ["--checkpoints", str(args.checkpoints)]
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", *weights,
            "--port", str(port), "--device", args.device, "--dtype", args.dtype,
            "--max-concurrent-requests", str(max(args.clients, 1)), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env={**os.environ, "TTSD_TOKEN": ""})
@@ -180,20 +194,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon URL (ignored with --spawn)")
     ap.add_argument("--token", default=os.environ.get("TTSD_TOKEN") or None, help="bearer token ($TTSD_TOKEN)")
     ap.add_argument("--spawn", action="store_true", help="start `ttsd serve` for the run (needs --checkpoints)")
-    ap.add_argument("--checkpoints", type=Path, help="converted checkpoint directory for --spawn")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoints", type=Path, help="converted checkpoint directory for --spawn")
+    src.add_argument("--random-full", action="store_true", help="spawn with the full-size model, seeded random weights")
+    src.add_argument("--random", choices=["tiny", "full"], help="spawn with random weights of a make-tiny preset")
+    ap.add_argument("--random-seed", type=int, default=0, help="weights seed of --random models")
     ap.add_argument("--device", default="cpu", help="--spawn: torch device")
     ap.add_argument("--dtype", default="float32", help="--spawn: GPT dtype")
     ap.add_argument("--clients", type=int, default=4, help="concurrent connections")
     ap.add_argument("--requests", type=int, default=2, help="timed requests per client, back to back")
     ap.add_argument("--cancels", type=int, default=3, help="cancel-latency samples")
+    ap.add_argument("--text", default=TEXT, help="text of every timed request (default: one sentence)")
     ap.add_argument("--voice", type=Path, help="reference audio (default: a synthetic voiced signal)")
     ap.add_argument("--voice-s", type=float, default=6.0, help="length of the synthetic reference (seconds)")
-    ap.add_argument("--max-mel-tokens", type=int, help="codes per segment (server default otherwise)")
+    ap.add_argument("--max-mel-tokens", type=int,
+                    help=f"codes per segment (server default otherwise; {RANDOM_MAX_MEL_TOKENS} for --random models)")
     ap.add_argument("--num-beams", type=int)
     ap.add_argument("--diffusion-steps", type=int)
     args = ap.parse_args(argv)
-    if args.spawn and args.checkpoints is None:
-        ap.error("--spawn needs --checkpoints")
+    if args.random_full:
+        args.random = "full"
+    if args.random is not None:
+        args.spawn = True
+        if args.max_mel_tokens is None:
+            args.max_mel_tokens = RANDOM_MAX_MEL_TOKENS  # the stop token never comes: cap every segment
+    if args.spawn and args.checkpoints is None and args.random is None:
+        ap.error("--spawn needs --checkpoints, --random-full or --random PRESET")
     if args.spawn:
         with spawned(args) as url:
             asyncio.run(bench(args, url))

@@ -217,9 +217,21 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
+    """`config.checkpoints` loaded on `device`, or with `random_weights` a seeded random model built in memory."""
+    if config.random_weights is not None:
+        from ttsd.pipeline.tiny import random_pipeline
+
+        return random_pipeline(config.random_weights, config.random_seed, device, dtype)
+    from ttsd.pipeline.pipeline import Pipeline
+
+    assert config.checkpoints is not None  # serve() returned early otherwise
+    return Pipeline.load(config.checkpoints, device=device, dtype=dtype)
+
+
 async def serve(config: DaemonConfig) -> int:
     """`ttsd serve`: load, listen, READY=1, wait for SIGTERM/SIGINT, drain, exit code 0."""
-    if config.checkpoints is None:
+    if config.checkpoints is None and config.random_weights is None:
         log.error("no checkpoint directory: pass --checkpoints DIR or set checkpoints in the config file")
         return 2
     loop = asyncio.get_running_loop()
@@ -228,16 +240,23 @@ async def serve(config: DaemonConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     from ttsd.pipeline.errors import TtsdError
-    from ttsd.pipeline.pipeline import Pipeline
 
     device, dtype = resolve_device(config.device, config.dtype)
-    systemd.notify_status(f"loading weights from {config.checkpoints} on {device}")
+    if config.random_weights is not None:
+        source = f"random {config.random_weights} model (seed {config.random_seed})"
+        log.warning(
+            "random_weights=%s random_seed=%d: serving RANDOM weights, not a trained model; "
+            "the audio is noise (benchmarks and demos only)", config.random_weights, config.random_seed,
+        )
+    else:
+        source = str(config.checkpoints)
+    systemd.notify_status(f"loading weights from {source} on {device}")
     t0 = time.perf_counter()
     try:
         # In a thread so a SIGTERM during a long load is noticed as soon as it finishes.
-        pipeline = await asyncio.to_thread(Pipeline.load, config.checkpoints, device=device, dtype=dtype)
+        pipeline = await asyncio.to_thread(load_pipeline, config, device, dtype)
     except TtsdError as e:
-        log.error("cannot load checkpoints=%s error=%r", config.checkpoints, str(e))
+        log.error("cannot load weights=%r error=%r", source, str(e))
         return 1
     load_s = time.perf_counter() - t0
     if stop.is_set():
@@ -250,9 +269,9 @@ async def serve(config: DaemonConfig) -> int:
         log.error("cannot listen host=%s port=%d error=%r", config.host, config.port, e.strerror)
         return 1
     log.info(
-        "ttsd ready url=%s device=%s dtype=%s load_s=%.2f checkpoints=%s auth=%s",
+        "ttsd ready url=%s device=%s dtype=%s load_s=%.2f checkpoints=%s random_weights=%s auth=%s",
         server.url, pipeline.device, str(pipeline.gpt_dtype).removeprefix("torch."), load_s, config.checkpoints,
-        "bearer" if config.token else "none",
+        config.random_weights, "bearer" if config.token else "none",
     )
     systemd.notify_ready(f"serving on {server.url}")
     await stop.wait()

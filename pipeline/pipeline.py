@@ -39,9 +39,9 @@ from .gpt import (
     scale_emo_vector,
 )
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
-from .options import SynthesisOptions
+from .options import BadOptions, SynthesisOptions
 from .semantic_codec import SemanticCodec, load_semantic_codec
-from .text import SentenceBuffer, TextNormalizer, TextTokenizer, split_segments
+from .text import TextNormalizer, TextTokenizer, split_segments
 from .voice import AudioSource, Voice, prepare_voice
 from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
 
@@ -174,7 +174,11 @@ class Pipeline:
         return prepare_voice(self, spk_audio, emo_audio, max_input_s)
 
     def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
-        """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText."""
+        """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText, BadOptions."""
+        # Quote duplication can add one piece to a segment; the GPT's text position table must hold it.
+        limit = self.gpt.cfg.max_text_tokens - 1
+        if opts.max_text_tokens_per_segment > limit:
+            raise BadOptions(f"max_text_tokens_per_segment must be <= {limit} for this model")
         pieces = self.tokenizer.tokenize(text)
         groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
         segments = [
@@ -186,14 +190,6 @@ class Pipeline:
         if not segments:
             raise BadText("nothing to speak: the text is empty after normalisation")
         return segments
-
-    @staticmethod
-    def sentences(text: str) -> list[str]:
-        """Split text into sentences the way streaming input is split (SentenceBuffer)."""
-        buf = SentenceBuffer()
-        out = buf.feed(text)
-        rest = buf.flush()
-        return [s for s in [*out, rest] if s.strip()]
 
     # ------------------------------------------------------------------ emotion
 

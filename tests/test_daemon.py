@@ -589,6 +589,39 @@ def test_ttsd_serve_notifies_systemd_and_exits_0_on_sigterm(converted: Path, tmp
         notify.close()
 
 
+async def test_ttsd_serve_random_weights_answers_with_audio(speaker_wav: bytes) -> None:
+    """`ttsd serve --random-weights tiny` needs no checkpoints, warns that its weights are random, and speaks."""
+    env = {**os.environ}
+    env.pop("JOURNAL_STREAM", None)
+    env.pop("NOTIFY_SOCKET", None)
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--random-weights", "tiny", "--random-seed", "1",
+           "--port", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or "ttsd ready" not in lines[-1]:
+            lines.append(await asyncio.to_thread(proc.stderr.readline))
+            assert lines[-1], "daemon exited before logging its ready line: " + "".join(lines)
+        assert any(" WARNING " in line and "RANDOM weights" in line for line in lines), lines
+        url = lines[-1].split("url=", 1)[1].split()[0]
+        async with connect(url, compression=None, max_size=None) as ws:
+            c = Client(ws)
+            voice = await c.register(speaker_wav)
+            await c.send(p.Synthesize(id=1, text="Hello world.", voice=voice, **FAST))
+            messages = await c.until(1)
+        assert isinstance(last(messages), p.Done), last(messages)
+        assert len(pcm_of(messages, 1)) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, GATE_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 @pytest.mark.cuda
 async def test_cuda_overlapped_stream_equals_offline_synthesis(converted: Path, speaker_wav: bytes) -> None:
     """On CUDA (GPT and acoustic stages on two streams) two interleaved requests still match offline output."""
@@ -632,6 +665,28 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     path.write_text("port = true\n")
     with pytest.raises(ConfigError, match="port"):
         from_args(build_parser().parse_args(["serve", "--config", str(path)]))
+
+
+def test_random_weights_config(tmp_path: Path) -> None:
+    """random_weights takes a known preset and replaces checkpoints; an unknown preset or both at once is an error."""
+    from ttsd.daemon.cli import build_parser
+    from ttsd.daemon.config import RANDOM_WEIGHT_PRESETS, from_args
+    from ttsd.pipeline.errors import ConfigError
+    from ttsd.pipeline.tiny import PRESETS
+
+    assert set(RANDOM_WEIGHT_PRESETS) == set(PRESETS)
+    config = from_args(build_parser().parse_args(["serve", "--random-weights", "full", "--random-seed", "7"]))
+    assert (config.random_weights, config.random_seed, config.checkpoints) == ("full", 7, None)
+    assert DaemonConfig().random_weights is None
+    with pytest.raises(ConfigError, match="random_weights must be one of tiny, full, got 'huge'"):
+        DaemonConfig(random_weights="huge").validated()
+    with pytest.raises(ConfigError, match="either checkpoints or random_weights"):
+        DaemonConfig(random_weights="tiny", checkpoints=Path("/srv/ckpt")).validated()
+    path = tmp_path / "ttsd.toml"
+    path.write_text('random_weights = "tiny"\nrandom_seed = 3\n')
+    assert from_args(build_parser().parse_args(["serve", "--config", str(path)])).random_seed == 3
+    with pytest.raises(ConfigError, match="not both"):
+        from_args(build_parser().parse_args(["serve", "--config", str(path), "--checkpoints", "/srv/ckpt"]))
 
 
 def test_non_loopback_bind_requires_a_token(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,7 +124,7 @@ def test_sampling_is_seeded(fx: FixtureSet, pipe: Pipeline) -> None:
 
 
 def test_bad_inputs_raise_typed_errors(fx: FixtureSet, pipe: Pipeline) -> None:
-    """Garbage audio, empty text, bad options and cancellation each raise their own error type."""
+    """Garbage audio, empty text, bad options, oversize segments and cancellation raise their own error types."""
     with pytest.raises(BadAudio):
         pipe.prepare_voice(b"this is not audio at all")
     voice = pipe.prepare_voice(fx.input_path("speaker.wav"))
@@ -132,6 +132,8 @@ def test_bad_inputs_raise_typed_errors(fx: FixtureSet, pipe: Pipeline) -> None:
         pipe.synthesize(voice, "   ", SynthesisOptions(max_mel_tokens=4, diffusion_steps=1))
     with pytest.raises(BadOptions):
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(top_p=0.0))
+    with pytest.raises(BadOptions, match="max_text_tokens_per_segment"):
+        pipe.split_text("Hi there.", SynthesisOptions(max_text_tokens_per_segment=pipe.gpt.cfg.max_text_tokens + 5))
     with pytest.raises(Cancelled):
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(max_mel_tokens=30, diffusion_steps=2), cancel=lambda: True)
 
