@@ -16,9 +16,9 @@ EMOTIONS = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surp
 
 
 class BadOptions(TtsdError):
-    """A synthesis option outside its valid range."""
+    """A synthesis option outside its valid range (the protocol's `bad_message`: an ill-ranged field)."""
 
-    code = "bad_options"
+    code = "bad_message"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
