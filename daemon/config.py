@@ -34,6 +34,7 @@ class DaemonConfig:
     random_seed: int = 0                 # seed of the random_weights model
     device: str = "auto"                 # torch device: auto (cuda if available), cpu, cuda, cuda:1
     dtype: str = "auto"                  # GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA)
+    cuda_graphs: bool = True             # CUDA: compile the GPT decode step into CUDA graphs
     max_frame_bytes: int = 16 * 2**20    # largest client frame; reference audio travels in one frame
     max_text_chars: int = 5_000          # per request (incremental: all chunks together)
     max_reference_audio_s: float = 30.0  # per reference audio file (upstream uses the first 15 s)
@@ -99,6 +100,8 @@ def _coerce(name: str, value: object) -> object:
         return Path(value)
     if kind in (str, str | None) and isinstance(value, str):
         return value
+    if kind is bool and isinstance(value, bool):
+        return value
     # bool is an int subclass: a TOML `true` must not become port 1.
     if kind is int and type(value) is int:
         return value
@@ -129,6 +132,16 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
     defaults = DaemonConfig()
     for f in fields(DaemonConfig):
         kind = _TYPES[f.name]
+        if kind is bool:
+            # --cuda-graphs / --no-cuda-graphs; absent = unset, so the TOML value or default stands.
+            ap.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"default: {getattr(defaults, f.name)!r}",
+            )
+            continue
         parse: Any = {int: int, float: float}.get(kind, Path if kind == (Path | None) else str)
         ap.add_argument(
             "--" + f.name.replace("_", "-"),

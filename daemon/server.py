@@ -222,11 +222,13 @@ def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
     if config.random_weights is not None:
         from ttsd.pipeline.tiny import random_pipeline
 
-        return random_pipeline(config.random_weights, config.random_seed, device, dtype)
+        return random_pipeline(
+            config.random_weights, config.random_seed, device, dtype, cuda_graphs=config.cuda_graphs
+        )
     from ttsd.pipeline.pipeline import Pipeline
 
     assert config.checkpoints is not None  # serve() returned early otherwise
-    return Pipeline.load(config.checkpoints, device=device, dtype=dtype)
+    return Pipeline.load(config.checkpoints, device=device, dtype=dtype, cuda_graphs=config.cuda_graphs)
 
 
 async def serve(config: DaemonConfig) -> int:

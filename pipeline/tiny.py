@@ -823,7 +823,12 @@ def random_components(preset: str = "tiny", seed: int = 0) -> RandomComponents:
 
 
 def random_pipeline(
-    preset: str = "tiny", seed: int = 0, device: str | torch.device = "cpu", dtype: str = "float32"
+    preset: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    *,
+    cuda_graphs: bool = True,
 ) -> Pipeline:
     """A `Pipeline` over `random_components(preset, seed)`, prepared as `Pipeline.load` prepares a
     loaded one: weight norm folded, non-persistent buffers built on `device`, GPT in `dtype`."""
@@ -874,6 +879,7 @@ def random_pipeline(
         emotion=emotion,
         device=dev,
         gpt_dtype=DTYPES[dtype],
+        cuda_graphs=cuda_graphs,
     )
 
 

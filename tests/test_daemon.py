@@ -689,6 +689,24 @@ def test_random_weights_config(tmp_path: Path) -> None:
         from_args(build_parser().parse_args(["serve", "--config", str(path), "--checkpoints", "/srv/ckpt"]))
 
 
+def test_bool_config_field_from_toml_and_flags(tmp_path: Path) -> None:
+    """cuda_graphs reads a TOML boolean, a flag overrides it either way, and a non-boolean is an error."""
+    from ttsd.daemon.cli import build_parser
+    from ttsd.daemon.config import from_args
+    from ttsd.pipeline.errors import ConfigError
+
+    parse = build_parser().parse_args
+    assert from_args(parse(["serve", "--random-weights", "tiny"])).cuda_graphs is True
+    path = tmp_path / "ttsd.toml"
+    path.write_text('random_weights = "tiny"\ncuda_graphs = false\n')
+    assert from_args(parse(["serve", "--config", str(path)])).cuda_graphs is False
+    assert from_args(parse(["serve", "--config", str(path), "--cuda-graphs"])).cuda_graphs is True
+    assert from_args(parse(["serve", "--random-weights", "tiny", "--no-cuda-graphs"])).cuda_graphs is False
+    path.write_text('random_weights = "tiny"\ncuda_graphs = 1\n')
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        from_args(parse(["serve", "--config", str(path)]))
+
+
 def test_non_loopback_bind_requires_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """Binding beyond loopback without a bearer token is a config error; with one (flag or env) it is allowed."""
     from ttsd.daemon.cli import build_parser
