@@ -303,25 +303,6 @@ class Pipeline:
         )
         return mel[:, :, voice.ref_mel.size(2) :]  # [1, 80, T]
 
-    def synthesize_segment(
-        self,
-        voice: Voice,
-        segment: Segment,
-        opts: SynthesisOptions,
-        *,
-        emovec: Tensor,
-        seed: int,
-        noise: Tensor | None = None,
-        cancel: Callable[[], bool] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> np.ndarray:
-        """One segment end to end → float32 PCM (N,) at ±32767 scale on the host."""
-        out = self.run_gpt(voice, segment, opts, emovec, seed=seed, cancel=cancel, timings=timings)
-        pcm = self.run_acoustic(
-            voice, out, opts, seed=seed, segment_index=segment.index, noise=noise, cancel=cancel, timings=timings
-        )
-        return pcm.cpu().numpy()
-
     # ------------------------------------------------------------------ whole requests
 
     def stream(
