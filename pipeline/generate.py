@@ -310,7 +310,8 @@ def beam_search(
         seqs.copy_(scratch)
         torch.index_select(seen, 0, beam_idx, out=seen_scratch)
         seen.copy_(seen_scratch)
-        cache.reorder(beam_idx)
+        if beams != list(range(nb)):  # every beam kept its own row: nothing to move
+            cache.reorder(beam_idx, prefix.size(1) + 1 + step)  # slots written: prefix, start, `step` codes
         seqs[:, step] = tok_t[:, 0]
         seen.scatter_(1, tok_t, True)
         beam_scores.copy_(torch.tensor(new_scores, device=dev))

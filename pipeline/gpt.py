@@ -152,24 +152,34 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.arange(max_seq_len, device=device)  # [S_max] for the causal mask
-        self._scratch: Tensor | None = None
 
     @classmethod
     def for_slot(cls, cfg: GPTConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """A cache big enough for any request (34 conds + longest text + longest code run): one per slot."""
-        return cls(cfg, batch, cfg.prefix_conds + cfg.text_positions + cfg.mel_positions, device, dtype)
+        """A cache big enough for any request (34 conds + longest text + longest code run): one per slot.
+
+        The length is rounded up to a multiple of 64 so the [S, S_max] attention mask stays aligned
+        for the fused SDPA kernels (gpt-fast's find_multiple); the extra slots are never attended."""
+        need = cfg.prefix_conds + cfg.text_positions + cfg.mel_positions
+        return cls(cfg, batch, -(-need // 64) * 64, device, dtype)
+
+    def rows(self, n: int) -> KVCache:
+        """The first n rows of this cache as a cache of their own (shared storage), so one allocation
+        serves every beam count up to its batch."""
+        if not 1 <= n <= self.k.size(1):
+            raise ValueError(f"cache has {self.k.size(1)} rows; asked for {n}")
+        view = object.__new__(KVCache)
+        view.k, view.v, view.positions = self.k[:, :n], self.v[:, :n], self.positions
+        return view
 
     @property
     def max_seq_len(self) -> int:
         return self.k.size(3)
 
-    def reorder(self, beam_idx: Tensor) -> None:
-        """Beam search: row b of the cache becomes row beam_idx[b], in place (one scratch buffer)."""
-        if self._scratch is None:
-            self._scratch = torch.empty_like(self.k)
+    def reorder(self, beam_idx: Tensor, length: int) -> None:
+        """Beam search: row b becomes row beam_idx[b], over the `length` slots written so far."""
         for buf in (self.k, self.v):
-            torch.index_select(buf, 1, beam_idx, out=self._scratch)
-            buf.copy_(self._scratch)
+            filled = buf[:, :, :, :length]  # [L, B, H, length, Dh]; later slots are rewritten before use
+            filled.copy_(filled.index_select(1, beam_idx))
 
 
 class Conv1D(nn.Module):

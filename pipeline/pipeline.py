@@ -95,6 +95,7 @@ class Pipeline:
         device: torch.device,
         gpt_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
+        max_num_beams: int = 4,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -110,7 +111,12 @@ class Pipeline:
         self.gpt_dtype = gpt_dtype
         self.cuda_graphs = cuda_graphs  # CUDA only: the decode step compiled into CUDA graphs
         self.emotion = emotion
+        self.max_num_beams = max_num_beams
+        self._kv_base: KVCache | None = None
         self._kv: dict[int, KVCache] = {}
+        # Prefetching segment k+1's GPT before handing out segment k only pays where the two can
+        # run at once (two CUDA streams); on CPU it would only delay segment k.
+        self.overlap_segments = device.type == "cuda"
         self.lanes = _Lanes(device)
 
     # ------------------------------------------------------------------ loading
@@ -123,10 +129,12 @@ class Pipeline:
         dtype: str = "float32",
         *,
         cuda_graphs: bool = True,
+        max_num_beams: int = 4,
     ) -> Pipeline:
         """Load a converted checkpoint directory (ttsd-convert output). `dtype` applies to the GPT;
         the acoustic side stays float32, as upstream runs it even in fp16 mode. `cuda_graphs`
-        compiles the GPT decode step into CUDA graphs on CUDA devices."""
+        compiles the GPT decode step into CUDA graphs on CUDA devices. `max_num_beams` sizes the one
+        KV cache every request decodes in (its rows); requests asking for more beams get BadOptions."""
         ckpt = Path(ckpt_dir)
         dev = torch.device(device)
         if dtype not in DTYPES:
@@ -159,6 +167,7 @@ class Pipeline:
             device=dev,
             gpt_dtype=DTYPES[dtype],
             cuda_graphs=cuda_graphs,
+            max_num_beams=max_num_beams,
         )
 
     @property
@@ -212,13 +221,17 @@ class Pipeline:
     # ------------------------------------------------------------------ one segment
 
     def _kv_cache(self, rows: int) -> KVCache:
-        # One preallocated cache per beam count, reused by every request: decoding allocates no
-        # cache memory, and on CUDA the graphed decode step replays on the same addresses.
-        cache = self._kv.get(rows)
-        if cache is None:
-            cache = KVCache.for_slot(self.gpt.cfg, rows, self.device, self.gpt_dtype)
-            self._kv[rows] = cache
-        return cache
+        # One cache of max_num_beams rows, allocated at the first request and reused by all: each
+        # beam count decodes in a view of its first rows, so memory is bounded whatever clients
+        # ask for, and on CUDA the graphed decode step replays on the same addresses.
+        if rows > self.max_num_beams:
+            raise BadOptions(f"num_beams must be <= {self.max_num_beams} on this server")
+        view = self._kv.get(rows)
+        if view is None:
+            if self._kv_base is None:
+                self._kv_base = KVCache.for_slot(self.gpt.cfg, self.max_num_beams, self.device, self.gpt_dtype)
+            view = self._kv[rows] = self._kv_base.rows(rows)
+        return view
 
     @torch.inference_mode()
     def run_gpt(
@@ -320,12 +333,12 @@ class Pipeline:
         its own stream while segment k's DiT + BigVGAN run on another; on CPU the same code runs
         the stages one after the other."""
         seed = opts.seed if opts.seed is not None else secrets.randbits(62)
-        emovec = self.emovec(voice, opts, emo_voice, torch.Generator(device=self.device).manual_seed(seed)).to(
-            self.gpt_dtype
-        )
         noise = noise or {}
         lanes = self.lanes
         lanes.start()
+        with lanes.on(lanes.gpt):  # made and read on the GPT lane only: no cross-stream lifetime to manage
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            emovec = self.emovec(voice, opts, emo_voice, gen).to(self.gpt_dtype)
         pending: tuple[GptOutput, torch.cuda.Event | None] | None = None
 
         def gpt(k: int) -> tuple[GptOutput, torch.cuda.Event | None]:
@@ -350,7 +363,7 @@ class Pipeline:
                 acoustic_done = lanes.mark(lanes.acoustic)
             # Segment k+1's decode runs while segment k's DiT + BigVGAN are on the GPU. Not after
             # segment 0: its audio goes out as soon as it exists, so first audio waits on nothing.
-            pending = gpt(k + 1) if 0 < k < len(segments) - 1 else None
+            pending = gpt(k + 1) if self.overlap_segments and 0 < k < len(segments) - 1 else None
             lanes.wait_host(acoustic_done)  # the host waits for segment k's audio only
             yield seg, pcm.numpy()
 

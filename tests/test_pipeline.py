@@ -134,6 +134,8 @@ def test_bad_inputs_raise_typed_errors(fx: FixtureSet, pipe: Pipeline) -> None:
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(top_p=0.0))
     with pytest.raises(BadOptions, match="max_text_tokens_per_segment"):
         pipe.split_text("Hi there.", SynthesisOptions(max_text_tokens_per_segment=pipe.gpt.cfg.max_text_tokens + 5))
+    with pytest.raises(BadOptions, match="num_beams"):
+        pipe.synthesize(voice, "Hi there.", SynthesisOptions(num_beams=pipe.max_num_beams + 1, max_mel_tokens=4))
     with pytest.raises(Cancelled):
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(max_mel_tokens=30, diffusion_steps=2), cancel=lambda: True)
 
@@ -141,7 +143,7 @@ def test_bad_inputs_raise_typed_errors(fx: FixtureSet, pipe: Pipeline) -> None:
 def test_stream_issues_next_gpt_before_waiting_for_audio(
     fx: FixtureSet, pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From the second segment on, segment k+1's GPT is issued before segment k's audio is handed out."""
+    """With overlap (CUDA) GPT(k+1) is issued before segment k goes out, from k = 1; without it, in order."""
     events: list[str] = []
     run_gpt, run_acoustic = pipe.run_gpt, pipe.run_acoustic
 
@@ -155,6 +157,7 @@ def test_stream_issues_next_gpt_before_waiting_for_audio(
 
     monkeypatch.setattr(pipe, "run_gpt", gpt)
     monkeypatch.setattr(pipe, "run_acoustic", acoustic)
+    monkeypatch.setattr(pipe, "overlap_segments", True)  # as on CUDA; the CPU lanes run it in order
     opts = SynthesisOptions(max_mel_tokens=6, diffusion_steps=1, max_text_tokens_per_segment=8, seed=1)
     voice = pipe.prepare_voice(fx.input_path("speaker.wav"))
     segments = pipe.split_text("One two three. Four five six. Seven eight nine.", opts)[:3]
@@ -162,3 +165,8 @@ def test_stream_issues_next_gpt_before_waiting_for_audio(
     for seg, _ in pipe.stream(voice, segments, opts):
         events.append(f"out{seg.index}")
     assert events == ["gpt0", "acoustic0", "out0", "gpt1", "acoustic1", "gpt2", "out1", "acoustic2", "out2"]
+    events.clear()
+    monkeypatch.setattr(pipe, "overlap_segments", False)  # as on CPU: each segment out as soon as it exists
+    for seg, _ in pipe.stream(voice, segments, opts):
+        events.append(f"out{seg.index}")
+    assert events == ["gpt0", "acoustic0", "out0", "gpt1", "acoustic1", "out1", "gpt2", "acoustic2", "out2"]
