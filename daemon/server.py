@@ -223,12 +223,23 @@ def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
         from ttsd.pipeline.tiny import random_pipeline
 
         return random_pipeline(
-            config.random_weights, config.random_seed, device, dtype, cuda_graphs=config.cuda_graphs
+            config.random_weights,
+            config.random_seed,
+            device,
+            dtype,
+            cuda_graphs=config.cuda_graphs,
+            max_num_beams=config.max_num_beams,
         )
     from ttsd.pipeline.pipeline import Pipeline
 
     assert config.checkpoints is not None  # serve() returned early otherwise
-    return Pipeline.load(config.checkpoints, device=device, dtype=dtype, cuda_graphs=config.cuda_graphs)
+    return Pipeline.load(
+        config.checkpoints,
+        device=device,
+        dtype=dtype,
+        cuda_graphs=config.cuda_graphs,
+        max_num_beams=config.max_num_beams,
+    )
 
 
 async def serve(config: DaemonConfig) -> int:
@@ -261,6 +272,11 @@ async def serve(config: DaemonConfig) -> int:
         log.error("cannot load weights=%r error=%r", source, str(e))
         return 1
     load_s = time.perf_counter() - t0
+    if pipeline.device.type == "cuda" and not stop.is_set():
+        # The first decode compiles and records CUDA graphs: do it before READY=1, not in a request.
+        systemd.notify_status("warming up (compiling the GPT decode step)")
+        warm_s = await asyncio.to_thread(pipeline.warm_up)
+        log.info("warm-up done warm_s=%.2f", warm_s)
     if stop.is_set():
         log.info("stopped during load")
         return 0

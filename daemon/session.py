@@ -367,7 +367,7 @@ class Session:
         if not msg.incremental and not msg.text.strip():
             raise BadText("text is empty")
         try:
-            opts = synthesis_options(msg)
+            opts = self.worker.pipeline.check_options(synthesis_options(msg))
         except BadOptions as e:
             raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, str(e), msg.id) from None
         if opts.seed is None:

@@ -182,12 +182,20 @@ class Pipeline:
         """Reference clip (and optional emotion clip) → cached conditioning. Raises BadAudio."""
         return prepare_voice(self, spk_audio, emo_audio, max_input_s)
 
-    def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
-        """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText, BadOptions."""
+    def check_options(self, opts: SynthesisOptions) -> SynthesisOptions:
+        """`opts` if valid for this model and server, else BadOptions naming the field."""
+        opts.validated()
+        if opts.num_beams > self.max_num_beams:
+            raise BadOptions(f"num_beams must be <= {self.max_num_beams} on this server")
         # Quote duplication can add one piece to a segment; the GPT's text position table must hold it.
         limit = self.gpt.cfg.max_text_tokens - 1
         if opts.max_text_tokens_per_segment > limit:
             raise BadOptions(f"max_text_tokens_per_segment must be <= {limit} for this model")
+        return opts
+
+    def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
+        """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText, BadOptions."""
+        self.check_options(opts)
         pieces = self.tokenizer.tokenize(text)
         groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
         segments = [
@@ -199,6 +207,18 @@ class Pipeline:
         if not segments:
             raise BadText("nothing to speak: the text is empty after normalisation")
         return segments
+
+    def warm_up(self) -> float:
+        """Run a short synthesis for 1 beam and the default beam count, so that on CUDA the decode
+        step's graphs are compiled and recorded before the first client waits on them. Seconds taken."""
+        from .tiny import synthetic_voice
+
+        t0 = time.perf_counter()
+        voice = self.prepare_voice(synthetic_voice(2.0))
+        for beams in sorted({1, min(SynthesisOptions().num_beams, self.max_num_beams)}):
+            opts = SynthesisOptions(num_beams=beams, max_mel_tokens=16, diffusion_steps=2, seed=0)
+            self.synthesize(voice, "Warm up.", opts)
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ emotion
 
@@ -378,7 +398,7 @@ class Pipeline:
         cancel: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """Offline synthesis: all segments joined by `interval_silence_ms` of zeros → float32 (N,)."""
-        opts = (opts or SynthesisOptions()).validated()
+        opts = self.check_options(opts or SynthesisOptions())
         segments = self.split_text(text, opts)
         silence = np.zeros(int(self.sample_rate_hz * opts.interval_silence_ms / 1000), dtype=np.float32)
         parts: list[np.ndarray] = []

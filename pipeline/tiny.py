@@ -415,6 +415,7 @@ def random_pipeline(
     dtype: str = "float32",
     *,
     cuda_graphs: bool = True,
+    max_num_beams: int = 4,
 ) -> Pipeline:
     """A `Pipeline` over `random_components(preset, seed)`, prepared as `Pipeline.load` prepares a
     loaded one: weight norm folded, non-persistent buffers built on `device`, GPT in `dtype`."""
@@ -466,6 +467,7 @@ def random_pipeline(
         device=dev,
         gpt_dtype=DTYPES[dtype],
         cuda_graphs=cuda_graphs,
+        max_num_beams=max_num_beams,
     )
 
 

@@ -412,6 +412,10 @@ async def test_bad_input_gets_typed_errors_and_the_connection_keeps_serving(
         (p.encode(p.RegisterVoice(id=5, audio=b"RIFF\x00\x00garbage" * 50)), p.ErrorCode.BAD_AUDIO),
         (p.encode(p.RegisterVoice(id=6, audio=b"")), p.ErrorCode.BAD_AUDIO),
         (p.encode(p.AppendText(id=77, text="x")), p.ErrorCode.BAD_MESSAGE),             # no such request
+        (p.encode(p.Synthesize(id=10, text="Hi.", voice="nope", num_beams=5)),          # over max_num_beams
+         p.ErrorCode.BAD_MESSAGE),
+        (p.encode(p.Synthesize(id=11, text="Hi.", voice="nope", max_text_tokens_per_segment=600)),
+         p.ErrorCode.BAD_MESSAGE),                                                      # over the text table
     ]
     async with daemon(max_text_chars=100) as server, client(server) as c:
         for data, code in cases:
