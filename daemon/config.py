@@ -40,6 +40,7 @@ class DaemonConfig:
     max_reference_audio_s: float = 30.0  # per reference audio file (upstream uses the first 15 s)
     max_concurrent_requests: int = 4     # requests the worker interleaves, daemon-wide
     max_num_beams: int = 4               # beams per request; sizes the one KV cache (GPU memory ∝ beams)
+    max_requests_per_connection: int = 4  # live requests one connection may hold; more get `busy`
     max_queued_requests: int = 16        # requests waiting for a turn beyond those; more get `busy`
     max_voices: int = 64                 # registered voices kept on the device (LRU)
     idle_timeout_s: float = 300.0        # close a connection with no live request that sends nothing
@@ -57,6 +58,7 @@ class DaemonConfig:
             (self.max_reference_audio_s > 0, "max_reference_audio_s must be > 0"),
             (self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1"),
             (1 <= self.max_num_beams <= 16, "max_num_beams must be in [1, 16]"),
+            (self.max_requests_per_connection >= 1, "max_requests_per_connection must be >= 1"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
             (self.max_voices >= 1, "max_voices must be >= 1"),
             (self.idle_timeout_s > 0, "idle_timeout_s must be > 0"),

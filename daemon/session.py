@@ -28,7 +28,7 @@ from ttsd.pipeline.options import BadOptions, SynthesisOptions
 from ttsd.pipeline.text.segment import SentenceBuffer
 
 from . import protocol as p
-from .worker import Job, TextTooLong, VoiceResult, Worker
+from .worker import Busy, Job, TextTooLong, VoiceResult, Worker
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
@@ -361,6 +361,10 @@ class Session:
     def _synthesize(self, msg: p.Synthesize) -> None:
         if msg.id in self.requests:
             raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, f"request id {msg.id} is already in use", msg.id)
+        if len(self.requests) >= self.config.max_requests_per_connection:
+            # One connection must not take every slot and the whole queue from everyone else.
+            limit = self.config.max_requests_per_connection
+            raise Busy(f"this connection already has {limit} live requests (max_requests_per_connection)")
         if len(msg.text) > self.config.max_text_chars:
             limit = self.config.max_text_chars
             raise TextTooLong(f"text has {len(msg.text)} characters; the limit is {limit}")

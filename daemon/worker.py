@@ -12,8 +12,10 @@ that stops reading holds at most SEGMENT_CREDITS segments of audio in server mem
 delays anyone else. A request parked for stall_timeout_s is cancelled with `slow_consumer`.
 
 Cancellation (client cancel, disconnect, slow consumer, shutdown) sets `Job.stop_code`. The
-Pipeline polls `Job.cancelled` between GPT decode steps and CFM steps, so a running segment stops
-at the next step; the worker then closes the request's segment stream, which frees its state.
+Pipeline polls `Job.cancelled` at its host syncs: every few GPT decode steps, and before each CFM
+step is issued. On CPU that stops a running segment within a step; on CUDA the DiT + BigVGAN work
+already queued for the segment still runs (at most one segment's acoustic stage). The worker then
+closes the request's segment stream, which frees its state.
 
 Audio is produced through `Pipeline.stream()`: on CUDA it overlaps segment k+1's GPT with segment
 k's DiT + BigVGAN on two streams; on CPU the same call runs the stages one after the other."""

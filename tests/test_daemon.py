@@ -359,6 +359,21 @@ async def test_busy_when_the_queue_is_full(daemon: Daemon, speaker_wav: bytes) -
     assert all(isinstance(m, p.Done) for m in finals.values()), finals
 
 
+async def test_one_connection_cannot_hold_more_than_its_share(daemon: Daemon, speaker_wav: bytes) -> None:
+    """Past max_requests_per_connection a connection gets `busy` while another connection is still served."""
+    async with daemon(max_requests_per_connection=1) as server:
+        async with client(server) as hog, client(server) as other:
+            voice = await hog.register(speaker_wav)
+            await hog.send(p.Synthesize(id=1, text="", voice=voice, incremental=True, **FAST))  # held open
+            await hog.send(p.Synthesize(id=2, text="Second.", voice=voice, **FAST))
+            busy = last(await hog.until(2, final=(p.Error,)))
+            assert isinstance(busy, p.Error) and busy.code == p.ErrorCode.BUSY
+            await other.send(p.Synthesize(id=1, text="Served anyway.", voice=voice, **FAST))
+            assert isinstance(last(await other.until(1)), p.Done)
+            await hog.send(p.Flush(id=1))
+            assert isinstance(last(await hog.until(1, final=(p.Done, p.Error))), p.Done | p.Error)
+
+
 async def test_slow_consumer_is_parked_without_stalling_others(daemon: Daemon, speaker_wav: bytes) -> None:
     """A client that stops reading is parked (others finish meanwhile), then cancelled with slow_consumer."""
     rec = Recorder()
