@@ -142,6 +142,8 @@ class Server:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path == "/healthz":
+            if self.worker is not None and self.worker.device_fault.is_set():
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{self.worker.device_fault_message}\n")
             if self._draining:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
@@ -292,7 +294,17 @@ async def serve(config: DaemonConfig) -> int:
         config.random_weights, "bearer" if config.token else "none",
     )
     systemd.notify_ready(f"serving on {server.url}")
-    await stop.wait()
+    assert server.worker is not None  # started above
+    fault = asyncio.create_task(server.worker.device_fault.wait())
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({fault, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    fault.cancel()
+    signalled.cancel()
+    if server.worker.device_fault.is_set():
+        # Exit non-zero so systemd's Restart=on-failure brings up a fresh process and context.
+        log.error("shutting down after a device fault: %s", server.worker.device_fault_message)
+        await server.shutdown()
+        return 1
     log.info("shutdown signal received")
     await server.shutdown()
     return 0

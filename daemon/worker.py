@@ -239,6 +239,10 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="ttsd-worker", daemon=True)
         self._idle = asyncio.Event()            # loop side: set whenever no job is live
         self._idle.set()
+        # Set (loop side) when the device reports a fault that poisons its context, such as a CUDA
+        # illegal address: every later request would fail, so the daemon must restart instead.
+        self.device_fault = asyncio.Event()
+        self.device_fault_message = ""
 
     # ---------------------------------------------------------------------------------------
     # Loop-side API
@@ -530,6 +534,7 @@ class Worker:
             return
         except Exception as e:
             log.exception("request failed key=%d segment=%d", job.key, index)
+            self._check_device_fault(e)
             self._fail(job, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
             return
         silence = 0
@@ -544,6 +549,22 @@ class Worker:
             if job.stop_code is None:
                 self._post(job.sink.on_segment, index, segment.text, data)
 
+    def _check_device_fault(self, e: Exception) -> None:
+        """Worker thread: a device error that leaves the CUDA context unusable ends the daemon."""
+        import torch
+
+        # AcceleratorError is what torch raises for asynchronous CUDA faults (device-side assert,
+        # illegal memory access); out-of-memory is a different type and is not fatal.
+        if isinstance(e, torch.AcceleratorError):
+            log.critical("device fault, the daemon must restart error=%r", str(e))
+            message = f"device fault: {type(e).__name__}"
+
+            def mark() -> None:
+                self.device_fault_message = message
+                self.device_fault.set()
+
+            self._post(mark)
+
     def _run_voice(self, vj: _VoiceJob) -> None:
         result: VoiceResult | TtsdError
         try:
@@ -552,6 +573,7 @@ class Worker:
             result = e
         except Exception as e:
             log.exception("voice registration failed")
+            self._check_device_fault(e)
             result = TtsdError(f"internal error: {type(e).__name__}")
         self._post(vj.done, result)
 

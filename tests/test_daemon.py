@@ -489,6 +489,34 @@ async def test_healthz_answers_200(daemon: Daemon) -> None:
     assert response.endswith(b"ok\n")
 
 
+async def test_device_fault_ends_the_request_and_fails_healthz(
+    daemon: Daemon, pipeline: Pipeline, speaker_wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA-style AcceleratorError ends its request as `internal`, flags the worker and turns /healthz 503."""
+    import torch
+
+    async with daemon() as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+
+        def poisoned(*args: Any, **kwargs: Any) -> Any:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(pipeline, "stream", poisoned)
+        await c.send(p.Synthesize(id=1, text="Hello.", voice=voice, **FAST))
+        reply = last(await c.until(1, final=(p.Error,)))
+        assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.INTERNAL
+        assert server.worker is not None
+        await asyncio.wait_for(server.worker.device_fault.wait(), timeout=10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    assert response.startswith(b"HTTP/1.1 503")
+    assert b"device fault" in response
+
+
 async def test_hello_reports_version_and_limits(daemon: Daemon) -> None:
     """The server hello carries the protocol version, the sample rate and the configured limits."""
     async with daemon(max_text_chars=123) as server, client(server) as c:
