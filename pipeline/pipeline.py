@@ -209,13 +209,14 @@ class Pipeline:
         return segments
 
     def warm_up(self) -> float:
-        """Run a short synthesis for 1 beam and the default beam count, so that on CUDA the decode
-        step's graphs are compiled and recorded before the first client waits on them. Seconds taken."""
+        """Run a short synthesis for every beam count a request may use, so that on CUDA the decode
+        step is compiled and its graphs recorded for each batch size before the first client waits
+        on them. Returns the seconds taken."""
         from .tiny import synthetic_voice
 
         t0 = time.perf_counter()
         voice = self.prepare_voice(synthetic_voice(2.0))
-        for beams in sorted({1, min(SynthesisOptions().num_beams, self.max_num_beams)}):
+        for beams in range(1, self.max_num_beams + 1):
             opts = SynthesisOptions(num_beams=beams, max_mel_tokens=16, diffusion_steps=2, seed=0)
             self.synthesize(voice, "Warm up.", opts)
         return time.perf_counter() - t0

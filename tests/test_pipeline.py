@@ -170,3 +170,11 @@ def test_stream_issues_next_gpt_before_waiting_for_audio(
     for seg, _ in pipe.stream(voice, segments, opts):
         events.append(f"out{seg.index}")
     assert events == ["gpt0", "acoustic0", "out0", "gpt1", "acoustic1", "out1", "gpt2", "acoustic2", "out2"]
+
+
+def test_warm_up_decodes_every_allowed_beam_count(pipe: Pipeline) -> None:
+    """warm_up runs a decode for each beam count 1..max_num_beams, all in views of one KV cache."""
+    assert pipe.warm_up() > 0
+    assert sorted(pipe._kv) == list(range(1, pipe.max_num_beams + 1))
+    base = pipe._kv_base
+    assert base is not None and all(v.k.data_ptr() == base.k.data_ptr() for v in pipe._kv.values())
