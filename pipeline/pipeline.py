@@ -302,11 +302,11 @@ class Pipeline:
         if m == 0:  # the GPT stopped at once: nothing to render for this segment
             return torch.zeros(0, device=self.device)
         with _timed(timings, "s2mel_s", self.device):
-            mel = self._s2mel(voice, out, opts, seed, segment_index, noise, cancel)  # [1, 80, T]
+            mel = self.s2mel(voice, out, opts, seed, segment_index, noise, cancel)  # [1, 80, T]
         with _timed(timings, "bigvgan_s", self.device):
             return to_pcm_scale(self.bigvgan(mel))[0]  # [256 T]
 
-    def _s2mel(
+    def s2mel(
         self,
         voice: Voice,
         out: GptOutput,
