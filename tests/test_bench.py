@@ -1,0 +1,53 @@
+"""The benchmark scripts still run end to end on the tiny fixture (smallest settings) and print their tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_pipeline_prints_its_table(converted: Path) -> None:
+    """bench_pipeline.py on the converted fixture prints a per-stage table with the device line."""
+    out = run_bench(
+        "bench_pipeline.py", "--checkpoints", str(converted), "--device", "cpu", "--texts", "short",
+        "--codes", "6", "--num-beams", "1", "--diffusion-steps", "2", "--warmup", "0", "--voice-s", "1",
+    )
+    assert "| text | segments | codes |" in out
+    assert "| short |" in out
+
+
+@pytest.mark.slow
+def test_bench_precision_prints_its_table(converted: Path) -> None:
+    """bench_precision.py compares a bfloat16 GPT with float32 and prints one row per segment."""
+    out = run_bench(
+        "bench_precision.py", "--checkpoints", str(converted), "--device", "cpu", "--dtypes", "bfloat16",
+        "--codes", "8", "--diffusion-steps", "2", "--text", "Hello there.",
+    )
+    assert "| dtype | segment | codes |" in out
+    assert "| bfloat16 | 0 |" in out
+
+
+@pytest.mark.slow
+def test_bench_daemon_prints_its_table(converted: Path) -> None:
+    """bench_daemon.py spawns a daemon on the converted fixture, runs one client and prints its table."""
+    out = run_bench(
+        "bench_daemon.py", "--spawn", "--checkpoints", str(converted), "--device", "cpu", "--clients", "1",
+        "--requests", "1", "--cancels", "1", "--max-mel-tokens", "6", "--num-beams", "1",
+        "--diffusion-steps", "2", "--voice-s", "1",
+    )
+    assert "| clients | requests |" in out
