@@ -267,6 +267,13 @@ async def test_incremental_text_speaks_each_sentence(daemon: Daemon, speaker_wav
 # Concurrency, cancellation, backpressure
 
 
+async def own_connection(server: Server, rid: int, text: str, voice: str) -> list[p.ServerMessage]:
+    """One request (seeded with its id) on a connection of its own; every reply up to its end."""
+    async with client(server) as c:
+        await c.send(p.Synthesize(id=rid, text=text, voice=voice, **{**FAST, "seed": rid}))
+        return await c.until(rid)
+
+
 async def test_two_concurrent_clients_both_get_correct_audio(
     pipeline: Pipeline, voices: VoiceCache, daemon: Daemon, speaker_wav: bytes
 ) -> None:
@@ -278,12 +285,7 @@ async def test_two_concurrent_clients_both_get_correct_audio(
         async with client(server) as c:
             voice = await c.register(speaker_wav)
 
-        async def one(rid: int) -> list[p.ServerMessage]:
-            async with client(server) as c:
-                await c.send(p.Synthesize(id=rid, text=texts[rid], voice=voice, **{**FAST, "seed": rid}))
-                return await c.until(rid)
-
-        tasks = [asyncio.create_task(one(rid)) for rid in (1, 2)]
+        tasks = [asyncio.create_task(own_connection(server, rid, texts[rid], voice)) for rid in (1, 2)]
         # Both jobs are admitted before the worker starts on the first one.
         await until_true(lambda: server.worker is not None and server.worker.live_jobs == 2)
         gate.set()
@@ -679,12 +681,7 @@ async def test_cuda_overlapped_stream_equals_offline_synthesis(converted: Path, 
         async with client(server) as c:
             voice = await c.register(speaker_wav)
 
-        async def one(rid: int) -> list[p.ServerMessage]:
-            async with client(server) as c:
-                await c.send(p.Synthesize(id=rid, text=texts[rid], voice=voice, **{**FAST, "seed": rid}))
-                return await c.until(rid)
-
-        results = await asyncio.gather(one(1), one(2))
+        results = await asyncio.gather(*(own_connection(server, rid, texts[rid], voice) for rid in (1, 2)))
     for rid, messages in zip((1, 2), results, strict=True):
         assert isinstance(last(messages), p.Done), last(messages)
         assert pcm_of(messages, rid) == offline_pcm(pipeline, voices.get(voice), texts[rid], **{**FAST, "seed": rid})
