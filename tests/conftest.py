@@ -88,6 +88,37 @@ def assert_equal(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor
     assert torch.equal(actual.cpu().to(golden.dtype), golden), f"{name}: values differ from golden"
 
 
+EDITS = ("removed", "renamed", "reshaped")
+
+
+def edit_checkpoint(src: Path, dst: Path, how: str, key: str) -> Path:
+    """Copy safetensors `src` to `dst` with tensor `key` removed, renamed (`key_renamed`) or given one extra row."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    if how == "removed":
+        del tensors[key]
+    elif how == "renamed":
+        tensors[key + "_renamed"] = tensors.pop(key)
+    elif how == "reshaped":
+        tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
+    else:
+        raise ValueError(how)
+    save_file(tensors, str(dst))
+    return dst
+
+
+def assert_names_edit(err: Any, how: str, name: str) -> None:
+    """The CheckpointMismatch for an edit_checkpoint edit lists exactly that tensor, under its module name."""
+    if how == "removed":
+        assert err.missing == [name] and not err.unexpected and not err.misshaped, err
+    elif how == "renamed":
+        assert err.missing == [name] and err.unexpected == [name + "_renamed"] and not err.misshaped, err
+    else:
+        assert len(err.misshaped) == 1 and err.misshaped[0].startswith(name + ":") and not err.missing, err
+    assert name in str(err)
+
+
 @pytest.fixture(scope="session", params=fixture_dirs(), ids=lambda p: p.name)
 def fx(request: pytest.FixtureRequest) -> FixtureSet:
     return FixtureSet(request.param)
