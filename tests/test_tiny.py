@@ -38,17 +38,6 @@ def describe(path: Path) -> Any:
     return walk(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def without_shapes(desc: Any) -> Any:
-    """`describe` output with the shapes dropped: containers, keys and dtypes only."""
-    if isinstance(desc, tuple) and len(desc) == 2 and isinstance(desc[0], tuple):
-        return desc[1]  # (shape, dtype) of one tensor
-    if isinstance(desc, tuple):
-        return tuple(without_shapes(d) for d in desc)
-    if isinstance(desc, dict):
-        return {k: without_shapes(v) for k, v in desc.items()}
-    return desc
-
-
 def files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -79,24 +68,27 @@ def generated(official: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def require_tiny_sized(fx: FixtureSet) -> None:
+    """The tiny preset mirrors fixture sets of the tiny size (any seed); a set of other dims (the
+    full-size one) is covered by the full preset's element counts instead."""
+    theirs = yaml.safe_load((fx.ckpt / "config.yaml").read_text(encoding="utf-8"))
+    theirs.pop("oracle_tiny_overrides", None)
+    if theirs != tiny.preset_config(tiny.get_preset("tiny")):
+        pytest.skip(f"fixture set {fx.root.name} is not tiny-sized: compared by element counts instead")
+
+
 def test_tiny_preset_has_the_fixture_files_containers_keys_and_shapes(fx: FixtureSet, official: Path) -> None:
     """Every fixture file exists in the generated directory with the same containers, keys, dtypes and shapes."""
+    require_tiny_sized(fx)
     assert files(official) == files(fx.ckpt)
-    fixture_config = yaml.safe_load((fx.ckpt / "config.yaml").read_text(encoding="utf-8"))
-    fixture_config.pop("oracle_tiny_overrides", None)
-    same_dims = fixture_config == yaml.safe_load((official / "config.yaml").read_text(encoding="utf-8"))
     for rel in files(fx.ckpt):
-        if not rel.endswith(TENSOR_SUFFIXES):
-            continue
-        want, have = describe(fx.ckpt / rel), describe(official / rel)
-        if same_dims:  # shapes follow the dims; key sets and containers never depend on them
-            assert have == want, rel
-        else:
-            assert without_shapes(have) == without_shapes(want), rel
+        if rel.endswith(TENSOR_SUFFIXES):
+            assert describe(official / rel) == describe(fx.ckpt / rel), rel
 
 
 def test_tiny_config_is_the_release_structure_with_the_fixture_dims(fx: FixtureSet, official: Path) -> None:
     """config.yaml and the auxiliary JSON configs equal the fixture's; the oracle-only section is never written."""
+    require_tiny_sized(fx)
     mine = yaml.safe_load((official / "config.yaml").read_text(encoding="utf-8"))
     theirs = yaml.safe_load((fx.ckpt / "config.yaml").read_text(encoding="utf-8"))
     assert "oracle_tiny_overrides" not in mine
@@ -133,6 +125,7 @@ def test_full_preset_element_counts_match_the_release_files() -> None:
 
 def test_persistent_buffers_equal_the_fixture_values(fx: FixtureSet, official: Path) -> None:
     """Conformer `pe`, BigVGAN filters and DiT `freqs`/`input_pos` hold what the official modules store."""
+    require_tiny_sized(fx)
     for rel in ("gpt.pth", "s2mel.pth", "hf_cache/bigvgan/bigvgan_generator.pt"):
         want, have = tensors(fx.ckpt / rel), tensors(official / rel)
         keys = [k for k in want if k.endswith((".pe", ".filter", ".freqs", ".input_pos"))]
