@@ -156,7 +156,7 @@ def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
         quick_streaming_tokens=pick(msg.quick_streaming_tokens, d.quick_streaming_tokens),
         interval_silence_ms=pick(msg.interval_silence_ms, d.interval_silence_ms),
         seed=msg.seed,
-    ).validated()
+    )  # range-checked by Pipeline.check_options on admission
 
 
 class Session:

@@ -193,18 +193,17 @@ def test_cfm_cancel_raises_between_steps(fx: FixtureSet, s2mel: S2Mel) -> None:
     assert calls == 3
 
 
+def _estimator_args(g: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
+    """The DiT inputs of recorded Euler step `step` of segment 0, CFG-stacked as the sampler feeds them."""
+    x, t = g["seg0.est_x"][step], g["seg0.est_t"][step]
+    return torch.cat([x, x]), g["seg0.est_prompt_x"], torch.cat([t, t]), g["seg0.est_style"], g["seg0.est_mu"]
+
+
 def test_dit_fold_weight_norm_keeps_output(fx: FixtureSet, converted: Path, s2mel: S2Mel) -> None:
     """Folding the DiT's weight norm once gives the same velocity as recomputing it every forward."""
     unfolded = load_cfm(converted / "s2mel.safetensors", s2mel.config, "cpu", fold=False).estimator
     g = fx.golden("base", "14_cfm")
-    x, t = g["seg0.est_x"][0], g["seg0.est_t"][0]
-    args = (
-        torch.cat([x, x]),
-        g["seg0.est_prompt_x"],
-        torch.cat([t, t]),
-        g["seg0.est_style"],
-        g["seg0.est_mu"],
-    )
+    args = _estimator_args(g, 0)
     with torch.no_grad():
         assert_close(s2mel.cfm.estimator(*args), unfolded(*args), "folded vs unfolded")
     assert not any(n.endswith(("weight_g", "weight_v")) for n, _ in s2mel.cfm.named_parameters())
@@ -214,14 +213,7 @@ def test_dit_fold_weight_norm_keeps_output(fx: FixtureSet, converted: Path, s2me
 def test_dit_full_length_mask_equals_no_mask(fx: FixtureSet, s2mel: S2Mel) -> None:
     """Passing x_lens equal to the sequence length (upstream's call) gives the unmasked velocity."""
     g = fx.golden("base", "14_cfm")
-    x, t = g["seg0.est_x"][1], g["seg0.est_t"][1]
-    args = (
-        torch.cat([x, x]),
-        g["seg0.est_prompt_x"],
-        torch.cat([t, t]),
-        g["seg0.est_style"],
-        g["seg0.est_mu"],
-    )
+    args = _estimator_args(g, 1)
     masked = s2mel.cfm.estimator(*args, x_lens=g["seg0.x_lens"])
     assert_close(masked, s2mel.cfm.estimator(*args), "x_lens=N vs None")
     assert_close(masked[:1], g["seg0.est_dphi_cond"][1], "dphi_cond with x_lens")
