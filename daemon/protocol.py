@@ -1,6 +1,7 @@
 """The ttsd wire protocol: typed messages carried as msgpack maps in binary WebSocket frames.
 
-Imports only the standard library and msgpack, so client programs can use it without torch.
+Imports only the standard library, msgpack and the torch-free `ttsd.pipeline.errors` (where the
+error codes are defined once), so client programs can use it without torch.
 Every frame is one msgpack map with a `type` key naming the message and one key per field.
 `encode(msg)` writes any message; `decode_client(frame)` (server side) and `decode_server(frame)`
 (client side) check every field's type and range, reject unknown types and unknown keys, and raise
@@ -19,6 +20,8 @@ from typing import ClassVar, Final, TypeVar
 
 import msgpack
 
+from ttsd.pipeline.errors import ErrorCode  # standard library only, like this module
+
 PROTOCOL_VERSION: Final = 1
 SAMPLE_RATE_HZ: Final = 22_050          # the only output rate: BigVGAN's (config: s2mel.preprocess_params.sr)
 PCM_FORMAT: Final = "pcm_s16le"         # the only output format: signed 16-bit little-endian, mono
@@ -26,34 +29,6 @@ N_EMOTIONS: Final = 8                   # happy angry sad afraid disgusted melan
 MAX_REQUEST_ID: Final = 2**32 - 1
 MAX_VOICE_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 256             # client name in Hello, error detail lengths stay readable
-
-
-class ErrorCode:
-    """Stable error codes carried by `Error.code`; clients may switch on these strings."""
-
-    BAD_FRAME: Final = "bad_frame"            # not a msgpack map in a binary frame (incl. invalid UTF-8)
-    BAD_MESSAGE: Final = "bad_message"        # a known type with a missing, unknown or ill-typed field
-    UNKNOWN_TYPE: Final = "unknown_type"      # `type` names no client message
-    TOO_LARGE: Final = "too_large"            # frame over max_frame_bytes (connection closed with 1009)
-    BAD_TEXT: Final = "bad_text"              # empty, or nothing speakable after normalisation
-    TEXT_TOO_LONG: Final = "text_too_long"    # over max_text_chars for one request
-    BAD_AUDIO: Final = "bad_audio"            # reference audio that cannot be decoded or is empty
-    AUDIO_TOO_LONG: Final = "audio_too_long"  # reference audio over max_reference_audio_s
-    UNKNOWN_VOICE: Final = "unknown_voice"    # voice id never registered, or evicted from the cache
-    BUSY: Final = "busy"                      # the request queue is full; retry later
-    CANCELLED: Final = "cancelled"            # the client cancelled the request
-    SLOW_CONSUMER: Final = "slow_consumer"    # the client did not read its audio for stall_timeout_s
-    UNAUTHORIZED: Final = "unauthorized"      # missing or wrong bearer token (HTTP 401 at the handshake)
-    INTERNAL: Final = "internal"              # a server bug; the request ended, the connection lives
-    SHUTTING_DOWN: Final = "shutting_down"    # the daemon is draining and takes no new work
-
-    ALL: ClassVar[frozenset[str]] = frozenset(
-        {
-            BAD_FRAME, BAD_MESSAGE, UNKNOWN_TYPE, TOO_LARGE, BAD_TEXT, TEXT_TOO_LONG, BAD_AUDIO,
-            AUDIO_TOO_LONG, UNKNOWN_VOICE, BUSY, CANCELLED, SLOW_CONSUMER, UNAUTHORIZED, INTERNAL,
-            SHUTTING_DOWN,
-        }
-    )
 
 
 class ProtocolError(Exception):

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
-from ttsd.pipeline.errors import BadAudio, BadText, TtsdError
-from ttsd.pipeline.options import BadOptions, SynthesisOptions
+from ttsd.pipeline.errors import BadAudio, BadOptions, BadText, Busy, TextTooLong, TtsdError
+from ttsd.pipeline.options import SynthesisOptions
 from ttsd.pipeline.text.segment import SentenceBuffer
 
 from . import protocol as p
-from .worker import Busy, Job, TextTooLong, VoiceResult, Worker
+from .worker import Job, VoiceResult, Worker
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection

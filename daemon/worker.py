@@ -36,7 +36,16 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 
-from ttsd.pipeline.errors import BadAudio, BadText, Cancelled, TtsdError
+from ttsd.pipeline.errors import (
+    AudioTooLong,
+    BadAudio,
+    BadText,
+    Busy,
+    Cancelled,
+    ShuttingDown,
+    TtsdError,
+    UnknownVoice,
+)
 
 from .protocol import SAMPLE_RATE_HZ, ErrorCode
 
@@ -51,28 +60,6 @@ log = logging.getLogger(__name__)
 
 SEGMENT_CREDITS: Final = 2   # segments produced but not yet sent, per request: one on the wire, one ready
 VOICE_ID_BYTES: Final = 16   # blake2b digest size; the id is its hex (32 characters)
-
-
-class Busy(TtsdError):
-    """The queue is full: max_concurrent_requests are running and max_queued_requests wait."""
-
-    code = ErrorCode.BUSY
-
-
-class ShuttingDown(TtsdError):
-    code = ErrorCode.SHUTTING_DOWN
-
-
-class UnknownVoice(TtsdError):
-    code = ErrorCode.UNKNOWN_VOICE
-
-
-class AudioTooLong(TtsdError):
-    code = ErrorCode.AUDIO_TOO_LONG
-
-
-class TextTooLong(TtsdError):
-    code = ErrorCode.TEXT_TOO_LONG
 
 
 class JobSink(Protocol):

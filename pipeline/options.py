@@ -9,16 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Self
 
-from .errors import TtsdError
+from .errors import BadOptions
 
 # Upstream category order of the 8-dim emotion vector (infer_v2.py, QwenEmotion.cn_key_to_en).
 EMOTIONS = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
-
-
-class BadOptions(TtsdError):
-    """A synthesis option outside its valid range (the protocol's `bad_message`: an ill-ranged field)."""
-
-    code = "bad_message"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

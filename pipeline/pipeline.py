@@ -26,7 +26,7 @@ from . import audio
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
 from .config import load_yaml
-from .errors import BadText, CheckpointError, ConfigError
+from .errors import BadOptions, BadText, CheckpointError, ConfigError
 from .flow import CFM, load_cfm
 from .generate import DecodeParams, generate
 from .gpt import (
@@ -39,7 +39,7 @@ from .gpt import (
     scale_emo_vector,
 )
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
-from .options import BadOptions, SynthesisOptions
+from .options import SynthesisOptions
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
 from .voice import AudioSource, Voice, prepare_voice

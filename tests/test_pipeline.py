@@ -11,8 +11,7 @@ import soundfile as sf
 import torch
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
-from ttsd.pipeline.errors import BadAudio, BadText, Cancelled
-from ttsd.pipeline.options import BadOptions
+from ttsd.pipeline.errors import BadAudio, BadOptions, BadText, Cancelled
 
 from .conftest import FixtureSet, assert_close
 
