@@ -46,6 +46,7 @@ from ttsd.pipeline.errors import (
     TtsdError,
     UnknownVoice,
 )
+from ttsd.pipeline.pcm import to_s16le
 
 from .protocol import SAMPLE_RATE_HZ, ErrorCode
 
@@ -190,13 +191,6 @@ class VoiceCache:
             while len(self._entries) > self.max_voices:
                 evicted.append(self._entries.popitem(last=False)[0])
             return evicted
-
-
-def to_pcm_s16le(pcm: np.ndarray, leading_silence_samples: int = 0) -> bytes:
-    """Float PCM at ±32767 scale (1-D) → s16le bytes, truncating toward zero as upstream's cast does."""
-    out = np.zeros(leading_silence_samples + pcm.shape[0], dtype="<i2")
-    out[leading_silence_samples:] = np.clip(pcm, -32767.0, 32767.0).astype(np.int16)
-    return out.tobytes()
 
 
 class Worker:
@@ -528,7 +522,7 @@ class Worker:
         if index > 0:
             # Upstream joins segments with int(sr * ms / 1000) zeros; streaming sends them up front.
             silence = int(SAMPLE_RATE_HZ * job.opts.interval_silence_ms / 1000)
-        data = to_pcm_s16le(pcm, silence)
+        data = to_s16le(pcm, silence)
         job.produced += 1
         self._event("segment_end", job, index)
         with self._cond:

@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .errors import TtsdError
 from .options import EMOTIONS, SynthesisOptions
+from .pcm import to_int16
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,6 @@ def _emo_vector(text: str) -> tuple[float, ...]:
     if len(values) != len(EMOTIONS):
         raise argparse.ArgumentTypeError(f"--emo-vector needs {len(EMOTIONS)} values, got {len(values)}")
     return values
-
-
-def to_int16(pcm: np.ndarray) -> np.ndarray:
-    """Float PCM at ±32767 scale → int16, truncating toward zero as upstream's tensor cast does."""
-    return np.clip(pcm, -32767.0, 32767.0).astype(np.int16)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -29,6 +28,7 @@ from ttsd.daemon.config import DaemonConfig
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.options import SynthesisOptions
+from ttsd.pipeline.pcm import to_s16le
 from ttsd.pipeline.pipeline import Pipeline
 from ttsd.pipeline.voice import Voice
 
@@ -171,7 +171,7 @@ def pcm_of(messages: list[p.ServerMessage], request_id: int) -> bytes:
 def offline_pcm(pipeline: Pipeline, voice: Voice, text: str, **opts: Any) -> bytes:
     """What `ttsd synth` writes for the same inputs: Pipeline.synthesize → int16 (truncation)."""
     pcm = pipeline.synthesize(voice, text, SynthesisOptions(**opts))
-    return np.clip(pcm, -32767, 32767).astype("<i2").tobytes()
+    return to_s16le(pcm)
 
 
 async def until_true(pred: Callable[[], bool]) -> None:
