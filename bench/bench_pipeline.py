@@ -1,13 +1,16 @@
-"""Pipeline benchmark: per-stage latency, time to first audio, RTF and peak memory (issue 5).
+"""Pipeline benchmark: per-stage latency, time to first audio, RTF, peak memory, and GPT decode
+throughput with 1, 2, 4, 8 requests sharing the decode batch.
 
     python bench/bench_pipeline.py --checkpoints CKPT [--device cuda --dtype float16]
     python bench/bench_pipeline.py --random-full --codes 50          # real sizes, random weights
 
 A voice is prepared once (warm voice, as the daemon caches it); then each text is synthesised
-with `Pipeline.stream` after `--warmup` untimed runs. Stage times come from the Pipeline's
-`timings` (GPT decode loop, GPT second forward, s2mel = length regulator + CFM/DiT, BigVGAN);
-the GPT prefill is timed separately on the same prefix. On CUDA the timed run synchronises at
-every stage boundary, so first audio and RTF come from an extra run without timings.
+with `Pipeline.stream` after `--warmup` untimed runs: that gives first audio, total time and RTF.
+Stage times come from a second run of the same segments through the per-segment methods the
+engine is built from (prefill, decode steps, second GPT pass, s2mel = regulator + CFM/DiT,
+BigVGAN), each synchronised on CUDA. The concurrency table runs N requests (the same prefix,
+different sampling keys) through one decode batch for `--codes` steps: codes per second summed
+over the requests, against one request alone.
 
 `--random-full` (or `--random tiny`) builds the architecture with seeded random weights
 (`ttsd.pipeline.tiny.random_pipeline`) and suppresses the stop token (mel_head bias −1e4), so
@@ -25,15 +28,16 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
-from ttsd.pipeline.generate import prefill
-from ttsd.pipeline.gpt import KVCache
+from ttsd.pipeline.decode import DecodeBatch
+from ttsd.pipeline.flow import CFMSolve
+from ttsd.pipeline.pipeline import AcousticInput
 from ttsd.pipeline.tiny import synthetic_voice
 from ttsd.pipeline.voice import Voice
 
@@ -137,46 +141,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def prefill_s(pipe: Pipeline, voice: Voice, text_ids: Sequence[int], emovec: torch.Tensor, beams: int) -> float:
-    """Time of the GPT prefill (conditioning + text prefix into a fresh KV cache) for one segment."""
-    text = torch.tensor([list(text_ids)], dtype=torch.int64, device=pipe.device)
-    prefix = pipe.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, P, D]
-    cache = KVCache(pipe.gpt.cfg, beams, prefix.size(1) + 8, pipe.device, prefix.dtype)
-    _sync(pipe.device)
+@contextmanager
+def timed(out: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
+    """Add the block's wall time to out[key], synchronising CUDA on both sides."""
+    _sync(device)
     t0 = time.perf_counter()
-    prefill(pipe.gpt, prefix.expand(beams, -1, -1), cache)  # beam search prefills every beam row
-    _sync(pipe.device)
-    return time.perf_counter() - t0
+    yield
+    _sync(device)
+    out[key] = out.get(key, 0.0) + time.perf_counter() - t0
 
 
-def run_stream(
-    pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions, timings: dict[str, float] | None
-) -> tuple[float, float, int]:
-    """(first audio s, total s, samples) of one streamed synthesis."""
-    segments = pipe.split_text(text, opts)
+def run_stream(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions) -> tuple[float, float, int]:
+    """(first audio s, total s, samples) of one streamed synthesis through the engine."""
     t0 = time.perf_counter()
     first = None
     samples = 0
-    for _, pcm in pipe.stream(voice, segments, opts, timings=timings):
+    for seg in pipe.stream(voice, text, opts):
         if first is None:
             first = time.perf_counter() - t0
-        samples += len(pcm)
+        samples += len(seg.samples)
     total = time.perf_counter() - t0
     return (first if first is not None else total), total, samples
 
 
+@torch.inference_mode()
+def stage_times(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions) -> dict[str, float]:
+    """Each segment through the engine's per-segment methods, one stage at a time, timed."""
+    t: dict[str, float] = {}
+    dev = pipe.device
+    emovec = pipe.request_emovec(voice, opts, None)
+    for seg in pipe.split_text(text, opts):
+        batch = DecodeBatch(pipe.gpt, max_rows=opts.num_beams, dtype=pipe.gpt_dtype)
+        with timed(t, "prefill_s", dev):
+            req = pipe.decode_request(voice, seg, opts, emovec)
+            batch.admit(req)
+        with timed(t, "decode_s", dev):
+            while req.result is None:
+                batch.step()
+        codes = req.result
+        t["codes"] = t.get("codes", 0) + codes.codes.size(1)
+        item = AcousticInput(voice, emovec, seg, codes, opts)
+        with timed(t, "latent_s", dev):
+            latent = pipe.latents([(voice, emovec, seg, codes.codes)])[0]
+        with timed(t, "s2mel_s", dev):
+            row = pipe._cfm_row(item, latent)
+            solve = CFMSolve(pipe.cfm, [row], opts.diffusion_steps)
+            while not solve.done:
+                solve.step()
+        with timed(t, "bigvgan_s", dev):
+            pipe.vocode(solve.target(0))
+    return t
+
+
 def measure(pipe: Pipeline, voice: Voice, name: str, text: str, opts: SynthesisOptions) -> Row:
     segments = pipe.split_text(text, opts)
-    emovec = pipe.emovec(voice, opts)
-    timings: dict[str, float] = {}
     with peak_memory(pipe.device) as peak:
-        first, total, samples = run_stream(pipe, voice, text, opts, timings)
-    if pipe.device.type == "cuda":  # the timed run synchronised at every stage: time a clean one
-        first, total, samples = run_stream(pipe, voice, text, opts, None)
-    prefill_total = sum(prefill_s(pipe, voice, s.text_ids, emovec, opts.num_beams) for s in segments)
-    codes = int(timings.get("gpt_codes", 0))
-    decode = max(0.0, timings.get("gpt_s", 0.0) - prefill_total)
+        first, total, samples = run_stream(pipe, voice, text, opts)
+    t = stage_times(pipe, voice, text, opts)
+    codes = int(t.get("codes", 0))
     audio_s = samples / pipe.sample_rate_hz
     return Row(
         text=name,
@@ -187,14 +209,56 @@ def measure(pipe: Pipeline, voice: Voice, name: str, text: str, opts: SynthesisO
         first_audio_s=first,
         total_s=total,
         rtf=total / audio_s if audio_s else float("nan"),
-        gpt_prefill_ms=1000 * prefill_total,
-        gpt_step_ms=1000 * decode / codes if codes else float("nan"),
-        gpt_decode_s=decode,
-        gpt_latent_s=timings.get("gpt_latent_s", 0.0),
-        s2mel_s=timings.get("s2mel_s", 0.0),
-        bigvgan_s=timings.get("bigvgan_s", 0.0),
+        gpt_prefill_ms=1000 * t.get("prefill_s", 0.0),
+        gpt_step_ms=1000 * t.get("decode_s", 0.0) / codes if codes else float("nan"),
+        gpt_decode_s=t.get("decode_s", 0.0),
+        gpt_latent_s=t.get("latent_s", 0.0),
+        s2mel_s=t.get("s2mel_s", 0.0),
+        bigvgan_s=t.get("bigvgan_s", 0.0),
         peak_mem_mb=peak[0],
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ThroughputRow:
+    requests: int
+    rows: int  # batch rows (requests × beams)
+    codes: int  # codes decoded, all requests together
+    decode_s: float
+    codes_per_s: float
+    speedup: float  # codes/s against one request
+
+
+@torch.inference_mode()
+def decode_throughput(
+    pipe: Pipeline, voice: Voice, opts: SynthesisOptions, counts: Sequence[int], steps: int
+) -> list[ThroughputRow]:
+    """N requests decoding together for `steps` steps (stop suppressed), codes per second summed."""
+    seg = pipe.split_text(TEXTS["sentence"], opts)[0]
+    emovec = pipe.request_emovec(voice, opts, None)
+    params_opts = replace(opts, max_mel_tokens=steps, do_sample=True)
+    out: list[ThroughputRow] = []
+    base = None
+    for n in counts:
+        batch = DecodeBatch(pipe.gpt, max_rows=n * opts.num_beams, dtype=pipe.gpt_dtype)
+        reqs = []
+        for i in range(n):
+            req = pipe.decode_request(voice, seg, replace(params_opts, seed=i + 1), emovec)
+            batch.admit(req)
+            reqs.append(req)
+        batch.step()  # the first step selects from the prefill logits; time the steady state
+        _sync(pipe.device)
+        t0 = time.perf_counter()
+        while batch.active:
+            batch.step()
+        _sync(pipe.device)
+        dt = time.perf_counter() - t0
+        codes = sum(steps - 1 for _ in reqs)
+        rate = codes / dt
+        base = base or rate
+        out.append(ThroughputRow(requests=n, rows=n * opts.num_beams, codes=codes, decode_s=dt,
+                                 codes_per_s=rate, speedup=rate / base))
+    return out
 
 
 def median_row(rows: Sequence[Row]) -> Row:
@@ -225,10 +289,20 @@ COLUMNS = [
 ]
 
 
-def table(rows: Sequence[Row]) -> str:
-    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(getattr(r, c)) for c, fmt in COLUMNS) + " |" for r in rows]
+THROUGHPUT_COLUMNS = [
+    ("requests", "{}"),
+    ("rows", "{}"),
+    ("codes", "{}"),
+    ("decode_s", "{:.3f}"),
+    ("codes_per_s", "{:.1f}"),
+    ("speedup", "{:.2f}"),
+]
+
+
+def table(rows: Sequence[object], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt.format(getattr(r, c)) for c, fmt in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
@@ -250,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each text first")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per text (the table shows medians)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument(
+        "--concurrency", default="1,2,4,8", help="request counts for the decode throughput table ('' = skip)"
+    )
     ap.add_argument("--json", type=Path, help="also write the rows and the environment as JSON")
     args = ap.parse_args(argv)
 
@@ -287,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         for _ in range(args.warmup):
-            run_stream(pipe, voice, TEXTS[name], opts, None)
+            run_stream(pipe, voice, TEXTS[name], opts)
         rows.append(median_row([measure(pipe, voice, name, TEXTS[name], opts) for _ in range(args.repeat)]))
+    counts = [int(c) for c in args.concurrency.split(",") if c]
+    steps = args.codes if args.codes is not None else 64
+    throughput = decode_throughput(pipe, voice, opts, counts, steps) if counts else []
 
     env = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -305,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {v}")
     print()
     print(table(rows))
+    if throughput:
+        print()
+        print(f"GPT decode throughput, requests sharing one batch ({steps} codes each, {opts.num_beams} beams):")
+        print(table(throughput, THROUGHPUT_COLUMNS))
     if args.json is not None:
-        args.json.write_text(json.dumps({"env": env, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+        doc = {"env": env, "rows": [asdict(r) for r in rows], "throughput": [asdict(r) for r in throughput]}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

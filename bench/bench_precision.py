@@ -26,9 +26,10 @@ from torch import Tensor
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.bigvgan import to_pcm_scale
-from ttsd.pipeline.generate import DecodeParams, generate
+from ttsd.pipeline.decode import DecodeParams, Generated, generate
+from ttsd.pipeline.flow import CFMSolve
 from ttsd.pipeline.gpt import UnifiedVoice
-from ttsd.pipeline.pipeline import DTYPES, GptOutput, Segment
+from ttsd.pipeline.pipeline import DTYPES, AcousticInput, Segment
 from ttsd.pipeline.tiny import synthetic_voice
 from ttsd.pipeline.voice import Voice
 
@@ -71,6 +72,14 @@ def teacher_forced_logits(gpt: UnifiedVoice, prefix: Tensor, codes: Tensor) -> T
     return gpt.mel_logits(h)[0].float()
 
 
+def target_mel(pipe: Pipeline, item: AcousticInput, latent: Tensor) -> Tensor:
+    """s2mel for one segment from a given second-pass latent: regulator, CFM (the item's noise) → (1, 80, T)."""
+    solve = CFMSolve(pipe.cfm, [pipe._cfm_row(item, latent)], item.opts.diffusion_steps)
+    while not solve.done:
+        solve.step()
+    return solve.target(0)
+
+
 @torch.inference_mode()
 def compare(
     pipe: Pipeline, gpt: UnifiedVoice, voice: Voice, seg: Segment, opts: SynthesisOptions, dtype: torch.dtype
@@ -88,8 +97,9 @@ def compare(
     lat_h = gpt.latent(half_latent, emovec.to(dtype), text, codes).float()
     mel_frames = int(codes.size(1) * 1.72)
     noise = torch.randn(1, 80, voice.ref_mel.size(2) + mel_frames, generator=torch.Generator().manual_seed(0))
-    mel32 = pipe.s2mel(voice, GptOutput(codes=codes, latent=lat32), opts, 0, 0, noise, None)
-    mel_h = pipe.s2mel(voice, GptOutput(codes=codes, latent=lat_h), opts, 0, 0, noise, None)
+    gen = Generated(codes, codes, True, codes.cpu())
+    item = AcousticInput(voice, emovec, seg, gen, opts, noise)
+    mel32, mel_h = (target_mel(pipe, item, lat) for lat in (lat32, lat_h))
     wav32, wav_h = (to_pcm_scale(pipe.bigvgan(m))[0] for m in (mel32, mel_h))
     return (
         rel_err(half_logits, ref_logits),

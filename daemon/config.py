@@ -39,7 +39,9 @@ class DaemonConfig:
     max_text_chars: int = 5_000          # per request (incremental: all chunks together)
     max_reference_audio_s: float = 30.0  # per reference audio file (upstream uses the first 15 s)
     max_concurrent_requests: int = 4     # requests the worker interleaves, daemon-wide
-    max_num_beams: int = 4               # beams per request; sizes the one KV cache (GPU memory ∝ beams)
+    max_num_beams: int = 4               # beams one request may ask for (each beam is a decode batch row)
+    max_batch_rows: int = 16             # decode batch rows (beams of all segments decoding at once); GPU memory ∝ rows
+    watchdog_s: float = 300.0            # one engine step taking longer means a wedged device: 503, exit 1 (0 = off)
     max_requests_per_connection: int = 4  # live requests one connection may hold; more get `busy`
     max_queued_requests: int = 16        # requests waiting for a turn beyond those; more get `busy`
     max_voices: int = 64                 # registered voices kept on the device (LRU)
@@ -58,6 +60,9 @@ class DaemonConfig:
             (self.max_reference_audio_s > 0, "max_reference_audio_s must be > 0"),
             (self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1"),
             (1 <= self.max_num_beams <= 16, "max_num_beams must be in [1, 16]"),
+            (1 <= self.max_batch_rows <= 1024, "max_batch_rows must be in [1, 1024]"),
+            (self.max_num_beams <= self.max_batch_rows, "max_num_beams must be <= max_batch_rows"),
+            (self.watchdog_s >= 0, "watchdog_s must be >= 0"),
             (self.max_requests_per_connection >= 1, "max_requests_per_connection must be >= 1"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
             (self.max_voices >= 1, "max_voices must be >= 1"),

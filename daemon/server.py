@@ -74,16 +74,33 @@ class Server:
         self._ws: WsServer | None = None
         self._draining = False
         self._shutdown: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, warm_up: bool = False) -> None:
+        """Start the worker (with `warm_up`, its first job is Pipeline.warm_up on its own engine and
+        thread) and listen. Returns once both are ready."""
         c = self.config
         self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
-        self.worker.start()
+        self.worker.start(warm_up=self.pipeline.warm_up if warm_up else None)
         try:
+            await asyncio.to_thread(self.worker.warmed.wait)
             self._ws = await self._listen()
         except BaseException:
             await self.worker.stop()  # e.g. the port is taken: do not leave the thread behind
             raise
+        if c.watchdog_s > 0:
+            self._watchdog = asyncio.create_task(self._watch(c.watchdog_s))
+
+    async def _watch(self, limit_s: float) -> None:
+        """A step or registration running far past any expected time means a wedged device (a kernel
+        that never returns): report it like a device fault, so /healthz says 503 and serve() exits 1."""
+        assert self.worker is not None
+        while not self.worker.device_fault.is_set():
+            await asyncio.sleep(min(1.0, limit_s / 4))
+            since = self.worker.busy_since
+            if since is not None and time.monotonic() - since > limit_s:
+                self.worker.report_fault(f"watchdog: one worker step has run for over {limit_s:g} s")
+                return
 
     async def _listen(self) -> WsServer:
         c = self.config
@@ -171,6 +188,8 @@ class Server:
     async def _do_shutdown(self) -> None:
         self._draining = True
         systemd.notify_stopping()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._ws is None or self.worker is None:
             return
         worker, ws = self.worker, self._ws
@@ -232,7 +251,7 @@ def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
             cuda_graphs=config.cuda_graphs,
             max_num_beams=config.max_num_beams,
         )
-    from ttsd.pipeline.pipeline import Pipeline
+    from ttsd.pipeline import Pipeline
 
     assert config.checkpoints is not None  # serve() returned early otherwise
     return Pipeline.load(
@@ -241,6 +260,7 @@ def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
         dtype=dtype,
         cuda_graphs=config.cuda_graphs,
         max_num_beams=config.max_num_beams,
+        max_batch_rows=config.max_batch_rows,
     )
 
 
@@ -274,17 +294,17 @@ async def serve(config: DaemonConfig) -> int:
         log.error("cannot load weights=%r error=%r", source, str(e))
         return 1
     load_s = time.perf_counter() - t0
-    if pipeline.device.type == "cuda" and not stop.is_set():
-        # The first decode compiles and records CUDA graphs: do it before READY=1, not in a request.
-        systemd.notify_status("warming up (compiling the GPT decode step)")
-        warm_s = await asyncio.to_thread(pipeline.warm_up)
-        log.info("warm-up done warm_s=%.2f", warm_s)
     if stop.is_set():
         log.info("stopped during load")
         return 0
     server = Server(config, pipeline)
+    # CUDA: the decode graphs are recorded (and the step compiled) before READY=1, not in a request,
+    # by the worker thread that will serve (cuBLAS/cuDNN state is per thread).
+    warm = pipeline.device.type == "cuda"
+    if warm:
+        systemd.notify_status("warming up (recording the GPT decode graphs)")
     try:
-        await server.start()
+        await server.start(warm_up=warm)
     except OSError as e:
         log.error("cannot listen host=%s port=%d error=%r", config.host, config.port, e.strerror)
         return 1

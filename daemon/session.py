@@ -156,7 +156,7 @@ def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
         quick_streaming_tokens=pick(msg.quick_streaming_tokens, d.quick_streaming_tokens),
         interval_silence_ms=pick(msg.interval_silence_ms, d.interval_silence_ms),
         seed=msg.seed,
-    )  # range-checked by Pipeline.check_options on admission
+    )  # range-checked on arrival; checked against the model by the worker
 
 
 class Session:
@@ -371,7 +371,8 @@ class Session:
         if not msg.incremental and not msg.text.strip():
             raise BadText("text is empty")
         try:
-            opts = self.worker.pipeline.check_options(synthesis_options(msg))
+            # Ranges here; what depends on the model and server (beams, segment size) on the worker.
+            opts = synthesis_options(msg).validated()
         except BadOptions as e:
             raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, str(e), msg.id) from None
         if opts.seed is None:

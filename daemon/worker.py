@@ -1,65 +1,58 @@
-"""The worker thread: the only caller of the Pipeline, shared fairly by every request.
+"""The worker thread: the only caller of the Pipeline. It drives one engine that runs every admitted
+request at once (continuous batching: their segments share each GPT decode step and acoustic job).
 
-The event loop never runs model code. It hands the worker jobs through the thread-safe methods
-below (`submit`, `add_text`, `cancel`, `return_credit`, `register_voice`); the worker runs one
-segment of one request at a time, rotating round-robin over the active requests, and sends each
-result back to the loop with `loop.call_soon_threadsafe`.
+The event loop never runs model code. It hands the worker work through the thread-safe methods
+below (`submit`, `add_text`, `cancel`, `return_credit`, `register_voice`), which only queue an
+operation and wake the thread; the worker applies queued operations between engine steps and sends
+every result back to the loop with `loop.call_soon_threadsafe`. Nothing here imports torch: the
+daemon sees the pipeline through its facade.
 
-Backpressure is by credits. A request starts with SEGMENT_CREDITS; the worker takes one before
-producing a segment and the connection's writer gives it back once that segment's last frame has
-been handed to the socket. A request without credit is parked: skipped by the rotation, so a client
-that stops reading holds at most SEGMENT_CREDITS segments of audio in server memory and never
-delays anyone else. A request parked for stall_timeout_s is cancelled with `slow_consumer`.
+Admission: at most max_concurrent_requests requests are in the engine; up to max_queued_requests
+more wait for a slot, oldest first; beyond that `busy`.
 
-Cancellation (client cancel, disconnect, slow consumer, shutdown) sets `Job.stop_code`. The
-Pipeline polls `Job.cancelled` at its host syncs: every few GPT decode steps, and before each CFM
-step is issued. On CPU that stops a running segment within a step; on CUDA the DiT + BigVGAN work
-already queued for the segment still runs (at most one segment's acoustic stage). The worker then
-closes the request's segment stream, which frees its state.
+Backpressure is by credits. A request starts with SEGMENT_CREDITS; the engine takes one before it
+starts a segment and the connection's writer gives it back once that segment's last frame has been
+handed to the socket. A request without credit is parked: the engine skips it, so a client that stops
+reading holds at most SEGMENT_CREDITS segments of server work and never delays anyone else. A
+request parked for stall_timeout_s is cancelled with `slow_consumer`.
 
-Audio is produced through `Pipeline.stream()`: on CUDA it overlaps segment k+1's GPT with segment
-k's DiT + BigVGAN on two streams; on CPU the same call runs the stages one after the other."""
+Cancellation (client cancel, disconnect, slow consumer, shutdown) takes effect at the next engine
+step: the request's rows leave the decode batch and its pending work is dropped, so no frame
+follows. On CUDA, acoustic work already issued for it still runs on the device (discarded)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import io
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ttsd.pipeline.errors import (
     AudioTooLong,
     BadAudio,
-    BadText,
     Busy,
-    Cancelled,
+    DeviceFault,
+    ErrorCode,
     ShuttingDown,
     TtsdError,
     UnknownVoice,
 )
-from ttsd.pipeline.pcm import to_s16le
-
-from .protocol import SAMPLE_RATE_HZ, ErrorCode
+from ttsd.pipeline.requests import Request, RequestDone, RequestFailed, SegmentDone
 
 if TYPE_CHECKING:
-    from ttsd.pipeline.options import SynthesisOptions
-    from ttsd.pipeline.pipeline import Pipeline, Segment
-    from ttsd.pipeline.voice import Voice
+    from ttsd.pipeline import Engine, Pipeline, SynthesisOptions, Voice
 
     from .config import DaemonConfig
 
 log = logging.getLogger(__name__)
 
-SEGMENT_CREDITS: Final = 2   # segments produced but not yet sent, per request: one on the wire, one ready
+SEGMENT_CREDITS: Final = 2   # segments started but not yet sent, per request: one on the wire, one in work
 VOICE_ID_BYTES: Final = 16   # blake2b digest size; the id is its hex (32 characters)
 
 
@@ -67,7 +60,7 @@ class JobSink(Protocol):
     """Where a request's results go; every method is called on the event loop thread."""
 
     def on_segment(self, index: int, text: str, pcm: bytes) -> None:
-        """One segment's audio: s16le mono at SAMPLE_RATE_HZ, leading interval silence included."""
+        """One segment's audio: s16le mono at the pipeline's rate, leading interval silence included."""
 
     def on_done(self) -> None:
         """The request produced all its segments."""
@@ -78,8 +71,8 @@ class JobSink(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    """One synthesis request as the worker sees it. Fields below `sink` are guarded by the worker lock,
-    except `stream`, `voice` and `produced`, which only the worker thread touches."""
+    """One synthesis request as the daemon sees it. The loop thread fills the fields up to
+    `input_closed` before `submit`; afterwards the worker owns everything but `stop_*` (worker lock)."""
 
     key: int                                    # daemon-wide sequence number, for logs and events
     voice: Voice
@@ -87,32 +80,21 @@ class Job:
     sink: JobSink
     emo_voice: Voice | None = None              # its speaker clip is the emotion reference
     incremental: bool = False                   # text arrives in pieces; unspeakable pieces are skipped
-    texts: deque[str] = field(default_factory=deque)  # text not yet split into segments
+    texts: deque[str] = field(default_factory=deque)  # the text received before submit
     input_closed: bool = True                   # False while an incremental request may get more text
-    credits: int = SEGMENT_CREDITS
-    parked_since: float | None = None           # time.monotonic() when it last ran out of credit
     stop_code: str | None = None                # ErrorCode once stopped for any reason
     stop_message: str = ""
     notify_stop: bool = False                   # whether the sink hears about the stop
-    running: bool = False
     # Worker thread only:
-    segments: deque[Segment] = field(default_factory=deque)
-    stream: Iterator[tuple[Segment, np.ndarray]] | None = None
-    stream_left: int = 0                        # segments the current stream has still to yield
-    produced: int = 0                           # segments produced so far = index of the next one
+    request: Request | None = None              # the engine's request, once admitted to the engine
+    parked_since: float | None = None           # time.monotonic() when it ran out of credit with work left
+    delivered: int = 0                          # segments handed to the sink
+    ended: bool = False                         # it has left the worker (its sink heard the end)
 
     def stop(self, code: str, message: str, notify: bool) -> None:
         """Under the worker lock. The first stop wins; later ones (e.g. disconnect after cancel) are moot."""
         if self.stop_code is None:
             self.stop_code, self.stop_message, self.notify_stop = code, message, notify
-
-    def cancelled(self) -> bool:
-        """Polled by the Pipeline between decode steps (a plain attribute read, safe across threads)."""
-        return self.stop_code is not None
-
-    @property
-    def has_input(self) -> bool:
-        return self.stream is not None or bool(self.segments) or bool(self.texts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +111,11 @@ class _VoiceJob:
 
 
 WorkerObserver = Callable[[str, int, int], None]
-"""(event, job key, segment index) on the worker thread, for tests and tracing: "segment_begin" and
-"segment_end" around each segment, "parked" when a job runs out of credit (index = segments
-produced), "request_end" (index = segments produced) when a job leaves the worker. The worker
-lock is held only for "parked"; an observer may block on the others to stage a race."""
+"""(event, job key, segment index) on the worker thread, for tests and tracing: "segment_begin" when
+a segment starts decoding, "segment_end" when its audio goes to the sink, "parked" when a job runs
+out of credit with work left (index = segments delivered), "request_end" (index = segments
+delivered) when a job leaves the worker. The worker holds no lock while it calls the observer, so an
+observer may block to stage a race."""
 
 
 def _voice_key(audio: bytes, emo_audio: bytes | None) -> str:
@@ -193,8 +176,12 @@ class VoiceCache:
             return evicted
 
 
+# Operations the loop queues for the worker thread: (kind, job, text payload of "text" ops).
+_Op = tuple[str, Job, tuple[list[str], bool] | None]
+
+
 class Worker:
-    """Owns the Pipeline on one thread. All public methods are thread-safe and never block on the model."""
+    """Owns the Pipeline and its engine on one thread. Public methods are thread-safe and never block on the model."""
 
     def __init__(
         self,
@@ -210,13 +197,17 @@ class Worker:
         self.loop = loop
         self.observer = observer
         self._cond = threading.Condition()
-        self._active: deque[Job] = deque()      # round-robin order; the head runs next
+        self._ops: deque[_Op] = deque()         # queued by the loop, applied by the worker between steps
+        self._active: list[Job] = []            # in the engine (worker thread owns membership)
         self._waiting: deque[Job] = deque()     # admitted, waiting for an active slot
+        self._live = 0                          # admitted jobs not yet stopped (what admission counts)
+        self._unfinished = 0                    # admitted jobs that have not left the worker
         self._voice_jobs: deque[_VoiceJob] = deque()
         self._next_key = 0
         self._accepting = True
         self._stopping = False
-        self._voice_turn = False                # alternate voice jobs with segments (see _pick)
+        self._voice_turn = False                # alternate voice registrations with engine steps
+        self._engine: Engine | None = None      # made on the worker thread
         self._thread = threading.Thread(target=self._run, name="ttsd-worker", daemon=True)
         self._idle = asyncio.Event()            # loop side: set whenever no job is live
         self._idle.set()
@@ -224,11 +215,20 @@ class Worker:
         # illegal address: every later request would fail, so the daemon must restart instead.
         self.device_fault = asyncio.Event()
         self.device_fault_message = ""
+        self._warm_up: Callable[[], None] | None = None
+        self.warmed = threading.Event()
+        self.busy_since: float | None = None    # time.monotonic() at the start of the running step (watchdog)
 
     # ---------------------------------------------------------------------------------------
     # Loop-side API
 
-    def start(self) -> None:
+    def start(self, warm_up: Callable[[Engine], float] | None = None) -> None:
+        """Start the thread. With `warm_up`, its first job (before any request) is warm_up(engine);
+        `warmed` is set when it is done (failed or not: a failure is logged and serving goes on)."""
+        if warm_up is not None:
+            self._warm_up = lambda: self._do_warm_up(warm_up)
+        else:
+            self.warmed.set()
         self._thread.start()
 
     def new_key(self) -> int:
@@ -246,35 +246,33 @@ class Worker:
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the daemon is shutting down")
-            if self._live(self._active) < self.config.max_concurrent_requests:
-                self._active.append(job)
-            elif self._live(self._waiting) < self.config.max_queued_requests:
-                self._waiting.append(job)
-            else:
+            limit = self.config.max_concurrent_requests + self.config.max_queued_requests
+            if self._live >= limit:
                 raise Busy(
                     f"{self.config.max_concurrent_requests} requests running and "
                     f"{self.config.max_queued_requests} queued; retry later"
                 )
+            self._live += 1
+            self._unfinished += 1
             self._idle.clear()
+            self._ops.append(("submit", job, None))
             self._cond.notify()
 
     def add_text(self, job: Job, texts: list[str], close: bool) -> None:
         """More text for an incremental job; `close` ends its input."""
         with self._cond:
-            job.texts.extend(texts)
-            job.input_closed = job.input_closed or close
+            self._ops.append(("text", job, (list(texts), close)))
             self._cond.notify()
 
     def cancel(self, job: Job, code: str, notify: bool) -> None:
-        """Stop a job at its next decode step. With `notify`, its sink gets on_error(code)."""
+        """Stop a job at the next engine step. With `notify`, its sink gets on_error(code)."""
         with self._cond:
-            job.stop(code, _STOP_MESSAGES.get(code, code), notify)
+            self._stop(job, code, notify)
             self._cond.notify()
 
     def return_credit(self, job: Job) -> None:
         with self._cond:
-            job.credits += 1
-            job.parked_since = None
+            self._ops.append(("credit", job, None))
             self._cond.notify()
 
     def register_voice(
@@ -291,22 +289,25 @@ class Worker:
 
     @property
     def live_jobs(self) -> int:
-        """Admitted jobs not yet cancelled (what admission counts)."""
+        """Admitted jobs not yet stopped (what admission counts)."""
         with self._cond:
-            return self._live(self._active) + self._live(self._waiting)
+            return self._live
 
     def stop_accepting(self) -> None:
         with self._cond:
             self._accepting = False
 
     async def wait_idle(self) -> None:
-        """Until no job is left on the worker (cancelled ones included)."""
+        """Until no job is left on the worker (stopped ones included)."""
         await self._idle.wait()
 
     def cancel_all(self, code: str) -> None:
         with self._cond:
+            for kind, job, _ in self._ops:
+                if kind == "submit":
+                    self._stop(job, code, True)
             for job in (*self._active, *self._waiting):
-                job.stop(code, _STOP_MESSAGES.get(code, code), True)
+                self._stop(job, code, True)
             self._cond.notify()
 
     async def stop(self) -> None:
@@ -318,14 +319,17 @@ class Worker:
             self._cond.notify()
         await asyncio.to_thread(self._thread.join)
 
+    def _stop(self, job: Job, code: str, notify: bool) -> None:
+        """Under the lock: mark the job stopped (first stop wins) and queue its removal."""
+        if job.stop_code is None and not job.ended:
+            job.stop(code, _STOP_MESSAGES.get(code, code), notify)
+            self._live -= 1
+            self._ops.append(("stop", job, None))
+
     # ---------------------------------------------------------------------------------------
     # Worker thread
 
-    @staticmethod
-    def _live(jobs: deque[Job]) -> int:
-        return sum(1 for j in jobs if j.stop_code is None)
-
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
         # The loop may already be closed at interpreter shutdown; nothing is listening then.
         try:
             self.loop.call_soon_threadsafe(fn, *args)
@@ -338,75 +342,186 @@ class Worker:
 
     def _run(self) -> None:
         log.debug("worker started")
-        while True:
-            with self._cond:
-                work = self._pick()
-                while work is None:
-                    if self._stopping and not self._active and not self._waiting:
-                        # Voice registrations still queued get an answer instead of silence.
-                        for vj in self._voice_jobs:
-                            self._post(vj.done, ShuttingDown("the daemon is shutting down"))
-                        self._voice_jobs.clear()
-                        log.debug("worker stopped")
-                        return
-                    self._cond.wait(self._park_timeout())
-                    work = self._pick()
-            kind, item = work
-            try:
-                if isinstance(item, _VoiceJob):
-                    self._run_voice(item)
-                elif kind == "finish":
-                    self._finish(item)
-                else:
-                    self._run_segment(item)
-            except Exception as e:
-                # A bug in one job must not take down the thread that serves everyone, nor leave
-                # that job marked running forever (it would hold its slot).
-                log.exception("worker failure kind=%s", kind)
-                if isinstance(item, Job):
-                    self._fail(item, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
+        try:
+            self._engine = self.pipeline.engine(max_batch_rows=self.config.max_batch_rows)
+            self._engine.observer = self._on_engine_event
+            if self._warm_up is not None:
+                self._warm_up()
+            while self._work():
+                pass
+        except DeviceFault as e:
+            self._device_fault(str(e))
+            self._drain_after_fault()
+        log.debug("worker stopped")
 
-    def _pick(self) -> tuple[str, Any] | None:
-        """Under the lock: the next thing to do, or None to wait. Order: finish stopped or completed
-        jobs (frees slots), then alternate one voice registration with one segment, round-robin."""
+    def _work(self) -> bool:
+        """One turn: apply queued operations, then one engine step or one voice registration. False
+        when the worker should exit."""
+        engine = self._engine
+        assert engine is not None  # made at the top of _run
+        with self._cond:
+            while not (self._ops or self._voice_jobs or engine.busy or self._stopping):
+                self._cond.wait(self._park_timeout())
+                self._check_stalls()
+            ops = list(self._ops)
+            self._ops.clear()
+            if self._stopping and not ops and not self._active and not self._waiting:
+                for vj in self._voice_jobs:  # still queued: an answer instead of silence
+                    self._post(vj.done, ShuttingDown("the daemon is shutting down"))
+                self._voice_jobs.clear()
+                return False
+            voice_job = None
+            if self._voice_jobs and (self._voice_turn or not engine.busy):
+                voice_job = self._voice_jobs.popleft()
+            self._voice_turn = not self._voice_turn
+        for kind, job, payload in ops:
+            self._apply(kind, job, payload)
+        self._promote()
+        self.busy_since = time.monotonic()
+        if voice_job is not None:
+            self._run_voice(voice_job)
+        elif engine.busy:
+            self._engine_step(engine)
+        self.busy_since = None
+        self._mark_parked()
+        return True
+
+    def _apply(self, kind: str, job: Job, payload: tuple[list[str], bool] | None) -> None:
+        engine = self._engine
+        assert engine is not None
+        if kind == "submit":
+            if job.stop_code is None:
+                self._waiting.append(job)
+            else:
+                self._finish(job)  # stopped before it ever started
+        elif kind == "text" and payload is not None:
+            texts, close = payload
+            job.texts.extend(texts)
+            job.input_closed = job.input_closed or close
+            if job.request is not None:
+                engine.feed(job.request, job.texts, job.input_closed)
+                job.texts.clear()
+        elif kind == "credit":
+            job.parked_since = None
+            if job.request is not None:
+                engine.grant(job.request)
+        elif kind == "stop":
+            if job.ended:
+                return
+            if job.request is not None:
+                engine.cancel(job.request)
+            if job in self._active:
+                self._active.remove(job)
+            if job in self._waiting:
+                self._waiting.remove(job)
+            self._finish(job)
+
+    def _promote(self) -> None:
+        """Fill free engine slots from the queue, oldest first; options are checked here, on the worker."""
+        engine = self._engine
+        assert engine is not None
+        while self._waiting and len(self._active) < self.config.max_concurrent_requests:
+            job = self._waiting.popleft()
+            try:
+                opts = self.pipeline.check_options(job.opts)
+            except TtsdError as e:
+                self._fail(job, e.code, str(e))
+                continue
+            job.request = Request(
+                voice=job.voice, opts=opts, emo_voice=job.emo_voice, texts=deque(job.texts),
+                input_closed=job.input_closed, incremental=job.incremental, credits=SEGMENT_CREDITS, tag=job,
+            )
+            job.texts.clear()
+            self._active.append(job)
+            engine.add(job.request)
+
+    def _engine_step(self, engine: Engine) -> None:
+        try:
+            events = engine.step()
+        except DeviceFault:
+            raise
+        except Exception as e:  # a bug outside any one request: fail them all, keep the daemon up
+            log.exception("engine step failed")
+            for job in list(self._active):
+                self._fail(job, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
+            return
+        for ev in events:
+            job = ev.request.tag
+            if not isinstance(job, _JOB_TYPE):
+                continue
+            if isinstance(ev, SegmentDone):
+                job.delivered += 1
+                if job.stop_code is None:
+                    self._post(job.sink.on_segment, ev.audio.segment.index, ev.audio.segment.text, ev.audio.pcm)
+            elif isinstance(ev, RequestDone):
+                self._leave(job)
+                if job.stop_code is None:
+                    self._post(job.sink.on_done)
+                self._finish(job)
+            elif isinstance(ev, RequestFailed):
+                err = ev.error
+                if isinstance(err, TtsdError):
+                    log.info("request failed key=%d code=%s error=%r", job.key, err.code, str(err))
+                    self._fail(job, err.code, str(err))
+                else:
+                    self._fail(job, ErrorCode.INTERNAL, f"internal error: {type(err).__name__}")
+
+    def _on_engine_event(self, what: str, req: Request, index: int) -> None:
+        job = req.tag
+        if isinstance(job, _JOB_TYPE):
+            if what == "decode":
+                self._event("segment_begin", job, index)
+            elif what == "audio":
+                self._event("segment_end", job, index)
+
+    def _leave(self, job: Job) -> None:
+        if job in self._active:
+            self._active.remove(job)
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        """Worker-side failure: stop the job (telling its sink), take it out now."""
+        with self._cond:
+            self._stop(job, code, True)
+        engine = self._engine
+        if job.request is not None and engine is not None:
+            engine.cancel(job.request)
+        self._leave(job)
+        if job in self._waiting:
+            self._waiting.remove(job)
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        """A job leaves the worker, once: its sink hears a stop it should hear, it is counted out."""
+        if job.ended:
+            return
+        job.ended = True
+        if job.stop_code is not None and job.notify_stop:
+            self._post(job.sink.on_error, job.stop_code, job.stop_message)
+        with self._cond:
+            if job.stop_code is None:
+                self._live -= 1
+            self._unfinished -= 1
+        self._event("request_end", job, job.delivered)
+        log.debug("request left worker key=%d segments=%d stop=%s", job.key, job.delivered, job.stop_code or "-")
+        self._post(self._set_idle_if_idle)
+
+    def _set_idle_if_idle(self) -> None:
+        # Runs on the loop: re-checks under the lock, since a submit may have come in meanwhile.
+        with self._cond:
+            if self._unfinished == 0:
+                self._idle.set()
+
+    def _check_stalls(self) -> None:
+        """Under the lock: a job parked for stall_timeout_s is cancelled as a slow consumer."""
         now = time.monotonic()
         for job in self._active:
-            if not job.running and job.parked_since is not None and job.stop_code is None:
+            if job.parked_since is not None and job.stop_code is None:
                 if now - job.parked_since >= self.config.stall_timeout_s:
-                    job.stop(ErrorCode.SLOW_CONSUMER, _STOP_MESSAGES[ErrorCode.SLOW_CONSUMER], True)
                     log.info("request stalled key=%d parked_s=%.1f", job.key, now - job.parked_since)
-        for queue in (self._active, self._waiting):
-            for job in queue:
-                if not job.running and (
-                    job.stop_code is not None or (job.input_closed and not job.has_input)
-                ):
-                    queue.remove(job)
-                    return "finish", job
-        if self._voice_jobs and (self._voice_turn or not self._runnable_exists()):
-            self._voice_turn = False
-            return "voice", self._voice_jobs.popleft()
-        for _ in range(len(self._active)):
-            job = self._active[0]
-            self._active.rotate(-1)
-            if not job.has_input:
-                continue                                    # incremental: waiting for text
-            if job.credits <= 0:
-                if job.parked_since is None:
-                    job.parked_since = now
-                    log.debug("request parked key=%d", job.key)
-                    self._event("parked", job, job.produced)
-                continue
-            job.credits -= 1
-            job.running = True
-            self._voice_turn = True
-            return "segment", job
-        return None
-
-    def _runnable_exists(self) -> bool:
-        return any(j.has_input and j.credits > 0 and j.stop_code is None for j in self._active)
+                    self._stop(job, ErrorCode.SLOW_CONSUMER, True)
 
     def _park_timeout(self) -> float | None:
-        """Seconds until the earliest parked job stalls out (None: wait for a notify)."""
+        """Under the lock: seconds until the earliest parked job stalls out (None: wait for a notify)."""
         deadlines = [
             j.parked_since + self.config.stall_timeout_s
             for j in self._active
@@ -414,137 +529,57 @@ class Worker:
         ]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
-    def _promote(self) -> None:
-        """Under the lock: fill free active slots from the queue, oldest first."""
-        while self._waiting and self._live(self._active) < self.config.max_concurrent_requests:
-            self._active.append(self._waiting.popleft())
-
-    def _finish(self, job: Job) -> None:
-        """A job leaves the worker: close its stream (frees its state), tell its sink, free the slot."""
-        self._close_stream(job)
-        job.segments.clear()
-        self._event("request_end", job, job.produced)
-        with self._cond:
-            job.texts.clear()
-            if job.stop_code is None:
-                self._post(job.sink.on_done)
-            elif job.notify_stop:
-                self._post(job.sink.on_error, job.stop_code, job.stop_message)
-            self._promote()
-            self._post(self._set_idle_if_idle)
-        log.debug("request left worker key=%d segments=%d stop=%s", job.key, job.produced, job.stop_code)
-
-    def _set_idle_if_idle(self) -> None:
-        # Runs on the loop: re-checks under the lock, since a submit may have come in meanwhile.
-        with self._cond:
-            if not self._active and not self._waiting:
-                self._idle.set()
-
-    @staticmethod
-    def _close_stream(job: Job) -> None:
-        """Closing the Pipeline's generator runs its cleanup now, releasing the request's state."""
-        if job.stream is not None:
-            close = getattr(job.stream, "close", None)
-            if close is not None:
-                close()
-            job.stream = None
-            job.stream_left = 0
-
-    def _fail(self, job: Job, code: str, message: str) -> None:
-        with self._cond:
-            job.running = False
-            job.stop(code, message, True)
-
-    def _next_segments(self, job: Job) -> Iterator[tuple[Segment, np.ndarray]] | None:
-        """Turn pending text into segments and segments into a Pipeline stream (worker thread)."""
-        while not job.segments:
-            with self._cond:
-                if not job.texts:
-                    return None
-                text = job.texts.popleft()
-            try:
-                pieces = self.pipeline.split_text(text, job.opts)
-            except BadText:
-                if not job.incremental:
-                    raise
-                # A streamed chunk with nothing speakable ("**", "...") is skipped, not fatal.
-                log.debug("skipped unspeakable text key=%d chars=%d", job.key, len(text))
+    def _mark_parked(self) -> None:
+        for job in self._active:
+            req = job.request
+            if req is None or job.parked_since is not None or job.stop_code is not None:
                 continue
-            for seg in pieces:
-                # Segment indices run across the whole request; the seed derives noise from them.
-                job.segments.append(dataclasses.replace(seg, index=job.produced + len(job.segments)))
-        segments = list(job.segments)
-        job.segments.clear()
-        job.stream_left = len(segments)
-        return iter(
-            self.pipeline.stream(job.voice, segments, job.opts, emo_voice=job.emo_voice, cancel=job.cancelled)
-        )
-
-    def _run_segment(self, job: Job) -> None:
-        index = job.produced
-        self._event("segment_begin", job, index)
-        try:
-            while True:
-                if job.stream is None:
-                    job.stream = self._next_segments(job)
-                    if job.stream is None:
-                        # Nothing left to say for now (incremental input): hand the credit back.
-                        with self._cond:
-                            job.credits += 1
-                            job.running = False
-                        return
-                try:
-                    segment, pcm = next(job.stream)
-                except StopIteration:
-                    job.stream = None
-                    continue
-                job.stream_left -= 1
-                if job.stream_left <= 0:
-                    # Close now rather than on a later turn: a finished job then leaves at once
-                    # instead of waiting for a credit just to discover the end of its stream.
-                    self._close_stream(job)
-                break
-        except Cancelled:
-            with self._cond:
-                job.running = False
-                job.stop(ErrorCode.CANCELLED, _STOP_MESSAGES[ErrorCode.CANCELLED], False)
-            return
-        except TtsdError as e:
-            log.info("request failed key=%d code=%s error=%r", job.key, e.code, str(e))
-            self._fail(job, e.code, str(e))
-            return
-        except Exception as e:
-            log.exception("request failed key=%d segment=%d", job.key, index)
-            self._check_device_fault(e)
-            self._fail(job, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
-            return
-        silence = 0
-        if index > 0:
-            # Upstream joins segments with int(sr * ms / 1000) zeros; streaming sends them up front.
-            silence = int(SAMPLE_RATE_HZ * job.opts.interval_silence_ms / 1000)
-        data = to_s16le(pcm, silence)
-        job.produced += 1
-        self._event("segment_end", job, index)
+            if req.credits is not None and req.credits <= 0 and (req.segments or req.texts):
+                job.parked_since = time.monotonic()
+                log.debug("request parked key=%d", job.key)
+                self._event("parked", job, job.delivered)
         with self._cond:
-            job.running = False
-            if job.stop_code is None:
-                self._post(job.sink.on_segment, index, segment.text, data)
+            self._check_stalls()
 
-    def _check_device_fault(self, e: Exception) -> None:
-        """Worker thread: a device error that leaves the CUDA context unusable ends the daemon."""
-        import torch
+    def report_fault(self, message: str) -> None:
+        """Loop side: the device is unusable (a fault, or the watchdog saw a step that never ends)."""
+        log.critical("device fault, the daemon must restart error=%r", message)
+        self.device_fault_message = message
+        self.device_fault.set()
 
-        # AcceleratorError is what torch raises for asynchronous CUDA faults (device-side assert,
-        # illegal memory access); out-of-memory is a different type and is not fatal.
-        if isinstance(e, torch.AcceleratorError):
-            log.critical("device fault, the daemon must restart error=%r", str(e))
-            message = f"device fault: {type(e).__name__}"
+    def _device_fault(self, message: str) -> None:
+        self._post(self.report_fault, message)
 
-            def mark() -> None:
-                self.device_fault_message = message
-                self.device_fault.set()
+    def _drain_after_fault(self) -> None:
+        """After a device fault nothing more can run: fail every job and answer queued registrations."""
+        with self._cond:
+            jobs = [*self._active, *self._waiting, *(j for k, j, _ in self._ops if k == "submit")]
+            self._ops.clear()
+            for vj in self._voice_jobs:
+                self._post(vj.done, TtsdError("internal error: device fault"))
+            self._voice_jobs.clear()
+        for job in jobs:
+            with self._cond:
+                self._stop(job, ErrorCode.INTERNAL, True)
+            self._finish(job)
+        self._active.clear()
+        self._waiting.clear()
 
-            self._post(mark)
+    # ---------------------------------------------------------------------------------------
+    # Warm-up and voices (worker thread)
+
+    def _do_warm_up(self, warm_up: Callable[[Engine], float]) -> None:
+        assert self._engine is not None
+        try:
+            seconds = warm_up(self._engine)
+            log.info("warm-up done warm_s=%.2f", seconds)
+        except DeviceFault:
+            raise
+        except Exception as e:  # serving eagerly beats not serving: log one line and go on
+            log.error("warm-up failed; serving without it error=%r", e)
+            self.pipeline.check_device(e)
+        finally:
+            self.warmed.set()
 
     def _run_voice(self, vj: _VoiceJob) -> None:
         result: VoiceResult | TtsdError
@@ -554,7 +589,7 @@ class Worker:
             result = e
         except Exception as e:
             log.exception("voice registration failed")
-            self._check_device_fault(e)
+            self.pipeline.check_device(e)
             result = TtsdError(f"internal error: {type(e).__name__}")
         self._post(vj.done, result)
 
@@ -580,6 +615,8 @@ class Worker:
         )
         return VoiceResult(voice_id, audio_s)
 
+
+_JOB_TYPE = Job
 
 _STOP_MESSAGES: Final = {
     ErrorCode.CANCELLED: "cancelled by the client",

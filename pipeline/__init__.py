@@ -1,7 +1,7 @@
-"""IndexTTS2 inference in plain PyTorch: the public surface.
+"""IndexTTS2 inference in plain PyTorch: the public surface (what the daemon and the CLIs import).
 
-Names are imported lazily so that `ttsd.pipeline.text` or `ttsd.pipeline.errors` can be used
-without building the model modules."""
+Names are imported lazily so that the torch-free parts (`errors`, `options`, `requests`, `pcm`,
+`text`) can be used without building, or even importing, the model modules."""
 
 from __future__ import annotations
 
@@ -9,22 +9,34 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import TtsdError
+    from .engine import Engine
+    from .errors import DeviceFault, TtsdError
     from .options import EMOTIONS, SynthesisOptions
-    from .pipeline import GptOutput, Pipeline, Segment
+    from .pipeline import Pipeline, Segment
+    from .requests import Event, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
     from .voice import Voice
 
 _EXPORTS = {
+    "Engine": ".engine",
+    "DeviceFault": ".errors",
     "TtsdError": ".errors",
     "EMOTIONS": ".options",
     "SynthesisOptions": ".options",
-    "GptOutput": ".pipeline",
     "Pipeline": ".pipeline",
     "Segment": ".pipeline",
+    "Event": ".requests",
+    "Request": ".requests",
+    "RequestDone": ".requests",
+    "RequestFailed": ".requests",
+    "SegmentAudio": ".requests",
+    "SegmentDone": ".requests",
     "Voice": ".voice",
 }
 
-__all__ = ["EMOTIONS", "GptOutput", "Pipeline", "Segment", "SynthesisOptions", "TtsdError", "Voice"]
+__all__ = [
+    "DeviceFault", "EMOTIONS", "Engine", "Event", "Pipeline", "Request", "RequestDone", "RequestFailed",
+    "Segment", "SegmentAudio", "SegmentDone", "SynthesisOptions", "TtsdError", "Voice",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -281,6 +281,15 @@ class SConv1d(nn.Module):
         return self.conv.conv(x)
 
 
+def reflect_index(lengths: Tensor, frames: int) -> Tensor:
+    """For a right-padded batch: frame t of row b reads frame t while t < L_b and the reflection
+    2(L_b − 1) − t past it (clamped at 0; only the few frames within a kernel's reach matter), so a
+    reflect-padded conv sees each row as if it ended at L_b. lengths (B,) → (B, 1, frames) int64."""
+    t = torch.arange(frames, device=lengths.device)[None, :]
+    last = (lengths[:, None] - 1).clamp(min=0)
+    return torch.where(t <= last, t, (2 * last - t).clamp(min=0)).unsqueeze(1)
+
+
 class WN(nn.Module):
     """Gated dilated-conv WaveNet stack, globally conditioned on a time embedding."""
 
@@ -295,14 +304,18 @@ class WN(nn.Module):
         # The last layer has no residual half: it writes only W skip channels.
         self.res_skip_layers = nn.ModuleList(SConv1d(w, 2 * w if i < n - 1 else w, 1) for i in range(n))
 
-    def forward(self, x: Tensor, x_mask: Tensor | None, g: Tensor) -> Tensor:
-        """x (B, W, T), x_mask (B or 1, 1, T) or None for all-valid, g (B, W, 1) → (B, W, T)."""
+    def forward(self, x: Tensor, x_mask: Tensor | None, g: Tensor, tails: Tensor | None = None) -> Tensor:
+        """x (B, W, T), x_mask (B or 1, 1, T) or None for all-valid, g (B, W, 1) → (B, W, T).
+
+        `tails` (B, 1, T) from `reflect_index` makes each row of a padded batch see, past its own end,
+        the reflection its dilated convs would see if the row were alone."""
         g = self.cond_layer(g)  # [B, 2·W·n, 1]
         w = self.hidden
         out = torch.zeros_like(x)
         last = len(self.in_layers) - 1
         for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers, strict=True)):
-            z = in_layer(x) + g[:, 2 * w * i : 2 * w * (i + 1)]  # [B, 2W, T]
+            xi = x if tails is None else x.gather(2, tails.expand(x.size(0), x.size(1), -1))
+            z = in_layer(xi) + g[:, 2 * w * i : 2 * w * (i + 1)]  # [B, 2W, T]
             acts = torch.tanh(z[:, :w]) * torch.sigmoid(z[:, w:])
             rs = res_skip(acts)
             if i < last:
@@ -385,16 +398,18 @@ class DiT(nn.Module):
 
         attn_mask: Tensor | None = None
         x_mask: Tensor | None = None  # None = every frame valid (multiplying by ones is skipped)
+        tails: Tensor | None = None
         if x_lens is not None:
             valid = torch.arange(T, device=x.device)[None, :] < x_lens[:, None]  # [B, T]
             attn_mask = valid[:, None, None, :]  # [B, 1, 1, T]: mask keys only
             x_mask = valid[:, None, :].to(x.dtype)  # [B, 1, T]
+            tails = reflect_index(x_lens, T)
 
         h = self.transformer(h, t1.unsqueeze(1), attn_mask)  # [B, T, D]
         if self.cfg.long_skip_connection:
             h = self.skip_linear(torch.cat([h, xt], dim=-1))
         y = self.conv1(h).transpose(1, 2)  # [B, W, T]
         t2 = self.t_embedder2(t)  # [B, W]
-        y = self.wavenet(y, x_mask, t2.unsqueeze(2)).transpose(1, 2) + self.res_projection(h)  # [B, T, W]
+        y = self.wavenet(y, x_mask, t2.unsqueeze(2), tails).transpose(1, 2) + self.res_projection(h)  # [B, T, W]
         y = self.final_layer(y, t1).transpose(1, 2)  # [B, W, T]
         return self.conv2(y)  # [B, M, T]

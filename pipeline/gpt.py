@@ -4,12 +4,14 @@ Ports indextts/gpt/model_v2.py (`UnifiedVoice` in `conformer_perceiver` / `confo
 mode: conditioning, emotion vectors, `prepare_gpt_inputs`, the second-pass latent), the
 HF GPT-2 stack it wraps (transformers 4.52 `GPT2Model` with `wpe` zeroed and `wte` unused) and
 the emotion-matrix mixing of indextts/infer_v2.py. Module names match gpt.pth key for key, so
-loading is a strict `load_state_dict`. Per-request state (the KV cache) is a `KVCache` passed in.
+loading is a strict `load_state_dict`. Per-request state (the KV cache, owned by decode.py) is passed in
+as per-layer tensors.
 Shapes: B batch (beams), T w2v-BERT frames, W w2v-BERT width, L text tokens, N semantic codes,
 S sequence positions, S_max cache capacity, D model_dim, H heads, Dh head dim, V vocabulary."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from .conformer import ConformerConfig, ConformerEncoder
 from .errors import ConfigError
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import load_module, read_shapes
+
+LayerKV = tuple[Tensor, Tensor]  # one layer's (K, V) cache, each [B, H, S_cap, Dh]
 
 LN_EPS = 1e-5  # GPT2Config.layer_norm_epsilon default; also final_norm
 SPEED_TOKENS = 2  # speed_emb[1] then speed_emb[0] follow the speaker latents
@@ -144,44 +148,6 @@ class GPTConfig:
         )
 
 
-class KVCache:
-    """Per-request key/value cache: `k[i]`, `v[i]` are layer i's [B, H, S_max, Dh], written in place."""
-
-    def __init__(self, cfg: GPTConfig, batch: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (cfg.layers, batch, cfg.heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.positions = torch.arange(max_seq_len, device=device)  # [S_max] for the causal mask
-
-    @classmethod
-    def for_slot(cls, cfg: GPTConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """A cache big enough for any request (34 conds + longest text + longest code run): one per slot.
-
-        The length is rounded up to a multiple of 64 so the [S, S_max] attention mask stays aligned
-        for the fused SDPA kernels (gpt-fast's find_multiple); the extra slots are never attended."""
-        need = cfg.prefix_conds + cfg.text_positions + cfg.mel_positions
-        return cls(cfg, batch, -(-need // 64) * 64, device, dtype)
-
-    def rows(self, n: int) -> KVCache:
-        """The first n rows of this cache as a cache of their own (shared storage), so one allocation
-        serves every beam count up to its batch."""
-        if not 1 <= n <= self.k.size(1):
-            raise ValueError(f"cache has {self.k.size(1)} rows; asked for {n}")
-        view = object.__new__(KVCache)
-        view.k, view.v, view.positions = self.k[:, :n], self.v[:, :n], self.positions
-        return view
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k.size(3)
-
-    def reorder(self, beam_idx: Tensor, length: int) -> None:
-        """Beam search: row b becomes row beam_idx[b], over the `length` slots written so far."""
-        for buf in (self.k, self.v):
-            filled = buf[:, :, :, :length]  # [L, B, H, length, Dh]; later slots are rewritten before use
-            filled.copy_(filled.index_select(1, beam_idx))
-
-
 class Conv1D(nn.Module):
     """HF GPT-2 Conv1D: y = x·W + b with W stored [in, out] (keys `*.weight`, `*.bias`)."""
 
@@ -198,25 +164,33 @@ class GPT2Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
         # HF Conv1D layout, weight [in, out]: keys gpt.h.{i}.attn.c_attn.{weight,bias}; q | k | v on out.
         self.c_attn = Conv1D(cfg.model_dim, 3 * cfg.model_dim)
         self.c_proj = Conv1D(cfg.model_dim, cfg.model_dim)
 
-    def forward(
-        self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None, mask: Tensor | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor | None, kv: LayerKV | None, mask: Tensor | None) -> Tensor:
         b, s, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=-1)
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = k.view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        if k_cache is not None and v_cache is not None and input_pos is not None:
-            k_cache.index_copy_(2, input_pos, k)
-            v_cache.index_copy_(2, input_pos, v)
-            # Attend over the whole cache; unwritten slots lie after input_pos and are masked.
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, H, S, Dh]
-        else:
+        if kv is None or input_pos is None:
+            k = k.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, s, self.heads, self.head_dim).transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k_cache, v_cache = kv
+            rows = torch.arange(b, device=x.device).unsqueeze(1)  # [B, 1]
+            # Row b writes its S new entries at its own slots input_pos[b] (in place: index_put_).
+            k_cache[rows, :, input_pos] = k.view(b, s, self.heads, self.head_dim)  # cache [B, H, S_cap, Dh]
+            v_cache[rows, :, input_pos] = v.view(b, s, self.heads, self.head_dim)
+            n = mask.size(-1) if mask is not None else k_cache.size(2)
+            # Attend over the first n slots; slots after a row's own position are masked out. Plain
+            # matmul + softmax rather than SDPA: SDPA's CPU kernel splits work by batch size, so a row's
+            # result would depend on how many rows share the step; this does not.
+            scores = (q @ k_cache[:, :, :n].transpose(-1, -2)) * self.scale  # [B, H, S, n]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, -float("inf"))
+            y = scores.softmax(dim=-1) @ v_cache[:, :, :n]  # [B, H, S, Dh]
         return self.c_proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -238,10 +212,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.model_dim, eps=LN_EPS)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(
-        self, x: Tensor, input_pos: Tensor | None, k_cache: Tensor | None, v_cache: Tensor | None, mask: Tensor | None
-    ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, k_cache, v_cache, mask)
+    def forward(self, x: Tensor, input_pos: Tensor | None, kv: LayerKV | None, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, kv, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -377,39 +349,51 @@ class UnifiedVoice(nn.Module):
         """[B, S] codes at mel positions [S] → [B, S, D]."""
         return self.mel_embedding(codes) + self.mel_pos_embedding.emb(mel_pos)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        input_pos: Tensor | None = None,
+        kv: Sequence[LayerKV] | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
         """GPT-2 over input embeddings [B, S, D] → hidden states after ln_f [B, S, D].
 
-        With a cache, `input_pos` [S] are the cache slots of the S inputs (written in place) and
-        attention covers every slot ≤ its own; without one, it is one full causal pass."""
+        Without `kv`: one full causal pass (right padding is harmless: a position never sees a later
+        one). With `kv` (one (K, V) pair per layer, each [B, H, S_cap, Dh], rows matching x's rows):
+        `input_pos` [B, S] are each row's cache slots for its S inputs, written in place, and every
+        input attends to the slots ≤ its own among the first `kv_len` (default: all S_cap)."""
         mask = None
-        if cache is not None:
+        if kv is not None:
             if input_pos is None:
                 raise ValueError("input_pos is required with a KV cache")
-            mask = cache.positions.unsqueeze(0) <= input_pos.unsqueeze(1)  # [S, S_max]
+            n = kv[0][0].size(2) if kv_len is None else kv_len
+            slots = torch.arange(n, device=x.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, n]
         for i, block in enumerate(self.gpt.h):
-            kc = cache.k[i] if cache is not None else None
-            vc = cache.v[i] if cache is not None else None
-            x = block(x, input_pos, kc, vc, mask)
+            x = block(x, input_pos, None if kv is None else kv[i], mask)
         return self.gpt.ln_f(x)
 
     def mel_logits(self, h: Tensor) -> Tensor:
         """Hidden states after ln_f → mel logits (the second LayerNorm, final_norm, then mel_head)."""
         return self.mel_head(self.final_norm(h))
 
-    def latent(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, codes: Tensor) -> Tensor:
-        """Second pass (upstream `UnifiedVoice.forward`, return_latent): → [B, N, D] for s2mel.
+    def latent_inputs(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, codes: Tensor) -> Tensor:
+        """Input embeddings of the second pass (upstream `UnifiedVoice.forward`, return_latent) → [B, S, D].
 
         Text ids are NOT filtered here; codes [B, N] (stop trimmed) become [start, c_1..c_N, stop]
-        at mel positions 0..N+1, and the states at the first N mel slots are returned."""
+        at mel positions 0..N+1 (correct positions, no off-by-one), after conds and text."""
         c = self.cfg
         mel = F.pad(F.pad(codes.long(), (1, 0), value=c.start_mel_token), (0, 1), value=c.stop_mel_token)
         mel_pos = torch.arange(mel.size(1), device=mel.device)
-        x = torch.cat(
+        return torch.cat(
             (self.conds_latent(speech_latent, emovec), self.embed_text(text_ids), self.embed_mel(mel, mel_pos)), dim=1
         )
+
+    def latent(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, codes: Tensor) -> Tensor:
+        """Second pass → [B, N, D] for s2mel: the normalised states at the first N mel slots."""
+        x = self.latent_inputs(speech_latent, emovec, text_ids, codes)
         h = self.final_norm(self.forward(x))  # [B, 34 + L + 2 + N + 2, D]
-        return h[:, -mel.size(1) : -2]  # drop the two tokens the pass added at the end
+        return h[:, -(codes.size(1) + 2) : -2]  # drop the two tokens the pass added at the end
 
 
 def load_unified_voice(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> UnifiedVoice:

@@ -1,37 +1,42 @@
-"""Pipeline: every IndexTTS2 component on one device, and the per-segment glue between them.
+"""Pipeline: every IndexTTS2 component on one device, the per-segment glue between them, and the facade
+the daemon and the command line use.
 
 Ports the per-segment half of `IndexTTS2.infer_generator` (indextts/infer_v2.py): text →
 segments → GPT codes and latent → s2mel (gpt_layer + vq2emb, length regulator, CFM) → BigVGAN.
-`stream()` overlaps segment k+1's GPT with segment k's DiT + BigVGAN on two CUDA streams; on
-CPU the same code runs sequentially. Shapes: M codes, D GPT width, T target mel frames,
-P prompt mel frames."""
+Each step exists once, as a method on one segment (or on a list of segments where batching pays):
+`run_gpt` / `run_acoustic` chain them for one segment alone (the plain reference path), and the
+engine (engine.py) runs the same methods for many requests at once. `stream()` and `synthesize()`
+drive an engine with one request. Shapes: M codes, D GPT width, T target mel frames, P prompt mel
+frames, C regulator channels, Cw w2v width."""
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import logging
-import secrets
+import math
 import time
+import wave
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import audio
+from .accel import ROW_BUCKETS, Streams, graphed_step
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
 from .config import load_yaml
-from .errors import BadOptions, BadText, CheckpointError, ConfigError
-from .flow import CFM, load_cfm
-from .generate import DecodeParams, generate
+from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
+from .device import resolve_device
+from .engine import Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
+from .errors import BadOptions, BadText, CheckpointError, ConfigError, DeviceFault, TtsdError
+from .flow import CFM, CFMRow, CFMSolve, load_cfm
 from .gpt import (
     EmotionMatrices,
-    KVCache,
     UnifiedVoice,
     interpolate_emovec,
     load_emotion_matrices,
@@ -48,14 +53,17 @@ from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WARM_UP_TEXT = "Warm up."
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Segment:
     index: int  # 0, 1, 2, ... within one request
-    pieces: list[str]  # BPE pieces
     text_ids: list[int]  # ids fed to the GPT
     text: str  # the pieces decoded back to readable text
+
+    def with_index(self, index: int) -> Segment:
+        return replace(self, index=index)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,23 +72,33 @@ class GptOutput:
     latent: Tensor  # (1, M, D) float32 second-pass latent
 
 
-def _seed_for(seed: int, segment: int) -> int:
-    # One independent, reproducible RNG per segment: offline, streamed and interleaved runs of
-    # the same request draw the same numbers whatever order the segments run in.
+@dataclass(frozen=True, slots=True)
+class AcousticInput:
+    """What the acoustic stage needs of one segment."""
+
+    voice: Voice
+    emovec: Tensor  # (1, D) in the GPT's dtype
+    segment: Segment
+    codes: Generated
+    opts: SynthesisOptions
+    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T); drawn from the seed otherwise
+
+
+def seed_for(seed: int, segment: int) -> int:
+    """One independent, reproducible RNG seed per segment: offline, streamed and batched runs of
+    the same request draw the same numbers whatever order the segments run in."""
     return (seed * 1000 + segment) % (2**63)
 
 
 class Pipeline:
     """All weights of one IndexTTS2 model on one device. Holds no per-request state: what a
-    request needs (voice, options, seed, emotion vector) is passed in. It owns the reusable KV
-    caches, so one thread drives a Pipeline at a time (the daemon's worker thread)."""
+    request needs (voice, options, seed, emotion vector) is passed in; batches live in engines."""
 
     sample_rate_hz = audio.SAMPLE_RATE_HZ
 
     def __init__(
         self,
         *,
-        config: Mapping[str, Any],
         tokenizer: TextTokenizer,
         w2v: W2VBert,
         w2v_stats: W2VStats,
@@ -95,29 +113,22 @@ class Pipeline:
         device: torch.device,
         gpt_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
+        compile: bool = True,
         max_num_beams: int = 4,
+        max_batch_rows: int = 16,
     ) -> None:
-        self.config = config
         self.tokenizer = tokenizer
         self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
-        self.gpt, self.gpt_layer, self.length_regulator, self.cfm, self.bigvgan = (
-            gpt,
-            gpt_layer,
-            length_regulator,
-            cfm,
-            bigvgan,
-        )
+        self.gpt, self.gpt_layer, self.length_regulator = gpt, gpt_layer, length_regulator
+        self.cfm, self.bigvgan, self.emotion = cfm, bigvgan, emotion
         self.device = device
         self.gpt_dtype = gpt_dtype
-        self.cuda_graphs = cuda_graphs  # CUDA only: the decode step compiled into CUDA graphs
-        self.emotion = emotion
         self.max_num_beams = max_num_beams
-        self._kv_base: KVCache | None = None
-        self._kv: dict[int, KVCache] = {}
-        # Prefetching segment k+1's GPT before handing out segment k only pays where the two can
-        # run at once (two CUDA streams); on CPU it would only delay segment k.
-        self.overlap_segments = device.type == "cuda"
-        self.lanes = _Lanes(device)
+        self.max_batch_rows = max_batch_rows
+        self.lanes = Streams(device)
+        self.cuda_graphs = cuda_graphs  # CUDA: the decode step replays CUDA graphs ...
+        self.compile = compile  # ... compiled with inductor first
+        self.row_buckets: tuple[int, ...] = ROW_BUCKETS if device.type == "cuda" and cuda_graphs else ()
 
     # ------------------------------------------------------------------ loading
 
@@ -125,22 +136,26 @@ class Pipeline:
     def load(
         cls,
         ckpt_dir: Path | str,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         dtype: str = "float32",
         *,
         cuda_graphs: bool = True,
+        compile: bool = True,
         max_num_beams: int = 4,
+        max_batch_rows: int = 16,
     ) -> Pipeline:
-        """Load a converted checkpoint directory (ttsd-convert output). `dtype` applies to the GPT;
-        the acoustic side stays float32, as upstream runs it even in fp16 mode. `cuda_graphs`
-        compiles the GPT decode step into CUDA graphs on CUDA devices. `max_num_beams` sizes the one
-        KV cache every request decodes in (its rows); requests asking for more beams get BadOptions."""
+        """Load a converted checkpoint directory (ttsd-convert output). `device` "auto" is CUDA when
+        available; `dtype` applies to the GPT (the acoustic side stays float32, as upstream runs it
+        even in fp16 mode). `max_batch_rows` sizes the decode batch (one row per beam of every
+        segment decoding at once); `max_num_beams` is the most beams one request may ask for."""
         ckpt = Path(ckpt_dir)
-        dev = torch.device(device)
+        dev = resolve_device(str(device))
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if dev.type == "cpu" and dtype == "float16":
             raise ConfigError("float16 needs a CUDA device; use float32 or bfloat16 on CPU")
+        if not 1 <= max_num_beams <= max_batch_rows:
+            raise ConfigError(f"max_num_beams must be in [1, max_batch_rows={max_batch_rows}], got {max_num_beams}")
         cfg_path = ckpt / "config.yaml"
         if not cfg_path.is_file():
             raise CheckpointError(f"{ckpt}: no config.yaml (convert the official checkpoint with ttsd-convert)")
@@ -152,7 +167,6 @@ class Pipeline:
         if dtype != "float32":
             gpt = gpt.to(DTYPES[dtype])
         return cls(
-            config=config,
             tokenizer=tokenizer,
             w2v=w2v,
             w2v_stats=w2v_stats,
@@ -167,14 +181,16 @@ class Pipeline:
             device=dev,
             gpt_dtype=DTYPES[dtype],
             cuda_graphs=cuda_graphs,
+            compile=compile,
             max_num_beams=max_num_beams,
+            max_batch_rows=max_batch_rows,
         )
 
     @property
     def max_mel_tokens(self) -> int:
         return int(self.gpt.cfg.max_mel_tokens)
 
-    # ------------------------------------------------------------------ voice and text
+    # ------------------------------------------------------------------ voice, text, options
 
     def prepare_voice(
         self, spk_audio: AudioSource, emo_audio: AudioSource | None = None, max_input_s: float | None = None
@@ -199,27 +215,12 @@ class Pipeline:
         pieces = self.tokenizer.tokenize(text)
         groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
         segments = [
-            Segment(
-                index=i, pieces=list(g), text_ids=self.tokenizer.convert_tokens_to_ids(g), text=self.tokenizer.decode(g)
-            )
+            Segment(index=i, text_ids=self.tokenizer.convert_tokens_to_ids(g), text=self.tokenizer.decode(g))
             for i, g in enumerate(g for g in groups if g)
         ]
         if not segments:
             raise BadText("nothing to speak: the text is empty after normalisation")
         return segments
-
-    def warm_up(self) -> float:
-        """Run a short synthesis for every beam count a request may use, so that on CUDA the decode
-        step is compiled and its graphs recorded for each batch size before the first client waits
-        on them. Returns the seconds taken."""
-        from .tiny import synthetic_voice
-
-        t0 = time.perf_counter()
-        voice = self.prepare_voice(synthetic_voice(2.0))
-        for beams in range(1, self.max_num_beams + 1):
-            opts = SynthesisOptions(num_beams=beams, max_mel_tokens=16, diffusion_steps=2, seed=0)
-            self.synthesize(voice, "Warm up.", opts)
-        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ emotion
 
@@ -239,50 +240,91 @@ class Pipeline:
         # Vector mode: the audio term is the speaker clip itself at merge alpha 1 (emovec_self).
         return self.emotion.mix(weights.to(self.device), rows, voice.emovec_self)
 
-    # ------------------------------------------------------------------ one segment
+    def request_emovec(self, voice: Voice, opts: SynthesisOptions, emo_voice: Voice | None) -> Tensor:
+        """The request's emotion vector in the GPT's dtype; `use_random` rows come from its seed."""
+        seed = 0 if opts.seed is None else opts.seed
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return self.emovec(voice, opts, emo_voice, gen).to(self.gpt_dtype)
 
-    def _kv_cache(self, rows: int) -> KVCache:
-        # One cache of max_num_beams rows, allocated at the first request and reused by all: each
-        # beam count decodes in a view of its first rows, so memory is bounded whatever clients
-        # ask for, and on CUDA the graphed decode step replays on the same addresses.
-        if rows > self.max_num_beams:
-            raise BadOptions(f"num_beams must be <= {self.max_num_beams} on this server")
-        view = self._kv.get(rows)
-        if view is None:
-            if self._kv_base is None:
-                self._kv_base = KVCache.for_slot(self.gpt.cfg, self.max_num_beams, self.device, self.gpt_dtype)
-            view = self._kv[rows] = self._kv_base.rows(rows)
-        return view
+    # ------------------------------------------------------------------ the GPT
 
-    @torch.inference_mode()
-    def run_gpt(
-        self,
-        voice: Voice,
-        segment: Segment,
-        opts: SynthesisOptions,
-        emovec: Tensor,
-        *,
-        seed: int,
-        cancel: Callable[[], bool] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> GptOutput:
-        """Autoregressive codes for one segment, then the second pass that yields the latent."""
-        gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment.index))
+    def decode_request(self, voice: Voice, segment: Segment, opts: SynthesisOptions, emovec: Tensor) -> DecodeRequest:
+        """One segment's entry into a decode batch: its prefix, decoding parameters and noise key."""
         text = torch.tensor([segment.text_ids], dtype=torch.int64, device=self.device)  # [1, L]
         params = DecodeParams.from_options(opts)
         if params.max_mel_tokens > self.max_mel_tokens:
-            params = dataclasses.replace(params, max_mel_tokens=self.max_mel_tokens)
-        with _timed(timings, "gpt_s", self.device):
-            prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L', D]
-            cache = self._kv_cache(params.num_beams)
-            codes = generate(
-                self.gpt, prefix, params, generator=gen, cancel=cancel, cache=cache, graphs=self.cuda_graphs
-            ).codes  # [1, M]
-        with _timed(timings, "gpt_latent_s", self.device):
-            latent = self.gpt.latent(voice.speech_latent, emovec, text, codes).float()  # [1, M, D]
-        if timings is not None:
-            timings["gpt_codes"] = timings.get("gpt_codes", 0.0) + codes.size(1)
+            params = replace(params, max_mel_tokens=self.max_mel_tokens)
+        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L' + 2, D]
+        seed = 0 if opts.seed is None else opts.seed
+        return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
+
+    def latents(self, items: Sequence[tuple[Voice, Tensor, Segment, Tensor]]) -> list[Tensor]:
+        """The second GPT pass for several segments in one padded batch → each (1, M_b, D) float32.
+
+        items: (voice, emovec, segment, codes (1, M_b)). Right padding is exact: the pass is causal
+        and each segment's states are read before its padding."""
+        xs = [
+            self.gpt.latent_inputs(
+                v.speech_latent, e, torch.tensor([s.text_ids], dtype=torch.int64, device=self.device), c
+            )
+            for v, e, s, c in items
+        ]
+        longest = max(x.size(1) for x in xs)
+        batch = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, longest - x.size(1))) for x in xs])
+        h = self.gpt.final_norm(self.gpt(batch))  # [B, S_max, D]
+        out = []
+        for b, (x, (_, _, _, c)) in enumerate(zip(xs, items, strict=True)):
+            m = c.size(1)
+            end = x.size(1) - 2  # the mel block is [start, c_1..c_M, stop]; keep its first M states
+            out.append(h[b : b + 1, end - m : end].float())
+        return out
+
+    @torch.inference_mode()
+    def run_gpt(self, voice: Voice, segment: Segment, opts: SynthesisOptions, emovec: Tensor) -> GptOutput:
+        """One segment alone: its codes, then the second pass that yields the latent (the reference path)."""
+        req = self.decode_request(voice, segment, opts, emovec)
+        codes = generate(self.gpt, req.prefix, req.params, key=req.key).codes  # [1, M]
+        latent = self.latents([(voice, emovec, segment, codes)])[0]
         return GptOutput(codes=codes, latent=latent)
+
+    # ------------------------------------------------------------------ the acoustic stage
+
+    def acoustic_frames(self, voice: Voice, codes: Generated) -> int:
+        """Frames a segment's CFM sequence will have: prompt + floor(1.72 M), without touching the device."""
+        return voice.ref_mel.size(2) + int(mel_lengths(torch.tensor([codes.codes_host.size(1)]))[0])
+
+    def cfm_rows(self, items: Sequence[AcousticInput]) -> list[CFMRow]:
+        """Segments with codes → their CFM inputs: gpt_layer + vq2emb, the length regulator and the start noise."""
+        k = self.codec.codebook_size
+        for it in items:
+            bad = it.codes.codes_host
+            if bad.numel() and (int(bad.max()) >= k or int(bad.min()) < 0):
+                # A code outside the codebook would index past it (a device-side assert on CUDA).
+                raise RuntimeError(f"segment {it.segment.index}: a code outside [0, {k}) reached the codec")
+        lat = self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in items])
+        rows = []
+        for it, latent in zip(items, lat, strict=True):
+            rows.append(self._cfm_row(it, latent))
+        return rows
+
+    def _cfm_row(self, it: AcousticInput, latent: Tensor) -> CFMRow:
+        voice, codes, opts = it.voice, it.codes.codes, it.opts
+        s_infer = self.codec.vq2emb(codes).transpose(1, 2) + self.gpt_layer(latent)  # [1, M, Cw]
+        target = mel_lengths(torch.tensor([codes.size(1)]))  # floor(1.72 M) in float32, as upstream; host
+        cond = self.length_regulator(s_infer, target)  # [1, T, C]
+        mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
+        shape = (1, self.cfm.in_channels, mu.size(1))
+        if it.noise is not None:
+            noise = it.noise.to(self.device)
+        else:
+            seed = 0 if opts.seed is None else opts.seed
+            gen = torch.Generator(device=self.device).manual_seed(seed_for(seed, it.segment.index))
+            noise = torch.randn(shape, generator=gen, device=self.device, dtype=mu.dtype)
+        return CFMRow(mu, voice.ref_mel, voice.style, noise, opts.inference_cfg_rate)
+
+    def vocode(self, mel: Tensor) -> Tensor:
+        """Target mel (1, 80, T) → float PCM (256 T,) at ±32767 scale on the device."""
+        return to_pcm_scale(self.bigvgan(mel))[0]
 
     @torch.inference_mode()
     def run_acoustic(
@@ -291,102 +333,56 @@ class Pipeline:
         out: GptOutput,
         opts: SynthesisOptions,
         *,
-        seed: int,
-        segment_index: int,
+        segment: Segment,
+        emovec: Tensor,
         noise: Tensor | None = None,
-        cancel: Callable[[], bool] | None = None,
-        timings: dict[str, float] | None = None,
     ) -> Tensor:
-        """GPT output → float PCM (N,) at ±32767 scale on the device (s2mel in float32, as upstream)."""
-        m = out.codes.size(1)
-        if m == 0:  # the GPT stopped at once: nothing to render for this segment
+        """One segment alone: GPT output → float PCM (N,) at ±32767 scale on the device (the reference path)."""
+        if out.codes.size(1) == 0:  # the GPT stopped at once: nothing to render for this segment
             return torch.zeros(0, device=self.device)
-        with _timed(timings, "s2mel_s", self.device):
-            mel = self.s2mel(voice, out, opts, seed, segment_index, noise, cancel)  # [1, 80, T]
-        with _timed(timings, "bigvgan_s", self.device):
-            return to_pcm_scale(self.bigvgan(mel))[0]  # [256 T]
-
-    def s2mel(
-        self,
-        voice: Voice,
-        out: GptOutput,
-        opts: SynthesisOptions,
-        seed: int,
-        segment_index: int,
-        noise: Tensor | None,
-        cancel: Callable[[], bool] | None,
-    ) -> Tensor:
-        """gpt_layer + vq2emb → length regulator → CFM → the target mel (1, 80, T), in float32."""
-        m = out.codes.size(1)
-        s_infer = self.codec.vq2emb(out.codes).transpose(1, 2) + self.gpt_layer(out.latent)  # [1, M, Cw]
-        target = mel_lengths(torch.tensor([m], device=self.device))  # floor(1.72 M) in float32, as upstream
-        cond = self.length_regulator(s_infer, target)  # [1, T, C]
-        mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
-        gen = None
-        if noise is None:
-            gen = torch.Generator(device=self.device).manual_seed(_seed_for(seed, segment_index))
-        mel = self.cfm.inference(
-            mu,
-            voice.ref_mel,
-            voice.style,
-            n_timesteps=opts.diffusion_steps,
-            inference_cfg_rate=opts.inference_cfg_rate,
-            noise=None if noise is None else noise.to(self.device),
-            generator=gen,
-            cancel=cancel,
-        )
-        return mel[:, :, voice.ref_mel.size(2) :]  # [1, 80, T]
+        codes = Generated(out.codes, out.codes, True, out.codes.cpu())
+        row = self._cfm_row(AcousticInput(voice, emovec, segment, codes, opts, noise), out.latent)
+        solve = CFMSolve(self.cfm, [row], opts.diffusion_steps)
+        while not solve.done:
+            solve.step()
+        return self.vocode(solve.target(0))
 
     # ------------------------------------------------------------------ whole requests
+
+    def engine(self, *, max_batch_rows: int | None = None, prefetch: bool | None = None) -> Engine:
+        """A new engine serving requests on this pipeline (one thread drives it). On CUDA it records
+        its own decode graphs (they replay on its buffers): keep one engine for a server's lifetime."""
+        return Engine(
+            self,
+            max_batch_rows=max_batch_rows or self.max_batch_rows,
+            step_fn=graphed_step(self.device, graphs=self.cuda_graphs, compile=self.compile),
+            row_buckets=self.row_buckets,
+            prefetch=prefetch,
+        )
 
     def stream(
         self,
         voice: Voice,
-        segments: Sequence[Segment],
-        opts: SynthesisOptions,
+        text: str,
+        opts: SynthesisOptions | None = None,
         *,
         emo_voice: Voice | None = None,
         noise: Mapping[int, Tensor] | None = None,
         cancel: Callable[[], bool] | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> Iterator[tuple[Segment, np.ndarray]]:
-        """Yield (segment, PCM) as each segment finishes. On CUDA the GPT of segment k+1 runs on
-        its own stream while segment k's DiT + BigVGAN run on another; on CPU the same code runs
-        the stages one after the other."""
-        seed = opts.seed if opts.seed is not None else secrets.randbits(62)
-        noise = noise or {}
-        lanes = self.lanes
-        lanes.start()
-        with lanes.on(lanes.gpt):  # made and read on the GPT lane only: no cross-stream lifetime to manage
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            emovec = self.emovec(voice, opts, emo_voice, gen).to(self.gpt_dtype)
-        pending: tuple[GptOutput, torch.cuda.Event | None] | None = None
-
-        def gpt(k: int) -> tuple[GptOutput, torch.cuda.Event | None]:
-            with lanes.on(lanes.gpt):
-                out = self.run_gpt(voice, segments[k], opts, emovec, seed=seed, cancel=cancel, timings=timings)
-                return out, lanes.mark(lanes.gpt)
-
-        for k, seg in enumerate(segments):
-            out, gpt_done = pending if pending is not None else gpt(k)
-            lanes.hand_over(gpt_done, lanes.acoustic, out.codes, out.latent)  # GPT lane → acoustic lane
-            with lanes.on(lanes.acoustic):
-                pcm = self.run_acoustic(
-                    voice,
-                    out,
-                    opts,
-                    seed=seed,
-                    segment_index=seg.index,
-                    noise=noise.get(seg.index),
-                    cancel=cancel,
-                    timings=timings,
-                ).to("cpu", non_blocking=True)
-                acoustic_done = lanes.mark(lanes.acoustic)
-            # Segment k+1's decode runs while segment k's DiT + BigVGAN are on the GPU. Not after
-            # segment 0: its audio goes out as soon as it exists, so first audio waits on nothing.
-            pending = gpt(k + 1) if self.overlap_segments and 0 < k < len(segments) - 1 else None
-            lanes.wait_host(acoustic_done)  # the host waits for segment k's audio only
-            yield seg, pcm.numpy()
+        engine: Engine | None = None,
+    ) -> Iterator[SegmentAudio]:
+        """Yield each segment's audio as it is ready: one request through `engine`, by default an engine
+        of its own. Raises BadText, BadOptions, Cancelled (polled between steps) and what the request
+        failed with."""
+        opts = self.check_options(opts or SynthesisOptions())
+        req = Request(voice=voice, opts=opts, emo_voice=emo_voice, texts=deque([text]), noise=noise)
+        if engine is None:
+            engine = self.engine(max_batch_rows=max(4, opts.num_beams))
+        for ev in run_to_end(engine, [req], cancel):
+            if isinstance(ev, SegmentDone):
+                yield ev.audio
+            elif isinstance(ev, RequestFailed):
+                raise ev.error
 
     def synthesize(
         self,
@@ -399,15 +395,54 @@ class Pipeline:
         cancel: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """Offline synthesis: all segments joined by `interval_silence_ms` of zeros → float32 (N,)."""
-        opts = self.check_options(opts or SynthesisOptions())
-        segments = self.split_text(text, opts)
-        silence = np.zeros(int(self.sample_rate_hz * opts.interval_silence_ms / 1000), dtype=np.float32)
         parts: list[np.ndarray] = []
-        for _, pcm in self.stream(voice, segments, opts, emo_voice=emo_voice, noise=noise, cancel=cancel):
-            if parts:
-                parts.append(silence)  # between segments only, as upstream's insert_interval_silence
-            parts.append(pcm)
+        for seg in self.stream(voice, text, opts, emo_voice=emo_voice, noise=noise, cancel=cancel):
+            if seg.silence_samples:
+                parts.append(np.zeros(seg.silence_samples, dtype=np.float32))
+            parts.append(seg.samples)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    # ------------------------------------------------------------------ operations
+
+    def warm_up(self, engine: Engine) -> float:
+        """Before serving: a short synthesis through `engine` for every beam count a request may use,
+        then (CUDA) the decode graph of every row bucket recorded on its buffers, all on the calling
+        thread (the one that will serve: cuBLAS/cuDNN handles are per thread). Returns the seconds."""
+        t0 = time.perf_counter()
+        voice = self.prepare_voice(reference_tone(2.0))
+        for beams in range(1, self.max_num_beams + 1):
+            opts = SynthesisOptions(num_beams=beams, max_mel_tokens=16, diffusion_steps=2, seed=0)
+            for _ in self.stream(voice, WARM_UP_TEXT, opts, engine=engine):
+                pass
+        engine.batch.capture()
+        return time.perf_counter() - t0
+
+    def check_device(self, error: BaseException) -> None:
+        """After an unexpected failure: raise DeviceFault if the device itself is unusable, so the daemon
+        restarts; else return. An AcceleratorError (device-side assert, illegal address) is always
+        fatal; anything else (Triton launcher and dynamo-wrapped errors arrive as plain exceptions) is
+        followed by a probe of the device, and a failing probe is fatal too."""
+        if isinstance(error, TtsdError):
+            return
+        if isinstance(error, torch.AcceleratorError):
+            raise DeviceFault(f"device fault: {type(error).__name__}: {_first_line(error)}") from error
+        try:
+            probe_device(self.device)
+        except Exception as e:
+            raise DeviceFault(f"device fault: the probe after {type(error).__name__} failed: {_first_line(e)}") from e
+
+
+def probe_device(device: torch.device) -> None:
+    """A tiny computation on `device`, read back: raises if the device cannot compute any more."""
+    x = torch.ones(4, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if float((x * 2).sum()) != 8.0:
+        raise RuntimeError("the device computed a wrong value")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
 
 
 def _glossary(ckpt: Path) -> Path | None:
@@ -416,55 +451,19 @@ def _glossary(ckpt: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-@contextmanager
-def _timed(timings: dict[str, float] | None, key: str, device: torch.device) -> Iterator[None]:
-    """Add the wall time of the block to timings[key]; a no-op (and no sync) without timings."""
-    if timings is None:
-        yield
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # host sync on purpose: only when timings are requested
-    t0 = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
-class _Lanes:
-    """The GPT lane and the acoustic lane: two CUDA streams created once, or, on CPU, no-ops so
-    the same stream() code runs sequentially. Every hand-off between lanes goes through here."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.gpt = torch.cuda.Stream(device) if self.cuda else None
-        self.acoustic = torch.cuda.Stream(device) if self.cuda else None
-
-    def start(self) -> None:
-        if self.cuda:
-            main = torch.cuda.current_stream(self.device)
-            for lane in (self.gpt, self.acoustic):
-                if lane is not None:
-                    lane.wait_stream(main)  # voice tensors were produced on the main stream
-
-    def on(self, lane: torch.cuda.Stream | None) -> AbstractContextManager[object]:
-        return torch.cuda.stream(lane) if lane is not None else nullcontext()
-
-    def mark(self, lane: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-        if lane is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(lane)
-        return event
-
-    def hand_over(self, event: torch.cuda.Event | None, to: torch.cuda.Stream | None, *tensors: Tensor) -> None:
-        if event is None or to is None:
-            return
-        to.wait_event(event)  # produced on the other lane: wait for it on this one ...
-        for t in tensors:
-            t.record_stream(to)  # ... and keep its memory alive until this lane is done with it
-
-    def wait_host(self, event: torch.cuda.Event | None) -> None:
-        if event is not None:
-            event.synchronize()
+def reference_tone(seconds: float) -> bytes:
+    """A deterministic voiced-like test signal (a 120 Hz harmonic tone with a slow vibrato, 22.05 kHz
+    16-bit WAV) for warm-up: it exercises every stage; what it sounds like does not matter."""
+    sr = audio.SAMPLE_RATE_HZ
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 120.0 + 8.0 * np.sin(2 * math.pi * 3.0 * t)
+    phase = 2 * math.pi * np.cumsum(f0) / sr
+    x = sum(np.sin(k * phase) / k for k in range(1, 8)) * 0.2
+    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()

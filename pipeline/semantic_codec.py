@@ -157,6 +157,7 @@ class SemanticCodec(nn.Module):
         self.encoder = nn.Sequential(VocosBackbone(cfg), nn.Linear(cfg.vocos_dim, cfg.hidden_size))
         self.decoder = nn.Sequential(VocosBackbone(cfg), nn.Linear(cfg.vocos_dim, cfg.hidden_size))  # unused
         self.quantizer = ResidualVQ(cfg)
+        self.codebook_size = cfg.codebook_size  # K: valid codes are [0, K)
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised w2v-BERT features (B, T, D) → (indices (B, T) int64, S_ref (B, T, D) float32).

@@ -452,7 +452,6 @@ def random_pipeline(
         bpe.write_bytes(c.bpe_model)
         tokenizer = TextTokenizer(tokenizer=Tokenizer.from_str(sentencepiece_to_json(bpe)), normalizer=TextNormalizer())
     return Pipeline(
-        config=c.config,
         tokenizer=tokenizer,
         w2v=c.w2v,
         w2v_stats=stats,

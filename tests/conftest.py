@@ -134,6 +134,14 @@ def converted(fx: FixtureSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pipeline(converted: Path) -> Any:
+    """One Pipeline on CPU for the whole session (tests that need their own load it themselves)."""
+    from ttsd.pipeline.pipeline import Pipeline
+
+    return Pipeline.load(converted, device="cpu")
+
+
 @pytest.fixture(params=VARIANTS)
 def variant(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -26,9 +26,11 @@ def test_bench_pipeline_prints_its_table(converted: Path) -> None:
     out = run_bench(
         "bench_pipeline.py", "--checkpoints", str(converted), "--device", "cpu", "--texts", "short",
         "--codes", "6", "--num-beams", "1", "--diffusion-steps", "2", "--warmup", "0", "--voice-s", "1",
+        "--concurrency", "1,2",
     )
     assert "| text | segments | codes |" in out
     assert "| short |" in out
+    assert "| requests | rows | codes |" in out and "| 2 | 2 |" in out
 
 
 @pytest.mark.slow

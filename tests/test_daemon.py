@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
+import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -32,7 +34,7 @@ from ttsd.pipeline.pcm import to_s16le
 from ttsd.pipeline.pipeline import Pipeline
 from ttsd.pipeline.voice import Voice
 
-from .conftest import FixtureSet
+from .conftest import FixtureSet, assert_close
 
 GATE_TIMEOUT_S = 120.0     # a gate that is never opened fails the test instead of hanging it
 RECV_TIMEOUT_S = 120.0
@@ -45,11 +47,6 @@ FAST: dict[str, Any] = dict(
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-
-@pytest.fixture(scope="session")
-def pipeline(converted: Path) -> Pipeline:
-    return Pipeline.load(converted, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -174,6 +171,13 @@ def offline_pcm(pipeline: Pipeline, voice: Voice, text: str, **opts: Any) -> byt
     return to_s16le(pcm)
 
 
+def assert_pcm_close(streamed: bytes, offline: bytes, name: str) -> None:
+    """Audio that shared its GPU steps with other requests: equal length, and equal samples under the
+    parity rule (batched kernels round differently from solo ones in the last bits)."""
+    a, b = (torch.from_numpy(np.frombuffer(x, dtype="<i2").astype(np.float32))[None] for x in (streamed, offline))
+    assert_close(a, b, name)
+
+
 async def until_true(pred: Callable[[], bool]) -> None:
     """Poll a server-side condition from the loop (order of events, bounded so a bug cannot hang)."""
     async with asyncio.timeout(GATE_TIMEOUT_S):
@@ -293,7 +297,7 @@ async def test_two_concurrent_clients_both_get_correct_audio(
     for rid, messages in zip((1, 2), results, strict=True):
         assert isinstance(last(messages), p.Done), last(messages)
         expected = offline_pcm(pipeline, voices.get(voice), texts[rid], **{**FAST, "seed": rid})
-        assert pcm_of(messages, rid) == expected
+        assert_pcm_close(pcm_of(messages, rid), expected, f"request {rid}")
     # Fair round-robin at segment granularity: the two jobs' segments alternate.
     ends = [key for e, key, _ in rec.events if e == "segment_end"]
     assert len(ends) == 4 and ends[0] == ends[2] != ends[1] == ends[3], rec.events
@@ -429,17 +433,19 @@ async def test_bad_input_gets_typed_errors_and_the_connection_keeps_serving(
         (p.encode(p.RegisterVoice(id=5, audio=b"RIFF\x00\x00garbage" * 50)), p.ErrorCode.BAD_AUDIO),
         (p.encode(p.RegisterVoice(id=6, audio=b"")), p.ErrorCode.BAD_AUDIO),
         (p.encode(p.AppendText(id=77, text="x")), p.ErrorCode.BAD_MESSAGE),             # no such request
-        (p.encode(p.Synthesize(id=10, text="Hi.", voice="nope", num_beams=5)),          # over max_num_beams
-         p.ErrorCode.BAD_MESSAGE),
-        (p.encode(p.Synthesize(id=11, text="Hi.", voice="nope", max_text_tokens_per_segment=600)),
-         p.ErrorCode.BAD_MESSAGE),                                                      # over the text table
     ]
     async with daemon(max_text_chars=100) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        cases += [
+            (p.encode(p.Synthesize(id=10, text="Hi.", voice=voice, num_beams=5)),        # over max_num_beams
+             p.ErrorCode.BAD_MESSAGE),
+            (p.encode(p.Synthesize(id=11, text="Hi.", voice=voice, max_text_tokens_per_segment=600)),
+             p.ErrorCode.BAD_MESSAGE),                                                  # over the text table
+        ]
         for data, code in cases:
             await c.ws.send(data)
             reply = await c.recv()
             assert isinstance(reply, p.Error) and reply.code == code, (data[:40], reply)
-        voice = await c.register(speaker_wav)
         await c.send(p.Synthesize(id=8, text="Still here.", voice=voice, **FAST))
         assert isinstance(last(await c.until(8)), p.Done)
 
@@ -503,7 +509,7 @@ async def test_device_fault_ends_the_request_and_fails_healthz(
         def poisoned(*args: Any, **kwargs: Any) -> Any:
             raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
-        monkeypatch.setattr(pipeline, "stream", poisoned)
+        monkeypatch.setattr(pipeline, "decode_request", poisoned)
         await c.send(p.Synthesize(id=1, text="Hello.", voice=voice, **FAST))
         reply = last(await c.until(1, final=(p.Error,)))
         assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.INTERNAL
@@ -684,7 +690,8 @@ async def test_cuda_overlapped_stream_equals_offline_synthesis(converted: Path, 
         results = await asyncio.gather(*(own_connection(server, rid, texts[rid], voice) for rid in (1, 2)))
     for rid, messages in zip((1, 2), results, strict=True):
         assert isinstance(last(messages), p.Done), last(messages)
-        assert pcm_of(messages, rid) == offline_pcm(pipeline, voices.get(voice), texts[rid], **{**FAST, "seed": rid})
+        expected = offline_pcm(pipeline, voices.get(voice), texts[rid], **{**FAST, "seed": rid})
+        assert_pcm_close(pcm_of(messages, rid), expected, f"request {rid}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -11,14 +10,15 @@ import soundfile as sf
 import torch
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.pipeline.engine import Engine
 from ttsd.pipeline.errors import BadAudio, BadOptions, BadText, Cancelled
 
 from .conftest import FixtureSet, assert_close
 
 
 @pytest.fixture(scope="module")
-def pipe(converted: Path) -> Pipeline:
-    return Pipeline.load(converted, device="cpu")
+def pipe(pipeline: Pipeline) -> Pipeline:
+    return pipeline
 
 
 def golden_options(fx: FixtureSet, variant: str) -> SynthesisOptions:
@@ -98,19 +98,6 @@ def test_synth_cli_writes_golden_wav(fx: FixtureSet, converted: Path, tmp_path: 
     )
 
 
-def test_stream_equals_offline(fx: FixtureSet, pipe: Pipeline) -> None:
-    """Streamed segments joined with the silence equal offline synthesis for the same seed."""
-    opts = SynthesisOptions(max_mel_tokens=20, diffusion_steps=4, max_text_tokens_per_segment=30, seed=7)
-    voice = pipe.prepare_voice(fx.input_path("speaker.wav"))
-    offline = pipe.synthesize(voice, fx.text, opts)
-    segments = pipe.split_text(fx.text, opts)
-    assert len(segments) >= 2
-    parts = [pcm for _, pcm in pipe.stream(voice, segments, opts)]
-    silence = np.zeros(int(22050 * opts.interval_silence_ms / 1000), dtype=np.float32)
-    joined = np.concatenate([p for i, pcm in enumerate(parts) for p in ([silence, pcm] if i else [pcm])])
-    np.testing.assert_array_equal(joined, offline)
-
-
 def test_sampling_is_seeded(fx: FixtureSet, pipe: Pipeline) -> None:
     """Sampling with beams is reproducible for one seed and differs for another."""
     voice = pipe.prepare_voice(fx.input_path("speaker.wav"))
@@ -139,41 +126,33 @@ def test_bad_inputs_raise_typed_errors(fx: FixtureSet, pipe: Pipeline) -> None:
         pipe.synthesize(voice, "Hi there.", SynthesisOptions(max_mel_tokens=30, diffusion_steps=2), cancel=lambda: True)
 
 
-def test_stream_issues_next_gpt_before_waiting_for_audio(
-    fx: FixtureSet, pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With overlap (CUDA) GPT(k+1) is issued before segment k goes out, from k = 1; without it, in order."""
-    events: list[str] = []
-    run_gpt, run_acoustic = pipe.run_gpt, pipe.run_acoustic
-
-    def gpt(voice: Any, segment: Any, *args: Any, **kwargs: Any) -> Any:
-        events.append(f"gpt{segment.index}")
-        return run_gpt(voice, segment, *args, **kwargs)
-
-    def acoustic(*args: Any, segment_index: int, **kwargs: Any) -> Any:
-        events.append(f"acoustic{segment_index}")
-        return run_acoustic(*args, segment_index=segment_index, **kwargs)
-
-    monkeypatch.setattr(pipe, "run_gpt", gpt)
-    monkeypatch.setattr(pipe, "run_acoustic", acoustic)
-    monkeypatch.setattr(pipe, "overlap_segments", True)  # as on CUDA; the CPU lanes run it in order
+def test_segments_overlap_only_where_streams_run_at_once(fx: FixtureSet, pipe: Pipeline) -> None:
+    """With prefetch (CUDA), segment k+1 decodes while segment k renders and k's audio goes out as soon as
+    it is ready, not after k+1's decode; without it (CPU), segment k+1 starts only after k is out."""
     opts = SynthesisOptions(max_mel_tokens=6, diffusion_steps=1, max_text_tokens_per_segment=8, seed=1)
     voice = pipe.prepare_voice(fx.input_path("speaker.wav"))
-    segments = pipe.split_text("One two three. Four five six. Seven eight nine.", opts)[:3]
-    assert len(segments) == 3
-    for seg, _ in pipe.stream(voice, segments, opts):
-        events.append(f"out{seg.index}")
-    assert events == ["gpt0", "acoustic0", "out0", "gpt1", "acoustic1", "gpt2", "out1", "acoustic2", "out2"]
-    events.clear()
-    monkeypatch.setattr(pipe, "overlap_segments", False)  # as on CPU: each segment out as soon as it exists
-    for seg, _ in pipe.stream(voice, segments, opts):
-        events.append(f"out{seg.index}")
-    assert events == ["gpt0", "acoustic0", "out0", "gpt1", "acoustic1", "out1", "gpt2", "acoustic2", "out2"]
+    text = "One two. Three four. Five six."
+    assert len(pipe.split_text(text, opts)) == 3
+    for prefetch in (True, False):
+        events: list[str] = []
+        engine = Engine(pipe, max_batch_rows=4, prefetch=prefetch,
+                        observer=lambda what, _r, i, events=events: events.append(f"{what}{i}"))
+        for _ in pipe.stream(voice, text, opts, engine=engine):
+            pass
+        order = {e: n for n, e in enumerate(events)}
+        if prefetch:
+            assert order["decode1"] < order["audio0"]  # k+1 decodes while k renders ...
+            assert order["audio0"] < order["codes1"] or order["acoustic0"] < order["codes1"]
+            assert order["audio1"] < order["audio2"]  # ... and audio still comes out in order
+        else:
+            assert order["audio0"] < order["decode1"] and order["audio1"] < order["decode2"]
 
 
-def test_warm_up_decodes_every_allowed_beam_count(pipe: Pipeline) -> None:
-    """warm_up runs a decode for each beam count 1..max_num_beams, all in views of one KV cache."""
-    assert pipe.warm_up() > 0
-    assert sorted(pipe._kv) == list(range(1, pipe.max_num_beams + 1))
-    base = pipe._kv_base
-    assert base is not None and all(v.k.data_ptr() == base.k.data_ptr() for v in pipe._kv.values())
+def test_warm_up_runs_every_allowed_beam_count(pipe: Pipeline) -> None:
+    """warm_up synthesises through the given engine for each beam count 1..max_num_beams and leaves it idle."""
+    beams: list[int] = []
+    engine = pipe.engine()
+    engine.observer = lambda what, r, _i: beams.append(r.opts.num_beams) if what == "decode" else None
+    assert pipe.warm_up(engine) > 0
+    assert sorted(set(beams)) == list(range(1, pipe.max_num_beams + 1))
+    assert not engine.busy and not engine.batch.active

@@ -204,11 +204,11 @@ def test_generated_model_synthesises_finite_audio_of_the_expected_length(generat
     voice = pipe.prepare_voice(fx.root / "inputs" / "speaker.wav")
     opts = SynthesisOptions(seed=0, num_beams=1, max_mel_tokens=12, diffusion_steps=3)
     segment = pipe.split_text("Hello world.", opts)[0]
-    emovec = pipe.emovec(voice, opts)
-    out = pipe.run_gpt(voice, segment, opts, emovec, seed=0)
+    emovec = pipe.request_emovec(voice, opts, None)
+    out = pipe.run_gpt(voice, segment, opts, emovec)
     m = out.codes.size(1)
     assert 1 <= m <= 12
-    pcm = pipe.run_acoustic(voice, out, opts, seed=0, segment_index=0)
+    pcm = pipe.run_acoustic(voice, out, opts, segment=segment, emovec=emovec)
     assert pcm.shape == (256 * int(m * 1.72),)
     assert bool(torch.isfinite(pcm).all())
 

@@ -1,0 +1,125 @@
+"""Acceleration that wraps the eager code and is never a fork of it: CUDA streams and graphed decode steps.
+
+`Streams` names the two CUDA streams of the engine (the GPT decode batch and the acoustic jobs) and
+every hand-off between them; on CPU each method is a no-op, so the same engine code runs in order.
+`graphed_step` turns the pure decode step (decode.py) into CUDA-graph replays, one graph per batch
+row bucket, optionally compiled with inductor first; a compile failure falls back to the eager
+step with one log line. Nothing here runs on CPU except the no-op paths."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor
+
+from .decode import StepFn, decode_step
+from .gpt import LayerKV, UnifiedVoice
+
+log = logging.getLogger(__name__)
+
+ROW_BUCKETS = (4, 8, 16, 32, 64, 128)  # batch rows a graphed decode step is captured for
+GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS workspaces, lazy init)
+
+
+class Streams:
+    """The GPT stream and the acoustic stream, created once (CUDA), or None on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        cuda = device.type == "cuda"
+        self.gpt: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
+        self.acoustic: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
+
+    def on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager[object]:
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+    def start(self, stream: torch.cuda.Stream | None) -> None:
+        """Before `stream` reads tensors made on the default stream (voices, prefixes): wait for it."""
+        if stream is not None:
+            stream.wait_stream(torch.cuda.default_stream(self.device))
+
+    def hand_over(self, src: torch.cuda.Stream | None, dst: torch.cuda.Stream | None, *tensors: Tensor) -> None:
+        """Tensors made on `src` are read on `dst`: dst waits for src's work so far, and the allocator
+        keeps their memory until dst is done with them (record_stream)."""
+        if src is None or dst is None:
+            return
+        dst.wait_stream(src)
+        for t in tensors:
+            t.record_stream(dst)
+
+    def mark(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        """An event after the work issued so far on `stream` (None on CPU: the work is already done)."""
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def to_host(self, t: Tensor) -> Tensor:
+        """Copy to host memory without blocking the host: pinned memory, non_blocking. The caller waits on
+        an event recorded after this copy (`mark`) before reading the result. On CPU: `t` itself."""
+        if t.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+
+class _Graphed:
+    """The decode step replayed from CUDA graphs, one per (row count, kv length); inputs are read in
+    place (the batch keeps its state and cache at fixed addresses on CUDA), outputs are graph-owned."""
+
+    def __init__(self, fn: StepFn, eager: StepFn) -> None:
+        self.fn = fn
+        self.eager = eager
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def __call__(
+        self, gpt: UnifiedVoice, tokens: Tensor, input_pos: Tensor, mel_pos: Tensor, kv: Sequence[LayerKV], kv_len: int
+    ) -> Tensor:
+        key = (tokens.data_ptr(), tokens.size(0), kv_len)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(
+        self, gpt: UnifiedVoice, tokens: Tensor, input_pos: Tensor, mel_pos: Tensor, kv: Sequence[LayerKV], kv_len: int
+    ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        fn = self.fn
+        side = torch.cuda.Stream(tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            # Warm-up runs write the same K/V at the same slots as the real step would: harmless.
+            try:
+                for _ in range(GRAPH_WARMUP_RUNS):
+                    fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+            except Exception as e:  # inductor/Triton failing to build: serve eagerly instead
+                log.warning("compiled decode step failed, continuing eagerly error=%s", str(e).splitlines()[0])
+                torch._dynamo.reset()
+                self.fn = fn = self.eager
+                for _ in range(GRAPH_WARMUP_RUNS):
+                    fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+        log.debug("captured decode graph rows=%d kv_len=%d", tokens.size(0), kv_len)
+        return graph, out
+
+
+def graphed_step(device: torch.device, *, graphs: bool, compile: bool) -> StepFn:
+    """The decode step as run on `device`: eager on CPU (and on CUDA with graphs off); else CUDA-graph
+    replays of the eager step, or of its inductor compilation when `compile`."""
+    if device.type != "cuda" or not graphs:
+        return decode_step
+    fn: StepFn = decode_step
+    if compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(ROW_BUCKETS))
+        fn = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _Graphed(fn, decode_step)

@@ -1,0 +1,436 @@
+"""The engine: many synthesis requests at once, sharing every model step.
+
+A request's text becomes segments (upstream's segmentation); each segment goes through the GPT
+decode batch (decode.py: one row per beam of every running segment, joining and leaving between
+steps), then through an acoustic job that renders several ready segments together (second GPT
+pass, length regulator, DiT/CFM in one padded batch, BigVGAN), and comes out as `SegmentAudio`.
+
+One thread drives an engine: it calls `step()` repeatedly, and between calls `add`, `feed`,
+`cancel` and `grant`. A step does one unit of work: admit waiting segments into free decode rows,
+one decode step, then one unit (prep, one Euler step, or the vocoder) of one acoustic job, so a
+long acoustic job never holds up everyone's decoding. On CUDA the decode batch runs on one stream
+and acoustic jobs on another, so they overlap; a job's audio is handed out as soon as its copy to
+the host is done. On CPU the same code runs in order.
+
+Scheduling: segments start decoding in order of priority — requests that have not had audio yet
+first (time to first audio), then by arrival — as rows free up. A request runs at most one segment
+ahead of its audio on CUDA (none on CPU, where running ahead only delays the segment before) and
+never more than its flow-control credits allow. Every request's audio is delivered in order.
+
+Robustness: an exception in a shared decode step or acoustic job does not fail its neighbours:
+the segments involved are retried alone, and only a segment that fails alone fails its request."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .decode import DecodeBatch, DecodeRequest, Generated, StepFn
+from .errors import BadText, TtsdError
+from .flow import CFMSolve
+from .requests import Event, Observer, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
+
+if TYPE_CHECKING:
+    from .pipeline import AcousticInput, Pipeline, Segment
+
+log = logging.getLogger(__name__)
+
+MAX_ACOUSTIC_JOBS = 2  # acoustic jobs in progress at once (round-robin, one unit each per engine step)
+ACOUSTIC_PAD_RATIO = 0.25  # a job's padded frames stay under this share of its real frames
+
+
+@dataclass(eq=False)
+class _Seg:
+    """A segment on its way through the engine."""
+
+    req: Request
+    segment: Segment
+    solo: bool = False  # retried alone after a shared step failed
+    decode: DecodeRequest | None = None
+    codes: Generated | None = None
+    dropped: bool = False  # its request went away; finish quietly
+
+    def acoustic_input(self) -> AcousticInput:
+        from .pipeline import AcousticInput
+
+        r = self.req
+        assert r.emovec is not None and self.codes is not None  # set before a segment reaches acoustics
+        noise = r.noise.get(self.segment.index) if r.noise is not None else None
+        return AcousticInput(r.voice, r.emovec, self.segment, self.codes, r.opts, noise)
+
+
+class _AcousticJob:
+    """Several ready segments rendered together, as a generator of units (see `run`)."""
+
+    def __init__(self, engine: Engine, segs: list[_Seg]) -> None:
+        self.engine = engine
+        self.segs = segs
+        self.units = self.run()
+        self.results: list[tuple[_Seg, Tensor]] = []  # (segment, PCM on the host, maybe still copying)
+        self.event: torch.cuda.Event | None = None
+        self.issued = False  # every unit has run (on CUDA the device may still be working)
+
+    def run(self) -> Iterator[None]:
+        e = self.engine
+        pipe = e.pipe
+        segs = [s for s in self.segs if not s.dropped]
+        if not segs:
+            return
+        lanes = e.lanes
+        with lanes.on(lanes.acoustic):
+            e.lanes.start(e.lanes.acoustic)
+            rows = pipe.cfm_rows([s.acoustic_input() for s in segs])
+            yield
+            steps = segs[0].req.opts.diffusion_steps
+            solve = CFMSolve(pipe.cfm, rows, steps)
+            while not solve.done:
+                if all(s.dropped for s in segs):
+                    return
+                solve.step()
+                yield
+            for b, s in enumerate(segs):
+                if s.dropped:
+                    continue
+                pcm = pipe.vocode(solve.target(b))  # [N] on the device
+                self.results.append((s, e.lanes.to_host(pcm)))
+            self.event = e.lanes.mark(e.lanes.acoustic)
+        self.issued = True
+
+    @property
+    def finished(self) -> bool:
+        return self.issued and (self.event is None or self.event.query())
+
+
+class Engine:
+    """Runs many requests through one Pipeline (module docstring). Driven by one thread."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        *,
+        max_batch_rows: int = 16,
+        step_fn: StepFn | None = None,
+        row_buckets: Sequence[int] = (),
+        prefetch: bool | None = None,
+        max_acoustic_frames: int = 16_384,
+        observer: Observer | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.observer = observer
+        self.batch = DecodeBatch(
+            pipe.gpt, max_rows=max_batch_rows, dtype=pipe.gpt_dtype, step_fn=step_fn, row_buckets=row_buckets
+        )
+        self.max_batch_rows = max_batch_rows
+        self.prefetch = pipe.device.type == "cuda" if prefetch is None else prefetch
+        self.max_acoustic_frames = max_acoustic_frames
+        self.lanes = pipe.lanes
+        self.requests: list[Request] = []
+        self._arrivals = itertools.count()
+        self._decoding: dict[int, _Seg] = {}  # id(DecodeRequest) → segment
+        self._ready: deque[_Seg] = deque()  # codes done, waiting for an acoustic job
+        self._jobs: deque[_AcousticJob] = deque()
+        self._solo: deque[_Seg] = deque()  # retried alone after a shared failure
+        self.stats: dict[str, float] = {"decode_steps": 0, "codes": 0, "acoustic_units": 0}
+
+    # ------------------------------------------------------------------ control (driving thread)
+
+    def add(self, req: Request) -> None:
+        """Start serving `req` (its options already checked)."""
+        if req.opts.seed is None:
+            # One seed per request, not per segment: segments share the emotion mix and the noise lineage.
+            req.opts = req.opts.with_seed(secrets.randbits(62))
+        req.seq = next(self._arrivals)
+        self.requests.append(req)
+
+    def feed(self, req: Request, texts: Sequence[str], close: bool) -> None:
+        """More text for an incremental request; `close` ends its input."""
+        req.texts.extend(texts)
+        req.input_closed = req.input_closed or close
+
+    def grant(self, req: Request, n: int = 1) -> None:
+        """Return flow-control credits (the caller has sent n segments)."""
+        if req.credits is not None:
+            req.credits += n
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req` now: its rows leave the decode batch, its other work is dropped, no more events."""
+        self._drop(req)
+
+    @property
+    def busy(self) -> bool:
+        """Whether `step()` has anything to do right now."""
+        return bool(
+            self.batch.active
+            or self._ready
+            or self._jobs
+            or self._solo
+            or self._startable()
+            or any(r.exhausted for r in self.requests)  # its RequestDone is due
+        )
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One unit of work (module docstring). Returns the events it produced, in order."""
+        events: list[Event] = []
+        self._admit(events)
+        if self.batch.active:
+            self._decode_step(events)
+        self._acoustic_unit(events)
+        self._deliver(events)
+        return events
+
+    def _startable(self) -> list[Request]:
+        out = []
+        limit = 2 if self.prefetch else 1
+        for r in self.requests:
+            if r.finished or r.in_flight >= limit or (r.credits is not None and r.credits <= 0):
+                continue
+            if r.segments or r.texts:
+                out.append(r)
+        # Requests without audio yet go first (time to first audio), then by arrival.
+        return sorted(out, key=lambda r: (r.delivered > 0 or r.started > 0, r.seq))
+
+    def _admit(self, events: list[Event]) -> None:
+        if any(s.solo for s in self._decoding.values()):
+            return  # a segment retried after a shared failure decodes alone
+        if self._solo:
+            if not self.batch.active:
+                self._start_decode(self._solo.popleft(), events)
+            return
+        for req in self._startable():
+            segment = self._next_segment(req, events)
+            if segment is None:
+                continue
+            if req.opts.num_beams > self.batch.free_rows():
+                req.segments.appendleft(segment)  # first in line when rows free up
+                break
+            req.started += 1
+            if req.credits is not None:
+                req.credits -= 1
+            self._start_decode(_Seg(req, segment), events)
+
+    def _next_segment(self, req: Request, events: list[Event]) -> Segment | None:
+        while not req.segments:
+            if not req.texts:
+                return None
+            text = req.texts.popleft()
+            try:
+                segments = self.pipe.split_text(text, req.opts)
+            except BadText as e:
+                if req.incremental:
+                    log.debug("skipped unspeakable text chars=%d", len(text))  # "**", "..." in a stream
+                    continue
+                self._fail(req, e, events)
+                return None
+            except TtsdError as e:
+                self._fail(req, e, events)
+                return None
+            for seg in segments:
+                # Indices run across the whole request: the seed derives each segment's noise from them.
+                req.segments.append(seg.with_index(req.next_index))
+                req.next_index += 1
+        return req.segments.popleft()
+
+    def _start_decode(self, s: _Seg, events: list[Event]) -> None:
+        req = s.req
+        try:
+            with self.lanes.on(self.lanes.gpt):
+                self.lanes.start(self.lanes.gpt)
+                if req.emovec is None:
+                    req.emovec = self.pipe.request_emovec(req.voice, req.opts, req.emo_voice)
+                s.decode = self.pipe.decode_request(req.voice, s.segment, req.opts, req.emovec)
+                s.decode.tag = s
+                self.batch.admit(s.decode)
+            self._decoding[id(s.decode)] = s
+            self._notify("decode", req, s.segment.index)
+        except TtsdError as e:
+            self._fail(req, e, events)
+        except Exception as e:  # a bug in one request's prefill fails that request only
+            self._crash(req, e, events)
+
+    def _decode_step(self, events: list[Event]) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self.lanes.on(self.lanes.gpt):
+                finished = self.batch.step()
+        except Exception as e:
+            self._decode_failed(e, events)
+            return
+        self.stats["decode_steps"] += 1
+        self.stats["decode_s"] = self.stats.get("decode_s", 0.0) + time.perf_counter() - t0
+        for d in finished:
+            s = self._decoding.pop(id(d))
+            assert d.result is not None  # set by DecodeBatch.step for finished requests
+            s.codes = d.result
+            self.stats["codes"] += d.result.codes.size(1)
+            if not s.dropped:
+                self._ready.append(s)
+                self._notify("codes", s.req, s.segment.index)
+
+    def _decode_failed(self, e: Exception, events: list[Event]) -> None:
+        """A shared decode step raised: nobody can tell whose input caused it, so every segment in the
+        batch restarts alone; one that fails alone fails its request (and only it)."""
+        self.pipe.check_device(e)
+        victims = list(self._decoding.values())
+        self._decoding.clear()
+        self.batch.reset()
+        if len(victims) == 1 and victims[0].solo:
+            self._crash(victims[0].req, e, events)
+            return
+        log.error("decode step failed; retrying its segments=%d alone error=%r", len(victims), e)
+        for s in victims:
+            if not s.dropped:
+                self._solo.append(_Seg(s.req, s.segment, solo=True))
+
+    # ------------------------------------------------------------------ acoustic
+
+    def _acoustic_unit(self, events: list[Event]) -> None:
+        while len(self._jobs) < MAX_ACOUSTIC_JOBS and self._ready:
+            self._jobs.append(_AcousticJob(self, self._take_batch()))
+        running = [j for j in self._jobs if not j.issued]
+        if not running:
+            return
+        job = running[0]
+        self._jobs.remove(job)
+        self._jobs.append(job)  # round-robin
+        try:
+            next(job.units)
+        except StopIteration:
+            job.issued = True
+        except Exception as e:
+            self._jobs.remove(job)
+            self._acoustic_failed(job, e, events)
+            return
+        self.stats["acoustic_units"] += 1
+
+    def _take_batch(self) -> list[_Seg]:
+        """The ready segments to render together: same acoustic settings, first segments first, and
+        padding kept small so one long segment does not inflate everyone's work."""
+        first = sorted(self._ready, key=lambda s: (s.segment.index > 0, s.req.seq))[0]
+        key = self._acoustic_key(first)
+        same = [s for s in self._ready if self._acoustic_key(s) == key and not s.solo]
+        same.sort(key=lambda s: (s.segment.index > 0, s.req.seq))
+        if first.solo or first not in same:
+            same = [first]
+        picked: list[_Seg] = []
+        longest = total = 0
+        for s in same:
+            assert s.codes is not None  # ready segments have codes
+            n = self.pipe.acoustic_frames(s.req.voice, s.codes)
+            new_longest = max(longest, n)
+            padded = new_longest * (len(picked) + 1) - (total + n)
+            if picked and (new_longest * (len(picked) + 1) > self.max_acoustic_frames
+                           or padded > ACOUSTIC_PAD_RATIO * (total + n)):
+                continue
+            picked.append(s)
+            longest, total = new_longest, total + n
+        for s in picked:
+            self._ready.remove(s)
+            self._notify("acoustic", s.req, s.segment.index)
+        return picked
+
+    @staticmethod
+    def _acoustic_key(s: _Seg) -> tuple[int, bool]:
+        o = s.req.opts
+        return o.diffusion_steps, o.inference_cfg_rate > 0
+
+    def _acoustic_failed(self, job: _AcousticJob, e: Exception, events: list[Event]) -> None:
+        self.pipe.check_device(e)
+        live = [s for s in job.segs if not s.dropped]
+        if len(live) == 1:
+            self._crash(live[0].req, e, events)
+            return
+        log.error("acoustic job failed; retrying its segments=%d alone error=%r", len(live), e)
+        for s in live:
+            s.solo = True
+            self._ready.append(s)
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver(self, events: list[Event]) -> None:
+        done = [j for j in self._jobs if j.finished]
+        for job in done:
+            self._jobs.remove(job)
+            for s, pcm in job.results:
+                req = s.req
+                if s.dropped or req.finished:
+                    continue
+                silence = 0
+                if s.segment.index > 0:
+                    # Upstream joins segments with int(sr * ms / 1000) zeros; streaming sends them up front.
+                    silence = int(self.pipe.sample_rate_hz * req.opts.interval_silence_ms / 1000)
+                req.ready[s.segment.index] = SegmentAudio(s.segment, pcm.numpy(), silence)
+        for req in list(self.requests):
+            while not req.finished and req.delivered in req.ready:
+                audio = req.ready.pop(req.delivered)
+                req.delivered += 1
+                self._notify("audio", req, audio.segment.index)
+                events.append(SegmentDone(req, audio))
+            if not req.finished and req.exhausted:
+                req.finished = True
+                self.requests.remove(req)
+                events.append(RequestDone(req))
+
+    def _notify(self, what: str, req: Request, index: int) -> None:
+        if self.observer is not None:
+            self.observer(what, req, index)
+
+    # ------------------------------------------------------------------ ending requests
+
+    def _drop(self, req: Request) -> None:
+        req.finished = True
+        if req in self.requests:
+            self.requests.remove(req)
+        for key, s in list(self._decoding.items()):
+            if s.req is req:
+                s.dropped = True
+                assert s.decode is not None
+                self.batch.remove(s.decode)
+                del self._decoding[key]
+        for s in itertools.chain(self._ready, self._solo, (s for j in self._jobs for s in j.segs)):
+            if s.req is req:
+                s.dropped = True
+        self._ready = deque(s for s in self._ready if not s.dropped)
+        self._solo = deque(s for s in self._solo if not s.dropped)
+
+    def _fail(self, req: Request, error: BaseException, events: list[Event]) -> None:
+        if req.finished:
+            return
+        self._drop(req)
+        events.append(RequestFailed(req, error))
+
+    def _crash(self, req: Request, error: Exception, events: list[Event]) -> None:
+        self.pipe.check_device(error)
+        log.error("request failed error=%r", error, exc_info=error)
+        self._fail(req, error, events)
+
+
+def run_to_end(engine: Engine, requests: Sequence[Request], cancel: Callable[[], bool] | None = None
+               ) -> Iterator[Event]:
+    """Drive `engine` until every request in `requests` is done or failed, yielding events as they come.
+    `cancel()` is polled between steps and cancels them all with `Cancelled` raised."""
+    from .errors import Cancelled
+
+    for r in requests:
+        engine.add(r)
+    left = set(map(id, requests))
+    while left:
+        if cancel is not None and cancel():
+            for r in requests:
+                engine.cancel(r)
+            raise Cancelled("synthesis cancelled")
+        for ev in engine.step():
+            yield ev
+            if isinstance(ev, RequestDone | RequestFailed):
+                left.discard(id(ev.request))
