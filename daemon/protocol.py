@@ -14,9 +14,9 @@ See docs/protocol.md for the message flow and an example session."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, fields
-from typing import ClassVar, Final, TypeVar
+from typing import ClassVar, Final, TypeVar, get_args
 
 import msgpack
 
@@ -28,17 +28,39 @@ PCM_FORMAT: Final = "pcm_s16le"         # the only output format: signed 16-bit 
 N_EMOTIONS: Final = 8                   # happy angry sad afraid disgusted melancholic surprised calm
 MAX_REQUEST_ID: Final = 2**32 - 1
 MAX_VOICE_ID_CHARS: Final = 64
-MAX_NAME_CHARS: Final = 256             # client name in Hello, error detail lengths stay readable
+MAX_NAME_CHARS: Final = 256             # client name in Hello, server name, error code
+# Error text is bounded whatever a client sends: a reply or log line quoting a client's 8 MiB field
+# name must not cost 8 MiB per frame. Client strings are quoted at QUOTE_CHARS, a whole message
+# is cut at MAX_ERROR_CHARS.
+MAX_ERROR_CHARS: Final = 512
+QUOTE_CHARS: Final = 40
+
+
+def clip(text: str, max_chars: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to at most `max_chars` characters, ending in "…" when it was cut."""
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def quote(value: str) -> str:
+    """A client-supplied string for an error or log line: repr-escaped and at most ~QUOTE_CHARS long."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}… ({len(value)} characters)"
 
 
 class ProtocolError(Exception):
-    """A frame that does not decode to a valid message. `request_id` is set when it could be read."""
+    """A frame that does not decode to a valid message, or a message the server refuses as malformed.
 
-    def __init__(self, code: str, detail: str, request_id: int | None = None) -> None:
+    `kind` is the message type and `request_id` the frame's id, each set when it could be read;
+    `detail` is at most MAX_ERROR_CHARS characters."""
+
+    def __init__(self, code: str, detail: str, request_id: int | None = None, kind: str | None = None) -> None:
+        detail = clip(detail)
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.request_id = request_id
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +259,8 @@ def encode(msg: Message) -> bytes:
 
 _MISSING: Final = object()
 _M = TypeVar("_M")
+_C = TypeVar("_C")
+_UNKNOWN_FIELDS_SHOWN: Final = 3
 
 
 class _Fields:
@@ -250,7 +274,7 @@ class _Fields:
         self.request_id = raw_id if type(raw_id) is int and 0 <= raw_id <= MAX_REQUEST_ID else None
 
     def fail(self, detail: str) -> ProtocolError:
-        return ProtocolError(ErrorCode.BAD_MESSAGE, f"{self.kind}: {detail}", self.request_id)
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"{self.kind}: {detail}", self.request_id, self.kind)
 
     def _take(self, key: str, required: bool) -> object:
         value = self.rest.pop(key, _MISSING)
@@ -353,7 +377,11 @@ class _Fields:
 
     def finish(self, msg: _M) -> _M:
         if self.rest:
-            raise self.fail(f"unknown field(s) {', '.join(sorted(map(repr, self.rest)))}")
+            # Names are client strings: a few, each quoted short (an 8 MiB name must not come back whole).
+            names = sorted(self.rest)
+            shown = ", ".join(quote(name) for name in names[:_UNKNOWN_FIELDS_SHOWN])
+            more = f" and {len(names) - _UNKNOWN_FIELDS_SHOWN} more" if len(names) > _UNKNOWN_FIELDS_SHOWN else ""
+            raise self.fail(f"unknown field(s) {shown}{more}")
         return msg
 
 
@@ -504,17 +532,55 @@ _SERVER_DECODERS: Final[dict[str, Callable[[_Fields], ServerMessage]]] = {
 }
 
 
+# Decoder limits sized from the protocol: no frame makes msgpack build more objects than the
+# largest legal message holds. Without them a 16 MiB frame of 16.7 M empty maps costs ~1.2 GB and
+# seconds of the event loop before it fails. Strings and bins may fill the frame (reference audio
+# travels in one bin of up to max_frame_bytes); no message uses an extension type.
+_MAX_MAP_LEN: Final = 1 + max(len(fields(m)) for m in get_args(Message))  # every field, plus `type`
+_MAX_ARRAY_LEN: Final = N_EMOTIONS      # the only array field: Synthesize.emo_vector
+# Per-container limits do not bound nesting (8 arrays of 8 arrays of ... of nil), so the hooks
+# below count containers as msgpack completes them: a message is one map holding at most one array.
+_MAX_CONTAINERS: Final = 2
+
+
+class _TooManyContainers(ValueError):
+    pass
+
+
+class _ContainerBudget:
+    """object_hook / list_hook: aborts decoding once more containers than any message has are built."""
+
+    def __init__(self) -> None:
+        self.left = _MAX_CONTAINERS
+
+    def __call__(self, container: _C) -> _C:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers
+        return container
+
+
 def _unpack(frame: bytes | str) -> _Fields:
     """Frame → (type, fields) with every structural failure mapped to a ProtocolError."""
     if isinstance(frame, str):
         raise ProtocolError(ErrorCode.BAD_FRAME, "text frames are not part of the protocol")
+    budget = _ContainerBudget()
     try:
-        payload = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+        payload = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, use_list=True, object_hook=budget, list_hook=budget,
+            max_str_len=len(frame), max_bin_len=len(frame), max_ext_len=0,
+            max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN,
+        )
     except UnicodeDecodeError as e:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid UTF-8 in a string at byte {e.start}") from None
+    except _TooManyContainers:
+        detail = f"more than {_MAX_CONTAINERS} maps and arrays (a message is one map with at most one array)"
+        raise ProtocolError(ErrorCode.BAD_FRAME, detail) from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
-        # ExtraData, FormatError and StackError are ValueError subclasses; truncated input is ValueError.
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"not a msgpack frame: {type(e).__name__}") from None
+        # ExtraData, FormatError and StackError are ValueError subclasses; truncated input and the
+        # length limits above raise ValueError. msgpack's own text names no client data.
+        reason = f"{type(e).__name__}: {clip(str(e), 120)}" if str(e) else type(e).__name__
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"not a msgpack frame: {reason}") from None
     if not isinstance(payload, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"a frame must be a msgpack map, got {_kind_of(payload)}")
     kind = payload.pop("type", None)
@@ -524,8 +590,7 @@ def _unpack(frame: bytes | str) -> _Fields:
 
 
 def _unknown_type(r: _Fields) -> ProtocolError:
-    detail = f"unknown message type {r.kind[:MAX_NAME_CHARS]!r}"
-    return ProtocolError(ErrorCode.UNKNOWN_TYPE, detail, r.request_id)
+    return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {quote(r.kind)}", r.request_id, r.kind)
 
 
 def decode_client(frame: bytes | str) -> ClientMessage:
@@ -546,9 +611,25 @@ def decode_server(frame: bytes | str) -> ServerMessage:
     return decoder(r)
 
 
-def error_of(exc: ProtocolError) -> Error:
-    """The Error message a server sends for a frame that failed to decode."""
-    return Error(id=exc.request_id, code=exc.code, message=exc.detail)
+# Client messages whose id starts a request; the others name a live request or none.
+REQUEST_TYPES: Final = frozenset({Synthesize.TYPE, RegisterVoice.TYPE})
+
+
+def error_id(kind: str | None, request_id: int | None, live: Container[int]) -> int | None:
+    """The id a server's Error about one client frame may carry (docs/protocol.md, "Error ids").
+
+    An Error with an id ends that request, so it names `request_id` only when the frame of type
+    `kind` would have started that request and no live request has the id: the refusal is then
+    that request's one reply. Every other error about a frame (undecodable, a duplicate id, a bad
+    append_text, flush, cancel, ping or hello) carries nil, and a live request with the id goes on."""
+    if kind in REQUEST_TYPES and request_id is not None and request_id not in live:
+        return request_id
+    return None
+
+
+def error_of(exc: ProtocolError, live: Container[int]) -> Error:
+    """The Error a server sends for a refused frame, given the ids of the connection's live requests."""
+    return Error(id=error_id(exc.kind, exc.request_id, live), code=exc.code, message=exc.detail)
 
 
 __all__ = [
@@ -556,4 +637,5 @@ __all__ = [
     "ProtocolError", "Hello", "RegisterVoice", "Synthesize", "AppendText", "Flush", "Cancel", "Ping",
     "ClientMessage", "ServerHello", "VoiceRegistered", "SegmentStart", "Audio", "SegmentEnd", "Done",
     "Error", "Pong", "ServerMessage", "Message", "encode", "decode_client", "decode_server", "error_of",
+    "error_id", "REQUEST_TYPES", "MAX_ERROR_CHARS", "clip", "quote",
 ]

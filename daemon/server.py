@@ -3,10 +3,16 @@
 `Server` is the embeddable part (tests run it on port 0 with an already loaded Pipeline); `serve`
 is `ttsd serve`: load the weights, listen, tell systemd READY=1, and on SIGTERM or SIGINT
 
-  1. stop accepting (the listener closes; /healthz and new handshakes answer 503), STOPPING=1;
+  1. stop accepting work, STOPPING=1: the listener stays open so that /healthz answers 503 (and
+     new handshakes are refused with 503) until the process exits;
   2. give in-flight requests drain_timeout_s to finish, then cancel the rest (`shutting_down`),
-     each stopping at its next decode step;
-  3. send what is queued, close every connection with 1001 (going away), join the worker, exit 0.
+     each stopping at its next decode step (at most CANCEL_GRACE_S);
+  3. send what is queued (at most FLUSH_ON_CLOSE_S), close every connection with 1001 (going
+     away; a client that does not take the close within CLOSE_TIMEOUT_S has its transport
+     aborted), close the listener, join the worker, exit 0.
+
+So a SIGTERM ends within drain_timeout_s + CANCEL_GRACE_S + FLUSH_ON_CLOSE_S + 2 × CLOSE_TIMEOUT_S
+whatever clients do (systemd's TimeoutStopSec must be larger).
 
 A GET of /healthz on the same port is answered in `process_request`, before any WebSocket
 handshake, so load balancers and systemd checks need no WebSocket client."""
@@ -30,7 +36,7 @@ from websockets.http11 import Request, Response
 
 from . import systemd
 from .protocol import ErrorCode
-from .session import SERVER_NAME, Session
+from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
 from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
@@ -40,7 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUE_FRAMES: Final = 16          # client frames buffered per connection before TCP pushes back
+# Client frames buffered per connection before reading pauses (TCP then pushes back). websockets
+# counts frames, not bytes, and one frame may be max_frame_bytes, so reading pauses as soon as one
+# complete frame waits: with the one the reader handles, a connection holds about
+# 2 × max_frame_bytes of input at most.
+MAX_QUEUE_FRAMES: Final = 0
 WRITE_LIMIT_BYTES: Final = 64 * 1024  # per-connection write buffer high-water mark; send() waits above it
 # Kernel send buffer per connection. Linux autotunes it up to tcp_wmem's max (4 MiB, ~95 s of audio,
 # already at the start on loopback), which would let a client that stops reading absorb minutes of
@@ -49,8 +59,6 @@ WRITE_LIMIT_BYTES: Final = 64 * 1024  # per-connection write buffer high-water m
 SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
 PING_INTERVAL_S: Final = 20.0         # keepalive: a peer that stops answering is dropped ...
 PING_TIMEOUT_S: Final = 20.0          # ... this long after an unanswered ping
-CLOSE_TIMEOUT_S: Final = 5.0          # wait for the peer's close frame at most this long
-FLUSH_ON_CLOSE_S: Final = 5.0         # shutdown: time to send queued frames before the 1001 close
 CANCEL_GRACE_S: Final = 10.0          # shutdown: cancelled requests stop at their next decode step
 CLOSE_GOING_AWAY: Final = 1001
 
@@ -127,6 +135,11 @@ class Server:
         await self.shutdown()
 
     @property
+    def draining(self) -> bool:
+        """True from the start of shutdown: no new work, /healthz answers 503."""
+        return self._draining
+
+    @property
     def port(self) -> int:
         return int(self._listener_address()[1])
 
@@ -169,7 +182,8 @@ class Server:
             scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the token matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
-                log.info("unauthorized peer=%s path=%s", _peer(connection), request.path)
+                # No path or headers in the log: a client may have put its token in the URL.
+                log.info("unauthorized peer=%s", _peer(connection))
                 response = connection.respond(
                     HTTPStatus.UNAUTHORIZED, f"{ErrorCode.UNAUTHORIZED}: missing or wrong bearer token\n"
                 )
@@ -193,7 +207,6 @@ class Server:
         if self._ws is None or self.worker is None:
             return
         worker, ws = self.worker, self._ws
-        ws.close(close_connections=False)   # stop accepting; open connections keep going
         worker.stop_accepting()
         live = worker.live_jobs
         log.info("shutdown draining requests=%d drain_timeout_s=%g", live, self.config.drain_timeout_s)
@@ -208,10 +221,21 @@ class Server:
                     await worker.wait_idle()
             except TimeoutError:
                 log.error("shutdown: requests did not stop within %g s", CANCEL_GRACE_S)
-        await asyncio.gather(
-            *(s.close(CLOSE_GOING_AWAY, "server shutting down", FLUSH_ON_CLOSE_S) for s in list(self.sessions))
-        )
-        await ws.wait_closed()
+        # Each close is bounded (Session.close). A handshake that began before the drain may turn
+        # into a session while the first ones close: the loop closes those too.
+        closed: set[Session] = set()
+        while pending := self.sessions - closed:
+            closed |= pending
+            await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in pending))
+        ws.close(close_connections=False)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await ws.wait_closed()
+        except TimeoutError:
+            left = list(ws.connections)
+            log.warning("shutdown: aborting connections=%d that did not close", len(left))
+            for connection in left:
+                connection.transport.abort()
         await worker.stop()
         log.info("shutdown complete")
 

@@ -2,13 +2,22 @@
 
 The reader decodes client frames, validates them against the limits, and turns them into worker
 jobs; it never waits on the model. The writer sends the outbound queue in order and, after each
-segment's last frame, returns that request's credit to the worker (see worker.py). The queue holds
-at most SEGMENT_CREDITS segments per request plus a bounded backlog of small replies: when more
-than MAX_CONTROL_BACKLOG replies are unsent, the reader stops reading, so a client that sends
-without reading is throttled by TCP instead of growing server memory.
+segment's last frame, returns that request's credit to the worker (see worker.py).
+
+Memory per connection is bounded in bytes. The queue holds at most SEGMENT_CREDITS segments per
+live request plus a backlog of other replies: once those hold more than MAX_CONTROL_BACKLOG_BYTES
+unsent, the reader stops reading, so a client that sends without reading is throttled by TCP
+instead of growing server memory. Error text is capped (protocol.MAX_ERROR_CHARS) and client
+strings are quoted short, in replies and in log lines alike.
 
 Any `TtsdError` or `ProtocolError` becomes an `Error` message and the connection stays open; an
-unexpected exception ends only the request it came from, with code `internal`."""
+unexpected exception ends only the request it came from, with code `internal`. An error names a
+request id only when it ends that request (protocol.error_id). A request cancelled as a slow
+consumer ends every request of its connection with `slow_consumer` and closes the connection with
+1008, since a client that left its audio unread for stall_timeout_s has stopped reading altogether.
+
+Closing never waits on the client without a bound: a peer that does not take its close frame within
+CLOSE_TIMEOUT_S has its transport aborted."""
 
 from __future__ import annotations
 
@@ -38,7 +47,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUDIO_FRAME_SAMPLES: Final = 5_512   # ≈ 0.25 s (11 KiB) per Audio frame: a jitter buffer can start early
-MAX_CONTROL_BACKLOG: Final = 64      # unsent non-audio replies before the reader pauses
+# Unsent bytes of replies outside the credit-bounded segments (pong, error, voice_registered,
+# hello) before the reader pauses: ~100 capped errors or ~4000 pongs.
+MAX_CONTROL_BACKLOG_BYTES: Final = 64 * 1024
+FLUSH_ON_CLOSE_S: Final = 5.0        # before a close: time to send what is queued
+CLOSE_TIMEOUT_S: Final = 5.0         # then the peer must take the close frame, else the transport is aborted
+CLOSE_SLOW_CONSUMER: Final = 1008    # policy violation: the client stopped reading its audio
+REGISTRATION_SHARE: Final = 4        # one connection may hold 1/4 of the voice-registration queue
+LOGGED_BAD_FRAMES: Final = 10        # bad frames per connection logged at INFO; later ones at DEBUG
 SERVER_NAME: Final = "ttsd/0.1"
 
 _T = TypeVar("_T")
@@ -51,6 +67,11 @@ class _Outgoing:
     build: Callable[[], bytes] | None = None
     audio_samples: int = 0                  # > 0 for Audio frames
     returns_credit: bool = False            # the last frame of a segment
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes this reply adds to the control backlog: frames of no live request's segments."""
+        return len(self.frame) if self.request is None and self.frame is not None else 0
 
 
 class LiveRequest:
@@ -100,7 +121,12 @@ class LiveRequest:
         self.session.enqueue(_Outgoing(None, self, build=self._done_frame))
 
     def on_error(self, code: str, message: str) -> None:
-        self.fail(code, message)
+        if self.finished:
+            return  # ended here first (e.g. the client's cancel crossed the worker's stop)
+        if code == p.ErrorCode.SLOW_CONSUMER:
+            self.session.slow_consumer(self, message)
+        else:
+            self.fail(code, message)
 
     def fail(self, code: str, message: str) -> None:
         """End the request now with an Error; its unsent audio is dropped."""
@@ -113,7 +139,7 @@ class LiveRequest:
         if self.job is not None:
             # notify=False: the Error below is the one reply, whatever the worker is doing.
             s.worker.cancel(self.job, code, notify=False)
-        s.enqueue(_Outgoing(p.encode(p.Error(id=self.id, code=code, message=message))))
+        s.enqueue(_Outgoing(p.encode(p.Error(id=self.id, code=code, message=p.clip(message)))))
         log.info("request ended peer=%s id=%d code=%s segments=%d", s.peer, self.id, code, self.segments)
 
     def _done_frame(self) -> bytes:
@@ -166,22 +192,43 @@ class Session:
         self.config = config
         self.peer = _peer(ws)
         self.requests: dict[int, LiveRequest] = {}
+        self.registrations: set[int] = set()  # ids of this connection's voice registrations in flight
         self._outbox: deque[_Outgoing] = deque()
-        self._control_backlog = 0
+        self.backlog_bytes = 0               # unsent bytes of replies counted by _Outgoing.backlog_bytes
         self._wakeup = asyncio.Event()       # the writer has something to send (or must stop)
         self._room = asyncio.Event()         # the reader may read (control backlog below the limit)
         self._room.set()
         self._flushed = asyncio.Event()      # the outbox is empty
         self._flushed.set()
         self._closing = False
+        self._tasks: asyncio.TaskGroup | None = None   # reader, writer and a close begun by the session
+        self._close_begun = False
+        self._bad_frames = 0
+
+    @property
+    def reading(self) -> bool:
+        """False while the reader is paused on a full control backlog."""
+        return self._room.is_set()
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes of the frames queued and not yet handed to the socket (a Done is built when sent)."""
+        return sum(len(item.frame) for item in self._outbox if item.frame is not None)
+
+    @property
+    def max_registrations(self) -> int:
+        """Voice registrations one connection may have in flight (the rest get `busy`)."""
+        return max(1, self.config.max_queued_requests // REGISTRATION_SHARE)
 
     async def run(self) -> None:
         log.info("connection open peer=%s", self.peer)
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 tg.create_task(self.read_requests())
                 tg.create_task(self.write_replies())
         finally:
+            self._tasks = None
             self._closing = True
             # Disconnect: stop every request at its next decode step, silently (nobody to tell).
             for req in list(self.requests.values()):
@@ -190,16 +237,49 @@ class Session:
                     self.worker.cancel(req.job, p.ErrorCode.CANCELLED, notify=False)
             self.requests.clear()
             self._outbox.clear()
-            log.info("connection closed peer=%s code=%s", self.peer, self.ws.close_code)
+            self.backlog_bytes = 0
+            # Normally closed by now. If a bug ended the tasks with the socket open, close it here,
+            # bounded: websockets' own close after the handler returns would wait on an unread peer.
+            await self._close_ws(1011, "internal error")
+            log.info(
+                "connection closed peer=%s code=%s bad_frames=%d", self.peer, self.ws.close_code, self._bad_frames
+            )
 
-    async def close(self, code: int, reason: str, flush_timeout_s: float) -> None:
-        """Send what is queued (for at most flush_timeout_s), then close the WebSocket."""
+    async def close(self, code: int, reason: str) -> None:
+        """Send what is queued (at most FLUSH_ON_CLOSE_S), then close the WebSocket (at most
+        CLOSE_TIMEOUT_S more, then the transport is aborted). Returns within about their sum."""
         try:
-            async with asyncio.timeout(flush_timeout_s):
+            async with asyncio.timeout(FLUSH_ON_CLOSE_S):
                 await self._flushed.wait()
         except TimeoutError:
             log.info("close without flushing peer=%s unsent_frames=%d", self.peer, len(self._outbox))
-        await self.ws.close(code, reason)
+        await self._close_ws(code, reason)
+
+    async def _close_ws(self, code: int, reason: str) -> None:
+        # ws.close() waits, without a timeout, for the close frame to leave the write buffer: a
+        # client that stopped reading would hold it (and a SIGTERM) forever.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            log.info("close not taken, aborting peer=%s close_timeout_s=%g", self.peer, CLOSE_TIMEOUT_S)
+            self.ws.transport.abort()
+
+    def _close_soon(self, code: int, reason: str) -> None:
+        """Begin `close` in the background (once), while the reader and writer carry on."""
+        if self._close_begun or self._tasks is None or self._closing:
+            return
+        self._close_begun = True
+        log.info("connection closing peer=%s code=%d reason=%r", self.peer, code, reason)
+        self._tasks.create_task(self.close(code, reason))
+
+    def slow_consumer(self, req: LiveRequest, message: str) -> None:
+        """The worker cancelled `req` for audio left unread: the client has stopped reading this
+        connection, so every request on it ends with slow_consumer and the connection is closed."""
+        req.fail(p.ErrorCode.SLOW_CONSUMER, message)
+        for other in list(self.requests.values()):
+            other.fail(p.ErrorCode.SLOW_CONSUMER, message)
+        self._close_soon(CLOSE_SLOW_CONSUMER, "slow consumer: audio left unread for stall_timeout_s")
 
     # ---------------------------------------------------------------------------------------
     # Outbound
@@ -208,10 +288,9 @@ class Session:
         if self._closing:
             return
         self._outbox.append(item)
-        if item.audio_samples == 0 and item.request is None:
-            self._control_backlog += 1
-            if self._control_backlog > MAX_CONTROL_BACKLOG:
-                self._room.clear()
+        self.backlog_bytes += item.backlog_bytes
+        if self.backlog_bytes > MAX_CONTROL_BACKLOG_BYTES:
+            self._room.clear()
         self._flushed.clear()
         self._wakeup.set()
 
@@ -238,9 +317,9 @@ class Session:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 item = self._outbox.popleft()
-                if item.audio_samples == 0 and item.request is None:
-                    self._control_backlog -= 1
-                    if self._control_backlog <= MAX_CONTROL_BACKLOG // 2:
+                if item.backlog_bytes:
+                    self.backlog_bytes -= item.backlog_bytes
+                    if self.backlog_bytes <= MAX_CONTROL_BACKLOG_BYTES // 2:
                         self._room.set()
                 frame = item.frame if item.frame is not None else item.build() if item.build else b""
                 await self.ws.send(frame)
@@ -268,12 +347,14 @@ class Session:
                 await self._room.wait()
                 try:
                     async with asyncio.timeout(self.config.idle_timeout_s):
+                        # A text frame arrives as str (refused with bad_frame); one that is not valid
+                        # UTF-8 breaks WebSocket itself and websockets closes with 1007 (RFC 6455 8.1).
                         frame = await self.ws.recv()
                 except TimeoutError:
                     if any(not r.awaiting_text for r in self.requests.values()):
                         continue  # audio is still being produced for this client
                     log.info("idle timeout peer=%s idle_timeout_s=%g", self.peer, self.config.idle_timeout_s)
-                    await self.ws.close(1000, "idle timeout")
+                    await self._close_ws(1000, "idle timeout")
                     return
                 self.handle(frame)
         except ConnectionClosed:
@@ -284,25 +365,42 @@ class Session:
 
     def handle(self, frame: bytes | str) -> None:
         """One client frame → replies and worker calls. Never raises for bad input."""
-        request_id: int | None = None
         try:
             msg = p.decode_client(frame)
-            request_id = getattr(msg, "id", None)
-            self._dispatch(msg)
         except p.ProtocolError as e:
-            log.info("bad frame peer=%s code=%s detail=%r", self.peer, e.code, e.detail)
-            self.send(p.error_of(e))
-        except TtsdError as e:
-            log.info("request rejected peer=%s id=%s code=%s error=%r", self.peer, request_id, e.code, str(e))
-            self.send(p.Error(id=request_id, code=e.code, message=str(e)))
+            self._bad_frames += 1
+            # One line per bad frame for the first few; a client sending garbage in a loop must
+            # not flood the journal (the close line gives the total).
+            level = logging.INFO if self._bad_frames <= LOGGED_BAD_FRAMES else logging.DEBUG
+            log.log(level, "bad frame peer=%s code=%s detail=%r", self.peer, e.code, e.detail)
+            self.send(p.error_of(e, self._live_ids()))
+            return
+        request_id: int | None = getattr(msg, "id", None)
+        try:
+            self._dispatch(msg)
+        except (p.ProtocolError, TtsdError) as e:
+            detail = e.detail if isinstance(e, p.ProtocolError) else p.clip(str(e))
+            log.info(
+                "request rejected peer=%s type=%s id=%s code=%s error=%r", self.peer, msg.TYPE, request_id, e.code,
+                detail,
+            )
+            self._refuse(msg.TYPE, request_id, e.code, detail)
         except Exception as e:
-            log.exception("request failed peer=%s id=%s", self.peer, request_id)
+            log.exception("request failed peer=%s type=%s id=%s", self.peer, msg.TYPE, request_id)
             detail = f"internal error: {type(e).__name__}"
             req = self.requests.get(request_id) if request_id is not None else None
             if req is not None:
                 req.fail(p.ErrorCode.INTERNAL, detail)
             else:
-                self.send(p.Error(id=request_id, code=p.ErrorCode.INTERNAL, message=detail))
+                self._refuse(msg.TYPE, request_id, p.ErrorCode.INTERNAL, detail)
+
+    def _live_ids(self) -> set[int]:
+        return self.requests.keys() | self.registrations
+
+    def _refuse(self, kind: str, request_id: int | None, code: str, detail: str) -> None:
+        """The Error for a refused frame, naming its id only when that ends the request (error_id)."""
+        wire_id = p.error_id(kind, request_id, self._live_ids())
+        self.send(p.Error(id=wire_id, code=code, message=p.clip(detail)))
 
     def _dispatch(self, msg: p.ClientMessage) -> None:
         match msg:
@@ -330,7 +428,7 @@ class Session:
                 p.ErrorCode.BAD_MESSAGE,
                 f"protocol version {msg.version} is not supported; this server speaks {p.PROTOCOL_VERSION}",
             )
-        log.info("hello peer=%s client=%r", self.peer, msg.client)
+        log.info("hello peer=%s client=%s", self.peer, p.quote(msg.client))
         c = self.config
         self.send(
             p.ServerHello(
@@ -341,26 +439,35 @@ class Session:
             )
         )
 
+    def _check_new_id(self, request_id: int) -> None:
+        if request_id in self.requests or request_id in self.registrations:
+            # The Error carries nil (error_id): the live request with this id goes on.
+            raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, f"request id {request_id} is already in use", request_id)
+
     def _register_voice(self, msg: p.RegisterVoice) -> None:
+        self._check_new_id(msg.id)
+        if len(self.registrations) >= self.max_registrations:
+            # One connection must not fill the daemon-wide registration queue.
+            raise Busy(f"this connection already has {self.max_registrations} voice registrations in flight")
         if not msg.audio:
             raise BadAudio("speaker reference audio is empty")
         if msg.emo_audio is not None and not msg.emo_audio:
             raise BadAudio("emotion reference audio is empty")
 
         def done(result: VoiceResult | TtsdError) -> None:
+            self.registrations.discard(msg.id)
             if isinstance(result, VoiceResult):
                 self.send(p.VoiceRegistered(id=msg.id, voice=result.voice_id, audio_s=result.audio_s))
             else:
-                log.info(
-                    "voice rejected peer=%s id=%d code=%s error=%r", self.peer, msg.id, result.code, str(result)
-                )
-                self.send(p.Error(id=msg.id, code=result.code, message=str(result)))
+                message = p.clip(str(result))
+                log.info("voice rejected peer=%s id=%d code=%s error=%r", self.peer, msg.id, result.code, message)
+                self.send(p.Error(id=msg.id, code=result.code, message=message))
 
-        self.worker.register_voice(msg.audio, msg.emo_audio, done)
+        self.worker.register_voice(msg.audio, msg.emo_audio, done)  # Busy / ShuttingDown propagate
+        self.registrations.add(msg.id)
 
     def _synthesize(self, msg: p.Synthesize) -> None:
-        if msg.id in self.requests:
-            raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, f"request id {msg.id} is already in use", msg.id)
+        self._check_new_id(msg.id)
         if len(self.requests) >= self.config.max_requests_per_connection:
             # One connection must not take every slot and the whole queue from everyone else.
             limit = self.config.max_requests_per_connection
@@ -402,6 +509,7 @@ class Session:
     def _incremental(self, request_id: int, what: str) -> LiveRequest:
         req = self.requests.get(request_id)
         if req is None or req.sentences is None or req.flushed:
+            # The Error carries nil (error_id): a request with this id, if live, goes on.
             detail = f"{what}: no incremental request with id {request_id} awaits text"
             raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, detail, request_id)
         return req

@@ -26,6 +26,10 @@ from .errors import BadAudio
 SAMPLE_RATE_HZ = 22_050                    # s2mel / BigVGAN rate (config: s2mel.preprocess_params.sr)
 W2V_SAMPLE_RATE_HZ = 16_000                # w2v-BERT and CAMPPlus rate (preprocessor_config sampling_rate)
 MAX_PROMPT_S = 15                          # infer_v2 `_load_and_cut_audio(..., 15)` for both prompts
+# Largest |sample| accepted in a reference clip (full scale is 1). A float file may exceed full scale
+# a little; 1000 (60 dB over) is no recording, and far beyond it the float32 spectra overflow to inf
+# (1e30 in a clip came out as NaN conditioning and all-zero speech), so such a file is refused.
+MAX_SAMPLE_ABS = 1000.0
 
 # 22.05 kHz prompt mel (config: s2mel.preprocess_params.spect_params)
 N_FFT = 1024                               # n_fft
@@ -63,7 +67,8 @@ def load_audio(src: Path | bytes, sr: int) -> Tensor:
 
     Reproduces `librosa.load(path, sr=sr)`: soundfile decode (wav/flac/ogg/mp3, whatever libsndfile
     reads), mean over channels, `soxr` "HQ" resampling unless the file is already at `sr`, then the
-    length forced to ceil(N_native · sr / sr_native). Raises BadAudio for undecodable or empty input."""
+    length forced to ceil(N_native · sr / sr_native). Raises BadAudio for undecodable or empty input,
+    and for NaN, infinite or absurd (|x| > MAX_SAMPLE_ABS) samples."""
     what = "audio bytes" if isinstance(src, bytes) else str(src)
     try:
         with sf.SoundFile(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as f:
@@ -75,8 +80,12 @@ def load_audio(src: Path | bytes, sr: int) -> Tensor:
         y = np.mean(y, axis=0)  # librosa.to_mono: arithmetic mean over channels, before resampling
     if y.size == 0:
         raise BadAudio(f"reference audio {what} holds no samples")
-    if not np.isfinite(y).all():
-        raise BadAudio(f"reference audio {what} holds NaN or infinite samples")
+    peak = float(np.max(np.abs(y)))  # NaN if any sample is NaN
+    if not peak <= MAX_SAMPLE_ABS:
+        raise BadAudio(
+            f"reference audio {what} has non-finite or absurd sample values "
+            f"(peak {peak:g}; full scale is 1, at most {MAX_SAMPLE_ABS:g} is accepted)"
+        )
     if sr_native != sr:
         # librosa.resample: ratio computed as float(target)/orig, then ceil, then fix_length.
         n_out = int(np.ceil(y.shape[-1] * (float(sr) / sr_native)))

@@ -285,21 +285,24 @@ async def test_two_concurrent_clients_both_get_correct_audio(
     texts = {1: TWO_SENTENCES, 2: "The quick brown fox jumps over the lazy dog! Hello world, this is a test."}
     rec = Recorder()
     gate = rec.hold("segment_begin", 0)
-    async with daemon(rec) as server:
-        async with client(server) as c:
-            voice = await c.register(speaker_wav)
-
+    async with daemon(rec) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        # A one-segment request holds the worker at the gate, so both clients' jobs are admitted
+        # before the worker picks either of them (otherwise the first could run alone first).
+        await c.send(p.Synthesize(id=9, text="Hold on.", voice=voice, **FAST))
+        await rec.wait_for(lambda ev: any(e == "segment_begin" for e, _, _ in ev))
+        holder = rec.events[0][1]
         tasks = [asyncio.create_task(own_connection(server, rid, texts[rid], voice)) for rid in (1, 2)]
-        # Both jobs are admitted before the worker starts on the first one.
-        await until_true(lambda: server.worker is not None and server.worker.live_jobs == 2)
+        await until_true(lambda: server.worker is not None and server.worker.live_jobs == 3)
         gate.set()
         results = await asyncio.gather(*tasks)
+        assert isinstance(last(await c.until(9)), p.Done)
     for rid, messages in zip((1, 2), results, strict=True):
         assert isinstance(last(messages), p.Done), last(messages)
         expected = offline_pcm(pipeline, voices.get(voice), texts[rid], **{**FAST, "seed": rid})
         assert_pcm_close(pcm_of(messages, rid), expected, f"request {rid}")
     # Fair round-robin at segment granularity: the two jobs' segments alternate.
-    ends = [key for e, key, _ in rec.events if e == "segment_end"]
+    ends = [key for e, key, _ in rec.events if e == "segment_end" and key != holder]
     assert len(ends) == 4 and ends[0] == ends[2] != ends[1] == ends[3], rec.events
 
 

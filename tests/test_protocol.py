@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
+from typing import get_args
 
 import msgpack
 import pytest
@@ -192,3 +194,66 @@ def test_protocol_imports_without_torch() -> None:
     """Clients can import the protocol module without torch being imported."""
     code = "import sys, ttsd.daemon.protocol; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_container_bomb_is_refused_before_it_is_built() -> None:
+    """A 16 MiB array of 16.7 M empty maps is bad_frame after allocating almost nothing (it once cost ~1.2 GB)."""
+    import tracemalloc
+
+    n = 2**24 - 5
+    bomb = b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
+    tracemalloc.start()
+    try:
+        rejects(bomb, p.ErrorCode.BAD_FRAME)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"decoding the bomb allocated {peak} bytes"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.packb([[[None] * 8] * 8] * 8),                                   # nested arrays
+        frame(type="ping", nonce=1, x={"a": [1]}),                                # map > map > array
+        frame(type="synthesize", id=1, text="x", voice="v", emo_vector=[0.0] * 9),  # array over 8
+        frame(type="ping", **{f"k{i}": 0 for i in range(23)}),                    # map over 23 entries
+        frame(type="ping", nonce=msgpack.ExtType(1, b"\x00")),                    # extension type
+    ],
+    ids=["nested-arrays", "nested-maps", "long-array", "long-map", "ext-type"],
+)
+def test_frames_beyond_the_structure_limits_are_bad_frame(data: bytes) -> None:
+    """Deeper nesting, longer arrays or maps than any message, and extension types fail with bad_frame."""
+    rejects(data, p.ErrorCode.BAD_FRAME)
+
+
+def test_largest_legal_messages_pass_the_structure_limits() -> None:
+    """A map as wide as the widest message, an 8-element emo_vector and a 16 MiB register_voice pass the limits."""
+    widest = max(get_args(p.Message), key=lambda m: len(fields(m)))
+    as_wide = rejects(frame(type="ping", **{f.name: 0 for f in fields(widest)}), p.ErrorCode.BAD_MESSAGE)
+    assert "unknown field" in as_wide.detail       # decoded, then refused field by field
+    full = next(m for m in CLIENT_MESSAGES if isinstance(m, p.Synthesize) and m.emo_vector is not None)
+    assert p.decode_client(p.encode(full)) == full
+    big = p.RegisterVoice(id=1, audio=b"\x00" * (16 * 2**20 - 64))
+    assert p.decode_client(p.encode(big)) == big
+
+
+def test_unknown_field_names_are_quoted_short() -> None:
+    """An 8 MiB unknown field name comes back cut to a short quote, the error text within MAX_ERROR_CHARS."""
+    e = rejects(frame(type="ping", nonce=1, **{"n" * 8 * 2**20: 0, "b": 1, "c": 2}), p.ErrorCode.BAD_MESSAGE)
+    assert len(e.detail) <= p.MAX_ERROR_CHARS
+    assert f"'b', 'c', {'n' * p.QUOTE_CHARS!r}… (8388608 characters)" in e.detail
+    many = rejects(frame(type="ping", **{f"k{i}": 0 for i in range(5)}), p.ErrorCode.BAD_MESSAGE)
+    assert many.detail.endswith("'k0', 'k1', 'k2' and 2 more")
+
+
+def test_error_ids_name_only_requests_the_error_ends() -> None:
+    """error_id keeps the id of a refused synthesize or register_voice unless it is live; other frames get nil."""
+    assert p.error_id("synthesize", 7, live={1}) == 7
+    assert p.error_id("register_voice", 7, live=set()) == 7
+    assert p.error_id("synthesize", 1, live={1}) is None      # duplicate: request 1 goes on
+    for kind in ("append_text", "flush", "cancel", "ping", "hello", "sing", None):
+        assert p.error_id(kind, 7, live=set()) is None
+    assert p.error_id("synthesize", None, live=set()) is None
+    e = rejects(frame(type="synthesize", id=1, text=3, voice="v"), p.ErrorCode.BAD_MESSAGE)
+    assert p.error_of(e, live={1}).id is None and p.error_of(e, live=set()).id == 1
