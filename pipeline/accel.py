@@ -68,13 +68,34 @@ class Streams:
         return host
 
 
+class CompiledOrEager:
+    """A compiled step that falls back to the eager one, for good, the first time it fails (no C compiler
+    for Triton's launcher, an inductor bug): one log line, dynamo reset, and serving goes on eagerly."""
+
+    def __init__(self, compiled: StepFn, eager: StepFn) -> None:
+        self.fn = compiled
+        self.eager = eager
+        self.failed = False
+
+    def __call__(
+        self, gpt: UnifiedVoice, tokens: Tensor, input_pos: Tensor, mel_pos: Tensor, kv: Sequence[LayerKV], kv_len: int
+    ) -> Tensor:
+        if not self.failed:
+            try:
+                return self.fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+            except Exception as e:
+                log.warning("compiled decode step failed, continuing eagerly error=%s", _first_line(e))
+                torch._dynamo.reset()
+                self.failed = True
+        return self.eager(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+
+
 class _Graphed:
     """The decode step replayed from CUDA graphs, one per (row count, kv length); inputs are read in
     place (the batch keeps its state and cache at fixed addresses on CUDA), outputs are graph-owned."""
 
-    def __init__(self, fn: StepFn, eager: StepFn) -> None:
+    def __init__(self, fn: StepFn) -> None:
         self.fn = fn
-        self.eager = eager
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def __call__(
@@ -91,35 +112,32 @@ class _Graphed:
     def _capture(
         self, gpt: UnifiedVoice, tokens: Tensor, input_pos: Tensor, mel_pos: Tensor, kv: Sequence[LayerKV], kv_len: int
     ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        fn = self.fn
         side = torch.cuda.Stream(tokens.device)
         side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side):
-            # Warm-up runs write the same K/V at the same slots as the real step would: harmless.
-            try:
-                for _ in range(GRAPH_WARMUP_RUNS):
-                    fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
-            except Exception as e:  # inductor/Triton failing to build: serve eagerly instead
-                log.warning("compiled decode step failed, continuing eagerly error=%s", str(e).splitlines()[0])
-                torch._dynamo.reset()
-                self.fn = fn = self.eager
-                for _ in range(GRAPH_WARMUP_RUNS):
-                    fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+            # Warm-up runs write the same K/V at the same slots as the real step would: harmless. A
+            # compiled step that fails here falls back to eager before anything is captured.
+            for _ in range(GRAPH_WARMUP_RUNS):
+                self.fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
         torch.cuda.current_stream(tokens.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
+            out = self.fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
         log.debug("captured decode graph rows=%d kv_len=%d", tokens.size(0), kv_len)
         return graph, out
 
 
 def graphed_step(device: torch.device, *, graphs: bool, compile: bool) -> StepFn:
-    """The decode step as run on `device`: eager on CPU (and on CUDA with graphs off); else CUDA-graph
-    replays of the eager step, or of its inductor compilation when `compile`."""
-    if device.type != "cuda" or not graphs:
-        return decode_step
+    """The decode step as run on `device`: eager, or inductor-compiled (`compile`, falling back to eager
+    on failure), and on CUDA with `graphs` replayed from CUDA graphs recorded per row bucket."""
     fn: StepFn = decode_step
     if compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(ROW_BUCKETS))
-        fn = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    return _Graphed(fn, decode_step)
+        fn = CompiledOrEager(torch.compile(decode_step, fullgraph=True, dynamic=False), decode_step)
+    if device.type == "cuda" and graphs:
+        fn = _Graphed(fn)
+    return fn
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]

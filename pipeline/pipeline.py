@@ -113,7 +113,7 @@ class Pipeline:
         device: torch.device,
         gpt_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
-        compile: bool = True,
+        compile: bool | None = None,
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
     ) -> None:
@@ -127,7 +127,7 @@ class Pipeline:
         self.max_batch_rows = max_batch_rows
         self.lanes = Streams(device)
         self.cuda_graphs = cuda_graphs  # CUDA: the decode step replays CUDA graphs ...
-        self.compile = compile  # ... compiled with inductor first
+        self.compile = device.type == "cuda" if compile is None else compile  # ... compiled with inductor first
         self.row_buckets: tuple[int, ...] = ROW_BUCKETS if device.type == "cuda" and cuda_graphs else ()
 
     # ------------------------------------------------------------------ loading
@@ -140,14 +140,15 @@ class Pipeline:
         dtype: str = "float32",
         *,
         cuda_graphs: bool = True,
-        compile: bool = True,
+        compile: bool | None = None,
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
     ) -> Pipeline:
         """Load a converted checkpoint directory (ttsd-convert output). `device` "auto" is CUDA when
         available; `dtype` applies to the GPT (the acoustic side stays float32, as upstream runs it
-        even in fp16 mode). `max_batch_rows` sizes the decode batch (one row per beam of every
-        segment decoding at once); `max_num_beams` is the most beams one request may ask for."""
+        even in fp16 mode). `compile` (default: on CUDA only) compiles the decode step with inductor.
+        `max_batch_rows` sizes the decode batch (one row per beam of every segment decoding at once);
+        `max_num_beams` is the most beams one request may ask for."""
         ckpt = Path(ckpt_dir)
         dev = resolve_device(str(device))
         if dtype not in DTYPES:

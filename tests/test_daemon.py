@@ -789,3 +789,76 @@ def test_sd_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -
     assert lines[0] == "READY=1" and "STATUS=serving" in lines
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert systemd.notify_stopping() is False
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding options that once broke the daemon, warm-up, and the watchdog (issue 15)
+
+
+async def healthz(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return response
+
+
+async def test_beams_with_a_tiny_repetition_penalty_finish_normally(daemon: Daemon, speaker_wav: bytes) -> None:
+    """num_beams 2–4 with repetition_penalty ≤ 0.1 (which boosts every seen id, the start code included) and
+    unfiltered sampling finish with `done`: no start code reaches the codec, nothing ends `internal`."""
+    cases = [dict(num_beams=nb, repetition_penalty=0.05, do_sample=ds) for nb in (2, 3, 4) for ds in (True, False)]
+    cases.append(dict(num_beams=1, top_k=0, top_p=1.0, repetition_penalty=1.0, do_sample=True))
+    async with daemon() as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        for rid, case in enumerate(cases, start=1):
+            await c.send(p.Synthesize(id=rid, text="Hello there.", voice=voice, **{**FAST, **case}))
+            assert isinstance(last(await c.until(rid)), p.Done), case
+
+
+async def test_warm_up_runs_on_the_worker_thread_and_a_failure_is_not_fatal(
+    pipeline: Pipeline, voices: VoiceCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Warm-up is the worker thread's first job, done before the server listens; when it fails (a compiler
+    missing, say) the daemon logs one line and serves eagerly."""
+    threads: list[str] = []
+
+    def failing_warm_up(engine: Any) -> float:
+        threads.append(threading.current_thread().name)
+        raise RuntimeError("no C compiler for Triton's launcher")
+
+    monkeypatch.setattr(pipeline, "warm_up", failing_warm_up)
+    config = DaemonConfig(port=0).validated()
+    server = Server(config, pipeline, voices=voices)
+    await server.start(warm_up=True)
+    try:
+        assert threads == ["ttsd-worker"]
+        assert any("warm-up failed" in r.getMessage() for r in caplog.records)
+        async with client(server) as c:
+            voice = await c.register(speaker_wav_bytes(pipeline))
+            await c.send(p.Synthesize(id=1, text="Still serving.", voice=voice, **FAST))
+            assert isinstance(last(await c.until(1)), p.Done)
+    finally:
+        await server.shutdown()
+
+
+def speaker_wav_bytes(pipeline: Pipeline) -> bytes:
+    from ttsd.pipeline.pipeline import reference_tone
+
+    return reference_tone(1.0)
+
+
+async def test_watchdog_reports_a_wedged_worker_as_a_device_fault(daemon: Daemon, speaker_wav: bytes) -> None:
+    """A worker step that never returns (a hung kernel) turns /healthz into 503 within watchdog_s, so the
+    service manager restarts the daemon."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 0)
+    async with daemon(rec, watchdog_s=1.0) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text="Hello.", voice=voice, **FAST))
+        assert server.worker is not None
+        await asyncio.wait_for(server.worker.device_fault.wait(), timeout=30)
+        response = await healthz(server.port)
+        gate.set()
+    assert response.startswith(b"HTTP/1.1 503") and b"watchdog" in response
