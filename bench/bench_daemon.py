@@ -36,7 +36,7 @@ from typing import Any
 
 from ttsd.clients.client import Cancelled, Client
 from ttsd.daemon.protocol import Audio, Done
-from ttsd.pipeline.tiny import synthetic_voice
+from ttsd.tools.tiny import synthetic_voice
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home again."
 CANCEL_TEXT = " ".join([TEXT] * 6)  # long enough to still be running when the cancel arrives

@@ -10,7 +10,7 @@ the GPT prefill is timed separately on the same prefix. On CUDA the timed run sy
 every stage boundary, so first audio and RTF come from an extra run without timings.
 
 `--random-full` (or `--random tiny`) builds the architecture with seeded random weights
-(`ttsd.pipeline.tiny.random_pipeline`) and suppresses the stop token (mel_head bias −1e4), so
+(`ttsd.tools.tiny.random_pipeline`) and suppresses the stop token (mel_head bias −1e4), so
 every segment decodes exactly `--codes` codes: the real cost without real weights. Reference
 audio defaults to a synthetic voiced signal of `--voice-s` seconds."""
 
@@ -34,8 +34,8 @@ import torch
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.generate import prefill
 from ttsd.pipeline.gpt import KVCache
-from ttsd.pipeline.tiny import synthetic_voice
 from ttsd.pipeline.voice import Voice
+from ttsd.tools.tiny import synthetic_voice
 
 TEXTS = {
     "short": "Hello, how are you today?",
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = "full" if args.random_full else args.random
     t0 = time.perf_counter()
     if preset is not None:
-        from ttsd.pipeline.tiny import random_pipeline
+        from ttsd.tools.tiny import random_pipeline
 
         pipe = random_pipeline(preset, args.seed, args.device, args.dtype)
         suppress_stop(pipe)

@@ -9,9 +9,11 @@ P prompt mel frames."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import secrets
 import time
+import wave
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from .gpt import (
 )
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
 from .options import SynthesisOptions
+from .pcm import PCM_MAX, to_s16le
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
 from .voice import AudioSource, Voice, prepare_voice
@@ -212,10 +215,8 @@ class Pipeline:
         """Run a short synthesis for every beam count a request may use, so that on CUDA the decode
         step is compiled and its graphs recorded for each batch size before the first client waits
         on them. Returns the seconds taken."""
-        from .tiny import synthetic_voice
-
         t0 = time.perf_counter()
-        voice = self.prepare_voice(synthetic_voice(2.0))
+        voice = self.prepare_voice(warm_up_voice())
         for beams in range(1, self.max_num_beams + 1):
             opts = SynthesisOptions(num_beams=beams, max_mel_tokens=16, diffusion_steps=2, seed=0)
             self.synthesize(voice, "Warm up.", opts)
@@ -408,6 +409,22 @@ class Pipeline:
                 parts.append(silence)  # between segments only, as upstream's insert_interval_silence
             parts.append(pcm)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def warm_up_voice(seconds: float = 2.0) -> bytes:
+    """A deterministic reference clip for warm_up, as 16-bit mono WAV bytes: a 100 → 400 Hz chirp
+    with a little seeded noise (any voiced-looking signal serves: only the shapes matter)."""
+    rate = audio.SAMPLE_RATE_HZ
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * (100 * t + 150 * t**2 / seconds)  # instantaneous frequency 100 + 300 t / seconds Hz
+    x = 0.3 * np.sin(phase) + 0.02 * np.random.default_rng(0).standard_normal(t.size)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(to_s16le(x * PCM_MAX))
+    return buf.getvalue()
 
 
 def _glossary(ckpt: Path) -> Path | None:

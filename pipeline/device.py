@@ -1,0 +1,47 @@
+"""The torch device a command asked for, checked before any weight is loaded.
+
+`ttsd synth` and `ttsd serve` both resolve `--device` here, so a GPU name on a CPU-only torch
+build (the wheel `scripts/setup.sh` installs by default) fails at once with one line saying what
+to install, instead of a traceback from deep inside the first CUDA call."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import torch
+
+from .errors import ConfigError
+
+# How a GPU host gets a CUDA build of torch (README "GPU hosts"); named in the error below.
+CUDA_INSTALL_HINT: Final = (
+    "install a CUDA build of torch, e.g. TTSD_TORCH='torch==2.13.0' "
+    "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh"
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N` → a usable torch.device.
+
+    Raises ConfigError with one line for anything else: an unknown name, a device type this
+    pipeline does not run on, CUDA on a torch built without it, or no such CUDA device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device {name!r} is not supported: ttsd runs on cpu or cuda[:N] (or auto)")
+    if torch.version.cuda is None:
+        raise ConfigError(f"device {name!r}: this torch {torch.__version__} is built without CUDA; {CUDA_INSTALL_HINT}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r}: torch {torch.__version__} has CUDA {torch.version.cuda}, but no GPU is usable "
+            "(check nvidia-smi, the driver, and CUDA_VISIBLE_DEVICES)"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device {name!r} does not exist: this machine has {count} CUDA device(s)")
+    return device
