@@ -14,8 +14,8 @@ from .errors import ConfigError
 
 # How a GPU host gets a CUDA build of torch (README "GPU hosts"); named in the error below.
 CUDA_INSTALL_HINT: Final = (
-    "install a CUDA build of torch, e.g. TTSD_TORCH='torch==2.13.0' "
-    "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh"
+    "reinstall with a CUDA build of torch: rm -rf .venv && "
+    "TTSD_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh (README: GPU hosts)"
 )
 
 

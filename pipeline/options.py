@@ -102,7 +102,7 @@ class SynthesisOptions:
     )
     max_text_tokens_per_segment: int = option(
         120, group="acoustic", lo=2, hi=600, unit="tokens",
-        help="BPE tokens per GPT segment; at most the model's gpt.max_text_tokens - 1",
+        help="BPE tokens per GPT segment; at most the model's gpt.max_text_tokens - 1 (599 for IndexTTS-2)",
     )
     quick_streaming_tokens: int = option(
         0, group="acoustic", lo=0, hi=600, unit="tokens",
@@ -157,7 +157,7 @@ class Option:
         if self.kind is tuple:
             return f"{self.meta.length} floats {self.interval}"
         if self.kind is str and self.meta.choices:
-            return f"str ({' | '.join(self.meta.choices)})"
+            return f"str ({', '.join(self.meta.choices)})"
         return f"{name} {self.interval}".strip()
 
     @property
@@ -316,4 +316,5 @@ def given_options(args: argparse.Namespace, options: Iterable[Option] = OPTIONS)
 
 def markdown_rows(options: Iterable[Option] = OPTIONS) -> list[str]:
     """The option rows of the `synthesize` table in docs/protocol.md: field, type, default, unit, meaning."""
-    return [f"| `{o.name}` | {o.type_text} | {o.default_text} | {o.meta.unit} | {o.meta.help} |" for o in options]
+    return [f"| `{o.name}` | {o.type_text} | {o.default_text} | {o.meta.unit} | {o.meta.help} |".replace("|  |", "| |")
+            for o in options]
