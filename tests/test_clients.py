@@ -137,6 +137,10 @@ def _run_say(*args: str, stdin: str | None = None,
                           env=env or _clean_env())
 
 
+def _short_wav(path: Path) -> None:
+    soundfile.write(str(path), np.zeros(22050, dtype=np.int16), 22050, subtype="PCM_16")
+
+
 # --------------------------------------------------------------------------------------------
 # ttsd-say against the daemon
 
@@ -244,7 +248,7 @@ def test_say_reports_daemon_not_running(tmp_path: Path) -> None:
     """With nothing listening, ttsd-say prints one line naming the URL and exits 1."""
     url = f"ws://127.0.0.1:{free_port()}"
     voice = tmp_path / "v.wav"
-    voice.write_bytes(b"RIFF")
+    _short_wav(voice)  # ttsd-say checks that the voice decodes before it connects
     proc = _run_say("--url", url, "--voice", str(voice), "--out", str(tmp_path / "o.wav"), "Hello.")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"ttsd-say: cannot connect to ttsd at {url}: is the daemon running?"]
@@ -451,7 +455,7 @@ def test_say_reports_missing_audio_device(tmp_path: Path) -> None:
         pytest.skip(f"this machine has an audio output device ({out.stdout[3:].strip()}); "
                     "cannot check the no-device message")
     voice = tmp_path / "v.wav"
-    voice.write_bytes(b"RIFF")
+    _short_wav(voice)  # ttsd-say checks that the voice decodes before it connects
     proc = _run_say("--url", f"ws://127.0.0.1:{free_port()}", "--voice", str(voice), "Hello.", env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
