@@ -164,20 +164,15 @@ def test_synth_limits_are_the_daemons_unless_raised(synth_args: list[str], tmp_p
 # --- 3. progress per segment ---------------------------------------------------------------------
 
 
-def test_synth_reports_each_segment(converted: Path, fx: FixtureSet, tmp_path: Path,
-                                    caplog: pytest.LogCaptureFixture) -> None:
-    """Off a terminal, `ttsd synth` logs one line per finished segment, then writes the file."""
-    out = tmp_path / "out.flac"
+def test_progress_is_one_log_line_per_segment_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    """Off a terminal each finished segment is one log line "segment i/N done ..." as it arrives."""
+    segments = [(type("Seg", (), {"text": f"SENTENCE {i}."})(), np.ones(2205, dtype=np.float32)) for i in range(3)]
+    report = synth.with_progress(iter(segments), 3, 22_050)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="ttsd.pipeline.synth"):
-        rc = synth.main(["--checkpoints", str(converted), "--voice", str(fx.input_path("speaker.wav")),
-                         "--text", "Hello there. How are you today? Fine, thanks.", "--out", str(out),
-                         "--device", "cpu", "--max-text-tokens-per-segment", "8", "--max-mel-tokens", "6",
-                         "--diffusion-steps", "2", "--num-beams", "1", "--seed", "1"])
-    assert rc == 0
-    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("segment ")]
-    total = int(re.search(r"segments=(\d+)", caplog.text).group(1))  # type: ignore[union-attr]
-    assert total >= 2 and [m.split()[1] for m in done] == [f"{i}/{total}" for i in range(1, total + 1)]
-    assert sf.info(str(out)).format == "FLAC"
+        for i, item in enumerate(report, 1):
+            assert item[0] is segments[i - 1][0] and item[1] is segments[i - 1][1]
+            assert caplog.records[-1].getMessage().startswith(f"segment {i}/3 done audio_s=0.10")
+    assert len(caplog.records) == 3
 
 
 def test_progress_is_a_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -332,17 +327,21 @@ def test_serve_checks_the_port_before_loading(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1 port {port}" in one_line(proc.stderr)
 
 
-def test_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
-    """Without the convert extra, ttsd-convert and make-tiny say which extra to install."""
-    blocked = "import sys; sys.modules['tqdm'] = None; "
-    convert_cmd = blocked + "from ttsd.pipeline.convert import main; raise SystemExit(main(sys.argv[1:]))"
+def test_missing_extra_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Without the convert extra (tqdm here), ttsd-convert and ttsd make-tiny say which extra to install."""
+    from ttsd.daemon.cli import main as ttsd
+    from ttsd.pipeline.convert import main as ttsd_convert
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm → ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "ttsd.tools.tiny", raising=False)  # imported afresh, without tqdm
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.yaml").write_text("gpt_checkpoint: gpt.pth\n")
-    proc = run("-c", convert_cmd, str(tmp_path / "src"), str(tmp_path / "dst"))
-    assert proc.returncode == 2 and "pip install 'ttsd[convert]'" in one_line(proc.stderr)
-    tiny_cmd = blocked + "from ttsd.daemon.cli import main; raise SystemExit(main(sys.argv[1:]))"
-    proc = run("-c", tiny_cmd, "make-tiny", str(tmp_path / "tiny"))
-    assert proc.returncode == 2 and "'convert' extra" in one_line(proc.stderr)
+    assert ttsd_convert([str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    assert "needs the 'convert' extra" in one_line(capsys.readouterr().err)
+    assert ttsd(["make-tiny", str(tmp_path / "tiny")]) == 2
+    assert one_line(capsys.readouterr().err).startswith("ttsd make-tiny: needs the 'convert' extra (tqdm")
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "tiny").exists()
 
 
 # --- the package layout (issue 11) --------------------------------------------------------------
