@@ -12,9 +12,9 @@ the audio seconds all clients received per wall-clock second. Cancel latency is 
 sending `Cancel` (right after a request's first audio frame) to the `cancelled` error.
 
 `--random-full` (or `--random tiny`) spawns `ttsd serve --random-weights PRESET`: the architecture
-with seeded random weights, built in memory, no checkpoints needed. A random model never emits the
-stop token, so every segment decodes exactly `--max-mel-tokens` codes (default
-RANDOM_MAX_MEL_TOKENS): the real cost without real weights."""
+with seeded random weights (written to a temporary directory and loaded like a checkpoint), no
+checkpoints needed. A random model never emits the stop token, so every segment decodes exactly
+`--max-mel-tokens` codes (default RANDOM_MAX_MEL_TOKENS): the real cost without real weights."""
 
 from __future__ import annotations
 
