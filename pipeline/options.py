@@ -28,11 +28,11 @@ from .errors import BadOptions
 EMOTIONS: Final = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
 
 OptionValue: TypeAlias = bool | int | float | str | tuple[float, ...]
-_META: Final = "ttsd.option"  # dataclasses field-metadata key holding an option's _Meta
+_META: Final = "ttsd.option"  # dataclasses field-metadata key holding an option's OptionMeta
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Meta:
+class OptionMeta:
     """What a field default and annotation do not say: range, unit, help, CLI aliases."""
 
     group: str                          # section of the --help listing
@@ -50,8 +50,8 @@ class _Meta:
 
 
 def option(default: Any, **meta: Any) -> Any:
-    """A SynthesisOptions field: `default` plus the _Meta keywords (group, help, lo, hi, ...)."""
-    return field(default=default, metadata={_META: _Meta(**meta)})
+    """A SynthesisOptions field: `default` plus the OptionMeta keywords (group, help, lo, hi, ...)."""
+    return field(default=default, metadata={_META: OptionMeta(**meta)})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -130,13 +130,13 @@ class SynthesisOptions:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Option:
-    """One synthesis option: its field name, value type and default, plus its _Meta."""
+    """One synthesis option: its field name, value type and default, plus its OptionMeta."""
 
     name: str
     kind: type                  # bool, int, float, str, or tuple (a vector of `meta.length` floats)
     optional: bool              # None is a value (then it is the default: "not set")
     default: OptionValue | None
-    meta: _Meta
+    meta: OptionMeta
 
     @property
     def flag(self) -> str:
@@ -242,7 +242,7 @@ def options_of(cls: type) -> tuple[Option, ...]:
     table = []
     for f in fields(cls):
         meta = f.metadata.get(_META)
-        if not isinstance(meta, _Meta):
+        if not isinstance(meta, OptionMeta):
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with option(...)")
         kind, optional = _kind(hints[f.name])
         default: OptionValue | None = f.default  # type: ignore[assignment]  # option() always sets one
