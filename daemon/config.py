@@ -147,10 +147,11 @@ def load_toml(path: Path) -> dict[str, object]:
 
 
 def help_of(f: Field[Any]) -> str:
-    """The --help line of a DaemonConfig field: its description, choices and default."""
-    text = str(f.metadata[_HELP])
+    """The --help line of a DaemonConfig field: its description, choices and default. (A field
+    declared without setting(...) shows its default only; a test requires every field to have one.)"""
+    text = str(f.metadata.get(_HELP, ""))
     default = f"${TOKEN_ENV}" if f.name == "token" else repr(f.default)
-    return f"{text} (default: {default})".replace("%", "%%")
+    return f"{text} (default: {default})".strip().replace("%", "%%")
 
 
 def add_flags(ap: argparse.ArgumentParser) -> None:
@@ -164,7 +165,7 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_of(f))
             continue
         parse: Any = {int: int, float: float}.get(kind, Path if kind == (Path | None) else str)
-        choices = f.metadata[_CHOICES]
+        choices = f.metadata.get(_CHOICES)
         ap.add_argument(flag, dest=f.name, type=parse, default=None, choices=choices,
                         metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(), help=help_of(f))
 

@@ -13,7 +13,7 @@ import torch
 from .errors import ConfigError
 
 # How a GPU host gets a CUDA build of torch (README "GPU hosts"); named in the error below.
-CUDA_INSTALL_HINT: Final = (
+CUDA_WHEEL_HINT: Final = (
     "reinstall with a CUDA build of torch: rm -rf .venv && "
     "TTSD_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh (README: GPU hosts)"
 )
@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cuda":
         raise ConfigError(f"device {name!r} is not supported: ttsd runs on cpu or cuda[:N] (or auto)")
     if torch.version.cuda is None:
-        raise ConfigError(f"device {name!r}: this torch {torch.__version__} is built without CUDA; {CUDA_INSTALL_HINT}")
+        raise ConfigError(f"device {name!r}: this torch {torch.__version__} is built without CUDA; {CUDA_WHEEL_HINT}")
     if not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r}: torch {torch.__version__} has CUDA {torch.version.cuda}, but no GPU is usable "
