@@ -12,9 +12,9 @@ the audio seconds all clients received per wall-clock second. Cancel latency is 
 sending `Cancel` (right after a request's first audio frame) to the `cancelled` error.
 
 `--random-full` (or `--random tiny`) spawns `ttsd serve --random-weights PRESET`: the architecture
-with seeded random weights, built in memory, no checkpoints needed. A random model never emits the
-stop token, so every segment decodes exactly `--max-mel-tokens` codes (default
-RANDOM_MAX_MEL_TOKENS): the real cost without real weights."""
+with seeded random weights (written to a temporary directory and loaded like a checkpoint), no
+checkpoints needed. A random model never emits the stop token, so every segment decodes exactly
+`--max-mel-tokens` codes (default RANDOM_MAX_MEL_TOKENS): the real cost without real weights."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from typing import Any
 
 from ttsd.clients.client import Cancelled, Client
 from ttsd.daemon.protocol import Audio, Done
-from ttsd.pipeline.tiny import synthetic_voice
+from ttsd.tools.ports import free_port
+from ttsd.tools.tiny import synthetic_voice
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home again."
 CANCEL_TEXT = " ".join([TEXT] * 6)  # long enough to still be running when the cancel arrives
@@ -149,16 +149,10 @@ async def bench(args: argparse.Namespace, url: str) -> None:
         print(f"{len(cancels) - len(ok_cancels)} request(s) finished before their cancel arrived")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def spawned(args: argparse.Namespace) -> Iterator[str]:
     """Run `ttsd serve` on a free loopback port until the block ends; yields its WebSocket URL."""
-    port = _free_port()
+    port = free_port()
     if args.random is not None:
         weights = ["--random-weights", args.random, "--random-seed", str(args.random_seed)]
     else:

@@ -13,7 +13,7 @@ different sampling keys) through one decode batch for `--codes` steps: codes per
 over the requests, against one request alone.
 
 `--random-full` (or `--random tiny`) builds the architecture with seeded random weights
-(`ttsd.pipeline.tiny.random_pipeline`) and suppresses the stop token (mel_head bias −1e4), so
+(`ttsd.tools.tiny.random_pipeline`) and suppresses the stop token (mel_head bias −1e4), so
 every segment decodes exactly `--codes` codes: the real cost without real weights. Reference
 audio defaults to a synthetic voiced signal of `--voice-s` seconds."""
 
@@ -36,10 +36,10 @@ import torch
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.decode import DecodeBatch
+from ttsd.pipeline.engine import AcousticInput
 from ttsd.pipeline.flow import CFMSolve
-from ttsd.pipeline.pipeline import AcousticInput
-from ttsd.pipeline.tiny import synthetic_voice
 from ttsd.pipeline.voice import Voice
+from ttsd.tools.tiny import synthetic_voice
 
 TEXTS = {
     "short": "Hello, how are you today?",
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = "full" if args.random_full else args.random
     t0 = time.perf_counter()
     if preset is not None:
-        from ttsd.pipeline.tiny import random_pipeline
+        from ttsd.tools.tiny import random_pipeline
 
         pipe = random_pipeline(preset, args.seed, args.device, args.dtype)
         suppress_stop(pipe)

@@ -27,11 +27,12 @@ from torch import Tensor
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.bigvgan import to_pcm_scale
 from ttsd.pipeline.decode import DecodeParams, Generated, generate
+from ttsd.pipeline.engine import AcousticInput
 from ttsd.pipeline.flow import CFMSolve
 from ttsd.pipeline.gpt import UnifiedVoice
-from ttsd.pipeline.pipeline import DTYPES, AcousticInput, Segment
-from ttsd.pipeline.tiny import synthetic_voice
+from ttsd.pipeline.pipeline import DTYPES, Segment
 from ttsd.pipeline.voice import Voice
+from ttsd.tools.tiny import synthetic_voice
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it runs all the way back home again!"
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.random is not None:
-        from ttsd.pipeline.tiny import random_pipeline
+        from ttsd.tools.tiny import random_pipeline
 
         pipe = random_pipeline(args.random, 0, args.device, "float32")
         model = f"random {args.random} (seed 0)"

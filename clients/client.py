@@ -22,7 +22,6 @@ import os
 import threading
 from collections.abc import Awaitable, Coroutine, Iterator
 from concurrent.futures import Future as ConcurrentFuture
-from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, Self, TypeAlias, TypeVar
@@ -47,8 +46,9 @@ Event: TypeAlias = SegmentStart | Audio | SegmentEnd | Done
 AudioSource: TypeAlias = bytes | str | os.PathLike[str]
 _T = TypeVar("_T")
 
-# Synthesize fields a caller may pass as options (everything but the ones the client sets itself).
-OPTION_NAMES: Final = frozenset(f.name for f in fields(p.Synthesize)) - {"id", "text", "voice", "incremental"}
+# What a caller may pass to synthesize() as options: the synthesis options, the emotion voice and
+# the output format (everything but the fields the client sets itself).
+OPTION_NAMES: Final = p.OPTION_NAMES | {"emo_voice", "format"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,16 +378,13 @@ class Client:
     def synthesize(self, text: str, *, voice: str, incremental: bool = False, **options: Any) -> Synthesis:
         """A synthesis request (sent when first iterated, started or appended to).
 
-        `options` are the protocol's Synthesize fields: emo_alpha, emo_vector (8 floats), emo_voice,
-        use_random, do_sample, temperature, top_k, top_p, num_beams, repetition_penalty,
-        max_mel_tokens, seed, diffusion_steps, inference_cfg_rate, max_text_tokens_per_segment,
-        quick_streaming_tokens, interval_silence_ms. None keeps the server's default.
+        `options` are the synthesis options of `ttsd.pipeline.options.OPTIONS` by name (emo_alpha,
+        emo_vector as 8 floats, temperature, seed, ...), plus `emo_voice` (a voice id). None keeps
+        the server's default, which is upstream's.
         With incremental=True, `text` is the first chunk; send more with `append_text`, end with `flush`."""
         unknown = sorted(options.keys() - OPTION_NAMES)
         if unknown:
             raise TypeError(f"unknown synthesis option(s): {', '.join(unknown)}")
-        if options.get("emo_vector") is not None:
-            options["emo_vector"] = tuple(float(x) for x in options["emo_vector"])
         msg = p.Synthesize(id=self._next_id(), text=text, voice=voice, incremental=incremental, **options)
         synthesis = Synthesis(self, msg)
         self._requests[msg.id] = synthesis

@@ -1,12 +1,15 @@
 """ttsd-say: speak text through a running ttsd daemon, live or into an audio file.
 
     ttsd-say --voice ref.wav "Hello there. How are you?"           # live playback
-    ttsd-say --voice-id 3f2a... --out hello.flac "Hello there."     # wav/flac/ogg by extension
+    ttsd-say --voice-id 3f2a... --out hello.flac "Hello there."     # wav/flac/ogg (mp3) by extension
     llm-tool | ttsd-say --voice ref.wav                             # stdin, spoken sentence by sentence
 
 Text comes from the arguments, or from stdin when there are none (or the only one is "-"): each
 line is sent as soon as it is read, so the daemon speaks every sentence once it is complete, and
 end of input flushes the rest. Ctrl-C cancels the request on the daemon and exits with 130.
+The synthesis flags are generated from the one option table (ttsd.pipeline.options) and checked
+against it before connecting; flags left out take the daemon's defaults, which are upstream's.
+Output files follow the same rules as `ttsd synth --out` (ttsd.pipeline.rules).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from ttsd.daemon.protocol import N_EMOTIONS, SAMPLE_RATE_HZ, Audio, Done, SegmentStart
+from ttsd.daemon.protocol import SAMPLE_RATE_HZ, Audio, Done, SegmentStart
+from ttsd.pipeline.errors import TtsdError
+from ttsd.pipeline.options import SynthesisOptions, add_option_flags, given_options
+from ttsd.pipeline.rules import check_writable, output_format, reference_audio_seconds
 
 from .client import DEFAULT_URL, Cancelled, Client, ClientError, Synthesis
 
@@ -31,20 +37,8 @@ EXIT_FAILED: Final = 1       # the daemon or the audio device said no
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, as shells report it
 CANCEL_WAIT_S: Final = 10.0  # after Ctrl-C: how long to wait for the daemon to confirm the cancel
-EMOTIONS: Final = "happy angry sad afraid disgusted melancholic surprised calm"
-FILE_FORMATS: Final = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 
 log = logging.getLogger("ttsd-say")
-
-
-def _emo_vector(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-    if len(values) != N_EMOTIONS:
-        raise argparse.ArgumentTypeError(f"needs {N_EMOTIONS} numbers ({EMOTIONS}), got {len(values)}")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,43 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     voice = ap.add_mutually_exclusive_group(required=True)
     voice.add_argument("--voice", type=Path, metavar="FILE", help="speaker reference audio (registered first)")
     voice.add_argument("--voice-id", metavar="ID", help="a voice id registered earlier")
+    ap.add_argument("--emo-audio", type=Path, metavar="FILE", help="emotion reference audio")
     ap.add_argument("--url", default=os.environ.get("TTSD_URL", DEFAULT_URL),
                     help="daemon URL (default: $TTSD_URL or %(default)s)")
     ap.add_argument("--token", default=os.environ.get("TTSD_TOKEN"), help="bearer token (default: $TTSD_TOKEN)")
     ap.add_argument("--out", type=Path, metavar="FILE",
-                    help="write audio to FILE (.wav, .flac, .ogg) instead of playing it")
+                    help="write audio to FILE instead of playing it; the format follows the extension "
+                         "(wav, flac, ogg; mp3 where libsndfile has it)")
     ap.add_argument("--device", default=None, help="audio output device (name or index) for live playback")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each segment and the timings to stderr")
-
-    emo = ap.add_argument_group("emotion")
-    emo.add_argument("--emo-audio", type=Path, metavar="FILE", help="emotion reference audio")
-    emo.add_argument("--emo-vector", type=_emo_vector, metavar="V",
-                     help=f"{N_EMOTIONS} weights in [0, 1.2], comma-separated: {EMOTIONS}")
-    emo.add_argument("--emo-alpha", type=float, metavar="A", help="emotion strength in [0, 2] (default 1)")
-    emo.add_argument("--emo-random", action="store_true", dest="use_random", default=None,
-                     help="random emotion-matrix rows instead of the closest style")
-
-    s = ap.add_argument_group("sampling (defaults: the daemon's, which are upstream's)")
-    s.add_argument("--seed", type=int, help="seed for GPT sampling and diffusion noise: same seed, same audio")
-    s.add_argument("--greedy", action="store_false", dest="do_sample", default=None, help="no sampling")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--num-beams", type=int)
-    s.add_argument("--repetition-penalty", type=float)
-    s.add_argument("--max-mel-tokens", type=int, help="semantic codes per segment (50 per second)")
-    s.add_argument("--diffusion-steps", type=int)
-    s.add_argument("--cfg-rate", type=float, dest="inference_cfg_rate", help="classifier-free guidance rate")
-    s.add_argument("--max-text-tokens-per-segment", type=int)
-    s.add_argument("--interval-silence-ms", type=int, help="silence between segments in milliseconds")
+    add_option_flags(ap)
     return ap
-
-
-OPTION_DESTS: Final = (
-    "emo_alpha", "emo_vector", "use_random", "seed", "do_sample", "temperature", "top_k", "top_p", "num_beams",
-    "repetition_penalty", "max_mel_tokens", "diffusion_steps", "inference_cfg_rate",
-    "max_text_tokens_per_segment", "interval_silence_ms",
-)
 
 
 class Output:
@@ -106,7 +74,7 @@ class Output:
         if path is not None:
             import soundfile
 
-            container, subtype = FILE_FORMATS[path.suffix.lower()]
+            container, subtype = output_format(path)
             self._file = soundfile.SoundFile(path, "w", samplerate=SAMPLE_RATE_HZ, channels=1, format=container,
                                              subtype=subtype)
         else:
@@ -190,7 +158,7 @@ async def _feed_stdin(synthesis: Synthesis, lines: asyncio.Queue[str | None]) ->
 
 
 async def _speak(args: argparse.Namespace, out: Output, run: Run) -> None:
-    options = {name: getattr(args, name) for name in OPTION_DESTS if getattr(args, name) is not None}
+    options = given_options(args)
     async with Client(args.url, args.token) as client:
         if client.sample_rate_hz != SAMPLE_RATE_HZ:
             raise ClientError(f"the daemon sends {client.sample_rate_hz} Hz audio; this ttsd-say expects "
@@ -272,25 +240,39 @@ def _first(eg: BaseException) -> BaseException:
     return e
 
 
+def check(args: argparse.Namespace) -> None:
+    """What can be wrong before the daemon is contacted: the options (the daemon's own ranges),
+    the reference files (present and readable as audio; their length limit is the daemon's to
+    apply, it may differ from the default) and the output file (format, writable). Raises
+    TtsdError with a one-line message."""
+    SynthesisOptions(**given_options(args)).validated()
+    for path, what in ((args.voice, "speaker reference audio"), (args.emo_audio, "emotion reference audio")):
+        if path is not None:
+            reference_audio_seconds(path, f"{what} {path}")
+    if args.out is not None:
+        output_format(args.out)
+        check_writable(args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ttsd-say: %(levelname)s %(name)s: %(message)s")
-    for path in (args.voice, args.emo_audio):
-        if path is not None and not path.is_file():
-            print(f"ttsd-say: no such file: {path}", file=sys.stderr)
-            return EXIT_USAGE
-    if args.out is not None and args.out.suffix.lower() not in FILE_FORMATS:
-        print(f"ttsd-say: --out must end in {', '.join(FILE_FORMATS)}: {args.out}", file=sys.stderr)
+    try:
+        check(args)
+    except TtsdError as e:
+        print(f"ttsd-say: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         out = Output(args.out, args.device)
     except OSError as e:
-        # NoAudioDevice is a RuntimeError; soundfile raises its own LibsndfileError (a RuntimeError too).
-        print(f"ttsd-say: cannot open {args.out}: {e}", file=sys.stderr)
+        print(f"ttsd-say: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED
     except RuntimeError as e:
-        print(f"ttsd-say: {e}" + (" (use --out FILE to write a file instead)" if args.out is None else ""),
-              file=sys.stderr)
+        # NoAudioDevice is a RuntimeError; soundfile raises its own LibsndfileError (a RuntimeError too).
+        if args.out is not None:
+            print(f"ttsd-say: cannot write {args.out}: {str(e).rsplit(': ', 1)[-1]}", file=sys.stderr)
+        else:
+            print(f"ttsd-say: {e} (use --out FILE to write a file instead)", file=sys.stderr)
         return EXIT_FAILED
     try:
         return asyncio.run(_main(args, out))

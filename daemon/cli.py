@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Final
+
+from ttsd.pipeline.errors import missing_extra
 
 from .config import DaemonConfig, add_flags, from_args
 
@@ -23,7 +26,7 @@ from .config import DaemonConfig, add_flags, from_args
 DELEGATES: Final = {
     "synth": ("ttsd.pipeline.synth", "offline synthesis of one text into an audio file"),
     "fetch": ("ttsd.pipeline.download", "download and convert the official IndexTTS-2 weights"),
-    "make-tiny": ("ttsd.pipeline.tiny", "generate a tiny random-weight model for trying things out"),
+    "make-tiny": ("ttsd.tools.tiny", "generate a tiny random-weight model for trying things out"),
 }
 
 # logging level → syslog priority (sd-daemon(3) prefixes)
@@ -66,10 +69,21 @@ def run_serve(config: DaemonConfig) -> int:
         return runner.run(serve(config))
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("ttsd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ttsd", description="Streaming IndexTTS2 speech-synthesis daemon.")
+    ap.add_argument("--version", action="version", version=f"ttsd {version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    serve = sub.add_parser("serve", help="run the WebSocket daemon", description="Run the WebSocket daemon.")
+    serve = sub.add_parser(
+        "serve", help="run the WebSocket daemon",
+        description="Run the WebSocket daemon. Every flag is also a key of the --config TOML file; flags win.",
+    )
     add_flags(serve)
     for name, (_, help_text) in DELEGATES.items():
         # Listed for --help only; main() hands these argv tails over before argparse sees them.
@@ -84,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
+            missing = missing_extra(e)
+            if missing is not None:  # an optional extra that is not installed
+                print(f"ttsd {argv[0]}: {missing}", file=sys.stderr)
+                return 2
             if e.name != name:
                 raise  # the module exists but lacks a dependency: show the real error
             print(f"ttsd {argv[0]}: not available in this installation ({name} is missing)", file=sys.stderr)

@@ -3,7 +3,9 @@
 Precedence, lowest first: field defaults, the TOML file (`--config`, top-level keys named exactly
 as the fields), `TTSD_TOKEN` from the environment (so a systemd EnvironmentFile can hold the secret
 without it showing in `ps`), then command-line flags. Every field has a flag, generated from the
-field list so none can be forgotten. Every limit carries its unit in its name."""
+field list so none can be forgotten, with the help line and choices its `setting(...)` declares.
+Every limit carries its unit in its name; the text and reference-audio limits default to the
+ones `ttsd synth` applies too (ttsd.pipeline.rules)."""
 
 from __future__ import annotations
 
@@ -12,44 +14,61 @@ import ipaddress
 import math
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, get_type_hints
 
 from ttsd.pipeline.errors import ConfigError
+from ttsd.pipeline.rules import MAX_REFERENCE_AUDIO_S, MAX_TEXT_CHARS
 
 DEFAULT_PORT: Final = 8765
 TOKEN_ENV: Final = "TTSD_TOKEN"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-# ttsd.pipeline.tiny.PRESETS, named here because importing that module imports torch.
+DEVICES: Final = "auto (CUDA if available), cpu, cuda, cuda:N"
+DTYPES: Final = ("auto", "float32", "bfloat16", "float16")
+# The presets of ttsd.tools.tiny (named here because importing that module imports torch).
 RANDOM_WEIGHT_PRESETS: Final = ("tiny", "full")
+_HELP: Final = "ttsd.help"  # field-metadata key: the field's --help line
+_CHOICES: Final = "ttsd.choices"  # field-metadata key: the values a string field accepts
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A DaemonConfig field: its default, the one line `ttsd serve --help` shows, and its choices."""
+    return field(default=default, metadata={_HELP: help, _CHOICES: choices})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DaemonConfig:
-    host: str = "127.0.0.1"              # bind address; anything but loopback requires `token`
-    port: int = DEFAULT_PORT             # TCP port; 0 picks a free one (tests)
-    checkpoints: Path | None = None      # converted checkpoint directory (ttsd-convert output)
-    random_weights: str | None = None    # instead of checkpoints: seeded random `tiny` or `full` model (benchmarks)
-    random_seed: int = 0                 # seed of the random_weights model
-    device: str = "auto"                 # torch device: auto (cuda if available), cpu, cuda, cuda:1
-    dtype: str = "auto"                  # GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA)
-    cuda_graphs: bool = True             # CUDA: compile the GPT decode step into CUDA graphs
-    max_frame_bytes: int = 16 * 2**20    # largest client frame; reference audio travels in one frame
-    max_text_chars: int = 5_000          # per request (incremental: all chunks together)
-    max_reference_audio_s: float = 30.0  # per reference audio file (upstream uses the first 15 s)
-    max_concurrent_requests: int = 4     # requests the worker interleaves, daemon-wide
-    max_num_beams: int = 4               # beams one request may ask for (each beam is a decode batch row)
-    max_batch_rows: int = 16             # decode batch rows (beams of all segments decoding at once); GPU memory ∝ rows
-    watchdog_s: float = 300.0            # one engine step taking longer means a wedged device: 503, exit 1 (0 = off)
-    max_requests_per_connection: int = 4  # live requests one connection may hold; more get `busy`
-    max_queued_requests: int = 16        # requests waiting for a turn beyond those; more get `busy`
-    max_voices: int = 64                 # registered voices kept on the device (LRU)
-    idle_timeout_s: float = 300.0        # close a connection with no live request that sends nothing
-    drain_timeout_s: float = 10.0        # on SIGTERM: time in-flight requests get to finish
-    stall_timeout_s: float = 30.0        # a request parked this long on an unread client is cancelled
-    token: str | None = None             # bearer token clients must present (Authorization header)
-    log_level: str = "info"              # debug, info, warning, error
+    host: str = setting("127.0.0.1", "bind address; anything but loopback requires a token")
+    port: int = setting(DEFAULT_PORT, "TCP port; 0 picks a free one")
+    checkpoints: Path | None = setting(None, "converted checkpoint directory (ttsd fetch / ttsd-convert output)")
+    random_weights: str | None = setting(
+        None, "instead of checkpoints: a seeded RANDOM-weight model of this size (benchmarks; the audio is noise)",
+        RANDOM_WEIGHT_PRESETS,
+    )
+    random_seed: int = setting(0, "seed of the random_weights model")
+    device: str = setting("auto", f"torch device: {DEVICES}")
+    dtype: str = setting("auto", "GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA only)", DTYPES)
+    cuda_graphs: bool = setting(True, "CUDA: compile the GPT decode step into CUDA graphs")
+    max_frame_bytes: int = setting(16 * 2**20, "largest client frame in bytes; reference audio travels in one frame")
+    max_text_chars: int = setting(MAX_TEXT_CHARS, "characters per request (incremental: all chunks together)")
+    max_reference_audio_s: float = setting(MAX_REFERENCE_AUDIO_S, "seconds per reference audio file")
+    max_concurrent_requests: int = setting(4, "requests synthesised at once (they share every model step), daemon-wide")
+    max_num_beams: int = setting(4, "beams one request may ask for (each beam is a row of the decode batch)")
+    max_batch_rows: int = setting(
+        16, "decode batch rows: the beams of every segment decoding at once (GPU memory grows with it)"
+    )
+    watchdog_s: float = setting(
+        300.0, "seconds one worker step may run before the device counts as wedged (503, exit 1); 0 = off"
+    )
+    max_requests_per_connection: int = setting(4, "live requests one connection may hold; more get `busy`")
+    max_queued_requests: int = setting(16, "requests waiting for a turn beyond those; more get `busy`")
+    max_voices: int = setting(64, "registered voices kept on the device (the least recently used is evicted)")
+    idle_timeout_s: float = setting(300.0, "seconds before a connection that sends nothing and has no request closes")
+    drain_timeout_s: float = setting(10.0, "seconds in-flight requests get to finish after SIGTERM")
+    stall_timeout_s: float = setting(30.0, "seconds a request may wait on a client that stopped reading")
+    token: str | None = setting(None, f"bearer token clients must present, at least 16 characters (or ${TOKEN_ENV})")
+    log_level: str = setting("info", "log level", LOG_LEVELS)
 
     def validated(self) -> DaemonConfig:
         """Return self if every field is in range and the bind is safe, else raise ConfigError."""
@@ -71,6 +90,7 @@ class DaemonConfig:
             (self.stall_timeout_s > 0, "stall_timeout_s must be > 0"),
             (self.token is None or len(self.token) >= 16, "token must be at least 16 characters"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
             (
                 self.random_weights in (None, *RANDOM_WEIGHT_PRESETS),
                 f"random_weights must be one of {', '.join(RANDOM_WEIGHT_PRESETS)}, got {self.random_weights!r}",
@@ -135,31 +155,28 @@ def load_toml(path: Path) -> dict[str, object]:
     return {name: _coerce(name, value) for name, value in raw.items()}
 
 
+def help_of(f: Field[Any]) -> str:
+    """The --help line of a DaemonConfig field: its description, choices and default. (A field
+    declared without setting(...) shows its default only; a test requires every field to have one.)"""
+    text = str(f.metadata.get(_HELP, ""))
+    default = f"${TOKEN_ENV}" if f.name == "token" else repr(f.default)
+    return f"{text} (default: {default})".strip().replace("%", "%%")
+
+
 def add_flags(ap: argparse.ArgumentParser) -> None:
     """One flag per DaemonConfig field (`max_text_chars` → `--max-text-chars`), default None = unset."""
     ap.add_argument("--config", type=Path, help="TOML file with DaemonConfig keys (flags override it)")
-    defaults = DaemonConfig()
     for f in fields(DaemonConfig):
         kind = _TYPES[f.name]
+        flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             # --cuda-graphs / --no-cuda-graphs; absent = unset, so the TOML value or default stands.
-            ap.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"default: {getattr(defaults, f.name)!r}",
-            )
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_of(f))
             continue
         parse: Any = {int: int, float: float}.get(kind, Path if kind == (Path | None) else str)
-        ap.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=parse,
-            default=None,
-            metavar=f.name.upper(),
-            help=f"default: {getattr(defaults, f.name)!r}" if f.name != "token" else f"default: ${TOKEN_ENV}",
-        )
+        choices = f.metadata.get(_CHOICES)
+        ap.add_argument(flag, dest=f.name, type=parse, default=None, choices=choices,
+                        metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(), help=help_of(f))
 
 
 def from_args(args: argparse.Namespace) -> DaemonConfig:

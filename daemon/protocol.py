@@ -1,7 +1,8 @@
 """The ttsd wire protocol: typed messages carried as msgpack maps in binary WebSocket frames.
 
-Imports only the standard library, msgpack and the torch-free `ttsd.pipeline.errors` (where the
-error codes are defined once), so client programs can use it without torch.
+Imports only the standard library, msgpack and two torch-free modules of `ttsd.pipeline`: `errors`
+(where the error codes are defined once) and `options` (the one table of synthesis options, whose
+names, types and ranges the `synthesize` decoder checks), so client programs can use it without torch.
 Every frame is one msgpack map with a `type` key naming the message and one key per field.
 `encode(msg)` writes any message; `decode_client(frame)` (server side) and `decode_server(frame)`
 (client side) check every field's type and range, reject unknown types and unknown keys, and raise
@@ -14,18 +15,19 @@ See docs/protocol.md for the message flow and an example session."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, fields
 from typing import ClassVar, Final, TypeVar, get_args
 
 import msgpack
 
 from ttsd.pipeline.errors import ErrorCode  # standard library only, like this module
+from ttsd.pipeline.options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue  # stdlib only too
 
 PROTOCOL_VERSION: Final = 1
 SAMPLE_RATE_HZ: Final = 22_050          # the only output rate: BigVGAN's (config: s2mel.preprocess_params.sr)
 PCM_FORMAT: Final = "pcm_s16le"         # the only output format: signed 16-bit little-endian, mono
-N_EMOTIONS: Final = 8                   # happy angry sad afraid disgusted melancholic surprised calm
+N_EMOTIONS: Final = len(EMOTIONS)       # happy angry sad afraid disgusted melancholic surprised calm
 MAX_REQUEST_ID: Final = 2**32 - 1
 MAX_VOICE_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 256             # client name in Hello, server name, error code
@@ -86,36 +88,56 @@ class RegisterVoice:
     emo_audio: bytes | None = None  # optional emotion reference file; default: the speaker audio
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Synthesize:
-    """Start a request. Option fields left None take the upstream IndexTTS2 defaults."""
+    """Start a request. Synthesis options travel as flat keys beside the other fields, one per
+    `ttsd.pipeline.options.OPTIONS` entry (its name, type and range); an absent or nil option takes
+    the upstream IndexTTS2 default. Build it with keywords: `Synthesize(id=1, text="Hi.",
+    voice=v, temperature=0.6)`; `options` holds the options that were set, in table order."""
 
     TYPE: ClassVar[str] = "synthesize"
     id: int                                     # request id, unique among this connection's live requests
     text: str                                   # the whole text; incremental: the first chunk (may be "")
     voice: str                                  # voice id from VoiceRegistered
-    incremental: bool = False                   # True: more text follows in AppendText, ended by Flush
-    format: str = PCM_FORMAT                    # output encoding; only "pcm_s16le"
-    # emotion
-    emo_alpha: float | None = None              # emotion strength in [0, 2]
-    emo_vector: tuple[float, ...] | None = None  # 8 weights in [0, 1.2], order of N_EMOTIONS
-    emo_voice: str | None = None                # voice id whose speaker audio is the emotion reference
-    use_random: bool | None = None              # random emotion-matrix rows instead of the nearest style
-    # sampling (GPT)
-    do_sample: bool | None = None
-    temperature: float | None = None            # (0, 100]
-    top_k: int | None = None                    # 0 disables
-    top_p: float | None = None                  # (0, 1]
-    num_beams: int | None = None                # [1, 16]
-    repetition_penalty: float | None = None     # (0, 100]
-    max_mel_tokens: int | None = None           # semantic codes per segment, 50 per audio second
-    seed: int | None = None                     # seeds GPT sampling and CFM noise: reproducible audio
-    # acoustic model and segmentation
-    diffusion_steps: int | None = None          # CFM Euler steps [1, 200]
-    inference_cfg_rate: float | None = None     # classifier-free guidance rate [0, 10]
-    max_text_tokens_per_segment: int | None = None  # BPE tokens per GPT segment [2, 600]
-    quick_streaming_tokens: int | None = None   # upstream more_segment_before: smaller first segments
-    interval_silence_ms: int | None = None      # zeros before every segment but the first [0, 10000]
+    incremental: bool                           # True: more text follows in AppendText, ended by Flush
+    format: str                                 # output encoding; only "pcm_s16le"
+    emo_voice: str | None                       # voice id whose speaker audio is the emotion reference
+    options: tuple[tuple[str, OptionValue], ...]  # (name, value) of each option set, in OPTIONS order
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        text: str,
+        voice: str,
+        incremental: bool = False,
+        format: str = PCM_FORMAT,
+        emo_voice: str | None = None,
+        options: Iterable[tuple[str, OptionValue]] = (),
+        **option_values: OptionValue | None,
+    ) -> None:
+        given = dict(options)
+        given.update((k, v) for k, v in option_values.items() if v is not None)
+        unknown = sorted(given.keys() - OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"unknown synthesis option(s): {', '.join(unknown)}")
+        # Frozen: the generated __init__ would set the fields this way too.
+        for name, value in (("id", id), ("text", text), ("voice", voice), ("incremental", incremental),
+                            ("format", format), ("emo_voice", emo_voice)):
+            object.__setattr__(self, name, value)
+        ordered = tuple((o.name, _frozen(given[o.name])) for o in OPTIONS if o.name in given)
+        object.__setattr__(self, "options", ordered)
+
+    def option(self, name: str) -> OptionValue | None:
+        """The value of option `name` if it was set, else None (the upstream default applies)."""
+        if name not in OPTION_NAMES:
+            raise KeyError(f"unknown synthesis option {name!r}")
+        return dict(self.options).get(name)
+
+
+def _frozen(value: OptionValue) -> OptionValue:
+    # A vector given as a list (msgpack arrays decode to lists) is kept as a tuple: messages are immutable.
+    return tuple(float(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -250,6 +272,10 @@ def encode(msg: Message) -> bytes:
     payload: dict[str, object] = {"type": msg.TYPE}
     for f in fields(msg):
         value = getattr(msg, f.name)
+        if isinstance(msg, Synthesize) and f.name == "options":
+            # Flat keys on the wire; options left unset are left out (absent = the default).
+            payload.update((name, list(v) if isinstance(v, tuple) else v) for name, v in msg.options)
+            continue
         payload[f.name] = list(value) if isinstance(value, tuple) else value
     return msgpack.packb(payload, use_bin_type=True)
 
@@ -261,6 +287,7 @@ _MISSING: Final = object()
 _M = TypeVar("_M")
 _C = TypeVar("_C")
 _UNKNOWN_FIELDS_SHOWN: Final = 3
+_N = TypeVar("_N", int, float)
 
 
 class _Fields:
@@ -309,22 +336,11 @@ class _Fields:
         return None if value is _MISSING or value is None else self._check_float(key, value, lo, hi, lo_open)
 
     def _check_float(self, key: str, value: object, lo: float, hi: float, lo_open: bool) -> float:
-        # Integers are accepted for float fields: many msgpack encoders write 1.0 as 1.
-        if type(value) is not float and type(value) is not int:
-            raise self.fail(f"{key!r} must be a number, got {_kind_of(value)}")
-        x = float(value)
+        x = self._check_number(key, value)
         if not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
             interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
             raise self.fail(f"{key!r} must be in {interval}, got {x:g}")
         return x
-
-    def opt_numbers(self, key: str, n: int, lo: float, hi: float) -> tuple[float, ...] | None:
-        value = self._take(key, False)
-        if value is _MISSING or value is None:
-            return None
-        if not isinstance(value, list) or len(value) != n:
-            raise self.fail(f"{key!r} must be an array of {n} numbers")
-        return tuple(self._check_float(f"{key}[{i}]", v, lo, hi, False) for i, v in enumerate(value))
 
     def string(self, key: str, max_chars: int | None = None, default: str | None = None) -> str:
         value = self._take(key, default is None)
@@ -369,6 +385,41 @@ class _Fields:
             raise self.fail(f"{key!r} must be a boolean, got {_kind_of(value)}")
         return value
 
+    def option(self, o: Option) -> OptionValue | None:
+        """A synthesis option by its table entry: absent or nil → None, else its type and range checked."""
+        value = self._take(o.name, False)
+        if value is _MISSING or value is None:
+            return None
+        key = o.name
+        if o.kind is bool:
+            return self._check_bool(key, value)
+        if o.kind is str:
+            text = self._check_str(key, value, o.meta.max_chars)
+            if o.meta.choices is not None and text not in o.meta.choices:
+                raise self.fail(f"{key!r} must be one of {', '.join(o.meta.choices)}, got {text!r}")
+            return text
+        if o.kind is tuple:
+            if not isinstance(value, list) or len(value) != o.meta.length:
+                raise self.fail(f"{key!r} must be an array of {o.meta.length} numbers")
+            return tuple(self._in_range(o, f"{key}[{i}]", self._check_number(f"{key}[{i}]", v))
+                         for i, v in enumerate(value))
+        if o.kind is int:
+            if type(value) is not int:  # bool is an int subclass: msgpack true/false must not pass as 1/0
+                raise self.fail(f"{key!r} must be an integer, got {_kind_of(value)}")
+            return self._in_range(o, key, value)
+        return self._in_range(o, key, self._check_number(key, value))
+
+    def _check_number(self, key: str, value: object) -> float:
+        # Integers are accepted for float fields: many msgpack encoders write 1.0 as 1.
+        if type(value) is not float and type(value) is not int:
+            raise self.fail(f"{key!r} must be a number, got {_kind_of(value)}")
+        return float(value)
+
+    def _in_range(self, o: Option, key: str, x: _N) -> _N:
+        if not o.contains(x):
+            raise self.fail(f"{key!r} must be in {o.interval}, got {x if isinstance(x, int) else format(x, 'g')}")
+        return x
+
     def opt_id(self, key: str) -> int | None:
         return self.opt_integer(key, 0, MAX_REQUEST_ID)
 
@@ -409,23 +460,8 @@ def _synthesize(r: _Fields) -> Synthesize:
         voice=r.string("voice", MAX_VOICE_ID_CHARS),
         incremental=r.flag("incremental", False),
         format=r.string("format", default=PCM_FORMAT),
-        emo_alpha=r.opt_number("emo_alpha", 0.0, 2.0),
-        emo_vector=r.opt_numbers("emo_vector", N_EMOTIONS, 0.0, 1.2),
         emo_voice=r.opt_string("emo_voice", MAX_VOICE_ID_CHARS),
-        use_random=r.opt_flag("use_random"),
-        do_sample=r.opt_flag("do_sample"),
-        temperature=r.opt_number("temperature", 0.0, 100.0, lo_open=True),
-        top_k=r.opt_integer("top_k", 0, 1 << 20),
-        top_p=r.opt_number("top_p", 0.0, 1.0, lo_open=True),
-        num_beams=r.opt_integer("num_beams", 1, 16),
-        repetition_penalty=r.opt_number("repetition_penalty", 0.0, 100.0, lo_open=True),
-        max_mel_tokens=r.opt_integer("max_mel_tokens", 1, 100_000),
-        seed=r.opt_integer("seed", 0, 2**63 - 1),
-        diffusion_steps=r.opt_integer("diffusion_steps", 1, 200),
-        inference_cfg_rate=r.opt_number("inference_cfg_rate", 0.0, 10.0),
-        max_text_tokens_per_segment=r.opt_integer("max_text_tokens_per_segment", 2, 600),
-        quick_streaming_tokens=r.opt_integer("quick_streaming_tokens", 0, 600),
-        interval_silence_ms=r.opt_integer("interval_silence_ms", 0, 10_000),
+        options=[(o.name, value) for o in OPTIONS if (value := r.option(o)) is not None],
     )
     if msg.format != PCM_FORMAT:
         raise r.fail(f"format {msg.format!r} is not supported (only {PCM_FORMAT!r})")
@@ -536,8 +572,13 @@ _SERVER_DECODERS: Final[dict[str, Callable[[_Fields], ServerMessage]]] = {
 # largest legal message holds. Without them a 16 MiB frame of 16.7 M empty maps costs ~1.2 GB and
 # seconds of the event loop before it fails. Strings and bins may fill the frame (reference audio
 # travels in one bin of up to max_frame_bytes); no message uses an extension type.
-_MAX_MAP_LEN: Final = 1 + max(len(fields(m)) for m in get_args(Message))  # every field, plus `type`
-_MAX_ARRAY_LEN: Final = N_EMOTIONS      # the only array field: Synthesize.emo_vector
+# Every field plus `type`; Synthesize carries each option as a key of its own instead of `options`.
+_MAX_MAP_LEN: Final = 1 + max(
+    len(fields(m)) - 1 + len(OPTIONS) if m is Synthesize else len(fields(m)) for m in get_args(Message)
+)
+# The only array field is Synthesize.emo_vector (N_EMOTIONS numbers); a few times that still bounds
+# the decoder's work and lets a vector of the wrong length get its own `bad_message` naming the field.
+_MAX_ARRAY_LEN: Final = 8 * N_EMOTIONS
 # Per-container limits do not bound nesting (8 arrays of 8 arrays of ... of nil), so the hooks
 # below count containers as msgpack completes them: a message is one map holding at most one array.
 _MAX_CONTAINERS: Final = 2
@@ -634,6 +675,7 @@ def error_of(exc: ProtocolError, live: Container[int]) -> Error:
 
 __all__ = [
     "PROTOCOL_VERSION", "SAMPLE_RATE_HZ", "PCM_FORMAT", "N_EMOTIONS", "MAX_REQUEST_ID", "ErrorCode",
+    "OPTIONS", "OPTION_NAMES", "OptionValue",
     "ProtocolError", "Hello", "RegisterVoice", "Synthesize", "AppendText", "Flush", "Cancel", "Ping",
     "ClientMessage", "ServerHello", "VoiceRegistered", "SegmentStart", "Audio", "SegmentEnd", "Done",
     "Error", "Pong", "ServerMessage", "Message", "encode", "decode_client", "decode_server", "error_of",

@@ -40,6 +40,8 @@ from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
 from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
+    import torch
+
     from ttsd.pipeline.pipeline import Pipeline
 
     from .config import DaemonConfig
@@ -248,24 +250,14 @@ def _peer(connection: ServerConnection) -> str:
         return "?"
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    """'auto' → cuda when available, else cpu; dtype 'auto' → float32 on both.
-
-    Half precision is opt-in (--dtype bfloat16/float16) until it is checked against float32 on a
-    GPU with the real weights; float32 is the configuration the parity tests vouch for."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float32"
-    return device, dtype
-
-
-def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
-    """`config.checkpoints` loaded on `device`, or with `random_weights` a seeded random model built in memory."""
+def load_pipeline(config: DaemonConfig, device: torch.device) -> Pipeline:
+    """`config.checkpoints` loaded on `device`, or with `random_weights` a seeded random model
+    written as a converted checkpoint directory and loaded from it (ttsd.tools.tiny)."""
+    # Half precision is opt-in (--dtype bfloat16/float16) until it is checked against float32 on a
+    # GPU with the real weights; float32 is the configuration the parity tests vouch for.
+    dtype = "float32" if config.dtype == "auto" else config.dtype
     if config.random_weights is not None:
-        from ttsd.pipeline.tiny import random_pipeline
+        from ttsd.tools.tiny import random_pipeline
 
         return random_pipeline(
             config.random_weights,
@@ -288,6 +280,18 @@ def load_pipeline(config: DaemonConfig, device: str, dtype: str) -> Pipeline:
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """OSError if (host, port) cannot be bound now; checked before loading so a taken port costs nothing.
+
+    SO_REUSEADDR as asyncio's create_server sets it, so a port in TIME_WAIT is not called taken."""
+    if port == 0:
+        return
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+
+
 async def serve(config: DaemonConfig) -> int:
     """`ttsd serve`: load, listen, READY=1, wait for SIGTERM/SIGINT, drain, exit code 0."""
     if config.checkpoints is None and config.random_weights is None:
@@ -298,9 +302,18 @@ async def serve(config: DaemonConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    from ttsd.pipeline.errors import TtsdError
+    from ttsd.pipeline.device import resolve_device
+    from ttsd.pipeline.errors import TtsdError, missing_extra
 
-    device, dtype = resolve_device(config.device, config.dtype)
+    try:
+        device = resolve_device(config.device)
+        check_port_free(config.host, config.port)
+    except TtsdError as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:
+        log.error("cannot listen on %s port %d: %s", config.host, config.port, e.strerror or e)
+        return 1
     if config.random_weights is not None:
         source = f"random {config.random_weights} model (seed {config.random_seed})"
         log.warning(
@@ -313,10 +326,15 @@ async def serve(config: DaemonConfig) -> int:
     t0 = time.perf_counter()
     try:
         # In a thread so a SIGTERM during a long load is noticed as soon as it finishes.
-        pipeline = await asyncio.to_thread(load_pipeline, config, device, dtype)
+        pipeline = await asyncio.to_thread(load_pipeline, config, device)
     except TtsdError as e:
         log.error("cannot load weights=%r error=%r", source, str(e))
         return 1
+    except ModuleNotFoundError as e:
+        if (missing := missing_extra(e)) is None:
+            raise
+        log.error("cannot load weights=%r: %s", source, missing)
+        return 2
     load_s = time.perf_counter() - t0
     if stop.is_set():
         log.info("stopped during load")

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 from websockets.exceptions import ConnectionClosed
 
@@ -57,7 +57,6 @@ REGISTRATION_SHARE: Final = 4        # one connection may hold 1/4 of the voice-
 LOGGED_BAD_FRAMES: Final = 10        # bad frames per connection logged at INFO; later ones at DEBUG
 SERVER_NAME: Final = "ttsd/0.1"
 
-_T = TypeVar("_T")
 
 
 @dataclass(eq=False, slots=True)
@@ -162,27 +161,10 @@ class LiveRequest:
 
 
 def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
-    """Protocol fields → SynthesisOptions; a field left None keeps the upstream default."""
-    d = SynthesisOptions()
-    pick = _or
-    return SynthesisOptions(
-        emo_alpha=pick(msg.emo_alpha, d.emo_alpha),
-        emo_vector=msg.emo_vector,
-        use_random=pick(msg.use_random, d.use_random),
-        do_sample=pick(msg.do_sample, d.do_sample),
-        temperature=pick(msg.temperature, d.temperature),
-        top_k=pick(msg.top_k, d.top_k),
-        top_p=pick(msg.top_p, d.top_p),
-        num_beams=pick(msg.num_beams, d.num_beams),
-        repetition_penalty=pick(msg.repetition_penalty, d.repetition_penalty),
-        max_mel_tokens=pick(msg.max_mel_tokens, d.max_mel_tokens),
-        diffusion_steps=pick(msg.diffusion_steps, d.diffusion_steps),
-        inference_cfg_rate=pick(msg.inference_cfg_rate, d.inference_cfg_rate),
-        max_text_tokens_per_segment=pick(msg.max_text_tokens_per_segment, d.max_text_tokens_per_segment),
-        quick_streaming_tokens=pick(msg.quick_streaming_tokens, d.quick_streaming_tokens),
-        interval_silence_ms=pick(msg.interval_silence_ms, d.interval_silence_ms),
-        seed=msg.seed,
-    )  # range-checked on arrival; checked against the model by the worker
+    """Protocol fields → SynthesisOptions; an option left unset keeps the upstream default."""
+    # Range-checked by the decoder; checked against the model and server limits by the worker.
+    values: dict[str, Any] = dict(msg.options)
+    return SynthesisOptions(**values)
 
 
 class Session:
@@ -535,10 +517,6 @@ class Session:
 
 def _ms_or_dash(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f}"
-
-
-def _or(value: _T | None, default: _T) -> _T:
-    return default if value is None else value
 
 
 def _peer(ws: ServerConnection) -> str:

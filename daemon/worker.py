@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import threading
 import time
@@ -34,8 +33,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 from ttsd.pipeline.errors import (
-    AudioTooLong,
-    BadAudio,
     Busy,
     DeviceFault,
     ErrorCode,
@@ -44,6 +41,7 @@ from ttsd.pipeline.errors import (
     UnknownVoice,
 )
 from ttsd.pipeline.requests import Request, RequestDone, RequestFailed, SegmentDone
+from ttsd.pipeline.rules import check_reference_audio
 
 if TYPE_CHECKING:
     from ttsd.pipeline import Engine, Pipeline, SynthesisOptions, Voice
@@ -125,20 +123,6 @@ def _voice_key(audio: bytes, emo_audio: bytes | None) -> str:
         h.update(b"\0emo\0")
         h.update(emo_audio)
     return h.hexdigest()
-
-
-def _audio_seconds(audio: bytes, what: str) -> float:
-    """Duration from the file header alone (no decode), so an over-long file costs nothing."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(io.BytesIO(audio))
-    except (sf.SoundFileError, RuntimeError, TypeError, ValueError, OSError) as e:
-        # libsndfile's message embeds the BytesIO repr; keep only its reason ("Format not recognised.").
-        raise BadAudio(f"cannot decode {what}: {str(e).rsplit(': ', 1)[-1]}") from None
-    if info.samplerate <= 0 or info.frames <= 0:
-        raise BadAudio(f"{what} holds no samples")
-    return float(info.frames) / float(info.samplerate)
 
 
 class VoiceCache:
@@ -595,13 +579,10 @@ class Worker:
 
     def _prepare_voice(self, audio: bytes, emo_audio: bytes | None) -> VoiceResult:
         limit_s = self.config.max_reference_audio_s
-        audio_s = _audio_seconds(audio, "speaker reference audio")
-        if audio_s > limit_s:
-            raise AudioTooLong(f"speaker reference audio is {audio_s:.1f} s; the limit is {limit_s:g} s")
+        # From the file headers alone (no decode), so an over-long file costs nothing.
+        audio_s = check_reference_audio(audio, "speaker reference audio", limit_s)
         if emo_audio is not None:
-            emo_s = _audio_seconds(emo_audio, "emotion reference audio")
-            if emo_s > limit_s:
-                raise AudioTooLong(f"emotion reference audio is {emo_s:.1f} s; the limit is {limit_s:g} s")
+            check_reference_audio(emo_audio, "emotion reference audio", limit_s)
         voice_id = _voice_key(audio, emo_audio)
         if self.voices.lookup(voice_id) is not None:
             return VoiceResult(voice_id, audio_s)

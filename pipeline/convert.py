@@ -6,6 +6,11 @@ changes are nesting turned into dotted prefixes (`state["net"]["cfm"]` → `cfm.
 DDP `module.` prefix. The SentencePiece `bpe.model` becomes a `tokenizers` `tokenizer.json`.
 A `manifest.json` with the SHA-256 of every output file goes beside them.
 
+The output is written into a temporary directory beside the destination and renamed into place
+only when every file is complete, so a failed or interrupted conversion leaves no partial
+destination. A non-empty destination is replaced only with `--force` (a daemon serving it keeps
+the weights it has loaded); the destination can never be the source or lie inside it.
+
 Source layout (the IndexTTS-2 release plus its auxiliary models, as `ttsd fetch` lays it out):
 
     config.yaml  gpt.pth  s2mel.pth  bpe.model  wav2vec2bert_stats.pt  feat1.pt  feat2.pt
@@ -23,17 +28,18 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from .config import load_yaml
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, TtsdError, missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -206,29 +212,75 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert(src_dir: Path, dst_dir: Path, progress: bool = True) -> Path:
-    """Convert `src_dir` (official layout) into `dst_dir`; returns the manifest path."""
+def check_destination(src_dir: Path, dst_dir: Path, *, force: bool) -> None:
+    """ConfigError unless `dst_dir` may be written: never the source or inside it, and empty or absent
+    unless `force`."""
+    src, dst = src_dir.resolve(), dst_dir.resolve()
+    if dst == src or dst.is_relative_to(src):
+        raise ConfigError(f"destination {dst_dir} is {'the source' if dst == src else 'inside the source'} {src_dir}")
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise ConfigError(f"destination {dst_dir} exists and is not a directory")
+    if dst_dir.is_dir() and any(dst_dir.iterdir()) and not force:
+        raise ConfigError(f"destination {dst_dir} is not empty; pass --force to replace it")
+
+
+@contextmanager
+def staged(dst_dir: Path, *, force: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `dst_dir` to write into; renamed to `dst_dir` when the block
+    ends without an error, removed when it fails. An existing non-empty `dst_dir` is replaced only
+    with `force` (moved aside first, deleted after the rename), so no reader ever sees a mix."""
+    dst_dir = Path(dst_dir)
+    if dst_dir.is_dir() and any(dst_dir.iterdir()) and not force:
+        raise ConfigError(f"destination {dst_dir} is not empty; pass --force to replace it")
+    dst_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".partial", dir=dst_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dst_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".old", dir=dst_dir.parent))
+        dst_dir.replace(old / dst_dir.name)  # aside, in one rename
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint directory is read by the service user
+    tmp.replace(dst_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(out_dir: Path, names: Iterable[str], source: str) -> Path:
+    """manifest.json in `out_dir`: format, source, and the SHA-256 and size of each named file."""
+    files = {name: {"sha256": sha256_file(out_dir / name), "bytes": (out_dir / name).stat().st_size} for name in names}
+    manifest = {"format": MANIFEST_FORMAT, "source": source, "files": files}
+    out = out_dir / "manifest.json"
+    out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def convert(src_dir: Path, dst_dir: Path, progress: bool = True, *, force: bool = False) -> Path:
+    """Convert `src_dir` (official layout) into `dst_dir` (see the module docstring for the rules);
+    returns the manifest path."""
+    from tqdm import tqdm
+
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    if not src_dir.is_dir():
+        raise CheckpointError(f"no such directory: {src_dir}")
     cfg_path = src_dir / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{src_dir}: no config.yaml (is this an IndexTTS-2 checkpoint directory?)")
+    check_destination(src_dir, dst_dir, force=force)
     config = load_yaml(cfg_path)
     src = SourceLayout(root=src_dir, config=config)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict[str, Any]] = {}
     steps = plan(src)
-    bar = tqdm(steps.items(), desc="convert", unit="file", disable=not progress, file=sys.stderr)
-    for name, write in bar:
-        bar.set_postfix_str(name)
-        tmp = dst_dir / f".{name}.tmp"
-        write(tmp)
-        tmp.replace(dst_dir / name)  # atomic per file: a crash never leaves a half-written name
-        files[name] = {"sha256": sha256_file(dst_dir / name), "bytes": (dst_dir / name).stat().st_size}
-    manifest = {"format": MANIFEST_FORMAT, "source": str(src_dir.resolve()), "files": files}
-    out = dst_dir / "manifest.json"
-    out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    log.info("converted src=%s dst=%s files=%d", src_dir, dst_dir, len(files))
-    return out
+    with staged(dst_dir, force=force) as tmp:
+        bar = tqdm(steps.items(), desc="convert", unit="file", disable=not progress, file=sys.stderr)
+        for name, write in bar:
+            bar.set_postfix_str(name)
+            write(tmp / name)
+        write_manifest(tmp, steps, source=str(src_dir.resolve()))
+    log.info("converted src=%s dst=%s files=%d", src_dir, dst_dir, len(steps))
+    return dst_dir / "manifest.json"
 
 
 def verify(ckpt_dir: Path) -> None:
@@ -251,17 +303,29 @@ def verify(ckpt_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ttsd-convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="official IndexTTS-2 checkpoint directory")
-    ap.add_argument("dst", type=Path, help="output ttsd checkpoint directory")
+    ap.add_argument("dst", type=Path, help="output ttsd checkpoint directory (absent or empty)")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty destination")
     ap.add_argument("--verify", action="store_true", help="re-hash the written files against the manifest")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        convert(args.src, args.dst)
+        convert(args.src, args.dst, force=args.force)
         if args.verify:
             verify(args.dst)
-    except CheckpointError as e:
+    except TtsdError as e:
         print(f"ttsd-convert: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if (missing := missing_extra(e)) is None:
+            raise
+        print(f"ttsd-convert: {missing}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"ttsd-convert: {e.filename or args.dst}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ttsd-convert: interrupted; {args.dst} was not changed", file=sys.stderr)
+        return 130
     return 0
 
 

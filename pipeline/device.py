@@ -1,44 +1,47 @@
-"""Which torch device to run on, checked before anything is loaded, with one-line errors.
+"""The torch device a command asked for, checked before any weight is loaded.
 
-A GPU host that installed the default CPU wheel would otherwise meet a long traceback deep inside
-loading ("... requires a CUDA or other accelerator backend"); here it gets one line that says what
-is wrong and what to install."""
+`ttsd synth` and `ttsd serve` both resolve `--device` here, so a GPU name on a CPU-only torch
+build (the wheel `scripts/setup.sh` installs by default) fails at once with one line saying what
+to install, instead of a traceback from deep inside the first CUDA call."""
 
 from __future__ import annotations
 
-import re
+from typing import Final
 
 import torch
 
 from .errors import ConfigError
 
-CUDA_WHEEL_HINT = (
-    "install a CUDA build of torch, e.g. TTSD_TORCH='torch==2.13.0' "
-    "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh"
+# How a GPU host gets a CUDA build of torch (README "GPU hosts"); named in the error below.
+CUDA_WHEEL_HINT: Final = (
+    "reinstall with a CUDA build of torch: rm -rf .venv && "
+    "TTSD_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh (README: GPU hosts)"
 )
-_NAME = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N' → torch.device, or ConfigError."""
-    m = _NAME.match(name.strip().lower())
-    if m is None:
-        raise ConfigError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    kind, index = m.group(1), m.group(2)
-    if kind == "auto":
-        if index is not None:
-            raise ConfigError(f"device {name!r}: 'auto' takes no index")
+    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N` → a usable torch.device.
+
+    Raises ConfigError with one line for anything else: an unknown name, a device type this
+    pipeline does not run on, CUDA on a torch built without it, or no such CUDA device."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cpu":
-        if index not in (None, "0"):
-            raise ConfigError(f"device {name!r}: the CPU has no index")
-        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device {name!r} is not supported: ttsd runs on cpu or cuda[:N] (or auto)")
     if torch.version.cuda is None:
-        raise ConfigError(f"device {name!r}: this torch {torch.__version__} was built without CUDA; {CUDA_WHEEL_HINT}")
+        raise ConfigError(f"device {name!r}: this torch {torch.__version__} is built without CUDA; {CUDA_WHEEL_HINT}")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: no CUDA device is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
-    n = torch.cuda.device_count()
-    i = 0 if index is None else int(index)
-    if i >= n:
-        raise ConfigError(f"device {name!r}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
-    return torch.device("cuda", i)
+        raise ConfigError(
+            f"device {name!r}: torch {torch.__version__} has CUDA {torch.version.cuda}, but no GPU is usable "
+            "(check nvidia-smi, the driver, and CUDA_VISIBLE_DEVICES)"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device {name!r} does not exist: this machine has {count} CUDA device(s)")
+    return device

@@ -2,8 +2,9 @@
 
 The files are placed in the official source layout that `ttsd.pipeline.convert` reads (see its
 docstring), each one is verified, and `convert(src, dst)` writes the ttsd checkpoint directory
-(`checkpoints/` by default). The official files stay in `<dst>/official/` so a later
-`ttsd-convert` needs no second download.
+(`checkpoints/IndexTTS-2/` by default). The official files stay beside it, in `<dst>.official/`,
+so a later `ttsd-convert` needs no second download (and the conversion, which replaces its
+destination as a whole, never touches them).
 
 Downloading is a plain function, `Downloader = (RemoteFile, dest Path) -> None`, passed in by
 the caller: `hub_downloader()` uses `huggingface_hub` (the optional `fetch` extra), and tests
@@ -26,13 +27,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CheckpointError
+from .errors import CheckpointError, TtsdError, missing_extra
 
 log = logging.getLogger(__name__)
 
 INDEXTTS2_REPO = "IndexTeam/IndexTTS-2"
-DEFAULT_DST = Path("checkpoints")
-SOURCE_SUBDIR = "official"          # <dst>/official holds the files as released
+DEFAULT_DST = Path("checkpoints") / "IndexTTS-2"
+SOURCE_SUFFIX = ".official"         # <dst>.official/ holds the files as released
 RECORD_NAME = "fetch.json"          # what was downloaded, from where, with its SHA-256
 
 # Leading bytes of each container format; a failed download usually leaves an HTML error page
@@ -159,7 +160,7 @@ def hub_downloader(*, cache_dir: Path | None = None, token: str | None = None) -
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
-        raise FetchError("ttsd fetch needs huggingface_hub: pip install 'ttsd[fetch]'") from e
+        raise FetchError("needs the 'fetch' extra (huggingface_hub is not installed): pip install 'ttsd[fetch]'") from e
 
     def download(rf: RemoteFile, dest: Path) -> None:
         try:
@@ -223,15 +224,22 @@ def fetch(src_dir: Path, download: Downloader, *, files: Iterable[RemoteFile] = 
 def fetch_and_convert(dst_dir: Path, download: Downloader, *, src_dir: Path | None = None,
                       files: Iterable[RemoteFile] = RELEASE, force: bool = False,
                       progress: bool = True) -> Path:
-    """fetch() into `src_dir` (default `dst_dir/official`), then convert into `dst_dir`.
+    """fetch() into `src_dir` (default `<dst_dir>.official`), then convert into `dst_dir`.
 
-    Returns the path of the converted checkpoint's manifest.json."""
-    from .convert import convert
+    A non-empty `dst_dir` is refused before anything is downloaded, unless `force` (which also
+    downloads every file again). Returns the path of the converted checkpoint's manifest.json."""
+    from .convert import check_destination, convert
 
     dst_dir = Path(dst_dir)
-    src_dir = Path(src_dir) if src_dir is not None else dst_dir / SOURCE_SUBDIR
+    src_dir = Path(src_dir) if src_dir is not None else source_dir(dst_dir)
+    check_destination(src_dir, dst_dir, force=force)
     fetch(src_dir, download, files=files, force=force)
-    return convert(src_dir, dst_dir, progress=progress)
+    return convert(src_dir, dst_dir, progress=progress, force=force)
+
+
+def source_dir(dst_dir: Path) -> Path:
+    """Where the official files go by default: beside the converted directory, never inside it."""
+    return dst_dir.with_name(dst_dir.name + SOURCE_SUFFIX)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dst", type=Path, default=DEFAULT_DST,
                     help="converted checkpoint directory (default: %(default)s)")
     ap.add_argument("--src", type=Path, default=None,
-                    help="where the official files are laid out (default: DST/official)")
+                    help=f"where the official files are laid out (default: DST{SOURCE_SUFFIX})")
     ap.add_argument("--from-dir", type=Path, default=None,
                     help="copy from a local directory in the official layout instead of downloading")
     ap.add_argument("--revision", default=None, help=f"branch, tag or commit of {INDEXTTS2_REPO}")
     ap.add_argument("--cache-dir", type=Path, default=None, help="hub cache directory (default: the hub's)")
     ap.add_argument("--token", default=None, help="hub access token (default: the hub's login, if any)")
-    ap.add_argument("--force", action="store_true", help="download again even if valid files are present")
+    ap.add_argument("--force", action="store_true",
+                    help="download again even if valid files are present, and replace a non-empty DST")
     ap.add_argument("--no-convert", action="store_true", help="only download and verify")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     files = tuple(RemoteFile(repo_id=rf.repo_id, filename=rf.filename, dest=rf.dest, kind=rf.kind,
                              sha256=rf.sha256, revision=args.revision)
                   if rf.repo_id == INDEXTTS2_REPO and args.revision else rf for rf in RELEASE)
-    src = args.src if args.src is not None else args.dst / SOURCE_SUBDIR
+    src = args.src if args.src is not None else source_dir(args.dst)
     try:
         download = (directory_downloader(args.from_dir) if args.from_dir is not None
                     else hub_downloader(cache_dir=args.cache_dir, token=args.token))
@@ -263,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = fetch_and_convert(args.dst, download, src_dir=src, files=files, force=args.force)
             print(f"ttsd fetch: converted checkpoint in {manifest.parent}", file=sys.stderr)
-    except CheckpointError as e:
+    except TtsdError as e:
         print(f"ttsd fetch: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (missing := missing_extra(e)) is None:
+            raise
+        print(f"ttsd fetch: {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ttsd fetch: interrupted (run again to resume)", file=sys.stderr)

@@ -40,12 +40,27 @@ from .flow import CFMSolve
 from .requests import Event, Observer, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
 
 if TYPE_CHECKING:
-    from .pipeline import AcousticInput, Pipeline, Segment
+    from .options import SynthesisOptions
+    from .pipeline import Pipeline, Segment
+    from .voice import Voice
 
 log = logging.getLogger(__name__)
 
 MAX_ACOUSTIC_JOBS = 2  # acoustic jobs in progress at once (round-robin, one unit each per engine step)
 ACOUSTIC_PAD_RATIO = 0.25  # a job's padded frames stay under this share of its real frames
+
+
+@dataclass(frozen=True, slots=True)
+class AcousticInput:
+    """What the acoustic stage needs of one segment."""
+
+    voice: Voice
+    emovec: Tensor  # (1, D) in the GPT's dtype
+    segment: Segment
+    codes: Generated
+    opts: SynthesisOptions
+    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T); drawn from the seed otherwise
+
 
 
 @dataclass(eq=False)
@@ -60,8 +75,6 @@ class _Seg:
     dropped: bool = False  # its request went away; finish quietly
 
     def acoustic_input(self) -> AcousticInput:
-        from .pipeline import AcousticInput
-
         r = self.req
         assert r.emovec is not None and self.codes is not None  # set before a segment reaches acoustics
         noise = r.noise.get(self.segment.index) if r.noise is not None else None

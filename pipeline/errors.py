@@ -139,3 +139,21 @@ class DeviceFault(TtsdError):
     address, a hang): every later request would fail too, so the daemon must restart."""
 
     code = ErrorCode.INTERNAL
+
+
+# Optional modules → the extra of pyproject.toml that installs them.
+EXTRAS: Final = {
+    "sentencepiece": "convert",  # bpe.model → tokenizer.json (ttsd-convert, ttsd fetch, make-tiny)
+    "google": "convert",         # protobuf, which sentencepiece reads its model with
+    "tqdm": "convert",           # progress bars of ttsd-convert, ttsd fetch and make-tiny
+    "huggingface_hub": "fetch",  # ttsd fetch downloads
+    "sounddevice": "client",     # ttsd-say live playback
+}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """One line naming the extra that installs the module `e` could not import; None if none does."""
+    extra = EXTRAS.get((e.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return f"needs the '{extra}' extra ({e.name} is not installed): pip install 'ttsd[{extra}]'"

@@ -1,67 +1,320 @@
-"""Per-request synthesis options with upstream IndexTTS2 defaults, and their validation.
+"""Per-request synthesis options: the one table of their names, types, ranges, defaults and help.
 
-Defaults follow `IndexTTS2.infer` (infer_v2.py): sampling with 3 beams, top-k 30, top-p 0.8,
+Each option is one field of `SynthesisOptions`; its default is the field default (upstream
+IndexTTS2's, from `IndexTTS2.infer` in infer_v2.py: sampling with 3 beams, top-k 30, top-p 0.8,
 temperature 0.8, repetition penalty 10, 1500 codes at most, 25 Euler steps, CFG rate 0.7,
-segments of at most 120 text tokens, 200 ms of silence between segments."""
+segments of at most 120 text tokens, 200 ms of silence between segments), and the rest is in its
+`option(...)` metadata. `OPTIONS` reads them back, and everything else is generated from it: the
+protocol's validation of `synthesize` fields (ttsd.daemon.protocol), the flags of `ttsd synth`
+and `ttsd-say` (`add_option_flags`), `SynthesisOptions.validated()`, and the options table of
+docs/protocol.md (`markdown_rows`, checked by a test). Adding an option is adding a field here.
+
+Limits that depend on the server or the model (num_beams <= the daemon's max_num_beams, a
+segment no longer than the model's text table) are checked by `Pipeline.check_options`.
+Standard library only: clients import this module without torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Self
+import argparse
+import math
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final, Self, TypeAlias, Union, get_args, get_origin, get_type_hints
 
 from .errors import BadOptions
 
 # Upstream category order of the 8-dim emotion vector (infer_v2.py, QwenEmotion.cn_key_to_en).
-EMOTIONS = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
+EMOTIONS: Final = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
+
+OptionValue: TypeAlias = bool | int | float | str | tuple[float, ...]
+_META: Final = "ttsd.option"  # dataclasses field-metadata key holding an option's OptionMeta
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptionMeta:
+    """What a field default and annotation do not say: range, unit, help, CLI aliases."""
+
+    group: str                          # section of the --help listing
+    help: str                           # one line, no trailing period
+    lo: float | None = None             # lower end of the range (for vectors: of each element)
+    hi: float | None = None             # upper end
+    lo_open: bool = False               # True: lo itself is excluded
+    hi_open: bool = False               # True: hi itself is excluded
+    unit: str = ""                      # e.g. "ms"; empty for plain numbers
+    length: int | None = None           # vectors: the number of elements
+    choices: tuple[str, ...] | None = None  # strings: the accepted values (None: any, up to max_chars)
+    max_chars: int = 64                 # strings: the longest accepted value
+    aliases: tuple[str, ...] = ()       # extra CLI flags with the same meaning
+    off_alias: str | None = None        # booleans: an extra CLI flag that sets False
+
+
+def option(default: Any, **meta: Any) -> Any:
+    """A SynthesisOptions field: `default` plus the OptionMeta keywords (group, help, lo, hi, ...)."""
+    return field(default=default, metadata={_META: OptionMeta(**meta)})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SynthesisOptions:
-    emo_alpha: float = 1.0  # emotion strength (audio: interpolation; vector: scale)
-    emo_vector: tuple[float, ...] | None = None  # 8 weights in EMOTIONS order
-    use_random: bool = False  # random emotion-matrix rows instead of nearest style
-    do_sample: bool = True  # False: greedy / plain beam search
-    temperature: float = 0.8
-    top_k: int = 30  # 0 disables
-    top_p: float = 0.8  # 1.0 disables
-    num_beams: int = 3
-    repetition_penalty: float = 10.0
-    max_mel_tokens: int = 1500  # semantic codes per segment (50 per audio second)
-    diffusion_steps: int = 25
-    inference_cfg_rate: float = 0.7
-    max_text_tokens_per_segment: int = 120
-    quick_streaming_tokens: int = 0
-    interval_silence_ms: int = 200  # zeros between segments in offline output
-    seed: int | None = None  # seeds GPT sampling and CFM noise per segment
+    """One request's synthesis options; every field's range and help are in its `option(...)`."""
 
-    def validated(self, max_mel_tokens_limit: int | None = None) -> Self:
-        """Return self if every field is in range, else raise BadOptions naming the field."""
-        checks: list[tuple[bool, str]] = [
-            (0.0 <= self.emo_alpha <= 2.0, "emo_alpha must be in [0, 2]"),
-            (self.temperature > 0.0, "temperature must be > 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (1 <= self.num_beams <= 16, "num_beams must be in [1, 16]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
-            (self.max_mel_tokens >= 1, "max_mel_tokens must be >= 1"),
-            (1 <= self.diffusion_steps <= 200, "diffusion_steps must be in [1, 200]"),
-            (0.0 <= self.inference_cfg_rate <= 10.0, "inference_cfg_rate must be in [0, 10]"),
-            (self.max_text_tokens_per_segment >= 2, "max_text_tokens_per_segment must be >= 2"),
-            (self.quick_streaming_tokens >= 0, "quick_streaming_tokens must be >= 0"),
-            (0 <= self.interval_silence_ms <= 10_000, "interval_silence_ms must be in [0, 10000]"),
-            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2^63)"),
-        ]
-        if max_mel_tokens_limit is not None:
-            checks.append(
-                (self.max_mel_tokens <= max_mel_tokens_limit, f"max_mel_tokens must be <= {max_mel_tokens_limit}")
-            )
-        if self.emo_vector is not None:
-            checks.append((len(self.emo_vector) == len(EMOTIONS), f"emo_vector needs {len(EMOTIONS)} weights"))
-            checks.append((all(0.0 <= w <= 1.2 for w in self.emo_vector), "emo_vector weights must be in [0, 1.2]"))
-        for ok, message in checks:
-            if not ok:
-                raise BadOptions(message)
+    # emotion
+    emo_alpha: float = option(
+        1.0, group="emotion", lo=0.0, hi=2.0,
+        help="emotion strength (emotion audio: interpolation weight; emo_vector: scale)",
+    )
+    emo_vector: tuple[float, ...] | None = option(
+        None, group="emotion", lo=0.0, hi=1.2, length=len(EMOTIONS),
+        help=f"emotion weights in the order {', '.join(EMOTIONS)} (default: emotion from the reference audio)",
+    )
+    use_random: bool = option(
+        False, group="emotion", aliases=("--emo-random",),
+        help="random emotion-matrix rows instead of the nearest style",
+    )
+    # sampling (GPT)
+    do_sample: bool = option(
+        True, group="sampling", off_alias="--greedy",
+        help="sample the codes (off: greedy / plain beam search)",
+    )
+    temperature: float = option(0.8, group="sampling", lo=0.0, hi=100.0, lo_open=True, help="sampling temperature")
+    top_k: int = option(30, group="sampling", lo=0, hi=2**20, help="sample from the k likeliest codes (0 disables)")
+    top_p: float = option(
+        0.8, group="sampling", lo=0.0, hi=1.0, lo_open=True, help="nucleus sampling mass (1 disables)"
+    )
+    num_beams: int = option(
+        3, group="sampling", lo=1, hi=16, help="beams of the GPT's beam search; at most the daemon's max_num_beams"
+    )
+    repetition_penalty: float = option(
+        10.0, group="sampling", lo=0.0, hi=100.0, lo_open=True, help="penalty on codes already generated"
+    )
+    max_mel_tokens: int = option(
+        1500, group="sampling", lo=1, hi=100_000, unit="codes",
+        help="semantic codes per segment, 50 per second of audio (capped by the model)",
+    )
+    seed: int | None = option(
+        None, group="sampling", lo=0, hi=2**63, hi_open=True,
+        help="seeds GPT sampling and CFM noise: the same seed gives the same audio (default: random)",
+    )
+    # acoustic model and segmentation
+    diffusion_steps: int = option(25, group="acoustic", lo=1, hi=200, unit="steps", help="CFM Euler steps")
+    inference_cfg_rate: float = option(
+        0.7, group="acoustic", lo=0.0, hi=10.0, aliases=("--cfg-rate",), help="classifier-free guidance rate"
+    )
+    max_text_tokens_per_segment: int = option(
+        120, group="acoustic", lo=2, hi=600, unit="tokens",
+        help="BPE tokens per GPT segment; at most the model's gpt.max_text_tokens - 1 (599 for IndexTTS-2)",
+    )
+    quick_streaming_tokens: int = option(
+        0, group="acoustic", lo=0, hi=600, unit="tokens",
+        help="keep the first segments this short, for earlier first audio (upstream more_segment_before)",
+    )
+    interval_silence_ms: int = option(
+        200, group="acoustic", lo=0, hi=10_000, unit="ms", help="silence before every segment but the first"
+    )
+
+    def validated(self) -> Self:
+        """Return self if every field has its type and is in its range, else raise BadOptions naming it."""
+        for spec in OPTIONS:
+            problem = spec.problem(getattr(self, spec.name))
+            if problem is not None:
+                raise BadOptions(problem)
         return self
 
     def with_seed(self, seed: int) -> Self:
         return replace(self, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The table, read back from the dataclass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Option:
+    """One synthesis option: its field name, value type and default, plus its OptionMeta."""
+
+    name: str
+    kind: type                  # bool, int, float, str, or tuple (a vector of `meta.length` floats)
+    optional: bool              # None is a value (then it is the default: "not set")
+    default: OptionValue | None
+    meta: OptionMeta
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def interval(self) -> str:
+        """The range as written in errors and docs, e.g. "(0, 100]"; "" when unbounded."""
+        m = self.meta
+        if m.lo is None or m.hi is None:
+            return ""
+        return f"{'(' if m.lo_open else '['}{_number(m.lo)}, {_number(m.hi)}{')' if m.hi_open else ']'}"
+
+    @property
+    def type_text(self) -> str:
+        """The type as the docs write it: "float (0, 100]", "8 floats [0, 1.2]", "bool"."""
+        name = {bool: "bool", int: "int", float: "float", str: "str"}.get(self.kind, "")
+        if self.kind is tuple:
+            return f"{self.meta.length} floats {self.interval}"
+        if self.kind is str and self.meta.choices:
+            return f"str ({', '.join(self.meta.choices)})"
+        return f"{name} {self.interval}".strip()
+
+    @property
+    def default_text(self) -> str:
+        """The default as the docs write it: upstream's value, or nil for "not set"."""
+        d = self.default
+        if d is None:
+            return "nil"
+        if isinstance(d, bool):
+            return "true" if d else "false"
+        if isinstance(d, float):
+            return repr(d)  # 1.0, 0.8: a float default reads as a float
+        return str(d)
+
+    def contains(self, x: float) -> bool:
+        """True if `x` lies in the range (ends open or closed as declared); NaN and ±inf never do."""
+        m = self.meta
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        if m.lo is not None and (x < m.lo or (m.lo_open and x == m.lo)):
+            return False
+        return not (m.hi is not None and (x > m.hi or (m.hi_open and x == m.hi)))
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` is not valid for this option, in one line; None if it is."""
+        if value is None:
+            return None if self.optional else f"{self.name} must be set"
+        if self.kind is bool:
+            return None if isinstance(value, bool) else f"{self.name} must be a boolean"
+        if self.kind is str:
+            if not isinstance(value, str):
+                return f"{self.name} must be a string"
+            if self.meta.choices is not None and value not in self.meta.choices:
+                return f"{self.name} must be one of {', '.join(self.meta.choices)}, got {value!r}"
+            return None if len(value) <= self.meta.max_chars else f"{self.name} is longer than {self.meta.max_chars}"
+        if self.kind is tuple:
+            if not isinstance(value, tuple | list) or len(value) != self.meta.length:
+                return f"{self.name} needs {self.meta.length} weights"
+            if not all(_is_number(v) and self.contains(float(v)) for v in value):
+                return f"{self.name} weights must be in {self.interval}"
+            return None
+        if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{self.name} must be an integer"
+        if not _is_number(value):
+            return f"{self.name} must be a number"
+        assert isinstance(value, int | float)  # _is_number
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        return None if self.contains(value) else f"{self.name} must be in {self.interval}, got {shown}"
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass; True must not pass as 1.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(x: float) -> str:
+    """1.0 → "1", 0.8 → "0.8", 2**63 → "2^63": how ranges and defaults are written."""
+    if float(x).is_integer():
+        n = int(x)
+        if n >= 2**20 and n & (n - 1) == 0:
+            return f"2^{n.bit_length() - 1}"
+        return str(n)
+    return f"{x:g}"
+
+
+def _kind(hint: Any) -> tuple[type, bool]:
+    """A field annotation → (value type, optional). `tuple[float, ...] | None` → (tuple, True)."""
+    optional = False
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        optional = len(args) < len(get_args(hint))
+        (hint,) = args
+    base = get_origin(hint) or hint
+    if base not in (bool, int, float, str, tuple):
+        raise TypeError(f"unsupported option type {hint!r}")
+    return base, optional
+
+
+def options_of(cls: type) -> tuple[Option, ...]:
+    """The Option table of a dataclass whose fields were declared with `option(...)`."""
+    hints = get_type_hints(cls)
+    table = []
+    for f in fields(cls):
+        meta = f.metadata.get(_META)
+        if not isinstance(meta, OptionMeta):
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with option(...)")
+        kind, optional = _kind(hints[f.name])
+        default: OptionValue | None = f.default  # type: ignore[assignment]  # option() always sets one
+        table.append(Option(name=f.name, kind=kind, optional=optional, default=default, meta=meta))
+    return tuple(table)
+
+
+OPTIONS: Final = options_of(SynthesisOptions)
+OPTION_NAMES: Final = frozenset(o.name for o in OPTIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags (ttsd synth, ttsd-say)
+
+GROUP_TITLES: Final = {
+    "emotion": "emotion",
+    "sampling": "sampling (GPT)",
+    "acoustic": "acoustic model and segmentation",
+}
+
+
+def parse_emo_vector(text: str) -> tuple[float, ...]:
+    """`--emo-vector` text → 8 floats: comma- and/or space-separated. Range is checked by validated()."""
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if len(values) != len(EMOTIONS):
+        raise argparse.ArgumentTypeError(f"needs {len(EMOTIONS)} numbers ({' '.join(EMOTIONS)}), got {len(values)}")
+    return values
+
+
+def _cli_help(o: Option) -> str:
+    parts = [o.meta.help]
+    if o.kind in (int, float, tuple) and o.interval:
+        parts.append(f"range {o.interval}" + (f" {o.meta.unit}" if o.meta.unit else ""))
+    if o.default is not None:
+        parts.append(f"default {o.default_text}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def add_option_flags(ap: argparse.ArgumentParser, options: Sequence[Option] = OPTIONS) -> None:
+    """One flag per option, named after it (`inference_cfg_rate` → `--inference-cfg-rate`), plus
+    its aliases; every default is None (= not given), so `given_options` returns only what was typed."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for o in options:
+        title = GROUP_TITLES.get(o.meta.group, o.meta.group)
+        g = groups.get(title) or groups.setdefault(title, ap.add_argument_group(title))
+        names = [o.flag, *o.meta.aliases]
+        if o.kind is bool:
+            g.add_argument(*names, dest=o.name, action=argparse.BooleanOptionalAction, default=None, help=_cli_help(o))
+            if o.meta.off_alias is not None:
+                g.add_argument(o.meta.off_alias, dest=o.name, action="store_false", default=None,
+                               help=f"same as --no-{o.flag[2:]}")
+        elif o.kind is tuple:
+            g.add_argument(*names, dest=o.name, type=parse_emo_vector, default=None, metavar="W,W,...",
+                           help=_cli_help(o))
+        else:
+            g.add_argument(*names, dest=o.name, type=o.kind, choices=o.meta.choices, default=None,
+                           metavar=o.kind.__name__.upper(), help=_cli_help(o))
+
+
+def given_options(args: argparse.Namespace, options: Iterable[Option] = OPTIONS) -> dict[str, Any]:
+    """The options given on the command line (flags left out are absent: the upstream default applies)."""
+    return {o.name: getattr(args, o.name) for o in options if getattr(args, o.name, None) is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# docs/protocol.md
+
+
+def markdown_rows(options: Iterable[Option] = OPTIONS) -> list[str]:
+    """The option rows of the `synthesize` table in docs/protocol.md: field, type, default, unit, meaning."""
+    return [f"| `{o.name}` | {o.type_text} | {o.default_text} | {o.meta.unit} | {o.meta.help} |".replace("|  |", "| |")
+            for o in options]

@@ -32,7 +32,7 @@ from .campplus import CAMPPlus, load_campplus
 from .config import load_yaml
 from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
 from .device import resolve_device
-from .engine import Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
+from .engine import AcousticInput, Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
 from .errors import BadOptions, BadText, CheckpointError, ConfigError, DeviceFault, TtsdError
 from .flow import CFM, CFMRow, CFMSolve, load_cfm
 from .gpt import (
@@ -70,18 +70,6 @@ class Segment:
 class GptOutput:
     codes: Tensor  # (1, M) int64 semantic codes, stop token trimmed
     latent: Tensor  # (1, M, D) float32 second-pass latent
-
-
-@dataclass(frozen=True, slots=True)
-class AcousticInput:
-    """What the acoustic stage needs of one segment."""
-
-    voice: Voice
-    emovec: Tensor  # (1, D) in the GPT's dtype
-    segment: Segment
-    codes: Generated
-    opts: SynthesisOptions
-    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T); drawn from the seed otherwise
 
 
 def seed_for(seed: int, segment: int) -> int:

@@ -1,8 +1,12 @@
-"""`ttsd synth`: offline synthesis of one text with one voice into a WAV/FLAC/OGG file.
+"""`ttsd synth`: offline synthesis of one text with one voice into an audio file.
 
-The same Pipeline the daemon serves, run once from the command line. `--noise` injects CFM
-starting noise from a safetensors file (keys `seg{i}.noise`, shape [1, 80, P+T]) so the output
-can be compared sample by sample with a reference implementation."""
+The same Pipeline the daemon serves, run once from the command line, under the daemon's rules
+(ttsd.pipeline.rules): the same text and reference-audio limits and output formats. Everything
+that can be checked without the model is checked before it is loaded: the options, the text, the
+reference files, the output path and format, the device. Every failure is one line on stderr.
+Progress is shown per segment (a tqdm bar on a terminal when tqdm is installed, log lines
+otherwise). `--noise` injects CFM starting noise from a safetensors file (keys `seg{i}.noise`,
+shape [1, 80, P+T]) so the output can be compared sample by sample with a reference implementation."""
 
 from __future__ import annotations
 
@@ -10,127 +14,185 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
-from .errors import TtsdError
-from .options import EMOTIONS, SynthesisOptions
+import numpy as np
+
+from .errors import BadText, ConfigError, TtsdError
+from .options import SynthesisOptions, add_option_flags, given_options
 from .pcm import to_int16
+from .rules import (
+    MAX_REFERENCE_AUDIO_S,
+    MAX_TEXT_CHARS,
+    check_reference_audio,
+    check_text,
+    check_writable,
+    output_format,
+)
 
-log = logging.getLogger(__name__)
-
-
-def add_synthesis_flags(ap: argparse.ArgumentParser) -> None:
-    """Flags shared by `ttsd synth` and the benchmarks: emotion, sampling and segmentation options."""
-    d = SynthesisOptions()
-    g = ap.add_argument_group("emotion")
-    g.add_argument("--emo-audio", type=Path, help="emotion reference audio (default: the voice itself)")
-    g.add_argument(
-        "--emo-vector",
-        type=_emo_vector,
-        help=f"8 comma-separated weights in the order {','.join(EMOTIONS)}",
-    )
-    g.add_argument("--emo-alpha", type=float, default=d.emo_alpha, help="emotion strength (default %(default)s)")
-    g.add_argument("--emo-random", action="store_true", help="pick emotion-matrix rows at random (upstream use_random)")
-    s = ap.add_argument_group("sampling")
-    s.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False)")
-    s.add_argument("--temperature", type=float, default=d.temperature)
-    s.add_argument("--top-k", type=int, default=d.top_k)
-    s.add_argument("--top-p", type=float, default=d.top_p)
-    s.add_argument("--num-beams", type=int, default=d.num_beams)
-    s.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    s.add_argument("--max-mel-tokens", type=int, default=d.max_mel_tokens)
-    s.add_argument("--seed", type=int, help="seed for GPT sampling and CFM noise (reproducible output)")
-    a = ap.add_argument_group("acoustic / segmentation")
-    a.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
-    a.add_argument("--cfg-rate", type=float, default=d.inference_cfg_rate)
-    a.add_argument("--max-text-tokens-per-segment", type=int, default=d.max_text_tokens_per_segment)
-    a.add_argument("--quick-streaming-tokens", type=int, default=d.quick_streaming_tokens)
-    a.add_argument("--interval-silence-ms", type=int, default=d.interval_silence_ms)
-
-
-def options_from_args(args: argparse.Namespace) -> SynthesisOptions:
-    return SynthesisOptions(
-        emo_alpha=args.emo_alpha,
-        emo_vector=args.emo_vector,
-        use_random=args.emo_random,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        max_mel_tokens=args.max_mel_tokens,
-        diffusion_steps=args.diffusion_steps,
-        inference_cfg_rate=args.cfg_rate,
-        max_text_tokens_per_segment=args.max_text_tokens_per_segment,
-        quick_streaming_tokens=args.quick_streaming_tokens,
-        interval_silence_ms=args.interval_silence_ms,
-        seed=args.seed,
-    ).validated()
-
-
-def _emo_vector(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--emo-vector: {e}") from e
-    if len(values) != len(EMOTIONS):
-        raise argparse.ArgumentTypeError(f"--emo-vector needs {len(EMOTIONS)} values, got {len(values)}")
-    return values
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ttsd synth", description="Offline synthesis with a ttsd checkpoint directory.")
-    ap.add_argument("--checkpoints", type=Path, required=True, help="converted checkpoint directory (ttsd-convert)")
-    ap.add_argument("--voice", type=Path, required=True, help="speaker reference audio (wav/flac/ogg/mp3)")
-    ap.add_argument("--text", required=True, help="text to speak ('-' reads standard input)")
-    ap.add_argument("--out", type=Path, required=True, help="output file; format from the extension (wav/flac/ogg)")
-    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="GPT dtype")
-    ap.add_argument(
-        "--no-cuda-graphs", action="store_true", help="run the GPT decode step eagerly on CUDA (no torch.compile)"
-    )
-    ap.add_argument("--noise", type=Path, help="safetensors with CFM starting noise per segment (seg{i}.noise)")
-    add_synthesis_flags(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    import soundfile as sf
+if TYPE_CHECKING:
     import torch
 
     from .pipeline import Pipeline
+    from .requests import SegmentAudio
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED: Final = 1      # the model could not be loaded or synthesis failed
+EXIT_USAGE: Final = 2       # an argument is wrong; nothing was loaded
+EXIT_INTERRUPTED: Final = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ttsd synth", description="Offline synthesis with a ttsd checkpoint directory.",
+                                 epilog="Exit status: 0 done, 1 load or synthesis failed, 2 bad arguments.")
+    ap.add_argument("--checkpoints", type=Path, required=True, help="converted checkpoint directory (ttsd-convert)")
+    ap.add_argument("--voice", type=Path, required=True, help="speaker reference audio (wav/flac/ogg/mp3)")
+    ap.add_argument("--emo-audio", type=Path, help="emotion reference audio (default: the voice itself)")
+    ap.add_argument("--text", required=True, help="text to speak ('-' reads standard input)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="output file; the format follows the extension (wav, flac, ogg; mp3 where libsndfile has it)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="GPT dtype (default float32; float16 needs CUDA)")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="run the GPT decode step eagerly on CUDA (no torch.compile)")
+    ap.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS,
+                    help="longest text accepted, in characters (default %(default)s, as the daemon)")
+    ap.add_argument("--max-reference-audio-s", type=float, default=MAX_REFERENCE_AUDIO_S,
+                    help="longest reference audio accepted, in seconds (default %(default)s, as the daemon)")
+    ap.add_argument("--noise", type=Path, help="safetensors with CFM starting noise per segment (seg{i}.noise)")
+    add_option_flags(ap)
+    return ap
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    """A command line that passed every check that needs no model."""
+
+    text: str
+    opts: SynthesisOptions
+    out: Path
+    out_format: tuple[str, str]  # libsndfile (container, subtype)
+    device: torch.device
+
+
+def check(args: argparse.Namespace, text: str) -> Job:
+    """Everything that can be wrong before the model is loaded, in the order a user would fix it.
+    Raises a TtsdError with a one-line message."""
+    from .device import resolve_device
+
+    opts = SynthesisOptions(**given_options(args)).validated()
+    if args.max_text_chars < 1 or args.max_reference_audio_s <= 0:
+        raise ConfigError("--max-text-chars must be >= 1 and --max-reference-audio-s > 0")
+    if not text.strip():
+        raise BadText("text is empty")
+    check_text(text, args.max_text_chars)
+    check_reference_audio(args.voice, f"speaker reference audio {args.voice}", args.max_reference_audio_s)
+    if args.emo_audio is not None:
+        check_reference_audio(args.emo_audio, f"emotion reference audio {args.emo_audio}", args.max_reference_audio_s)
+    out_format = output_format(args.out)
+    check_writable(args.out)
+    if not args.checkpoints.is_dir():
+        raise ConfigError(f"no such checkpoint directory: {args.checkpoints}")
+    if args.noise is not None and not args.noise.is_file():
+        raise ConfigError(f"no such file: {args.noise}")
+    return Job(text=text, opts=opts, out=args.out, out_format=out_format, device=resolve_device(args.device))
+
+
+def render(segments: Iterable[SegmentAudio]) -> np.ndarray:
+    """Pipeline.stream's segments → the whole float PCM, each segment after its interval silence
+    (upstream's insert_interval_silence), exactly as Pipeline.synthesize joins them."""
+    parts: list[np.ndarray] = []
+    for seg in segments:
+        if seg.silence_samples:
+            parts.append(np.zeros(seg.silence_samples, dtype=np.float32))
+        parts.append(seg.samples)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def with_progress(segments: Iterator[SegmentAudio], total: int, sample_rate_hz: int) -> Iterator[SegmentAudio]:
+    """Pass the stream through, reporting each finished segment: a tqdm bar on a terminal, else log lines."""
+    bar: Any = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="segment", desc="ttsd synth", file=sys.stderr)
+        except ImportError:  # tqdm comes with the `convert` extra; plain lines do without it
+            bar = None
+    t0 = time.perf_counter()
+    try:
+        for i, seg in enumerate(segments, 1):
+            if bar is not None:
+                bar.update(1)
+            else:
+                log.info("segment %d/%d done audio_s=%.2f elapsed_s=%.1f text=%r",
+                         i, total, len(seg.samples) / sample_rate_hz, time.perf_counter() - t0, seg.segment.text[:60])
+            yield seg
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def synthesize(pipe: Pipeline, job: Job, args: argparse.Namespace) -> np.ndarray:
+    """Load the voice, then stream every segment of the text through the progress report → float PCM."""
+
     from .weights import read_tensors
 
+    voice = pipe.prepare_voice(args.voice, args.emo_audio, max_input_s=args.max_reference_audio_s)
+    noise: dict[int, torch.Tensor] | None = None
+    if args.noise is not None:
+        raw = read_tensors(args.noise)
+        noise = {int(k[3:].split(".")[0]): v for k, v in raw.items() if k.startswith("seg") and k.endswith(".noise")}
+    opts = pipe.check_options(job.opts)
+    segments = len(pipe.split_text(job.text, opts))
+    log.info("synth text_chars=%d segments=%d", len(job.text), segments)
+    return render(with_progress(pipe.stream(voice, job.text, opts, noise=noise), segments, pipe.sample_rate_hz))
+
+
+def write(path: Path, pcm: np.ndarray, sample_rate_hz: int, out_format: tuple[str, str]) -> None:
+    """Float PCM at ±32767 scale → the output file as 16-bit samples; ConfigError if it cannot be written."""
+    import soundfile as sf
+
+    container, subtype = out_format
+    try:
+        sf.write(str(path), to_int16(pcm), sample_rate_hz, format=container, subtype=subtype)
+    except (sf.SoundFileError, RuntimeError, OSError) as e:
+        raise ConfigError(f"cannot write {path}: {str(e).rsplit(': ', 1)[-1]}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     text = sys.stdin.read() if args.text == "-" else args.text
     try:
-        opts = options_from_args(args)
-        t0 = time.perf_counter()
-        pipe = Pipeline.load(
-            args.checkpoints, device=args.device, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs
-        )
-        t1 = time.perf_counter()
-        voice = pipe.prepare_voice(args.voice, args.emo_audio)
-        noise: dict[int, torch.Tensor] | None = None
-        if args.noise is not None:
-            raw = read_tensors(args.noise)
-            noise = {
-                int(k[3:].split(".")[0]): v for k, v in raw.items() if k.startswith("seg") and k.endswith(".noise")
-            }
-        pcm = pipe.synthesize(voice, text, opts, noise=noise)
-        t2 = time.perf_counter()
+        job = check(args, text)
     except TtsdError as e:
         print(f"ttsd synth: {e}", file=sys.stderr)
-        return 2
-    sf.write(str(args.out), to_int16(pcm), pipe.sample_rate_hz, subtype="PCM_16" if args.out.suffix == ".wav" else None)
+        return EXIT_USAGE
+    from .pipeline import Pipeline
+
+    try:
+        t0 = time.perf_counter()
+        pipe = Pipeline.load(args.checkpoints, device=job.device, dtype=args.dtype,
+                             cuda_graphs=not args.no_cuda_graphs, max_num_beams=job.opts.num_beams)
+        t1 = time.perf_counter()
+        pcm = synthesize(pipe, job, args)
+        t2 = time.perf_counter()
+        write(job.out, pcm, pipe.sample_rate_hz, job.out_format)
+    except TtsdError as e:
+        print(f"ttsd synth: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("ttsd synth: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     audio_s = len(pcm) / pipe.sample_rate_hz
-    log.info(
-        "synth done out=%s audio_s=%.2f load_s=%.2f synth_s=%.2f rtf=%.3f",
-        args.out,
-        audio_s,
-        t1 - t0,
-        t2 - t1,
-        (t2 - t1) / max(audio_s, 1e-9),
-    )
+    log.info("synth done out=%s audio_s=%.2f load_s=%.2f synth_s=%.2f rtf=%.3f",
+             job.out, audio_s, t1 - t0, t2 - t1, (t2 - t1) / max(audio_s, 1e-9))
     return 0
 
 

@@ -8,7 +8,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from ttsd.clients.client import (
     UnknownVoice,
 )
 from ttsd.daemon import protocol as p
+from ttsd.tools.ports import free_port
 
 from .conftest import FixtureSet
 
@@ -137,10 +137,8 @@ def _run_say(*args: str, stdin: str | None = None,
                           env=env or _clean_env())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _short_wav(path: Path) -> None:
+    soundfile.write(str(path), np.zeros(22050, dtype=np.int16), 22050, subtype="PCM_16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +246,9 @@ def test_say_sigint_cancels_on_the_daemon(daemon: Daemon, fx: FixtureSet, tmp_pa
 
 def test_say_reports_daemon_not_running(tmp_path: Path) -> None:
     """With nothing listening, ttsd-say prints one line naming the URL and exits 1."""
-    url = f"ws://127.0.0.1:{_free_port()}"
+    url = f"ws://127.0.0.1:{free_port()}"
     voice = tmp_path / "v.wav"
-    voice.write_bytes(b"RIFF")
+    _short_wav(voice)  # ttsd-say checks that the voice decodes before it connects
     proc = _run_say("--url", url, "--voice", str(voice), "--out", str(tmp_path / "o.wav"), "Hello.")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"ttsd-say: cannot connect to ttsd at {url}: is the daemon running?"]
@@ -381,7 +379,7 @@ async def test_unknown_error_code_is_a_plain_server_error(stub_url: str) -> None
 
 async def test_client_connect_error_names_the_url() -> None:
     """Connecting to a port nobody listens on raises ConnectError with the daemon hint."""
-    url = f"ws://127.0.0.1:{_free_port()}"
+    url = f"ws://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectError, match=re.escape(f"cannot connect to ttsd at {url}: is the daemon running?")):
         async with Client(url):
             pass
@@ -457,8 +455,8 @@ def test_say_reports_missing_audio_device(tmp_path: Path) -> None:
         pytest.skip(f"this machine has an audio output device ({out.stdout[3:].strip()}); "
                     "cannot check the no-device message")
     voice = tmp_path / "v.wav"
-    voice.write_bytes(b"RIFF")
-    proc = _run_say("--url", f"ws://127.0.0.1:{_free_port()}", "--voice", str(voice), "Hello.", env=env)
+    _short_wav(voice)  # ttsd-say checks that the voice decodes before it connects
+    proc = _run_say("--url", f"ws://127.0.0.1:{free_port()}", "--voice", str(voice), "Hello.", env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ttsd-say: no audio output device: "), proc.stderr

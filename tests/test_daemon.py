@@ -726,7 +726,7 @@ def test_random_weights_config(tmp_path: Path) -> None:
     from ttsd.daemon.cli import build_parser
     from ttsd.daemon.config import RANDOM_WEIGHT_PRESETS, from_args
     from ttsd.pipeline.errors import ConfigError
-    from ttsd.pipeline.tiny import PRESETS
+    from ttsd.tools.tiny import PRESETS
 
     assert set(RANDOM_WEIGHT_PRESETS) == set(PRESETS)
     config = from_args(build_parser().parse_args(["serve", "--random-weights", "full", "--random-seed", "7"]))

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
-from ttsd.pipeline.engine import Engine, Event, Request, RequestDone, RequestFailed, SegmentDone
+from ttsd.pipeline.engine import AcousticInput, Engine, Event, Request, RequestDone, RequestFailed, SegmentDone
 from ttsd.pipeline.errors import BadText
-from ttsd.pipeline.pipeline import AcousticInput
 from ttsd.pipeline.voice import Voice
 
 from .conftest import FixtureSet, assert_close

@@ -55,8 +55,14 @@ def test_every_variant_matches_golden_waveform(fx: FixtureSet, pipe: Pipeline, v
     assert_close(torch.from_numpy(pcm)[None], fx.golden(variant, "16_output")["wav_pcm"], f"{variant} wav_pcm")
 
 
-def test_synth_cli_writes_golden_wav(fx: FixtureSet, converted: Path, tmp_path: Path) -> None:
-    """`ttsd synth` on the fixture writes a 22050 Hz mono 16-bit WAV equal to upstream's base output."""
+def test_synth_cli_writes_golden_wav(
+    fx: FixtureSet, converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ttsd synth` on the fixture reports every segment and writes a 22050 Hz mono 16-bit WAV equal to
+    upstream's base output."""
+    import logging
+    import re
+
     from ttsd.pipeline.synth import main
 
     noise = tmp_path / "noise.safetensors"
@@ -65,6 +71,7 @@ def test_synth_cli_writes_golden_wav(fx: FixtureSet, converted: Path, tmp_path: 
     save_file({k: v.contiguous() for k, v in fx.golden("base", "14_cfm").items() if k.endswith(".noise")}, str(noise))
     opts = golden_options(fx, "base")
     out = tmp_path / "out.wav"
+    caplog.set_level(logging.INFO, logger="ttsd.pipeline.synth")
     rc = main(
         [
             "--checkpoints",
@@ -89,6 +96,9 @@ def test_synth_cli_writes_golden_wav(fx: FixtureSet, converted: Path, tmp_path: 
         ]
     )
     assert rc == 0
+    total = int(re.search(r"segments=(\d+)", caplog.text).group(1))  # type: ignore[union-attr]
+    done = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("segment ")]
+    assert done == [f"{i}/{total}" for i in range(1, total + 1)]
     info = sf.info(str(out))
     assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
     mine, _ = sf.read(str(out), dtype="int16")

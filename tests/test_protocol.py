@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import fields
-from typing import get_args
 
 import msgpack
 import pytest
 
 from ttsd.daemon import protocol as p
+from ttsd.pipeline.options import OPTIONS
 
 CLIENT_MESSAGES: list[p.ClientMessage] = [
     p.Hello(client="test/1", version=p.PROTOCOL_VERSION),
@@ -84,7 +83,8 @@ def test_optional_fields_default_when_absent() -> None:
 def test_integers_accepted_for_float_fields() -> None:
     """Encoders that write 1.0 as 1 are accepted for float fields."""
     msg = p.decode_client(frame(type="synthesize", id=1, text="x", voice="v", temperature=1))
-    assert isinstance(msg, p.Synthesize) and msg.temperature == 1.0 and type(msg.temperature) is float
+    assert isinstance(msg, p.Synthesize) and msg.option("temperature") == 1.0
+    assert type(msg.option("temperature")) is float
 
 
 @pytest.mark.parametrize(
@@ -216,8 +216,8 @@ def test_container_bomb_is_refused_before_it_is_built() -> None:
     [
         msgpack.packb([[[None] * 8] * 8] * 8),                                   # nested arrays
         frame(type="ping", nonce=1, x={"a": [1]}),                                # map > map > array
-        frame(type="synthesize", id=1, text="x", voice="v", emo_vector=[0.0] * 9),  # array over 8
-        frame(type="ping", **{f"k{i}": 0 for i in range(23)}),                    # map over 23 entries
+        frame(type="synthesize", id=1, text="x", voice="v", emo_vector=[0.0] * (p._MAX_ARRAY_LEN + 1)),
+        frame(type="ping", **{f"k{i}": 0 for i in range(p._MAX_MAP_LEN)}),        # map over the longest message
         frame(type="ping", nonce=msgpack.ExtType(1, b"\x00")),                    # extension type
     ],
     ids=["nested-arrays", "nested-maps", "long-array", "long-map", "ext-type"],
@@ -228,11 +228,14 @@ def test_frames_beyond_the_structure_limits_are_bad_frame(data: bytes) -> None:
 
 
 def test_largest_legal_messages_pass_the_structure_limits() -> None:
-    """A map as wide as the widest message, an 8-element emo_vector and a 16 MiB register_voice pass the limits."""
-    widest = max(get_args(p.Message), key=lambda m: len(fields(m)))
-    as_wide = rejects(frame(type="ping", **{f.name: 0 for f in fields(widest)}), p.ErrorCode.BAD_MESSAGE)
+    """A map as wide as a synthesize with every option set, an 8-element emo_vector and a 16 MiB
+    register_voice pass the limits."""
+    as_wide = rejects(frame(type="ping", **{f"k{i}": 0 for i in range(p._MAX_MAP_LEN - 1)}), p.ErrorCode.BAD_MESSAGE)
     assert "unknown field" in as_wide.detail       # decoded, then refused field by field
-    full = next(m for m in CLIENT_MESSAGES if isinstance(m, p.Synthesize) and m.emo_vector is not None)
+    every = {o.name: o.default if o.default is not None else (0.5,) * 8 if o.name == "emo_vector" else 1
+             for o in OPTIONS}
+    full = p.Synthesize(id=1, text="x", voice="v", emo_voice="w", **every)
+    assert len(msgpack.unpackb(p.encode(full))) == p._MAX_MAP_LEN  # the widest legal frame
     assert p.decode_client(p.encode(full)) == full
     big = p.RegisterVoice(id=1, audio=b"\x00" * (16 * 2**20 - 64))
     assert p.decode_client(p.encode(big)) == big

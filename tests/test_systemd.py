@@ -17,6 +17,7 @@ import pytest
 
 from ttsd.pipeline import download
 from ttsd.pipeline.download import RELEASE, FetchError, RemoteFile
+from ttsd.pipeline.errors import ConfigError
 
 from .conftest import REPO, FixtureSet
 
@@ -52,7 +53,7 @@ def test_fetch_lays_out_and_converts(fx: FixtureSet, tmp_path: Path) -> None:
     repos = {rf.repo_id for rf in stand_in.calls}
     assert repos == {"IndexTeam/IndexTTS-2", "facebook/w2v-bert-2.0", "amphion/MaskGCT", "funasr/campplus",
                      "nvidia/bigvgan_v2_22khz_80band_256x"}
-    official = tmp_path / "ckpt" / "official"
+    official = tmp_path / "ckpt.official"  # beside the converted directory, never inside it
     for rf in RELEASE:
         assert (official / rf.dest).read_bytes() == (fx.ckpt / rf.dest).read_bytes(), rf.dest
     assert manifest == tmp_path / "ckpt" / "manifest.json"
@@ -85,7 +86,7 @@ def test_fetch_rejects_error_pages_and_lfs_pointers(fx: FixtureSet, tmp_path: Pa
 
     with pytest.raises(FetchError, match="s2mel.pth"):
         download.fetch_and_convert(tmp_path / "ckpt", broken, progress=False)
-    assert not (tmp_path / "ckpt" / "manifest.json").exists()
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_fetch_checks_pinned_sha256(fx: FixtureSet, tmp_path: Path) -> None:
@@ -126,8 +127,17 @@ def test_fetch_cli_from_directory(fx: FixtureSet, tmp_path: Path) -> None:
     from ttsd.daemon.cli import main as ttsd
 
     assert ttsd(["fetch", "--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt)]) == 0
-    assert (tmp_path / "ckpt" / "official" / "hf_cache" / "bigvgan" / "bigvgan_generator.pt").is_file()
+    assert (tmp_path / "ckpt.official" / "hf_cache" / "bigvgan" / "bigvgan_generator.pt").is_file()
     assert set(json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["files"]) == CONVERTED_FILES
+
+
+def test_fetch_refuses_a_converted_destination_before_downloading(fx: FixtureSet, tmp_path: Path) -> None:
+    """A second `ttsd fetch` into a finished checkpoint downloads nothing and exits 2 naming --force."""
+    download.fetch_and_convert(tmp_path / "ckpt", StandIn(fx.ckpt), progress=False)
+    again = StandIn(fx.ckpt)
+    with pytest.raises(ConfigError, match="not empty; pass --force"):
+        download.fetch_and_convert(tmp_path / "ckpt", again, progress=False)
+    assert again.calls == []
 
 
 def test_fetch_cli_reports_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ttsd.pipeline import tiny
 from ttsd.pipeline.convert import convert, verify
 from ttsd.pipeline.errors import CheckpointError, CheckpointMismatch
+from ttsd.tools import tiny
 
 from .conftest import FixtureSet
 
@@ -213,12 +214,30 @@ def test_generated_model_synthesises_finite_audio_of_the_expected_length(generat
     assert bool(torch.isfinite(pcm).all())
 
 
-def test_random_pipeline_equals_the_loaded_generated_checkpoint(generated: Path) -> None:
-    """The in-memory random pipeline holds exactly the weights of the written, converted and loaded one."""
+def test_direct_converted_layout_equals_the_converted_official_files(generated: Path, tmp_path: Path) -> None:
+    """write_converted writes byte for byte what ttsd-convert makes of write_official (same seed)."""
+    manifest = tiny.write_converted(tmp_path / "direct", "tiny", seed=0)
+    direct = json.loads(manifest.read_text())
+    converted = json.loads((generated / "manifest.json").read_text())
+    assert direct["files"] == converted["files"]
+    verify(tmp_path / "direct")
+
+
+def test_random_pipeline_is_loaded_like_any_checkpoint(generated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """random_pipeline goes through Pipeline.load and holds exactly the weights of the converted official files."""
     from ttsd.pipeline import Pipeline
 
     loaded = Pipeline.load(generated, device="cpu")
+    calls: list[Path] = []
+    real_load = Pipeline.load.__func__  # type: ignore[attr-defined]  # the classmethod's function
+
+    def recording_load(cls: type[Pipeline], ckpt: Path, *args: Any, **kwargs: Any) -> Pipeline:
+        calls.append(Path(ckpt))
+        return real_load(cls, ckpt, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Pipeline, "load", classmethod(recording_load))
     memory = tiny.random_pipeline("tiny", seed=0)
+    assert len(calls) == 1 and not calls[0].exists()  # loaded from a temporary directory, removed since
     for name in ("gpt", "cfm", "length_regulator", "gpt_layer", "w2v", "w2v_stats", "codec", "campplus", "bigvgan"):
         want, have = getattr(loaded, name).state_dict(), getattr(memory, name).state_dict()
         assert have.keys() == want.keys(), name

@@ -6,8 +6,8 @@ weight is v), norm weights 1 + N(0, 0.05²), biases N(0, 0.02²), BatchNorm runn
 the values the modules compute. Each file draws from its own generator seeded by (seed, file).
 
 bpe.model is a SentencePiece BPE model trained on a small corpus: the English sentences of
-pipeline/data/bpe-corpus-english.txt (upper-cased, as the normaliser leaves them) and the CJK
-characters of pipeline/data/bpe-cjk-common.txt, extended from U+4E00 up for large vocabularies.
+tools/data/bpe-corpus-english.txt (upper-cased, as the normaliser leaves them) and the CJK
+characters of tools/data/bpe-cjk-common.txt, extended from U+4E00 up for large vocabularies.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from .bigvgan import AA_KERNEL, AA_RATIO, LowPassFilter1d, Snake, UpSample1d
-from .conformer import RelPositionalEncoding
-from .dit import DiT, TimestepEmbedder
-from .gpt import Conv1D
-from .layers import WeightNorm, WNConvTranspose1d
-from .semantic_codec import ConvNeXtBlock
+from ttsd.pipeline.bigvgan import AA_KERNEL, AA_RATIO, LowPassFilter1d, Snake, UpSample1d
+from ttsd.pipeline.conformer import RelPositionalEncoding
+from ttsd.pipeline.dit import DiT, TimestepEmbedder
+from ttsd.pipeline.gpt import Conv1D
+from ttsd.pipeline.layers import WeightNorm, WNConvTranspose1d
+from ttsd.pipeline.semantic_codec import ConvNeXtBlock
 
 
 def package_data(name: str) -> str:
-    """A package data file of pipeline/data/ (installed as ttsd/pipeline/data/)."""
-    return (files("ttsd.pipeline") / "data" / name).read_text(encoding="utf-8")
+    """A package data file of tools/data/ (installed as ttsd/tools/data/)."""
+    return (files("ttsd.tools") / "data" / name).read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,10 +9,17 @@ containers are exactly those the loaders expect; the tiny preset reproduces the 
 shapes of the shared fixture `indextts2-tiny-s1` file for file.
 
 Two presets: `tiny` (the fixture's dims, about 20 MB) and `full` (the real IndexTTS-2 sizes,
-about 6 GB on disk; mainly for `random_pipeline`, which builds it in memory for benchmarks).
-The release configurations (config.yaml, w2v-bert-2.0 and BigVGAN config.json) are package data
-in pipeline/data/; presets replace their dims only. The tensor values and bpe.model come from
-`tiny_random`: every file draws from its own generator seeded by (seed, file).
+about 6 GB on disk; for benchmarks). The release configurations (config.yaml, w2v-bert-2.0 and
+BigVGAN config.json) are package data in tools/data/; presets replace their dims only. The tensor
+values and bpe.model come from `tiny_random`: every file draws from its own generator seeded by
+(seed, file).
+
+`write_converted` writes the same model straight into the converted layout `ttsd-convert` would
+make of it (a test proves the bytes equal), without the official files in between; this is how
+`random_pipeline` (`ttsd serve --random-weights`, the benchmarks) builds a model: written to a
+temporary directory, then loaded by `Pipeline.load` like any checkpoint. This package is a tool
+for tests and demos: nothing in ttsd.pipeline or ttsd.daemon's request path imports it. It needs
+the `convert` extra (sentencepiece, protobuf, tqdm).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import logging
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,17 +42,23 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .bigvgan import BigVGAN, BigVGANConfig
-from .campplus import CAMPPlus, CAMPPlusConfig
-from .flow import CFM, CFMConfig
-from .gpt import GPTConfig, UnifiedVoice
-from .length_regulator import GptLayerConfig, InterpolateRegulator, LengthRegulatorConfig, build_gpt_layer
-from .semantic_codec import SemanticCodec, SemanticCodecConfig
+from ttsd.pipeline.bigvgan import BigVGAN, BigVGANConfig
+from ttsd.pipeline.campplus import CAMPPlus, CAMPPlusConfig
+from ttsd.pipeline.flow import CFM, CFMConfig
+from ttsd.pipeline.gpt import GPTConfig, UnifiedVoice
+from ttsd.pipeline.length_regulator import (
+    GptLayerConfig,
+    InterpolateRegulator,
+    LengthRegulatorConfig,
+    build_gpt_layer,
+)
+from ttsd.pipeline.semantic_codec import SemanticCodec, SemanticCodecConfig
+from ttsd.pipeline.w2v_bert import Encoder, W2VBert, W2VBertConfig
+
 from .tiny_random import file_generator, initialised, package_data, train_bpe
-from .w2v_bert import Encoder, W2VBert, W2VBertConfig
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from ttsd.pipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -359,53 +372,66 @@ def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, 
 
 
 # ------------------------------------------------------------------------------------------------
-# In memory (benchmarks at full size without writing ~6 GB)
+# The converted layout directly (what ttsd-convert makes of write_official's output)
 
 
-@dataclass(kw_only=True, slots=True)
-class RandomComponents:
-    """Every model of one preset, randomly initialised, on CPU in float32, weight norm not folded."""
+def converted_plan(p: Preset, seed: int) -> dict[str, Callable[[Path], None]]:
+    """Converted file name → writer, in convert.plan's order. Each state dict is written with the
+    keys and safetensors metadata conversion gives it: nesting as dotted prefixes, `format: pt`
+    except for the two files conversion copies as they are (MaskGCT's has no metadata)."""
+    official = plan(p, seed)
+    pt = {"format": "pt"}
 
-    config: dict[str, Any]
-    bpe_model: bytes
-    gpt: UnifiedVoice
-    cfm: CFM
-    length_regulator: InterpolateRegulator
-    gpt_layer: nn.Sequential
-    w2v: W2VBert  # the inference layers only
-    w2v_stats: dict[str, Tensor]
-    codec: SemanticCodec
-    campplus: CAMPPlus
-    bigvgan: BigVGAN
-    spk_matrix: Tensor
-    emo_matrix: Tensor
+    def write_tokenizer(path: Path) -> None:
+        from ttsd.pipeline.text.tokenizer import sentencepiece_to_json
 
-    def modules(self) -> Iterator[nn.Module]:
-        yield from (self.gpt, self.cfm, self.length_regulator, self.gpt_layer, self.w2v, self.codec)
-        yield from (self.campplus, self.bigvgan)
+        with tempfile.TemporaryDirectory() as tmp:
+            bpe = Path(tmp) / "bpe.model"
+            official["bpe.model"](bpe)
+            path.write_text(sentencepiece_to_json(bpe), encoding="utf-8")
+
+    def write_s2mel(path: Path) -> None:
+        parts = dict(zip(("cfm", "length_regulator", "gpt_layer"), build_s2mel(p, seed), strict=True))
+        _safetensors({f"{name}.{k}": v for name, m in parts.items() for k, v in _state(m).items()}, path, pt)
+
+    def write_emotion(path: Path) -> None:
+        spk, emo = build_emotion(p, seed)
+        _safetensors({"spk_matrix": spk.contiguous(), "emo_matrix": emo.contiguous()}, path, pt)
+
+    return {
+        "config.yaml": official["config.yaml"],
+        "tokenizer.json": write_tokenizer,
+        "gpt.safetensors": lambda path: _safetensors(_state(build_gpt(p, seed)), path, pt),
+        "s2mel.safetensors": write_s2mel,
+        "w2v_bert.json": official["hf_cache/w2v-bert-2.0/config.json"],
+        "w2v_bert.safetensors": official["hf_cache/w2v-bert-2.0/model.safetensors"],
+        "w2v_stats.safetensors": lambda path: _safetensors(build_w2v_stats(p, seed), path, pt),
+        "semantic_codec.safetensors": official["hf_cache/semantic_codec_model.safetensors"],
+        "campplus.safetensors": lambda path: _safetensors(_state(build_campplus(p, seed)), path, pt),
+        "bigvgan.json": official["hf_cache/bigvgan/config.json"],
+        "bigvgan.safetensors": lambda path: _safetensors(_state(build_bigvgan(p, seed)), path, pt),
+        "emotion.safetensors": write_emotion,
+    }
 
 
-def random_components(preset: str = "tiny", seed: int = 0) -> RandomComponents:
-    """The same weights `write_official(preset, seed)` writes, built in memory (w2v-BERT truncated)."""
+def write_converted(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, force: bool = False,
+                    progress: bool = False) -> Path:
+    """Write the converted checkpoint directory of `write_official(preset, seed)` without the official
+    files, with a manifest, under ttsd-convert's rules (a temporary directory renamed on success; a
+    non-empty `out_dir` only with `force`). Returns the manifest path."""
+    from ttsd.pipeline.convert import staged, write_manifest
+
     p = get_preset(preset)
-    config = preset_config(p)
-    cfm, lr, gpt_layer = build_s2mel(p, seed)
-    spk, emo = build_emotion(p, seed)
-    return RandomComponents(
-        config=config,
-        bpe_model=train_bpe(int(config["gpt"]["number_text_tokens"])),
-        gpt=build_gpt(p, seed),
-        cfm=cfm,
-        length_regulator=lr,
-        gpt_layer=gpt_layer,
-        w2v=build_w2v(p, seed, all_layers=False),
-        w2v_stats=build_w2v_stats(p, seed),
-        codec=build_codec(p, seed),
-        campplus=build_campplus(p, seed),
-        bigvgan=build_bigvgan(p, seed),
-        spk_matrix=spk,
-        emo_matrix=emo,
-    )
+    out = Path(out_dir)
+    steps = converted_plan(p, seed)
+    with staged(out, force=force) as tmp:
+        bar = tqdm(steps.items(), desc=f"random {p.name}", unit="file", disable=not progress, file=sys.stderr)
+        for name, write in bar:
+            bar.set_postfix_str(name)
+            write(tmp / name)
+        write_manifest(tmp, steps, source=f"ttsd make-tiny preset={p.name} seed={seed}")
+    log.info("random checkpoint written preset=%s seed=%d out=%s files=%d", p.name, seed, out, len(steps))
+    return out / "manifest.json"
 
 
 def random_pipeline(
@@ -417,57 +443,14 @@ def random_pipeline(
     cuda_graphs: bool = True,
     max_num_beams: int = 4,
 ) -> Pipeline:
-    """A `Pipeline` over `random_components(preset, seed)`, prepared as `Pipeline.load` prepares a
-    loaded one: weight norm folded, non-persistent buffers built on `device`, GPT in `dtype`."""
-    from .errors import ConfigError
-    from .gpt import EmotionMatrices
-    from .pipeline import DTYPES, Pipeline
-    from .text import TextNormalizer, TextTokenizer, sentencepiece_to_json
-    from .w2v_bert import W2VStats
-    from .weights import build_buffers
+    """A Pipeline over the weights of `write_official(preset, seed)`: written as a converted checkpoint
+    into a temporary directory (about 6 GB for `full`: mind $TMPDIR), loaded by `Pipeline.load`
+    exactly as a real checkpoint is, then deleted (the weights are in memory by then)."""
+    from ttsd.pipeline.pipeline import Pipeline
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    dev = torch.device(device)
-    c = random_components(preset, seed)
-    stats = W2VStats(c.w2v_stats["mean"].numel())
-    stats.mean, stats.var = c.w2v_stats["mean"], c.w2v_stats["var"]
-    emo_num = [int(n) for n in c.config["emo_num"]]
-    emotion = EmotionMatrices(emo_num, c.spk_matrix.size(1), c.emo_matrix.size(1))
-    emotion.spk_matrix, emotion.emo_matrix = c.spk_matrix, c.emo_matrix
-    c.codec.fold()
-    c.cfm.fold_weight_norm()
-    c.bigvgan.fold_weight_norm()
-    modules: list[nn.Module] = [*c.modules(), stats, emotion]
-    for m in modules:
-        m.to(dev)
-        build_buffers(m, dev)
-        m.eval().requires_grad_(False)
-    if dtype != "float32":
-        c.gpt.to(DTYPES[dtype])
-    from tokenizers import Tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        bpe = Path(tmp) / "bpe.model"
-        bpe.write_bytes(c.bpe_model)
-        tokenizer = TextTokenizer(tokenizer=Tokenizer.from_str(sentencepiece_to_json(bpe)), normalizer=TextNormalizer())
-    return Pipeline(
-        tokenizer=tokenizer,
-        w2v=c.w2v,
-        w2v_stats=stats,
-        codec=c.codec,
-        campplus=c.campplus,
-        gpt=c.gpt,
-        gpt_layer=c.gpt_layer,
-        length_regulator=c.length_regulator,
-        cfm=c.cfm,
-        bigvgan=c.bigvgan,
-        emotion=emotion,
-        device=dev,
-        gpt_dtype=DTYPES[dtype],
-        cuda_graphs=cuda_graphs,
-        max_num_beams=max_num_beams,
-    )
+    with tempfile.TemporaryDirectory(prefix=f"ttsd-random-{preset}-") as tmp:
+        ckpt = write_converted(Path(tmp) / "ckpt", preset, seed, progress=preset == "full").parent
+        return Pipeline.load(ckpt, device, dtype, cuda_graphs=cuda_graphs, max_num_beams=max_num_beams)
 
 
 def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
@@ -477,7 +460,7 @@ def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
     import numpy as np
     import soundfile as sf
 
-    from .audio import SAMPLE_RATE_HZ
+    from ttsd.pipeline.audio import SAMPLE_RATE_HZ
 
     rng = np.random.default_rng(seed)
     n = int(seconds * SAMPLE_RATE_HZ)
@@ -505,12 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voice", type=Path, metavar="WAV", help="also write a synthetic 6 s reference voice here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import TtsdError
+    from ttsd.pipeline.errors import TtsdError
 
     try:
         write_official(args.out, args.preset, args.seed, progress=True)
         if args.convert is not None:
-            from .convert import convert
+            from ttsd.pipeline.convert import convert
 
             convert(args.out, args.convert)
         if args.voice is not None:
