@@ -206,8 +206,8 @@ def test_fst_failures_fall_back_as_upstream(normalizer: TextNormalizer, caplog: 
         assert normalizer.normalize("\tIt's 5 o'clock.") == "\tIt is 5 o'clock."
         assert normalizer.normalize("你好\ud800") == ""
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
-    assert "text kept unnormalised" in caplog.records[0].getMessage()
-    assert "text dropped" in caplog.records[1].getMessage()
+    assert "lang=en result=unnormalised" in caplog.records[0].getMessage()
+    assert "lang=zh result=empty" in caplog.records[1].getMessage()
     assert all("\n" not in r.getMessage() and r.exc_info is None for r in caplog.records)
 
 

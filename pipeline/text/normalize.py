@@ -207,10 +207,10 @@ class TextNormalizer:
         try:
             result = _zh_normalizer().normalize(replaced)
         except NormalizationFailed as e:  # upstream prints the traceback and speaks nothing
-            log.warning("zh text normalisation failed, text dropped as upstream does: %s chars=%d", e, len(text))
+            log.warning("text normalisation failed lang=zh result=empty (as upstream) chars=%d reason=%s", len(text), e)
             result = ""
         except Exception:  # as upstream; only a bug gets here
-            log.exception("zh text normalisation raised; text dropped")
+            log.exception("text normalisation raised lang=zh result=empty")
             result = ""
         for i, name in enumerate(names):
             result = result.replace(f"<n_{chr(ord('a') + i)}>", name)
@@ -230,10 +230,12 @@ class TextNormalizer:
             if tech_terms:
                 result = _TECH_RESTORE_PATTERN.sub("-", result)
         except NormalizationFailed as e:  # upstream falls back to the text after contractions and glossary
-            log.warning("en text normalisation failed, text kept unnormalised: %s chars=%d", e, len(text))
+            log.warning(
+                "text normalisation failed lang=en result=unnormalised (as upstream) chars=%d reason=%s", len(text), e
+            )
             result = text
         except Exception:  # as upstream, e.g. a glossary reading that is a bad re template; a bug otherwise
-            log.exception("en text normalisation raised; text kept unnormalised")
+            log.exception("text normalisation raised lang=en result=unnormalised")
             result = text
         return apply_char_rep_map(result, CHAR_REP_MAP)
 
