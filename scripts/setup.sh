@@ -24,6 +24,8 @@ python -m pip install -q --upgrade pip
 # An extra index, not a replacement: torch's own dependencies still come from PyPI. One retry, so a
 # machine that cannot reach the PyTorch index (but has the wheel locally) is not held up for long.
 python -m pip install -q --retries 1 "${torch_index[@]}" "$TTSD_TORCH"
+# The text normaliser's graphs (read at run time, checked by SHA-256); pynini is not needed to run them.
+python -m pip install -q --no-deps "WeTextProcessing==1.2.0"
 python -m pip install -q -e '.[dev,client,convert]'
 python - <<'PY'
 import torch

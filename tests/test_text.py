@@ -25,6 +25,7 @@ from ttsd.pipeline.text import (
     use_chinese,
 )
 from ttsd.pipeline.text import normalize as normalize_mod
+from ttsd.pipeline.text.tn import NormalizationFailed
 
 from .conftest import FixtureSet
 
@@ -286,18 +287,23 @@ def test_glossary_dict_and_yaml(tmp_path: Path) -> None:
     assert TextNormalizer(glossary_path=tmp_path / "absent.yaml").normalize("TTS.") == "TTS."
 
 
-def test_zh_normaliser_failure_gives_empty_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    """When the Chinese FST raises, upstream's result is the empty string; English falls back to the input."""
+def test_zh_normaliser_failure_gives_empty_text(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the Chinese FST fails, upstream's result is the empty string; English falls back to the input;
+    each failure is one warning line without a traceback."""
 
     class Boom:
         def normalize(self, text: str) -> str:
-            raise RuntimeError("fst failure")
+            raise NormalizationFailed("fst failure")
 
     monkeypatch.setattr(normalize_mod, "_zh_normalizer", lambda: Boom())
     monkeypatch.setattr(normalize_mod, "_en_normalizer", lambda: Boom())
     n = TextNormalizer()
-    assert n.normalize("你好") == ""
-    assert n.normalize("who's (here)") == "who is 'here'"
+    with caplog.at_level(logging.WARNING, logger="ttsd.pipeline.text"):
+        assert n.normalize("你好") == ""
+        assert n.normalize("who's (here)") == "who is 'here'"
+    assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.WARNING, None)] * 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 Ports `TextNormalizer` from indextts/utils/front.py (IndexTTS2 constructs it with
 `enable_glossary=True`; a `glossary.yaml` beside the checkpoint replaces the term glossary).
-The FST back end is the `wetext` runtime of the WeTextProcessing graphs upstream uses on Linux,
-configured like upstream's Linux normaliser: interjections and erhua are kept, traditional
-characters become simplified and full-width characters half-width.
+The FST back end is WeTextProcessing 1.2.0, as upstream runs it on Linux (`tn.py`: its own graphs
+run with kaldifst, configured like upstream: interjections and erhua kept, traditional characters
+become simplified and full-width characters half-width).
 
 Every quirk of the upstream function is kept on purpose (see the spec, §1.1): the Chinese path
-returns "" when the FST raises, `，，，` becomes `,,,` (the alternation tries `，` first), all
-brackets and quotes become `'`, placeholders are restored with plain `str.replace`.
+returns "" when the FST fails, `，，，` becomes `,,,` (the alternation tries `，` first), all
+brackets and quotes become `'`, placeholders are restored with plain `str.replace`. Where upstream
+prints a traceback (text the graphs cannot process), ttsd logs one warning line instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+
+from .tn import NormalizationFailed, check_installed, chinese, english
 
 log = logging.getLogger(__name__)
 
@@ -103,27 +106,12 @@ class _Normalizer(Protocol):
     def normalize(self, text: str) -> str: ...
 
 
-@functools.cache
 def _zh_normalizer() -> _Normalizer:
-    # Built once per process: the FSTs take seconds to load. These flags are WeTextProcessing's
-    # zh defaults with upstream's remove_interjections=False, remove_erhua=False.
-    from wetext import Normalizer
-
-    return Normalizer(
-        lang="zh",
-        operator="tn",
-        remove_erhua=False,
-        remove_interjections=False,
-        traditional_to_simple=True,
-        full_to_half=True,
-    )
+    return chinese()
 
 
-@functools.cache
 def _en_normalizer() -> _Normalizer:
-    from wetext import Normalizer
-
-    return Normalizer(lang="en", operator="tn")
+    return english()
 
 
 def _spreadsheet_tag(n: int) -> str:
@@ -190,9 +178,11 @@ class TextNormalizer:
             for term in sorted(glossary, key=lambda t: len(str(t)), reverse=True)
         )
         object.__setattr__(self, "_terms", terms)
+        # A missing or wrong WeTextProcessing install fails here, when the pipeline loads, in one line.
+        check_installed()
 
     def load(self) -> None:
-        """Build the FST normalisers now (they are otherwise built on first use)."""
+        """Read the FST graphs now (about a second; they are otherwise read on first use)."""
         _zh_normalizer()
         _en_normalizer()
 
@@ -215,8 +205,11 @@ class TextNormalizer:
         replaced, names = self._save(replaced, NAME_PATTERN, "n")
         try:
             result = _zh_normalizer().normalize(replaced)
-        except Exception:  # upstream prints the traceback and speaks nothing
-            log.exception("zh text normalisation failed; text dropped")
+        except NormalizationFailed as e:  # upstream prints the traceback and speaks nothing
+            log.warning("text normalisation failed lang=zh result=empty (as upstream) chars=%d reason=%s", len(text), e)
+            result = ""
+        except Exception:  # as upstream; only a bug gets here
+            log.exception("text normalisation raised lang=zh result=empty")
             result = ""
         for i, name in enumerate(names):
             result = result.replace(f"<n_{chr(ord('a') + i)}>", name)
@@ -235,8 +228,13 @@ class TextNormalizer:
             result = _en_normalizer().normalize(replaced)
             if tech_terms:
                 result = _TECH_RESTORE_PATTERN.sub("-", result)
-        except Exception:  # upstream falls back to the text after contractions and glossary
-            log.exception("en text normalisation failed; using the text unnormalised")
+        except NormalizationFailed as e:  # upstream falls back to the text after contractions and glossary
+            log.warning(
+                "text normalisation failed lang=en result=unnormalised (as upstream) chars=%d reason=%s", len(text), e
+            )
+            result = text
+        except Exception:  # as upstream, e.g. a glossary reading that is a bad re template; a bug otherwise
+            log.exception("text normalisation raised lang=en result=unnormalised")
             result = text
         return apply_char_rep_map(result, CHAR_REP_MAP)
 
