@@ -218,6 +218,14 @@ def all_sets() -> list[FixtureSet]:
     return list(_SETS)
 
 
+DESELECTED = pytest.StashKey[bool]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        items[0].config.stash[DESELECTED] = True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The golden coverage check reads what every other test recorded: it runs last.
     last = [item for item in items if item.get_closest_marker("after_all")]
