@@ -29,10 +29,17 @@ def parts(converted: Path) -> Parts25:
     return load_parts25(converted, "cpu")
 
 
+_VOICES: dict[tuple[Path, str], Voice] = {}  # one preparation per set and variant, shared by the tests below
+
+
 def _voice(fx: FixtureSet, parts: Parts25, variant: str) -> Voice:
-    call = fx.variant(variant)["call"]
-    emo = call["emo_audio_prompt"]
-    return prepare_voice(parts, fx.input_path(call["spk_audio_prompt"]), None if emo is None else fx.input_path(emo))
+    key = (fx.root, variant)
+    if key not in _VOICES:
+        call = fx.variant(variant)["call"]
+        emo = call["emo_audio_prompt"]
+        spk = fx.input_path(call["spk_audio_prompt"])
+        _VOICES[key] = prepare_voice(parts, spk, None if emo is None else fx.input_path(emo))
+    return _VOICES[key]
 
 
 def _params(fx: FixtureSet, variant: str) -> DecodeParams:

@@ -143,21 +143,12 @@ def _sample(s2mel: S2Mel, fx: FixtureSet, variant: str, seg: str, **kw: Any) -> 
 
 @pytest.mark.model_versions("2", "2.5")
 def test_cfm_sampler_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
-    """The full Euler/CFG sampler from the golden noise reproduces mel_full and the vocoder input."""
+    """The full Euler/CFG sampler from the golden noise reproduces mel_full and the vocoder input of
+    every segment, and feeds the estimator upstream's inputs: the step count, the sequence length,
+    the time grid and the stacked x, accumulated t, prompt_x, style and mu."""
     g = fx.golden(variant, "14_cfm")
     vc = fx.golden(variant, "15_bigvgan")
     prompt_frames = fx.golden(variant, "05_ref_mel")["ref_mel"].size(-1)
-    for seg in _segments(fx, variant):
-        mel = _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
-        assert_close(mel, g[seg + "mel_full"], seg + "mel_full")
-        assert_close(mel[:, :, prompt_frames:], vc[seg + "vc_target"], seg + "vc_target")
-
-
-@pytest.mark.model_versions("2", "2.5")
-def test_cfm_feeds_estimator_like_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
-    """The sampler's step count, sequence length, time grid and stacked estimator inputs (x,
-    accumulated t, prompt_x, style, mu) match upstream's for every segment."""
-    g = fx.golden(variant, "14_cfm")
     seen: list[tuple[Tensor, ...]] = []
 
     def record(_: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -167,9 +158,12 @@ def test_cfm_feeds_estimator_like_upstream(fx: FixtureSet, variant: str, s2mel: 
         seen.clear()
         handle = s2mel.cfm.estimator.register_forward_pre_hook(record)
         try:
-            _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
+            mel = _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
         finally:
             handle.remove()
+        assert_close(mel, g[seg + "mel_full"], seg + "mel_full")
+        assert_close(mel[:, :, prompt_frames:], vc[seg + "vc_target"], seg + "vc_target")
+
         assert_equal(torch.tensor([len(seen)]), g[seg + "n_timesteps"], seg + "n_timesteps")
         x, prompt_x, t, style, mu = seen[0]
         assert_equal(torch.tensor([mu.size(1)]), g[seg + "x_lens"], seg + "x_lens")
