@@ -1,4 +1,4 @@
-"""ttsd-convert: an official IndexTTS-2 checkpoint directory → a ttsd checkpoint directory.
+"""ttsd-convert: an official IndexTTS-2 or IndexTTS-2.5 checkpoint directory → a ttsd checkpoint directory.
 
 Conversion changes only the container format. Official `.pth`/`.pt`/`.bin` files are read with
 `torch.load(weights_only=True)` and written as safetensors with the same keys; the only name
@@ -18,6 +18,12 @@ Source layout (the IndexTTS-2 release plus its auxiliary models, as `ttsd fetch`
     hf_cache/semantic_codec_model.safetensors
     hf_cache/campplus_cn_common.bin
     hf_cache/bigvgan/{bigvgan_generator.pt, config.json}
+
+IndexTTS-2.5 (config `version: 2.5`; without the key: codec.pth and a `*.tiktoken` present and
+no bpe.model) has `codec.pth` and `multilingual_zh_ja_yue_char_del.tiktoken` instead of
+bpe.model and the MaskGCT codec, and its s2mel.pth has no `gpt_layer`. It converts to
+codec.safetensors (codec.pth's `model` dict) and tokenizer.tiktoken (the vocabulary, copied);
+see `plan_v25`.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import load_yaml
+from .config import V2_5, load_yaml, model_version
 from .errors import CheckpointError, ConfigError, TtsdError, missing_extra
 
 log = logging.getLogger(__name__)
@@ -113,18 +119,20 @@ def _gpt(src: SourceLayout) -> dict[str, torch.Tensor]:
     return _flatten(state)
 
 
-def _s2mel(src: SourceLayout) -> dict[str, torch.Tensor]:
+S2MEL_PARTS = ("cfm", "length_regulator", "gpt_layer")  # what infer_v2 loads from s2mel.pth
+S2MEL_PARTS_V25 = ("cfm", "length_regulator")  # infer_v2_5 builds MyModel without gpt_layer
+
+
+def _s2mel(src: SourceLayout, parts: tuple[str, ...] = S2MEL_PARTS) -> dict[str, torch.Tensor]:
     state = _torch_load(src.s2mel)
     if not isinstance(state, Mapping) or "net" not in state:
         raise CheckpointError(f"{src.s2mel}: expected a dict with key 'net'")
-    # Only the three sub-models infer_v2 loads; other top-level entries (optimizer, etc.) are training state.
+    # Only the sub-models inference loads; other top-level entries (optimizer, etc.) are training state.
     net = state["net"]
-    missing = [k for k in ("cfm", "length_regulator", "gpt_layer") if k not in net]
+    missing = [k for k in parts if k not in net]
     if missing:
         raise CheckpointError(f"{src.s2mel}: 'net' lacks {missing}")
-    return {
-        k: v for name in ("cfm", "length_regulator", "gpt_layer") for k, v in _flatten(net[name], f"{name}.").items()
-    }
+    return {k: v for name in parts for k, v in _flatten(net[name], f"{name}.").items()}
 
 
 def _w2v_stats(src: SourceLayout) -> dict[str, torch.Tensor]:
@@ -204,6 +212,55 @@ def plan(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
     }
 
 
+TIKTOKEN_NAME = "multilingual_zh_ja_yue_char_del.tiktoken"  # get_tokenizer(multilingual=True) reads this name
+
+
+def source_version(src: SourceLayout) -> str:
+    """The model version of an official directory: the config's `version` when it has one, else
+    IndexTTS-2.5 if codec.pth and a `*.tiktoken` are present and bpe.model is not, else IndexTTS-2."""
+    if "version" in src.config:
+        return model_version(src.config, str(src.root / "config.yaml"))
+    root = src.root
+    v25 = (root / "codec.pth").is_file() and any(root.glob("*.tiktoken")) and not (root / "bpe.model").is_file()
+    return V2_5 if v25 else model_version(src.config)
+
+
+def tiktoken_source(src: SourceLayout) -> Path:
+    """The 2.5 vocabulary: upstream's fixed file name, else the directory's only `*.tiktoken`."""
+    named = src.root / TIKTOKEN_NAME
+    if named.is_file():
+        return named
+    found = sorted(src.root.glob("*.tiktoken"))
+    if len(found) != 1:
+        what = "none" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
+        raise CheckpointError(f"{src.root}: expected {TIKTOKEN_NAME} (or one *.tiktoken file), found {what}")
+    return found[0]
+
+
+def _codec25(src: SourceLayout) -> dict[str, torch.Tensor]:
+    path = src.path("codec.pth")
+    state = _torch_load(path)
+    # EnhancedCodec.load_checkpoint reads checkpoint["model"].
+    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
+        raise CheckpointError(f"{path}: expected a dict with key 'model'")
+    return _flatten(state["model"])
+
+
+def plan_v25(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
+    """IndexTTS-2.5: output file name → writer (the IndexTTS-2 set with tokenizer.tiktoken for
+    tokenizer.json, codec.safetensors for semantic_codec.safetensors, and no s2mel gpt_layer)."""
+    steps = plan(src)
+    del steps["tokenizer.json"], steps["semantic_codec.safetensors"]
+    steps.update(
+        {
+            "tokenizer.tiktoken": _copy(lambda: tiktoken_source(src)),
+            "s2mel.safetensors": _tensors(lambda: _s2mel(src, S2MEL_PARTS_V25)),
+            "codec.safetensors": _tensors(lambda: _codec25(src)),
+        }
+    )
+    return steps
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -272,7 +329,7 @@ def convert(src_dir: Path, dst_dir: Path, progress: bool = True, *, force: bool 
     check_destination(src_dir, dst_dir, force=force)
     config = load_yaml(cfg_path)
     src = SourceLayout(root=src_dir, config=config)
-    steps = plan(src)
+    steps = plan_v25(src) if source_version(src) == V2_5 else plan(src)
     with staged(dst_dir, force=force) as tmp:
         bar = tqdm(steps.items(), desc="convert", unit="file", disable=not progress, file=sys.stderr)
         for name, write in bar:
@@ -302,7 +359,7 @@ def verify(ckpt_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ttsd-convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", type=Path, help="official IndexTTS-2 checkpoint directory")
+    ap.add_argument("src", type=Path, help="official IndexTTS-2 or IndexTTS-2.5 checkpoint directory")
     ap.add_argument("dst", type=Path, help="output ttsd checkpoint directory (absent or empty)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty destination")
     ap.add_argument("--verify", action="store_true", help="re-hash the written files against the manifest")

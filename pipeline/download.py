@@ -1,4 +1,4 @@
-"""ttsd fetch: download the official IndexTTS-2 release and its auxiliary models, then convert.
+"""ttsd fetch: download an official IndexTTS-2 or IndexTTS-2.5 release and its auxiliary models, then convert.
 
 The files are placed in the official source layout that `ttsd.pipeline.convert` reads (see its
 docstring), each one is verified, and `convert(src, dst)` writes the ttsd checkpoint directory
@@ -32,7 +32,9 @@ from .errors import CheckpointError, TtsdError, missing_extra
 log = logging.getLogger(__name__)
 
 INDEXTTS2_REPO = "IndexTeam/IndexTTS-2"
-DEFAULT_DST = Path("checkpoints") / "IndexTTS-2"
+INDEXTTS25_REPO = "IndexTeam/IndexTTS-2.5"
+CHECKPOINTS = Path("checkpoints")  # DST defaults to CHECKPOINTS/<the release's repository name>
+DEFAULT_DST = CHECKPOINTS / "IndexTTS-2"  # that of the default model
 SOURCE_SUFFIX = ".official"         # <dst>.official/ holds the files as released
 RECORD_NAME = "fetch.json"          # what was downloaded, from where, with its SHA-256
 
@@ -51,7 +53,7 @@ class RemoteFile:
     repo_id: str                # hub repository, e.g. "IndexTeam/IndexTTS-2"
     filename: str               # path inside that repository
     dest: str                   # path inside the official source layout (convert.py's docstring)
-    kind: str                   # container format checked after download: torch|safetensors|json|yaml|spm
+    kind: str                   # format checked after download: torch|safetensors|json|yaml|spm|tiktoken
     sha256: str | None = None   # pinned digest where one is published; None means "not pinned"
     revision: str | None = None  # branch, tag or commit; None is the repository's default branch
 
@@ -82,6 +84,47 @@ RELEASE: tuple[RemoteFile, ...] = (
     RemoteFile(repo_id="nvidia/bigvgan_v2_22khz_80band_256x", filename="config.json",
                dest="hf_cache/bigvgan/config.json", kind="json"),
 )
+
+# IndexTTS-2.5 as infer_v2_5 loads it (its file names: config.yaml's gpt_checkpoint, s2mel_checkpoint,
+# w2v_stat, spk_matrix, emo_matrix, which upstream's webui checks for too, plus the hard-coded
+# codec.pth and get_tokenizer's vocabulary name) and the same auxiliary models minus the MaskGCT
+# codec, which 2.5 never reads. qwen0.6bemo4-merge/ is left out as for IndexTTS-2.
+RELEASE_V25: tuple[RemoteFile, ...] = (
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="config.yaml", dest="config.yaml", kind="yaml"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="gpt.pth", dest="gpt.pth", kind="torch"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="s2mel.pth", dest="s2mel.pth", kind="torch"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="codec.pth", dest="codec.pth", kind="torch"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="multilingual_zh_ja_yue_char_del.tiktoken",
+               dest="multilingual_zh_ja_yue_char_del.tiktoken", kind="tiktoken"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="wav2vec2bert_stats.pt", dest="wav2vec2bert_stats.pt",
+               kind="torch"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="feat1.pt", dest="feat1.pt", kind="torch"),
+    RemoteFile(repo_id=INDEXTTS25_REPO, filename="feat2.pt", dest="feat2.pt", kind="torch"),
+    *(rf for rf in RELEASE if rf.repo_id not in (INDEXTTS2_REPO, "amphion/MaskGCT")),
+)
+
+# `ttsd fetch --model NAME` → (the model's own repository, every file to fetch).
+MODELS: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
+    "indextts-2": (INDEXTTS2_REPO, RELEASE),
+    "indextts-2.5": (INDEXTTS25_REPO, RELEASE_V25),
+}
+DEFAULT_MODEL = "indextts-2"  # the daemon serves IndexTTS-2 checkpoints today
+
+
+def release_files(model: str, revision: str | None = None) -> tuple[RemoteFile, ...]:
+    """The files of `model` (a MODELS key), with `revision` applied to the model's own repository."""
+    try:
+        repo, files = MODELS[model]
+    except KeyError:
+        raise FetchError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}") from None
+    if revision is None:
+        return files
+    return tuple(
+        RemoteFile(repo_id=rf.repo_id, filename=rf.filename, dest=rf.dest, kind=rf.kind, sha256=rf.sha256,
+                   revision=revision) if rf.repo_id == repo else rf
+        for rf in files
+    )
+
 
 Downloader = Callable[[RemoteFile, Path], None]
 """Writes `RemoteFile` to the given path (parents exist); raises on failure."""
@@ -122,6 +165,10 @@ def check_format(path: Path, kind: str) -> None:
             ok = isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict)
         except (UnicodeDecodeError, yaml.YAMLError):
             ok = False
+    elif kind == "tiktoken":
+        # One `base64(piece) rank` pair per line (utils/tokenizer.get_encoding's format).
+        first = head.split(b"\n", 1)[0].split()
+        ok = len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) is not None
     elif kind == "spm":
         # A SentencePiece ModelProto starts with field 1 (pieces), wire type 2: tag byte 0x0a.
         ok = head[:1] == b"\x0a"
@@ -237,6 +284,11 @@ def fetch_and_convert(dst_dir: Path, download: Downloader, *, src_dir: Path | No
     return convert(src_dir, dst_dir, progress=progress, force=force)
 
 
+def default_dst(model: str) -> Path:
+    """Where `ttsd fetch --model MODEL` converts to by default: checkpoints/IndexTTS-2, checkpoints/IndexTTS-2.5."""
+    return CHECKPOINTS / MODELS[model][0].split("/")[-1]
+
+
 def source_dir(dst_dir: Path) -> Path:
     """Where the official files go by default: beside the converted directory, never inside it."""
     return dst_dir.with_name(dst_dir.name + SOURCE_SUFFIX)
@@ -244,13 +296,15 @@ def source_dir(dst_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ttsd fetch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dst", type=Path, default=DEFAULT_DST,
-                    help="converted checkpoint directory (default: %(default)s)")
+    ap.add_argument("--dst", type=Path, default=None,
+                    help="converted checkpoint directory (default: checkpoints/IndexTTS-2 or checkpoints/IndexTTS-2.5)")
     ap.add_argument("--src", type=Path, default=None,
                     help=f"where the official files are laid out (default: DST{SOURCE_SUFFIX})")
     ap.add_argument("--from-dir", type=Path, default=None,
                     help="copy from a local directory in the official layout instead of downloading")
-    ap.add_argument("--revision", default=None, help=f"branch, tag or commit of {INDEXTTS2_REPO}")
+    ap.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                    help="which release to fetch (default: %(default)s)")
+    ap.add_argument("--revision", default=None, help="branch, tag or commit of the model's repository")
     ap.add_argument("--cache-dir", type=Path, default=None, help="hub cache directory (default: the hub's)")
     ap.add_argument("--token", default=None, help="hub access token (default: the hub's login, if any)")
     ap.add_argument("--force", action="store_true",
@@ -259,10 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    files = tuple(RemoteFile(repo_id=rf.repo_id, filename=rf.filename, dest=rf.dest, kind=rf.kind,
-                             sha256=rf.sha256, revision=args.revision)
-                  if rf.repo_id == INDEXTTS2_REPO and args.revision else rf for rf in RELEASE)
-    src = args.src if args.src is not None else source_dir(args.dst)
+    files = release_files(args.model, args.revision)
+    dst = args.dst if args.dst is not None else default_dst(args.model)
+    src = args.src if args.src is not None else source_dir(dst)
     try:
         download = (directory_downloader(args.from_dir) if args.from_dir is not None
                     else hub_downloader(cache_dir=args.cache_dir, token=args.token))
@@ -270,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             fetch(src, download, files=files, force=args.force)
             print(f"ttsd fetch: official files in {src}", file=sys.stderr)
         else:
-            manifest = fetch_and_convert(args.dst, download, src_dir=src, files=files, force=args.force)
+            manifest = fetch_and_convert(dst, download, src_dir=src, files=files, force=args.force)
             print(f"ttsd fetch: converted checkpoint in {manifest.parent}", file=sys.stderr)
     except TtsdError as e:
         print(f"ttsd fetch: {e}", file=sys.stderr)

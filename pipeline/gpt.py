@@ -1,11 +1,12 @@
 """UnifiedVoice: the IndexTTS2 GPT (GPT-2 decoder over conditioning, text and semantic-code tokens).
 
-Ports indextts/gpt/model_v2.py (`UnifiedVoice` in `conformer_perceiver` / `conformer` speaker
-mode: conditioning, emotion vectors, `prepare_gpt_inputs`, the second-pass latent), the
-HF GPT-2 stack it wraps (transformers 4.52 `GPT2Model` with `wpe` zeroed and `wte` unused) and
-the emotion-matrix mixing of indextts/infer_v2.py. Module names match gpt.pth key for key, so
-loading is a strict `load_state_dict`. Per-request state (the KV cache, owned by decode.py) is passed in
-as per-layer tensors.
+Ports indextts/gpt/model_v2.py (`UnifiedVoice` in `conformer_perceiver` speaker mode, which
+IndexTTS-2 uses, and in `campplus` mode, which IndexTTS-2.5's infer_v2_5 uses: conditioning,
+emotion vectors, `prepare_gpt_inputs`, the second-pass latent), the HF GPT-2 stack it wraps
+(transformers 4.52 `GPT2Model` with `wpe` zeroed and `wte` unused) and the emotion-matrix mixing
+of indextts/infer_v2.py. Module names match gpt.pth key for key, so loading is a strict
+`load_state_dict`; which speaker mode a checkpoint uses is read from its tensors (`spk_emb_proj`).
+Per-request state (the KV cache, owned by decode.py) is passed in as per-layer tensors.
 Shapes: B batch (beams), T w2v-BERT frames, W w2v-BERT width, L text tokens, N semantic codes,
 S sequence positions, S_max cache capacity, D model_dim, H heads, Dh head dim, V vocabulary."""
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import require, shape
+from .config import V2, V2_5, model_version, require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .errors import ConfigError
 from .perceiver import PerceiverConfig, PerceiverResampler
@@ -30,7 +31,8 @@ from .weights import load_module, read_shapes
 LayerKV = tuple[Tensor, Tensor]  # one layer's (K, V) cache, each [B, H, S_cap, Dh]
 
 LN_EPS = 1e-5  # GPT2Config.layer_norm_epsilon default; also final_norm
-SPEED_TOKENS = 2  # speed_emb[1] then speed_emb[0] follow the speaker latents
+SPEED_TOKENS = 2  # speed_emb[1] then speed_emb[0] follow the speaker latents (2.5: two zero rows)
+CAMPPLUS_LATENTS = 1  # 2.5: spk_emb_proj(style) is one conditioning row
 EMO_CATEGORIES = 8  # happy angry sad afraid disgusted melancholic surprised calm
 
 
@@ -39,6 +41,14 @@ def _count_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
     while f"{prefix}{n}.0.to_q.weight" in shapes:
         n += 1
     return n
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CampplusConditioning:
+    """IndexTTS-2.5 speaker conditioning (upstream `spk_cond_mode="campplus"`); dims from gpt.safetensors."""
+
+    style_dim: int  # spk_emb_proj in-features: the CAMPPlus embedding (192)
+    num_languages: int  # lang_embedding rows: len(LANGUAGE_DICT) + 1 (107)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,15 +64,22 @@ class GPTConfig:
     stop_mel_token: int  # gpt.stop_mel_token
     start_text_token: int  # gpt.start_text_token
     stop_text_token: int  # gpt.stop_text_token
-    condition_module: ConformerConfig  # gpt.condition_module (+ input width from shapes)
+    # Speaker conformer + perceiver (IndexTTS-2); None in campplus mode, which builds neither.
+    condition_module: ConformerConfig | None  # gpt.condition_module (+ input width from shapes)
+    perceiver_mult: int | None  # gpt.condition_module.perceiver_mult
+    campplus: CampplusConditioning | None  # IndexTTS-2.5 speaker conditioning; None for IndexTTS-2
     emo_condition_module: ConformerConfig  # gpt.emo_condition_module (+ input width from shapes)
-    perceiver_mult: int  # gpt.condition_module.perceiver_mult
     emo_perceiver_mult: int  # gpt.emo_condition_module.perceiver_mult
     # Hard-coded upstream, read from gpt.safetensors shapes:
-    condition_num_latent: int  # perceiver_encoder.latents rows (32)
+    condition_num_latent: int  # perceiver_encoder.latents rows (32); 1 in campplus mode
     w2v_dim: int  # emovec_layer in-features (1024: w2v-BERT width, emo perceiver dim)
-    perceiver_dim_head: int  # perceiver to_q rows / heads (64)
-    perceiver_depth: int  # perceiver layers (2)
+    perceiver_dim_head: int  # perceiver to_q rows / heads (64); the emotion perceiver's in campplus mode
+    perceiver_depth: int  # perceiver layers (2); the emotion perceiver's in campplus mode
+
+    @property
+    def version(self) -> str:
+        """The model version this GPT belongs to (config.V2 or config.V2_5)."""
+        return V2 if self.campplus is None else V2_5
 
     @property
     def head_dim(self) -> int:
@@ -78,10 +95,12 @@ class GPTConfig:
 
     @property
     def prefix_conds(self) -> int:
-        return self.condition_num_latent + SPEED_TOKENS  # 34 conditioning tokens before the text
+        return self.condition_num_latent + SPEED_TOKENS  # conditioning rows before the text: 34 (v2), 3 (2.5)
 
     def perceiver(self) -> PerceiverConfig:
         c = self.condition_module
+        if c is None or self.perceiver_mult is None:
+            raise ConfigError("campplus speaker conditioning has no speaker perceiver")
         return PerceiverConfig(
             dim=self.model_dim,
             dim_context=c.output_size,
@@ -106,9 +125,18 @@ class GPTConfig:
 
     @classmethod
     def from_yaml(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> GPTConfig:
-        """Build from the parsed config.yaml and `weights.read_shapes(gpt.safetensors)`."""
+        """Build from the parsed config.yaml and `weights.read_shapes(gpt.safetensors)`.
+
+        The speaker mode comes from the checkpoint: `spk_emb_proj` means campplus (IndexTTS-2.5),
+        and it must agree with the config's `version`."""
         g = require(config, "gpt", "")
-        if require(g, "condition_type", "gpt") != "conformer_perceiver":
+        version = model_version(config)
+        campplus = "spk_emb_proj.weight" in shapes
+        if campplus != (version == V2_5):
+            have = "has" if campplus else "lacks"
+            raise ConfigError(f"config.yaml says version {version} but gpt.safetensors {have} spk_emb_proj")
+        # 2.5 configs keep condition_type, but campplus mode never reads it.
+        if not campplus and require(g, "condition_type", "gpt") != "conformer_perceiver":
             raise ConfigError("gpt.condition_type: only conformer_perceiver (IndexTTS2) is supported")
         w2v_dim = shape(shapes, "emovec_layer.weight", "gpt.safetensors")[1]
 
@@ -123,7 +151,19 @@ class GPTConfig:
                 input_layer=str(require(raw, "input_layer", where)),
             )
 
-        cond, emo = conformer("condition_module"), conformer("emo_condition_module")
+        emo = conformer("emo_condition_module")
+        if campplus:
+            cond, perceiver_mult, latents, perceiver = None, None, CAMPPLUS_LATENTS, "emo_perceiver_encoder"
+            heads = emo.attention_heads
+            spk = CampplusConditioning(
+                style_dim=shape(shapes, "spk_emb_proj.weight", "gpt.safetensors")[1],
+                num_languages=shape(shapes, "lang_embedding.weight", "gpt.safetensors")[0],
+            )
+        else:
+            cond, perceiver, spk = conformer("condition_module"), "perceiver_encoder", None
+            perceiver_mult = int(require(g["condition_module"], "perceiver_mult", "gpt.condition_module"))
+            latents = shape(shapes, "perceiver_encoder.latents", "gpt.safetensors")[0]
+            heads = cond.attention_heads
         return cls(
             model_dim=int(require(g, "model_dim", "gpt")),
             heads=int(require(g, "heads", "gpt")),
@@ -137,14 +177,14 @@ class GPTConfig:
             start_text_token=int(require(g, "start_text_token", "gpt")),
             stop_text_token=int(require(g, "stop_text_token", "gpt")),
             condition_module=cond,
+            perceiver_mult=perceiver_mult,
+            campplus=spk,
             emo_condition_module=emo,
-            perceiver_mult=int(require(g["condition_module"], "perceiver_mult", "gpt.condition_module")),
             emo_perceiver_mult=int(require(g["emo_condition_module"], "perceiver_mult", "gpt.emo_condition_module")),
-            condition_num_latent=shape(shapes, "perceiver_encoder.latents", "gpt.safetensors")[0],
+            condition_num_latent=latents,
             w2v_dim=w2v_dim,
-            perceiver_dim_head=shape(shapes, "perceiver_encoder.layers.0.0.to_q.weight", "gpt.safetensors")[0]
-            // cond.attention_heads,
-            perceiver_depth=_count_layers(shapes, "perceiver_encoder.layers."),
+            perceiver_dim_head=shape(shapes, f"{perceiver}.layers.0.0.to_q.weight", "gpt.safetensors")[0] // heads,
+            perceiver_depth=_count_layers(shapes, f"{perceiver}.layers."),
         )
 
 
@@ -283,12 +323,19 @@ class UnifiedVoice(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.model_dim
-        self.conditioning_encoder = ConformerEncoder(cfg.condition_module)
-        self.perceiver_encoder = PerceiverResampler(cfg.perceiver())
+        if cfg.campplus is None:
+            assert cfg.condition_module is not None  # GPTConfig.from_yaml sets both or neither
+            self.conditioning_encoder = ConformerEncoder(cfg.condition_module)
+            self.perceiver_encoder = PerceiverResampler(cfg.perceiver())
+        else:
+            self.spk_emb_proj = nn.Linear(cfg.campplus.style_dim, d)  # CAMPPlus style → one conditioning row
         self.emo_conditioning_encoder = ConformerEncoder(cfg.emo_condition_module)
         self.emo_perceiver_encoder = PerceiverResampler(cfg.emo_perceiver())
-        self.speed_emb = nn.Embedding(SPEED_TOKENS, d)
+        if cfg.campplus is None:
+            self.speed_emb = nn.Embedding(SPEED_TOKENS, d)
         self.text_embedding = nn.Embedding(cfg.number_text_tokens + 1, d)
+        if cfg.campplus is not None:
+            self.lang_embedding = nn.Embedding(cfg.campplus.num_languages, d)  # added to every text position
         self.emo_layer = nn.Linear(d, d)
         self.emovec_layer = nn.Linear(cfg.w2v_dim, d)
         self.mel_embedding = nn.Embedding(cfg.number_mel_codes, d)
@@ -306,6 +353,14 @@ class UnifiedVoice(nn.Module):
         """Upstream passes `x.shape[-1]` of a [B, T, W] tensor as the frame count: W, not T (kept)."""
         return torch.full((x.size(0),), x.size(-1), dtype=torch.long, device=x.device)
 
+    def speaker_latent(self, spk_cond_emb: Tensor, style: Tensor) -> Tensor:
+        """The speaker rows of the prefix (what emovec is added to), per speaker mode:
+        IndexTTS-2: w2v-BERT features [B, T, W] → conformer → perceiver → [B, 32, D];
+        IndexTTS-2.5: spk_emb_proj(CAMPPlus style [B, 192]) → [B, 1, D]. The other input is unused."""
+        if self.cfg.campplus is None:
+            return self.conditioning_latent(spk_cond_emb)
+        return self.spk_emb_proj(style).unsqueeze(1)
+
     def conditioning_latent(self, spk_cond_emb: Tensor) -> Tensor:
         """Speaker latents: [B, T, W] w2v-BERT features → conformer → perceiver → [B, 32, D]."""
         h, mask = self.conditioning_encoder(spk_cond_emb, self.quirk_lengths(spk_cond_emb))
@@ -322,26 +377,46 @@ class UnifiedVoice(nn.Module):
         return interpolate_emovec(self.get_emovec(spk_cond_emb), self.get_emovec(emo_cond_emb), alpha)
 
     def conds_latent(self, speech_latent: Tensor, emovec: Tensor) -> Tensor:
-        """[latent + emovec (32) | speed_emb[1] | speed_emb[0]] → [B, 34, D]; emovec skips the speed slots."""
+        """IndexTTS-2: [latent + emovec (32) | speed_emb[1] | speed_emb[0]] → [B, 34, D];
+        IndexTTS-2.5: [latent + emovec | 0 | 0] → [B, 3, D]. emovec skips the last two rows."""
         b = speech_latent.size(0)
-        speed = self.speed_emb.weight[[1, 0]].unsqueeze(0).expand(b, -1, -1)  # [B, 2, D]
-        return torch.cat((speech_latent + emovec.unsqueeze(1), speed), dim=1)
+        if self.cfg.campplus is None:
+            tail = self.speed_emb.weight[[1, 0]].unsqueeze(0).expand(b, -1, -1)  # [B, 2, D]
+        else:
+            tail = speech_latent.new_zeros(b, SPEED_TOKENS, speech_latent.size(2))  # [B, 2, D]
+        return torch.cat((speech_latent + emovec.unsqueeze(1), tail), dim=1)
 
-    def embed_text(self, text_ids: Tensor) -> Tensor:
-        """[B, L] ids → [B, L + 2, D]: start/stop text tokens added, text positions 0..L+1."""
+    def embed_text(self, text_ids: Tensor, lang: int | Tensor | None = None) -> Tensor:
+        """[B, L] ids → [B, L + 2, D]: start/stop text tokens added, text positions 0..L+1.
+
+        `lang` (IndexTTS-2.5 only, and required there): the lang_embedding row (an int, or [B]
+        ints), added to every position, start and stop tokens included."""
         c = self.cfg
         ids = F.pad(F.pad(text_ids.long(), (1, 0), value=c.start_text_token), (0, 1), value=c.stop_text_token)
         pos = torch.arange(ids.size(1), device=ids.device)
-        return self.text_embedding(ids) + self.text_pos_embedding.emb(pos)
+        emb = self.text_embedding(ids) + self.text_pos_embedding.emb(pos)
+        if c.campplus is None:
+            if lang is not None:
+                raise ValueError("IndexTTS-2 has no language embedding: lang must be None")
+            return emb
+        if lang is None:
+            raise ValueError("IndexTTS-2.5 needs the language: pass its lang_embedding row")
+        rows = torch.as_tensor(lang, dtype=torch.long, device=ids.device).reshape(-1, 1)  # [B or 1, 1]
+        return emb + self.lang_embedding(rows)  # [B, L + 2, D]
 
-    def build_prefix(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor) -> Tensor:
-        """Generation prefix (upstream prepare_gpt_inputs, batch 1): [1, 34 + L' + 2, D].
+    def build_prefix(
+        self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, lang: int | Tensor | None = None
+    ) -> Tensor:
+        """Generation prefix (upstream prepare_gpt_inputs, batch 1): [1, C + L' + 2, D] with C = 34
+        (IndexTTS-2) or 3 (IndexTTS-2.5, where `lang` is required: see `embed_text`).
 
-        Every text id equal to start_text_token or stop_text_token is removed first (upstream)."""
+        Every text id equal to start_text_token or stop_text_token is removed first (upstream).
+        Upstream instead left-pads the sequence with one zero row per removed id and masks those
+        rows out of attention; attention never sees them, so the prefix here simply omits them."""
         c = self.cfg
         ids = text_ids.reshape(-1)
         ids = ids[(ids != c.start_text_token) & (ids != c.stop_text_token)].unsqueeze(0)  # [1, L']
-        return torch.cat((self.conds_latent(speech_latent, emovec), self.embed_text(ids)), dim=1)
+        return torch.cat((self.conds_latent(speech_latent, emovec), self.embed_text(ids, lang)), dim=1)
 
     # --- GPT-2 stack --------------------------------------------------------------------------
 

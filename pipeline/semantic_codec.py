@@ -169,6 +169,11 @@ class SemanticCodec(nn.Module):
             indices = indices.squeeze(0)
         return indices, quantized.transpose(1, 2)
 
+    def reference_features(self, spk_cond_emb: Tensor) -> Tensor:
+        """The features the s2mel prompt is regulated from: IndexTTS-2 quantizes the reference's
+        w2v-BERT features (B, T, D) and uses the codebook embeddings S_ref (B, T, D)."""
+        return self.quantize(spk_cond_emb)[1]
+
     def vq2emb(self, codes: Tensor) -> Tensor:
         """GPT codes (B, M) in [0, K) → content features (B, D, M), as `quantizer.vq2emb(codes[:, None])`.
 

@@ -1,7 +1,18 @@
 """Shared test fixtures: the fixture sets in ../shared/fixtures, golden tensors, the parity rule.
 
-Every fixture set directory named `indextts2-*` under the shared fixtures folder is picked up
-(override with TTSD_FIXTURES=dir1:dir2), so other seeds and configs run the same tests."""
+Every fixture set directory named `indextts2-*` (IndexTTS-2) or `indextts25-*` (IndexTTS-2.5)
+under the shared fixtures folder is picked up (override with TTSD_FIXTURES=dir1:dir2), so other
+seeds and configs run the same tests. Which sets a test runs on is decided at collection:
+
+* `@pytest.mark.model_versions("2", "2.5")` names the model versions the test supports; a test
+  without the marker runs on IndexTTS-2 sets only (the whole pipeline, daemon and v2 front end);
+* `@pytest.mark.stages("12_codec_decode", ...)` names golden stage files the test reads; it is
+  generated only for the (set, variant) pairs that have them, so the test ids say which stage
+  runs for which version (2.5 has no 04/11 and has 12_codec_decode instead of 12_s2mel_inputs);
+* tests that take `variant` run on every variant in the set's manifest.
+
+`assert_close` / `assert_equal` record which golden tensor they compared; the last test of the
+session (tests/test_golden_coverage.py) checks that every tensor in every manifest was compared."""
 
 from __future__ import annotations
 
@@ -14,18 +25,27 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
+
+from ttsd.pipeline.config import model_version
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
-VARIANTS = ("base", "emo_vector", "emo_audio")
+FIXTURE_PATTERNS = ("indextts2-*", "indextts25-*")
+DEFAULT_VERSIONS = ("2",)  # tests without a model_versions marker
 REL_TOL = 1e-4  # max|a-b| <= REL_TOL * max(1, max|golden|)  (float32 CPU parity rule)
+
+# (fixture set, variant, stage, tensor) of every golden tensor an assert_* helper has compared.
+COMPARED: set[tuple[str, str, str, str]] = set()
+_LABEL = "_ttsd_golden"  # attribute naming a loaded golden tensor's origin
 
 
 def fixture_dirs() -> list[Path]:
     env = os.environ.get("TTSD_FIXTURES")
     if env:
         return [Path(p) for p in env.split(os.pathsep) if p]
-    return sorted(p for p in SHARED_FIXTURES.glob("indextts2-*") if (p / "golden" / "manifest.json").is_file())
+    found = {p for pattern in FIXTURE_PATTERNS for p in SHARED_FIXTURES.glob(pattern)}
+    return sorted(p for p in found if (p / "golden" / "manifest.json").is_file())
 
 
 @dataclass
@@ -33,6 +53,24 @@ class FixtureSet:
     """One fixture set: an official-format checkpoint, inputs and golden tensors."""
 
     root: Path
+
+    @cached_property
+    def version(self) -> str:
+        """The model version of the set's checkpoint (config.V2 or config.V2_5)."""
+        return model_version(yaml.safe_load((self.ckpt / "config.yaml").read_text(encoding="utf-8")))
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(self.manifest["variants"])
+
+    def has_stages(self, variant: str, stages: tuple[str, ...]) -> bool:
+        return all((self.golden_dir / variant / f"{stage}.safetensors").is_file() for stage in stages)
+
+    def stage_name(self, variant: str, number: str) -> str:
+        """The stage file starting with `number` (e.g. "12": 12_s2mel_inputs or 12_codec_decode)."""
+        found = sorted((self.golden_dir / variant).glob(f"{number}_*.safetensors"))
+        assert len(found) == 1, f"{self.root.name}/{variant}: stage {number} files {found}"
+        return found[0].stem
 
     @property
     def ckpt(self) -> Path:
@@ -52,7 +90,10 @@ class FixtureSet:
     def golden(self, variant: str, stage: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.golden_dir / variant / f"{stage}.safetensors"))
+        tensors = load_file(str(self.golden_dir / variant / f"{stage}.safetensors"))
+        for key, t in tensors.items():
+            setattr(t, _LABEL, (self.root.name, variant, stage, key))  # read by _record
+        return tensors
 
     def input_path(self, name: str) -> Path:
         return self.golden_dir / name
@@ -64,6 +105,20 @@ class FixtureSet:
     @property
     def settings(self) -> dict[str, Any]:
         return self.manifest["settings"]
+
+
+def golden_part(golden: torch.Tensor, index: Any) -> torch.Tensor:
+    """golden[index], still recorded as a comparison of `golden` by the assert_* helpers."""
+    part = golden[index]
+    if hasattr(golden, _LABEL):
+        setattr(part, _LABEL, getattr(golden, _LABEL))
+    return part
+
+
+def _record(golden: torch.Tensor) -> None:
+    label = getattr(golden, _LABEL, None)
+    if label is not None:
+        COMPARED.add(label)
 
 
 def max_abs_err(actual: torch.Tensor, golden: torch.Tensor) -> float:
@@ -78,6 +133,7 @@ def assert_close(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor
     scale = max(1.0, float(golden.double().abs().max())) if golden.numel() else 1.0
     err = max_abs_err(actual, golden)
     assert err <= REL_TOL * scale, f"{name}: max abs err {err:.3e} > {REL_TOL:.0e} * {scale:.3g}"
+    _record(golden)
 
 
 def assert_equal(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor") -> None:
@@ -86,6 +142,7 @@ def assert_equal(actual: torch.Tensor, golden: torch.Tensor, name: str = "tensor
         f"{name}: shape {tuple(actual.shape)} != golden {tuple(golden.shape)}"
     )
     assert torch.equal(actual.cpu().to(golden.dtype), golden), f"{name}: values differ from golden"
+    _record(golden)
 
 
 EDITS = ("removed", "renamed", "reshaped")
@@ -119,9 +176,31 @@ def assert_names_edit(err: Any, how: str, name: str) -> None:
     assert name in str(err)
 
 
-@pytest.fixture(scope="session", params=fixture_dirs(), ids=lambda p: p.name)
+_SETS = [FixtureSet(p) for p in fixture_dirs()]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize `fx` (and `variant`) with the fixture sets and variants the test applies to."""
+    if "fx" not in metafunc.fixturenames:
+        assert "variant" not in metafunc.fixturenames, "a test taking `variant` must take `fx` too"
+        return
+    versions_mark = metafunc.definition.get_closest_marker("model_versions")
+    stages_mark = metafunc.definition.get_closest_marker("stages")
+    versions = tuple(versions_mark.args) if versions_mark else DEFAULT_VERSIONS
+    stages = tuple(stages_mark.args) if stages_mark else ()
+    sets = [s for s in _SETS if s.version in versions]
+    if "variant" in metafunc.fixturenames:
+        pairs = [(s.root, v) for s in sets for v in s.variants if s.has_stages(v, stages)]
+        ids = [f"{root.name}-{v}" for root, v in pairs]
+        metafunc.parametrize(("fx", "variant"), pairs, indirect=["fx"], ids=ids, scope="session")
+    else:
+        roots = [s.root for s in sets if any(s.has_stages(v, stages) for v in s.variants)]
+        metafunc.parametrize("fx", roots, indirect=True, ids=[r.name for r in roots], scope="session")
+
+
+@pytest.fixture(scope="session")
 def fx(request: pytest.FixtureRequest) -> FixtureSet:
-    return FixtureSet(request.param)
+    return next(s for s in _SETS if s.root == request.param)
 
 
 @pytest.fixture(scope="session")
@@ -142,12 +221,23 @@ def pipeline(converted: Path) -> Any:
     return Pipeline.load(converted, device="cpu")
 
 
-@pytest.fixture(params=VARIANTS)
-def variant(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def all_sets() -> list[FixtureSet]:
+    """Every fixture set this session runs on (for the golden coverage check)."""
+    return list(_SETS)
+
+
+DESELECTED = pytest.StashKey[bool]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        items[0].config.stash[DESELECTED] = True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The golden coverage check reads what every other test recorded: it runs last.
+    last = [item for item in items if item.get_closest_marker("after_all")]
+    items[:] = [item for item in items if item not in last] + last
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (no CUDA device on this machine)")

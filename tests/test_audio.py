@@ -14,6 +14,8 @@ from ttsd.pipeline.errors import BadAudio
 
 from .conftest import FixtureSet, assert_close, assert_equal
 
+pytestmark = pytest.mark.model_versions("2", "2.5")  # the reference front ends are shared
+
 
 def _emo_path(fx: FixtureSet, variant: str) -> Path:
     name = fx.variant(variant)["call"]["emo_audio_prompt"] or fx.variant(variant)["call"]["spk_audio_prompt"]

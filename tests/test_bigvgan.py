@@ -24,6 +24,7 @@ def _segments(fx: FixtureSet, variant: str) -> list[str]:
     return [f"seg{i}." for i in range(len(fx.variant(variant)["segments"]))]
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.no_grad()
 def test_bigvgan_matches_upstream(fx: FixtureSet, variant: str, vocoder: BigVGAN) -> None:
     """The vocoder turns the golden vc_target into upstream's waveform and PCM-scale segment."""

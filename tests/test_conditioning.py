@@ -1,17 +1,22 @@
-"""w2v-BERT, semantic codec and CAMPPlus against golden stages 03, 04, 06 and 12 (vq2emb)."""
+"""w2v-BERT, the semantic codecs and CAMPPlus against golden stages 03, 04, 06 and 12.
+
+IndexTTS-2's MaskGCT codec quantizes the reference (04) and embeds GPT codes (12_s2mel_inputs);
+IndexTTS-2.5's EnhancedCodec decodes GPT codes to S_infer at twice their length (12_codec_decode)."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
 from ttsd.pipeline.campplus import CAMPPlus, load_campplus
-from ttsd.pipeline.errors import CheckpointMismatch
+from ttsd.pipeline.codec25 import EnhancedCodec, EnhancedCodecConfig, load_codec25
+from ttsd.pipeline.errors import CheckpointMismatch, ConfigError
 from ttsd.pipeline.semantic_codec import SemanticCodec, SemanticCodecConfig, load_semantic_codec
 from ttsd.pipeline.w2v_bert import HIDDEN_STATE_LAYER, W2VBert, W2VStats, load_w2v_bert
 from ttsd.pipeline.weights import load_module
@@ -34,6 +39,16 @@ def campplus(converted: Path) -> CAMPPlus:
     return load_campplus(converted, "cpu")
 
 
+def _config(ckpt: Path) -> dict[str, Any]:
+    return dict(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")))
+
+
+@pytest.fixture(scope="session")
+def codec25(converted: Path) -> EnhancedCodec:
+    return load_codec25(converted, _config(converted), "cpu")
+
+
+@pytest.mark.model_versions("2", "2.5")
 def test_w2v_speaker_hidden_states(fx: FixtureSet, variant: str, w2v: tuple[W2VBert, W2VStats]) -> None:
     """Golden speaker features give upstream's hidden_states[0], [1], [17] and the normalised cond_emb."""
     model, stats = w2v
@@ -46,6 +61,7 @@ def test_w2v_speaker_hidden_states(fx: FixtureSet, variant: str, w2v: tuple[W2VB
     assert_close(stats(h), w["spk.cond_emb"], "spk.cond_emb")
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_w2v_emotion_cond_emb(fx: FixtureSet, variant: str, w2v: tuple[W2VBert, W2VStats]) -> None:
     """Golden emotion features give upstream's layer-17 state and emo_cond_emb."""
     model, stats = w2v
@@ -92,10 +108,69 @@ def test_semantic_codec_fold_matches_weight_norm(
     assert float((s0 - s1).abs().max()) <= 1e-5
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_campplus_style(fx: FixtureSet, variant: str, campplus: CAMPPlus) -> None:
     """CAMPPlus on the golden centred fbank gives upstream's 192-d style vector."""
     c = fx.golden(variant, "06_campplus")
     assert_close(campplus(c["fbank_centered"]), c["style"], "style")
+
+
+@pytest.mark.model_versions("2.5")
+@pytest.mark.stages("10_gpt_generate", "12_codec_decode")
+@torch.no_grad()
+def test_codec25_decode_matches_upstream(fx: FixtureSet, variant: str, codec25: EnhancedCodec) -> None:
+    """vq2emb, decoder, ×2 upsampling, the `up` conv (S_infer) and the target frame count of every
+    segment's golden codes match upstream's EnhancedCodec.decode and infer_v2_5's arithmetic."""
+    gen, g = fx.golden(variant, "10_gpt_generate"), fx.golden(variant, "12_codec_decode")
+    duration_factor = float(fx.variant(variant)["call"]["duration_factor"])
+    segs = sorted({k.split(".")[0] for k in g if k.endswith(".S_infer")})
+    assert segs
+    for seg in segs:
+        codes = gen[f"{seg}.codes"]
+        emb = codec25.embed(codes)
+        assert_close(emb, g[f"{seg}.vq2emb_out"], f"{seg}.vq2emb_out")
+        dec = codec25.decoder(emb)
+        assert_close(dec, g[f"{seg}.decoder_out"], f"{seg}.decoder_out")
+        assert_close(codec25.upsample(dec), g[f"{seg}.upsampled"], f"{seg}.upsampled")
+        s_infer, target = codec25.content(codes, duration_factor)
+        assert_close(s_infer, g[f"{seg}.S_infer"], f"{seg}.S_infer")
+        assert_close(codec25.decode(codes), g[f"{seg}.S_infer"], f"{seg}.S_infer (decode)")
+        assert_equal(target, g[f"{seg}.target_lengths"], f"{seg}.target_lengths")
+
+
+@pytest.mark.model_versions("2.5")
+@torch.no_grad()
+def test_codec25_fold_matches_weight_norm(fx: FixtureSet, converted: Path, codec25: EnhancedCodec) -> None:
+    """Folding the quantizer's weight-normed projections leaves S_infer unchanged beyond float rounding."""
+    cfg = EnhancedCodecConfig.from_yaml(_config(converted))
+    unfolded = load_module(lambda: EnhancedCodec(cfg), converted / "codec.safetensors", "cpu")
+    codes = fx.golden("base", "10_gpt_generate")["seg0.codes"]
+    assert float((unfolded.decode(codes) - codec25.decode(codes)).abs().max()) <= 1e-5
+    assert not any(n.endswith(("weight_g", "weight_v")) for n, _ in codec25.named_parameters())
+
+
+@pytest.mark.model_versions("2.5")
+def test_codec25_config_needs_downsampling(converted: Path) -> None:
+    """A 2.5 codec config without down-sampling (upstream would build no `up` conv) is a ConfigError."""
+    config = _config(converted)
+    codec_cfg = dict(config["semantic_codec"])
+    codec_cfg["downsample_scale"] = 1
+    with pytest.raises(ConfigError, match="downsample_scale"):
+        EnhancedCodecConfig.from_yaml({**config, "semantic_codec": codec_cfg})
+    del codec_cfg["downsample_scale"]
+    with pytest.raises(ConfigError, match=r"semantic_codec\.downsample_scale"):
+        EnhancedCodecConfig.from_yaml({**config, "semantic_codec": codec_cfg})
+
+
+@pytest.mark.model_versions("2.5")
+@pytest.mark.parametrize("edit", EDITS)
+def test_codec25_checkpoint_edit_raises_mismatch(converted: Path, tmp_path: Path, edit: str) -> None:
+    """A codec.safetensors with one tensor removed, renamed or reshaped raises CheckpointMismatch naming it."""
+    key = "up.bias"
+    edit_checkpoint(converted / "codec.safetensors", tmp_path / "codec.safetensors", edit, key)
+    with pytest.raises(CheckpointMismatch) as ei:
+        load_codec25(tmp_path, _config(converted), "cpu")
+    assert_names_edit(ei.value, edit, key)
 
 
 # ---------------------------------------------------------------------------------------------

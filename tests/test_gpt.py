@@ -35,10 +35,8 @@ from ttsd.pipeline.gpt import (
     scale_emo_vector,
 )
 
-from .conftest import VARIANTS, FixtureSet, assert_close, assert_equal
+from .conftest import FixtureSet, assert_close, assert_equal, golden_part
 from .reference_decode import reference_decode
-
-SEGMENTS = (0, 1)
 
 
 def _config(ckpt: Path) -> dict[str, Any]:
@@ -53,6 +51,22 @@ def gpt(converted: Path) -> UnifiedVoice:
 @pytest.fixture(scope="session")
 def emo_mats(converted: Path) -> EmotionMatrices:
     return load_emotion_matrices(converted, _config(converted), "cpu")
+
+
+def _lang(g00: dict[str, Tensor], seg: int) -> int | None:
+    """The segment's lang_embedding row (IndexTTS-2.5 stage 00 has one; IndexTTS-2 has no language)."""
+    key = f"seg{seg}.lang"
+    return int(g00[key]) if key in g00 else None
+
+
+def _segments(fx: FixtureSet, variant: str) -> range:
+    return range(len(fx.variant(variant)["segments"]))
+
+
+def _unpadded(g9: dict[str, Tensor], seg: int) -> Tensor:
+    """The golden prefix without the rows upstream left-pads and masks out (one per dropped id 0/1)."""
+    keep = golden_part(g9[f"seg{seg}.gpt_attention_mask"], (0, slice(None, -1))).bool()  # [S]; last is start_mel
+    return g9[f"seg{seg}.gpt_inputs_embeds"][:, keep]
 
 
 def _golden_params(fx: FixtureSet, variant: str) -> DecodeParams:
@@ -87,11 +101,19 @@ def _recorder() -> tuple[list[tuple[Tensor, Tensor]], Any]:
     return seen, rec
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.inference_mode()
 def test_emotion_conditioning_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
-    """The emotion conformer, its mask, the emotion perceiver and get_emovec match stage 08 for both clips."""
+    """The emotion conformer, its mask, the emotion perceiver and get_emovec match stage 08 for both
+    clips, and so do the (feature-width) lengths upstream passes and the merge alpha."""
     w2v, g = fx.golden(variant, "03_w2vbert"), fx.golden(variant, "08_emovec")
-    for s in SEGMENTS:
+    call = fx.variant(variant)["call"]
+    # Upstream merges at alpha 1 without an emotion clip, and in vector mode (which drops the clip).
+    alpha = float(call["emo_alpha"]) if call["emo_audio_prompt"] and call["emo_vector"] is None else 1.0
+    for s in _segments(fx, variant):
+        assert_equal(gpt.quirk_lengths(w2v["spk.cond_emb"]), g[f"seg{s}.cond_lengths"], f"seg{s}.cond_lengths")
+        assert_equal(gpt.quirk_lengths(w2v["emo.cond_emb"]), g[f"seg{s}.emo_cond_lengths"], "emo_cond_lengths")
+        assert_close(torch.tensor([alpha]), g[f"seg{s}.emo_alpha"], f"seg{s}.emo_alpha")
         for ref, x in (("spk_ref", w2v["spk.cond_emb"]), ("emo_ref", w2v["emo.cond_emb"])):
             h, mask = gpt.emo_conditioning_encoder(x, gpt.quirk_lengths(x))
             assert_close(h, g[f"seg{s}.{ref}.emo_conformer_out"], f"seg{s}.{ref}.emo_conformer_out")
@@ -101,6 +123,7 @@ def test_emotion_conditioning_matches_upstream(fx: FixtureSet, variant: str, gpt
             assert_close(gpt.get_emovec(x), g[f"seg{s}.emovec_{ref}"], f"seg{s}.emovec_{ref}")
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.inference_mode()
 def test_emovec_merge_and_mix_match_upstream(
     fx: FixtureSet, variant: str, gpt: UnifiedVoice, emo_mats: EmotionMatrices
@@ -108,7 +131,7 @@ def test_emovec_merge_and_mix_match_upstream(
     """merge_emovec and the emotion-matrix mixing reproduce the emovec that upstream fed the GPT."""
     g = fx.golden(variant, "08_emovec")
     merged, final = _final_emovec(gpt, emo_mats, fx, variant)
-    for s in SEGMENTS:
+    for s in _segments(fx, variant):
         assert_close(merged, g[f"seg{s}.emovec_merged"], f"seg{s}.emovec_merged")
         assert_close(final, g[f"seg{s}.emovec_final"], f"seg{s}.emovec_final")
     if "emo_vector_random_index" in g:
@@ -122,34 +145,93 @@ def test_emovec_merge_and_mix_match_upstream(
 
 
 @torch.inference_mode()
-def test_speaker_conditioning_and_prefix_match_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
-    """Speaker conformer, conditioning latent, conds and the generation prefix match stage 09."""
+def test_speaker_conformer_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
+    """IndexTTS-2: the speaker conformer and its mask over the w2v-BERT features match stage 09."""
     spk = fx.golden(variant, "03_w2vbert")["spk.cond_emb"]
-    g8, g = fx.golden(variant, "08_emovec"), fx.golden(variant, "09_gpt_conditioning")
-    text = fx.golden(variant, "00_text")
+    g = fx.golden(variant, "09_gpt_conditioning")
     h, mask = gpt.conditioning_encoder(spk, gpt.quirk_lengths(spk))
-    latent = gpt.conditioning_latent(spk)
-    for s in SEGMENTS:
+    for s in _segments(fx, variant):
         assert_close(h, g[f"seg{s}.spk_conformer_out"], f"seg{s}.spk_conformer_out")
         assert_equal(mask, g[f"seg{s}.spk_conformer_mask"], f"seg{s}.spk_conformer_mask")
+
+
+@pytest.mark.model_versions("2.5")
+@torch.inference_mode()
+def test_campplus_projection_and_lang_embedding_match_upstream(
+    fx: FixtureSet, variant: str, gpt: UnifiedVoice
+) -> None:
+    """IndexTTS-2.5: spk_emb_proj of the CAMPPlus style and the segment's language row match stage 09."""
+    style = fx.golden(variant, "06_campplus")["style"]
+    g, text = fx.golden(variant, "09_gpt_conditioning"), fx.golden(variant, "00_text")
+    for s in _segments(fx, variant):
+        assert_close(style, g[f"seg{s}.spk_emb_proj_in"], f"seg{s}.spk_emb_proj_in")
+        assert_close(gpt.spk_emb_proj(style), g[f"seg{s}.spk_emb_proj_out"], f"seg{s}.spk_emb_proj_out")
+        lang = _lang(text, s)
+        assert lang is not None
+        assert_equal(torch.tensor(lang), g[f"seg{s}.lang_index"], f"seg{s}.lang_index")
+        assert_close(gpt.lang_embedding.weight[lang], g[f"seg{s}.lang_emb"], f"seg{s}.lang_emb")
+
+
+@pytest.mark.model_versions("2", "2.5")
+@torch.inference_mode()
+def test_conditioning_and_prefix_match_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
+    """The speaker latent, conds and the generation prefix match stage 09, and upstream's padded
+    layout (one masked zero row per dropped id 0/1, fake ids) follows from the ids the prefix kept."""
+    spk, style = fx.golden(variant, "03_w2vbert")["spk.cond_emb"], fx.golden(variant, "06_campplus")["style"]
+    g8, g = fx.golden(variant, "08_emovec"), fx.golden(variant, "09_gpt_conditioning")
+    text = fx.golden(variant, "00_text")
+    latent = gpt.speaker_latent(spk, style)
+    for s in _segments(fx, variant):
         assert_close(latent, g[f"seg{s}.speech_conditioning_latent"], f"seg{s}.speech_conditioning_latent")
         emovec = g8[f"seg{s}.emovec_final"]
         assert_close(gpt.conds_latent(latent, emovec), g[f"seg{s}.conds_latent"], f"seg{s}.conds_latent")
-        prefix = gpt.build_prefix(latent, emovec, text[f"seg{s}.text_tokens"])
-        assert_close(prefix, g[f"seg{s}.gpt_inputs_embeds"], f"seg{s}.gpt_inputs_embeds")
+        ids = text[f"seg{s}.text_tokens"]
+        prefix = gpt.build_prefix(latent, emovec, ids, _lang(text, s))  # [1, P, D]
+        pad = ids.size(1) + 2 + gpt.cfg.prefix_conds - prefix.size(1)  # upstream's target_len − P
+        padded = torch.cat((prefix.new_zeros(1, pad, prefix.size(2)), prefix), dim=1)
+        assert_close(padded, g[f"seg{s}.gpt_inputs_embeds"], f"seg{s}.gpt_inputs_embeds")
+        mask = torch.cat((torch.zeros(1, pad), torch.ones(1, prefix.size(1) + 1)), dim=1).long()
+        assert_equal(mask, g[f"seg{s}.gpt_attention_mask"], f"seg{s}.gpt_attention_mask")
+        fake = torch.ones(1, pad + prefix.size(1) + 1, dtype=torch.long)
+        fake[0, -1] = gpt.cfg.start_mel_token
+        assert_equal(fake, g[f"seg{s}.gpt_fake_input_ids"], f"seg{s}.gpt_fake_input_ids")
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.inference_mode()
 def test_prefix_drops_start_and_stop_text_ids(gpt: UnifiedVoice) -> None:
     """Text ids equal to start_text_token/stop_text_token are removed from the generation prefix."""
     cfg = gpt.cfg
     latent = torch.randn(1, cfg.condition_num_latent, cfg.model_dim)
     emovec = torch.randn(1, cfg.model_dim)
+    lang = None if cfg.campplus is None else 0
     clean = torch.tensor([[5, 9, 7]])
     dirty = torch.tensor([[cfg.start_text_token, 5, cfg.stop_text_token, 9, 7, cfg.stop_text_token]])
-    assert torch.equal(gpt.build_prefix(latent, emovec, dirty), gpt.build_prefix(latent, emovec, clean))
+    assert torch.equal(gpt.build_prefix(latent, emovec, dirty, lang), gpt.build_prefix(latent, emovec, clean, lang))
 
 
+@pytest.mark.model_versions("2", "2.5")
+@torch.inference_mode()
+def test_lang_argument_follows_the_model_version(gpt: UnifiedVoice) -> None:
+    """IndexTTS-2.5 prefixes need the language row and IndexTTS-2 ones refuse one (a clear ValueError)."""
+    cfg = gpt.cfg
+    latent, emovec = torch.randn(1, cfg.condition_num_latent, cfg.model_dim), torch.randn(1, cfg.model_dim)
+    ids = torch.tensor([[5, 9, 7]])
+    if cfg.campplus is None:
+        with pytest.raises(ValueError, match="lang must be None"):
+            gpt.build_prefix(latent, emovec, ids, 0)
+        return
+    with pytest.raises(ValueError, match="needs the language"):
+        gpt.build_prefix(latent, emovec, ids)
+    en, zh = gpt.build_prefix(latent, emovec, ids, 0), gpt.build_prefix(latent, emovec, ids, 1)
+    text_rows = slice(cfg.prefix_conds, None)
+    assert torch.equal(en[:, : cfg.prefix_conds], zh[:, : cfg.prefix_conds])  # conditioning rows untouched
+    diff = (zh - en)[0, text_rows]  # every text position moved by the same row difference
+    assert torch.allclose(diff, (gpt.lang_embedding.weight[1] - gpt.lang_embedding.weight[0]).expand_as(diff),
+                          atol=1e-6)
+
+
+@pytest.mark.model_versions("2", "2.5")
 @torch.inference_mode()
 def test_greedy_generation_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
     """Greedy decoding from the golden prefix reproduces upstream's logits, scores and codes exactly.
@@ -159,9 +241,9 @@ def test_greedy_generation_matches_upstream(fx: FixtureSet, variant: str, gpt: U
     g9, g = fx.golden(variant, "09_gpt_conditioning"), fx.golden(variant, "10_gpt_generate")
     params = _golden_params(fx, variant)
     start = gpt.cfg.start_mel_token
-    for s in SEGMENTS:
+    for s in _segments(fx, variant):
         steps, rec = _recorder()
-        out = generate(gpt, g9[f"seg{s}.gpt_inputs_embeds"], params, recorder=rec)
+        out = generate(gpt, _unpadded(g9, s), params, recorder=rec)
         n8 = g[f"seg{s}.logits_first8"].size(1)
         assert_close(torch.stack([lg for lg, _ in steps[:n8]], 1), g[f"seg{s}.logits_first8"], f"seg{s}.logits_first8")
         scores = torch.stack([sc for _, sc in steps[:n8]], 1)  # [1, 8, V]
@@ -170,21 +252,24 @@ def test_greedy_generation_matches_upstream(fx: FixtureSet, variant: str, gpt: U
         keep = torch.arange(golden.size(-1)) != start
         assert_close(scores[..., keep], golden[..., keep], f"seg{s}.scores_first8")
         assert not bool((g[f"seg{s}.scores_argmax"] == start).any())  # masking cannot change upstream's choice
+        steps = steps[: out.codes_raw.size(1)]  # the loop may run past the stop until its next stop check
         argmax = torch.stack([sc.argmax(-1) for _, sc in steps], 1)
         assert_equal(argmax, g[f"seg{s}.scores_argmax"], f"seg{s}.scores_argmax")
         assert_close(torch.stack([lg.max(-1).values for lg, _ in steps], 1), g[f"seg{s}.logits_max"], "logits_max")
         assert_equal(out.codes_raw, g[f"seg{s}.codes_raw"], f"seg{s}.codes_raw")
         assert_equal(out.codes, g[f"seg{s}.codes"], f"seg{s}.codes")
-        assert out.stopped == bool(g[f"seg{s}.stop_produced"])
+        assert_equal(torch.tensor([out.codes.size(1)]), g[f"seg{s}.code_lens"], f"seg{s}.code_lens")
+        assert_equal(torch.tensor([out.stopped]), g[f"seg{s}.stop_produced"], f"seg{s}.stop_produced")
 
 
+@pytest.mark.stages("11_gpt_latent")
 @torch.inference_mode()
 def test_latent_matches_upstream(fx: FixtureSet, variant: str, gpt: UnifiedVoice) -> None:
     """The second GPT pass over golden codes reproduces upstream's latent for s2mel."""
     g8, g9 = fx.golden(variant, "08_emovec"), fx.golden(variant, "09_gpt_conditioning")
     g10, g = fx.golden(variant, "10_gpt_generate"), fx.golden(variant, "11_gpt_latent")
     text = fx.golden(variant, "00_text")
-    for s in SEGMENTS:
+    for s in _segments(fx, variant):
         latent = gpt.latent(
             g9[f"seg{s}.speech_conditioning_latent"], g8[f"seg{s}.emovec_final"],
             text[f"seg{s}.text_tokens"], g10[f"seg{s}.codes"],
@@ -263,7 +348,7 @@ def test_decode_loop_equals_plain_reference(fx: FixtureSet, gpt: UnifiedVoice, c
     model = _stop_biased(gpt, bias) if bias else gpt
     params = _params(max_mel_tokens=30, **DECODE_CASES[case])
     g9 = fx.golden("base", "09_gpt_conditioning")
-    for s in SEGMENTS:
+    for s in _segments(fx, "base"):
         prefix = g9[f"seg{s}.gpt_inputs_embeds"]
         for key in (sampling_key(7, s), sampling_key(12345, s)):
             steps, rec = _recorder()
@@ -303,10 +388,12 @@ def test_start_code_is_never_emitted(fx: FixtureSet, gpt: UnifiedVoice) -> None:
 def test_batched_requests_decode_bit_identically_to_alone(fx: FixtureSet, gpt: UnifiedVoice) -> None:
     """Six requests (1–4 beams, sampling) joining a running batch at different steps see, step by step,
     exactly the logits they see alone, so a seeded request gives the same codes either way."""
-    prefixes = [fx.golden(v, "09_gpt_conditioning")[f"seg{s}.gpt_inputs_embeds"] for v in VARIANTS for s in SEGMENTS]
+    prefixes = [
+        fx.golden(v, "09_gpt_conditioning")[f"seg{s}.gpt_inputs_embeds"] for v in fx.variants for s in _segments(fx, v)
+    ]
     beams = (1, 3, 1, 2, 1, 4)
-    params = [_params(do_sample=True, num_beams=nb, temperature=0.8, top_k=30, top_p=0.8, max_mel_tokens=40)
-              for nb in beams]
+    params = [_params(do_sample=True, num_beams=beams[i % len(beams)], temperature=0.8, top_k=30, top_p=0.8,
+                      max_mel_tokens=40) for i in range(len(prefixes))]
 
     def run(members: list[int], join_every: int) -> dict[int, tuple[list[int], list[Tensor]]]:
         batch = DecodeBatch(gpt, max_rows=16, dtype=torch.float32)

@@ -1,4 +1,7 @@
-"""s2mel parity: gpt_layer, length regulator, DiT estimator and the CFM Euler sampler vs upstream goldens."""
+"""s2mel parity: gpt_layer, length regulator, DiT estimator and the CFM Euler sampler vs upstream goldens.
+
+The regulator, DiT and sampler are shared by IndexTTS-2 and 2.5; only their inputs differ (the
+prompt features and S_infer, stage 12), and each version's codec provides its own."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ttsd.pipeline.codec25 import load_codec25
+from ttsd.pipeline.config import V2, model_version
 from ttsd.pipeline.errors import Cancelled, CheckpointMismatch, ConfigError
 from ttsd.pipeline.flow import CFM, load_cfm
 from ttsd.pipeline.length_regulator import (
@@ -21,16 +26,19 @@ from ttsd.pipeline.length_regulator import (
     mel_lengths,
     nearest_indices,
 )
+from ttsd.pipeline.semantic_codec import load_semantic_codec
+from ttsd.pipeline.voice import ReferenceCodec
 
-from .conftest import EDITS, FixtureSet, assert_close, assert_equal, assert_names_edit, edit_checkpoint
+from .conftest import EDITS, FixtureSet, assert_close, assert_equal, assert_names_edit, edit_checkpoint, golden_part
 
 
 @dataclass
 class S2Mel:
     config: dict[str, Any]
     length_regulator: InterpolateRegulator
-    gpt_layer: nn.Sequential
+    gpt_layer: nn.Sequential | None  # IndexTTS-2 only (2.5's MyModel has none)
     cfm: CFM
+    codec: ReferenceCodec  # the version's semantic codec (for the prompt features)
 
 
 def _config(ckpt: Path) -> dict[str, Any]:
@@ -43,11 +51,13 @@ def _config(ckpt: Path) -> dict[str, Any]:
 def s2mel(converted: Path) -> S2Mel:
     config = _config(converted)
     path = converted / "s2mel.safetensors"
+    v2 = model_version(config) == V2
     return S2Mel(
         config=config,
         length_regulator=load_length_regulator(path, config, "cpu"),
-        gpt_layer=load_gpt_layer(path, "cpu"),
+        gpt_layer=load_gpt_layer(path, "cpu") if v2 else None,
         cfm=load_cfm(path, config, "cpu"),
+        codec=load_semantic_codec(converted, "cpu") if v2 else load_codec25(converted, config, "cpu"),
     )
 
 
@@ -55,22 +65,26 @@ def _segments(fx: FixtureSet, variant: str) -> list[str]:
     return [f"seg{i}." for i in range(len(fx.variant(variant)["segments"]))]
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.no_grad()
 def test_prompt_condition_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
-    """The length regulator maps the golden S_ref to upstream's prompt_condition at P mel frames."""
-    s_ref = fx.golden(variant, "04_semantic_codec")["S_ref"]
+    """The length regulator maps the codec's reference features of the golden w2v-BERT embedding
+    (IndexTTS-2: quantized S_ref; 2.5: the features themselves) to upstream's prompt_condition."""
+    s_ref = s2mel.codec.reference_features(fx.golden(variant, "03_w2vbert")["spk.cond_emb"])
     g = fx.golden(variant, "07_prompt_condition")
     ylens = torch.tensor([fx.golden(variant, "05_ref_mel")["ref_mel"].size(-1)])
     assert_equal(ylens, g["ref_target_lengths"], "ref_target_lengths")
     assert_close(s2mel.length_regulator(s_ref, ylens), g["prompt_condition"], "prompt_condition")
 
 
+@pytest.mark.stages("11_gpt_latent", "12_s2mel_inputs")
 @torch.no_grad()
 def test_s2mel_inputs_match_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
     """gpt_layer on the golden latent, S_infer and the 1.72× target lengths match upstream."""
     latent = fx.golden(variant, "11_gpt_latent")
     codes = fx.golden(variant, "10_gpt_generate")
     g = fx.golden(variant, "12_s2mel_inputs")
+    assert s2mel.gpt_layer is not None
     for seg in _segments(fx, variant):
         out = s2mel.gpt_layer(latent[seg + "latent"])
         assert_close(out, g[seg + "gpt_layer_out"], seg + "gpt_layer_out")
@@ -78,10 +92,11 @@ def test_s2mel_inputs_match_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel)
         assert_equal(mel_lengths(codes[seg + "code_lens"]), g[seg + "target_lengths"], seg + "target_lengths")
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.no_grad()
 def test_cond_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
     """The regulated target content and its concatenation after the prompt match upstream."""
-    g12 = fx.golden(variant, "12_s2mel_inputs")
+    g12 = fx.golden(variant, fx.stage_name(variant, "12"))  # S_infer + target_lengths in both versions
     g13 = fx.golden(variant, "13_cond")
     prompt_condition = fx.golden(variant, "07_prompt_condition")["prompt_condition"]
     for seg in _segments(fx, variant):
@@ -92,12 +107,14 @@ def test_cond_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> No
         )
 
 
+@pytest.mark.model_versions("2", "2.5")
 @torch.no_grad()
 def test_dit_estimator_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
     """At every recorded Euler step, the DiT velocity of both CFG halves matches upstream."""
     g = fx.golden(variant, "14_cfm")
     for seg in _segments(fx, variant):
-        for i, step in enumerate(g[seg + "est_steps"].tolist()):
+        cond, uncond = [], []
+        for i in range(len(g[seg + "est_steps"])):
             x, t = g[seg + "est_x"][i], g[seg + "est_t"][i]  # [1, M, N], [1]
             v = s2mel.cfm.estimator(
                 torch.cat([x, x]),
@@ -106,8 +123,10 @@ def test_dit_estimator_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2M
                 g[seg + "est_style"],
                 g[seg + "est_mu"],
             )
-            assert_close(v[:1], g[seg + "est_dphi_cond"][i], f"{seg}dphi_cond@{step}")
-            assert_close(v[1:], g[seg + "est_dphi_uncond"][i], f"{seg}dphi_uncond@{step}")
+            cond.append(v[:1])
+            uncond.append(v[1:])
+        assert_close(torch.stack(cond), g[seg + "est_dphi_cond"], f"{seg}est_dphi_cond")
+        assert_close(torch.stack(uncond), g[seg + "est_dphi_uncond"], f"{seg}est_dphi_uncond")
 
 
 def _sample(s2mel: S2Mel, fx: FixtureSet, variant: str, seg: str, **kw: Any) -> Tensor:
@@ -122,41 +141,56 @@ def _sample(s2mel: S2Mel, fx: FixtureSet, variant: str, seg: str, **kw: Any) -> 
     )
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_cfm_sampler_matches_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
-    """The full Euler/CFG sampler from the golden noise reproduces mel_full and the vocoder input."""
+    """The full Euler/CFG sampler from the golden noise reproduces mel_full and the vocoder input of
+    every segment, and feeds the estimator upstream's inputs: the step count, the sequence length,
+    the time grid and the stacked x, accumulated t, prompt_x, style and mu."""
     g = fx.golden(variant, "14_cfm")
     vc = fx.golden(variant, "15_bigvgan")
     prompt_frames = fx.golden(variant, "05_ref_mel")["ref_mel"].size(-1)
-    for seg in _segments(fx, variant):
-        mel = _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
-        assert_close(mel, g[seg + "mel_full"], seg + "mel_full")
-        assert_close(mel[:, :, prompt_frames:], vc[seg + "vc_target"], seg + "vc_target")
-
-
-def test_cfm_feeds_estimator_like_upstream(fx: FixtureSet, variant: str, s2mel: S2Mel) -> None:
-    """The sampler's stacked estimator inputs (x, accumulated t, prompt_x, style, mu) match upstream's."""
-    g = fx.golden(variant, "14_cfm")
-    seg = _segments(fx, variant)[0]
     seen: list[tuple[Tensor, ...]] = []
 
     def record(_: nn.Module, args: tuple[Tensor, ...]) -> None:
         seen.append(tuple(a.clone() for a in args[:5]))  # x, prompt_x, t, style, mu
 
-    handle = s2mel.cfm.estimator.register_forward_pre_hook(record)
-    try:
-        _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
-    finally:
-        handle.remove()
-    assert len(seen) == int(g[seg + "n_timesteps"])
-    x, prompt_x, t, style, mu = seen[0]
-    assert_close(prompt_x, g[seg + "est_prompt_x"], "est_prompt_x")
-    assert_close(style, g[seg + "est_style"], "est_style")
-    assert_close(mu, g[seg + "est_mu"], "est_mu")
-    for i, step in enumerate(g[seg + "est_steps"].tolist()):
-        x, _, t, _, _ = seen[step]
-        assert_close(x[:1], g[seg + "est_x"][i], f"est_x@{step}")
-        assert torch.equal(x[:1], x[1:]), "both CFG halves must see the same x"
-        assert_equal(t[:1], g[seg + "est_t"][i], f"est_t@{step}")  # float32 accumulation, bit-exact
+    for seg in _segments(fx, variant):
+        seen.clear()
+        handle = s2mel.cfm.estimator.register_forward_pre_hook(record)
+        try:
+            mel = _sample(s2mel, fx, variant, seg, noise=g[seg + "noise"])
+        finally:
+            handle.remove()
+        assert_close(mel, g[seg + "mel_full"], seg + "mel_full")
+        assert_close(mel[:, :, prompt_frames:], vc[seg + "vc_target"], seg + "vc_target")
+
+        assert_equal(torch.tensor([len(seen)]), g[seg + "n_timesteps"], seg + "n_timesteps")
+        x, prompt_x, t, style, mu = seen[0]
+        assert_equal(torch.tensor([mu.size(1)]), g[seg + "x_lens"], seg + "x_lens")
+        assert_close(prompt_x, g[seg + "est_prompt_x"], seg + "est_prompt_x")
+        assert_close(style, g[seg + "est_style"], seg + "est_style")
+        assert_close(mu, g[seg + "est_mu"], seg + "est_mu")
+        ts = torch.stack([step_t[0] for _, _, step_t, _, _ in seen])  # the t of every step
+        assert_close(ts, golden_part(g[seg + "t_span"], slice(None, -1)), seg + "t_span")
+        steps = g[seg + "est_steps"].tolist()
+        xs = torch.stack([seen[step][0] for step in steps])  # [n, 2, M, N]
+        assert torch.equal(xs[:, :1], xs[:, 1:]), "both CFG halves must see the same x"
+        assert_close(xs[:, :1], g[seg + "est_x"], seg + "est_x")
+        # float32 accumulation (t += dt), bit-exact
+        assert_equal(torch.stack([seen[step][2][:1] for step in steps]), g[seg + "est_t"], seg + "est_t")
+
+
+@pytest.mark.model_versions("2", "2.5")
+def test_cfm_noise_is_the_seeded_draw(fx: FixtureSet, variant: str) -> None:
+    """Each segment's golden start noise is randn drawn right after seeding noise_seed·1000 + segment,
+    times the temperature, as the manifest says: a generator seeded so reproduces it exactly."""
+    g = fx.golden(variant, "14_cfm")
+    noise_seed = int(fx.settings["noise_seed"])
+    for k, seg in enumerate(_segments(fx, variant)):
+        golden = g[seg + "noise"]
+        gen = torch.Generator().manual_seed(noise_seed * 1000 + k)
+        drawn = torch.randn(golden.shape, generator=gen) * float(g[seg + "temperature"])
+        assert_equal(drawn, golden, seg + "noise")
 
 
 def test_cfm_generator_noise_is_reproducible(fx: FixtureSet, s2mel: S2Mel) -> None:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ttsd.pipeline.convert import convert, sha256_file, verify
+from ttsd.pipeline.config import V2
+from ttsd.pipeline.convert import S2MEL_PARTS, S2MEL_PARTS_V25, convert, sha256_file, verify
 from ttsd.pipeline.errors import CheckpointError, CheckpointMismatch
 from ttsd.pipeline.weights import load_module, read_shapes
 
@@ -94,6 +95,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_module(_Tiny, tmp_path / "nope.safetensors", "cpu")
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_convert_keeps_every_tensor(fx: FixtureSet, converted: Path) -> None:
     """ttsd-convert changes only the container: every official tensor arrives with its key and value."""
     official = torch.load(fx.ckpt / "gpt.pth", map_location="cpu", weights_only=True)
@@ -105,7 +107,8 @@ def test_convert_keeps_every_tensor(fx: FixtureSet, converted: Path) -> None:
         assert torch.equal(mine[k], v), k
     s2 = torch.load(fx.ckpt / "s2mel.pth", map_location="cpu", weights_only=True)["net"]
     mine_s2 = load_file(str(converted / "s2mel.safetensors"))
-    want = {f"{part}.{k}" for part in ("cfm", "length_regulator", "gpt_layer") for k in s2[part]}
+    parts = S2MEL_PARTS if fx.version == V2 else S2MEL_PARTS_V25  # 2.5's s2mel has no gpt_layer
+    want = {f"{part}.{k}" for part in parts for k in s2[part]}
     assert mine_s2.keys() == want
     big = torch.load(fx.ckpt / "hf_cache" / "bigvgan" / "bigvgan_generator.pt", map_location="cpu", weights_only=True)
     mine_big = load_file(str(converted / "bigvgan.safetensors"))
@@ -115,6 +118,7 @@ def test_convert_keeps_every_tensor(fx: FixtureSet, converted: Path) -> None:
     assert torch.equal(emo["emo_matrix"], torch.load(fx.ckpt / "feat2.pt", weights_only=True))
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_manifest_hashes_and_verify(converted: Path, tmp_path: Path) -> None:
     """The manifest lists a correct SHA-256 for every file, and verify() catches a modified file."""
     manifest = json.loads((converted / "manifest.json").read_text())
@@ -133,6 +137,7 @@ def test_manifest_hashes_and_verify(converted: Path, tmp_path: Path) -> None:
         verify(copy)
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_convert_reports_missing_official_file(fx: FixtureSet, tmp_path: Path) -> None:
     """A source directory lacking gpt.pth fails with an error naming the file."""
     src = tmp_path / "src"
