@@ -50,11 +50,19 @@ class DaemonConfig:
     stall_timeout_s: float = 30.0        # a request parked this long on an unread client is cancelled
     token: str | None = None             # bearer token clients must present (Authorization header)
     log_level: str = "info"              # debug, info, warning, error
+    # Other interfaces on the same worker, voices, limits and token (docs/interfaces.md). Ports:
+    # absent = off, 0 = any free port (tests).
+    http_port: int | None = None         # OpenAI-compatible HTTP API and /metrics, on `host`
+    wyoming_port: int | None = None      # Wyoming TTS server for Home Assistant (usually 10200)
+    wyoming_host: str = "127.0.0.1"      # Wyoming has no authentication: bind beyond loopback only on a trusted LAN
+    voices_dir: Path | None = None       # voice presets: NAME.wav/.flac/.ogg/.mp3 (+ NAME.toml options)
 
     def validated(self) -> DaemonConfig:
         """Return self if every field is in range and the bind is safe, else raise ConfigError."""
         checks = [
             (0 <= self.port <= 65_535, "port must be in [0, 65535]"),
+            (self.http_port is None or 0 <= self.http_port <= 65_535, "http_port must be in [0, 65535]"),
+            (self.wyoming_port is None or 0 <= self.wyoming_port <= 65_535, "wyoming_port must be in [0, 65535]"),
             (self.max_frame_bytes >= 1024, "max_frame_bytes must be >= 1024"),
             (self.max_text_chars >= 1, "max_text_chars must be >= 1"),
             (self.max_reference_audio_s > 0, "max_reference_audio_s must be > 0"),
@@ -112,7 +120,7 @@ def _coerce(name: str, value: object) -> object:
     if kind is bool and isinstance(value, bool):
         return value
     # bool is an int subclass: a TOML `true` must not become port 1.
-    if kind is int and type(value) is int:
+    if kind in (int, int | None) and type(value) is int:
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         if math.isfinite(value):
@@ -151,7 +159,7 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
                 help=f"default: {getattr(defaults, f.name)!r}",
             )
             continue
-        parse: Any = {int: int, float: float}.get(kind, Path if kind == (Path | None) else str)
+        parse: Any = {int: int, int | None: int, float: float, Path | None: Path}.get(kind, str)
         ap.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
