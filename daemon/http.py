@@ -297,6 +297,7 @@ class _Speech:
         self.server = api.server
         self.peer = _peer(request)
         self.response: web.StreamResponse | None = None
+        self.stopped: str | None = None         # the worker's stop code, once it ended the job early
         self.first_audio_s: float | None = None
         self.samples = 0
         self.segments = 0
@@ -328,6 +329,8 @@ class _Speech:
         try:
             code = await self._stream(sink, job)
         finally:
+            if code == DISCONNECTED and self.stopped is not None:
+                code = self.stopped  # _on_stop dropped the connection, which cancelled this handler
             if code == DISCONNECTED:
                 worker.cancel(job, p.ErrorCode.CANCELLED, notify=False)
             self._log_end(code, job.key)
@@ -343,6 +346,7 @@ class _Speech:
     def _on_stop(self, code: str) -> None:
         """The worker ended the job early. Once the body has begun nothing can say so but the
         connection itself; and a writer blocked on an unread socket (slow_consumer) only wakes up this way."""
+        self.stopped = code
         if self.response is not None and self.response.prepared and self.request.transport is not None:
             log.info("http response aborted peer=%s code=%s", self.peer, code)
             self.request.transport.abort()
