@@ -200,7 +200,7 @@ def audio_of(events: list[Event]) -> bytes:
 
 
 async def test_speech_streams_each_segment_and_equals_offline(pipeline: Pipeline, daemon: Any) -> None:
-    """POST /v1/audio/speech sends segment 0's audio (chunked) while segment 1 is held, and the WAV equals offline synthesis."""
+    """Speech streams segment 0 (chunked) while segment 1 is held, and the WAV equals offline synthesis."""
     rec = Recorder()
     gate = rec.hold("segment_begin", 1)
     async with daemon(rec) as server, http(server) as h:
@@ -242,7 +242,7 @@ async def test_every_response_format_decodes(pipeline: Pipeline, daemon: Any) ->
 
 
 async def test_openai_client_streams_speech_and_maps_errors(pipeline: Pipeline, daemon: Any) -> None:
-    """The official openai client streams pcm through with_streaming_response, and gets typed errors for bad requests."""
+    """The official openai client streams pcm with with_streaming_response and gets typed errors."""
     import openai
 
     async with daemon(token=TOKEN) as server:
@@ -251,6 +251,7 @@ async def test_openai_client_streams_speech_and_maps_errors(pipeline: Pipeline, 
         chunks = []
         async with api.audio.speech.with_streaming_response.create(
             model="gpt-4o-mini-tts", voice="alice", input=TWO_SENTENCES, response_format="pcm",
+            extra_body={"seed": 3, "diffusion_steps": 2},   # ttsd options ride along in the body
         ) as r:
             async for chunk in r.iter_bytes():
                 chunks.append(chunk)
@@ -367,7 +368,7 @@ async def test_client_that_disconnects_cancels_its_job(daemon: Any) -> None:
 
 
 async def test_a_client_that_stops_reading_is_parked_then_dropped(daemon: Any) -> None:
-    """An HTTP client that reads nothing parks its job (others are served meanwhile), and is dropped after stall_timeout_s."""
+    """An HTTP client that reads nothing parks its job (others are served), then is dropped after stall_timeout_s."""
     rec = Recorder()
     many = " ".join(f"Sentence number {n} is here." for n in range(1, 13))
     async with daemon(rec, stall_timeout_s=1.0) as server:
@@ -404,12 +405,13 @@ async def test_a_client_that_stops_reading_is_parked_then_dropped(daemon: Any) -
 
 
 async def test_wyoming_describe_lists_the_presets(daemon: Any) -> None:
-    """describe → info with one streaming-capable TTS program whose voices are the presets, in English and Chinese."""
+    """describe → info: one streaming TTS program whose voices are the presets; shutdown closes the connection."""
     async with daemon() as server:
         c = await wyoming_client(server)
         await c.write_event(Describe().event())
         info = Info.from_event((await events_until(c, "info"))[-1])
-        await c.disconnect()
+    assert await c.read_event() is None   # the shutdown closed the idle connection
+    await c.disconnect()
     (program,) = info.tts
     assert program.supports_synthesize_streaming and program.installed
     assert [v.name for v in program.voices] == ["alice"]
@@ -434,7 +436,7 @@ async def test_wyoming_synthesize_equals_offline(pipeline: Pipeline, daemon: Any
 
 
 async def test_wyoming_streaming_speaks_each_sentence_as_it_completes(pipeline: Pipeline, daemon: Any) -> None:
-    """synthesize-start/chunk/stop: sentence 1's audio arrives before the text is complete; synthesize-stopped ends it."""
+    """Streaming synthesis speaks sentence 1 before the text is complete; synthesize-stopped ends it."""
     async with daemon() as server:
         c = await wyoming_client(server)
         await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="alice")).event())
@@ -454,7 +456,7 @@ async def test_wyoming_streaming_speaks_each_sentence_as_it_completes(pipeline: 
 
 
 async def test_wyoming_bad_events_get_an_error_and_the_server_keeps_serving(daemon: Any) -> None:
-    """An unknown voice, an oversized or non-JSON event each get an error event and a closed connection; others go on."""
+    """Bad events and failed requests each get an error event and a closed connection; others go on."""
     async with daemon(max_text_chars=100) as server:
         assert server.wyoming is not None
         host, port = server.wyoming.url.removeprefix("tcp://").rsplit(":", 1)
