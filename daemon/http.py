@@ -39,7 +39,16 @@ from ttsd.pipeline.errors import Busy, ShuttingDown, TtsdError, UnknownVoice
 
 from . import encoding
 from . import protocol as p
-from .jobs import Ended, OptionError, QueueSink, SegmentAudio, decode_options, submit
+from .jobs import (
+    BODY_OVERHEAD_BYTES,
+    SOCKET_SEND_BUFFER_BYTES,
+    Ended,
+    OptionError,
+    QueueSink,
+    SegmentAudio,
+    decode_options,
+    submit,
+)
 from .metrics import CONTENT_TYPE, DISCONNECTED, OK
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME
 from .worker import Job
@@ -56,10 +65,7 @@ MODEL: Final = "indextts-2"
 MODELS: Final = (MODEL, "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 SPEECH_FIELDS: Final = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
 DEFAULT_FORMAT: Final = "mp3"           # OpenAI's default response_format
-# The body holds the text (each character at most 6 bytes as a JSON \\uXXXX escape) and small fields.
-BODY_OVERHEAD_BYTES: Final = 64 * 1024
 RETRY_AFTER_S: Final = 1                # Retry-After on 429
-SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024  # as on the WebSocket port: a stopped reader parks its job soon
 _TYPES: Final = {
     400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
     405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
@@ -122,10 +128,10 @@ class HttpApi:
 
     @property
     def url(self) -> str:
-        server = self._site._server if self._site is not None else None
-        if not isinstance(server, asyncio.Server) or not server.sockets:
+        addresses = self.runner.addresses  # the listening sockets' names (port 0 resolved)
+        if not addresses:
             raise RuntimeError("HTTP API not started")
-        host, port = server.sockets[0].getsockname()[:2]
+        host, port = addresses[0][:2]
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 

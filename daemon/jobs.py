@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 
     from .worker import Worker
 
+# A request body (HTTP) or event data (Wyoming) holds the text, each character at most 6 bytes as a
+# JSON \uXXXX escape, and small fields: max_text_chars × 6 + this many bytes.
+BODY_OVERHEAD_BYTES: Final = 64 * 1024
+# Kernel send buffer per connection, as on the WebSocket port (server.py): a client that stops
+# reading parks its request after ~6 s of audio rather than after minutes of autotuned buffer.
+SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
+
 # Synthesize fields that are not options: the interface itself supplies them.
 _NOT_OPTIONS: Final = frozenset({"id", "text", "voice", "incremental", "format"})
 OPTION_FIELDS: Final = tuple(f.name for f in fields(p.Synthesize) if f.name not in _NOT_OPTIONS)

@@ -47,8 +47,16 @@ from ttsd.pipeline.errors import TtsdError
 from ttsd.pipeline.text.segment import SentenceBuffer
 
 from . import protocol as p
-from .http import BODY_OVERHEAD_BYTES, SOCKET_SEND_BUFFER_BYTES
-from .jobs import Ended, OptionError, QueueSink, SegmentAudio, decode_options, submit
+from .jobs import (
+    BODY_OVERHEAD_BYTES,
+    SOCKET_SEND_BUFFER_BYTES,
+    Ended,
+    OptionError,
+    QueueSink,
+    SegmentAudio,
+    decode_options,
+    submit,
+)
 from .metrics import DISCONNECTED, OK
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME
 
