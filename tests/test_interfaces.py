@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -552,3 +554,34 @@ def test_serve_refuses_a_missing_voices_dir_before_loading(tmp_path: Path) -> No
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GATE_TIMEOUT_S)
     assert proc.returncode == 2
     assert "voices_dir" in proc.stderr and "not a directory" in proc.stderr
+
+
+async def test_ttsd_serve_speaks_on_every_port(voices_dir: Path) -> None:
+    """`ttsd serve` (uvloop) logs its HTTP and Wyoming URLs, serves speech on both, and exits 0 on SIGTERM."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--random-weights", "tiny", "--device", "cpu", "--port", "0",
+           "--http-port", "0", "--wyoming-port", "0", "--voices-dir", str(voices_dir)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or "ttsd ready" not in lines[-1]:
+            lines.append(await asyncio.to_thread(proc.stderr.readline))
+            assert lines[-1], "daemon exited before logging its ready line: " + "".join(lines)
+        fields = dict(kv.split("=", 1) for kv in lines[-1].split(": ", 1)[1].split() if "=" in kv)
+        assert fields["presets"] == "1"
+        async with aiohttp.ClientSession(base_url=fields["http"]) as h:
+            async with h.post("/v1/audio/speech", json=speech("Hello.")) as r:
+                assert r.status == 200 and (await r.read()).startswith(b"RIFF")
+        host, port = fields["wyoming"].removeprefix("tcp://").rsplit(":", 1)
+        async with AsyncTcpClient(host, int(port)) as c:
+            await c.write_event(Synthesize(text="Hello.").event())
+            assert len(audio_of(await events_until(c, "audio-stop"))) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, GATE_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
