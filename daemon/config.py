@@ -69,11 +69,25 @@ class DaemonConfig:
     stall_timeout_s: float = setting(30.0, "seconds a request may wait on a client that stopped reading")
     token: str | None = setting(None, f"bearer token clients must present, at least 16 characters (or ${TOKEN_ENV})")
     log_level: str = setting("info", "log level", LOG_LEVELS)
+    # Other interfaces on the same worker, voices, limits and token (docs/interfaces.md). Ports:
+    # absent = off, 0 = any free port.
+    http_port: int | None = setting(
+        None, "port of the OpenAI-compatible HTTP API and /metrics, on `host` (absent: off)"
+    )
+    wyoming_port: int | None = setting(
+        None, "port of the Wyoming TTS server for Home Assistant, usually 10200 (absent: off)"
+    )
+    wyoming_host: str = setting(
+        "127.0.0.1", "Wyoming bind address; Wyoming has no authentication, so beyond loopback only on a trusted LAN"
+    )
+    voices_dir: Path | None = setting(None, "voice presets: NAME.wav/.flac/.ogg/.mp3 files (+ NAME.toml options)")
 
     def validated(self) -> DaemonConfig:
         """Return self if every field is in range and the bind is safe, else raise ConfigError."""
         checks = [
             (0 <= self.port <= 65_535, "port must be in [0, 65535]"),
+            (self.http_port is None or 0 <= self.http_port <= 65_535, "http_port must be in [0, 65535]"),
+            (self.wyoming_port is None or 0 <= self.wyoming_port <= 65_535, "wyoming_port must be in [0, 65535]"),
             (self.max_frame_bytes >= 1024, "max_frame_bytes must be >= 1024"),
             (self.max_text_chars >= 1, "max_text_chars must be >= 1"),
             (self.max_reference_audio_s > 0, "max_reference_audio_s must be > 0"),
@@ -132,7 +146,7 @@ def _coerce(name: str, value: object) -> object:
     if kind is bool and isinstance(value, bool):
         return value
     # bool is an int subclass: a TOML `true` must not become port 1.
-    if kind is int and type(value) is int:
+    if kind in (int, int | None) and type(value) is int:
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         if math.isfinite(value):
@@ -173,7 +187,7 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
             # --cuda-graphs / --no-cuda-graphs; absent = unset, so the TOML value or default stands.
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_of(f))
             continue
-        parse: Any = {int: int, float: float}.get(kind, Path if kind == (Path | None) else str)
+        parse: Any = {int: int, int | None: int, float: float, Path | None: Path}.get(kind, str)
         choices = f.metadata.get(_CHOICES)
         ap.add_argument(flag, dest=f.name, type=parse, default=None, choices=choices,
                         metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(), help=help_of(f))

@@ -15,12 +15,19 @@ So a SIGTERM ends within drain_timeout_s + CANCEL_GRACE_S + FLUSH_ON_CLOSE_S + 2
 whatever clients do (systemd's TimeoutStopSec must be larger).
 
 A GET of /healthz on the same port is answered in `process_request`, before any WebSocket
-handshake, so load balancers and systemd checks need no WebSocket client."""
+handshake, so load balancers and systemd checks need no WebSocket client; so is /metrics
+(Prometheus, daemon/metrics.py), behind the token like the WebSocket itself.
+
+With `http_port` and `wyoming_port` the same process also serves the OpenAI-compatible HTTP API
+(daemon/http.py) and Wyoming (daemon/wyoming.py), on the same worker, voices and limits; the
+voice presets of `voices_dir` (daemon/presets.py) are registered before any port listens. The
+drain covers their requests too; their listeners close after the WebSocket connections."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import logging
 import signal
 import socket
@@ -35,6 +42,10 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
 from . import systemd
+from .config import is_loopback
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import GpuMemory, Metrics
+from .presets import Presets, load_presets
 from .protocol import ErrorCode
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
 from .worker import VoiceCache, Worker, WorkerObserver
@@ -45,6 +56,8 @@ if TYPE_CHECKING:
     from ttsd.pipeline.pipeline import Pipeline
 
     from .config import DaemonConfig
+    from .http import HttpApi
+    from .wyoming import WyomingServer
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +94,10 @@ class Server:
         self.voices = voices
         self.worker: Worker | None = None
         self.sessions: set[Session] = set()
+        self.metrics = Metrics()
+        self.presets = Presets()
+        self.http: HttpApi | None = None
+        self.wyoming: WyomingServer | None = None
         self._ws: WsServer | None = None
         self._draining = False
         self._shutdown: asyncio.Task[None] | None = None
@@ -88,15 +105,28 @@ class Server:
 
     async def start(self, *, warm_up: bool = False) -> None:
         """Start the worker (with `warm_up`, its first job is Pipeline.warm_up on its own engine and
-        thread) and listen. Returns once both are ready."""
+        thread), register the voice presets, and listen on every configured port. Returns once all are ready."""
         c = self.config
         self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
         self.worker.start(warm_up=self.pipeline.warm_up if warm_up else None)
+        self.metrics.watch(
+            self.worker, c.max_batch_rows, presets=lambda: len(self.presets),
+            connections={"websocket": lambda: len(self.sessions), "http": lambda: self.http.connections if self.http
+                         else 0, "wyoming": lambda: len(self.wyoming.connections) if self.wyoming else 0},
+            gpu_memory=_gpu_memory(self.pipeline),
+        )
         try:
             await asyncio.to_thread(self.worker.warmed.wait)
+            if c.voices_dir is not None:
+                self.presets = await load_presets(c.voices_dir, self.worker, c.max_frame_bytes)
             self._ws = await self._listen()
+            await self._listen_more()
         except BaseException:
-            await self.worker.stop()  # e.g. the port is taken: do not leave the thread behind
+            # e.g. a port is taken: do not leave the thread or another listener behind
+            await self._close_more()
+            if self._ws is not None:
+                self._ws.close()
+            await self.worker.stop()
             raise
         if c.watchdog_s > 0:
             self._watchdog = asyncio.create_task(self._watch(c.watchdog_s))
@@ -111,6 +141,24 @@ class Server:
             if since is not None and time.monotonic() - since > limit_s:
                 self.worker.report_fault(f"watchdog: one worker step has run for over {limit_s:g} s")
                 return
+
+    async def _listen_more(self) -> None:
+        """The HTTP API and the Wyoming server, where configured (their packages are optional extras)."""
+        c = self.config
+        if c.http_port is not None:
+            from .http import HttpApi
+
+            self.http = HttpApi(self)
+            await self.http.start(c.host, c.http_port)
+        if c.wyoming_port is not None:
+            from .wyoming import WyomingServer
+
+            self.wyoming = WyomingServer(self)
+            await self.wyoming.start(c.wyoming_host, c.wyoming_port)
+
+    async def _close_more(self) -> None:
+        """Close the HTTP and Wyoming listeners and their connections (each within about CLOSE_TIMEOUT_S)."""
+        await asyncio.gather(*(api.close() for api in (self.http, self.wyoming) if api is not None))
 
     async def _listen(self) -> WsServer:
         c = self.config
@@ -165,20 +213,25 @@ class Server:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
             except OSError as e:
                 log.debug("cannot set SO_SNDBUF error=%s", e)
-        session = Session(ws, self.worker, self.config)
+        session = Session(ws, self.worker, self.config, self.metrics)
         self.sessions.add(session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
 
+    def health(self) -> tuple[HTTPStatus, str]:
+        """What GET /healthz answers: 503 after a device fault or while draining, else 200 ok."""
+        if self.worker is not None and self.worker.device_fault.is_set():
+            return HTTPStatus.SERVICE_UNAVAILABLE, f"{self.worker.device_fault_message}\n"
+        if self._draining:
+            return HTTPStatus.SERVICE_UNAVAILABLE, "draining\n"
+        return HTTPStatus.OK, "ok\n"
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path == "/healthz":
-            if self.worker is not None and self.worker.device_fault.is_set():
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{self.worker.device_fault_message}\n")
-            if self._draining:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return connection.respond(HTTPStatus.OK, "ok\n")
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return connection.respond(*self.health())
         token = self.config.token
         if token is not None:
             scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
@@ -191,6 +244,11 @@ class Server:
                 )
                 response.headers["WWW-Authenticate"] = 'Bearer realm="ttsd"'
                 return response
+        if path == "/metrics":
+            response = connection.respond(HTTPStatus.OK, self.metrics.render().decode())
+            del response.headers["Content-Type"]  # websockets' Headers append on assignment
+            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+            return response
         if self._draining:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{ErrorCode.SHUTTING_DOWN}\n")
         return None
@@ -225,10 +283,14 @@ class Server:
                 log.error("shutdown: requests did not stop within %g s", CANCEL_GRACE_S)
         # Each close is bounded (Session.close). A handshake that began before the drain may turn
         # into a session while the first ones close: the loop closes those too.
-        closed: set[Session] = set()
-        while pending := self.sessions - closed:
-            closed |= pending
-            await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in pending))
+        async def close_sessions() -> None:
+            closed: set[Session] = set()
+            while pending := self.sessions - closed:
+                closed |= pending
+                await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in pending))
+
+        # The HTTP and Wyoming listeners close meanwhile, within CLOSE_TIMEOUT_S: the bound above holds.
+        await asyncio.gather(close_sessions(), self._close_more())
         ws.close(close_connections=False)
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
@@ -240,6 +302,16 @@ class Server:
                 connection.transport.abort()
         await worker.stop()
         log.info("shutdown complete")
+
+
+def _gpu_memory(pipeline: Pipeline) -> GpuMemory | None:
+    """The torch allocator's (allocated, reserved) bytes on the pipeline's CUDA device; None on CPU."""
+    device = pipeline.device
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
 
 
 def _peer(connection: ServerConnection) -> str:
@@ -297,6 +369,13 @@ async def serve(config: DaemonConfig) -> int:
     if config.checkpoints is None and config.random_weights is None:
         log.error("no checkpoint directory: pass --checkpoints DIR or set checkpoints in the config file")
         return 2
+    for field, module, extra in (("http_port", "aiohttp", "http"), ("wyoming_port", "wyoming", "wyoming")):
+        if getattr(config, field) is not None and importlib.util.find_spec(module) is None:
+            log.error("%s needs the %s package: pip install 'ttsd[%s]'", field, module, extra)
+            return 2
+    if config.voices_dir is not None and not config.voices_dir.is_dir():
+        log.error("voices_dir=%s is not a directory", config.voices_dir)
+        return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -348,13 +427,24 @@ async def serve(config: DaemonConfig) -> int:
     try:
         await server.start(warm_up=warm)
     except OSError as e:
-        log.error("cannot listen host=%s port=%d error=%r", config.host, config.port, e.strerror)
+        log.error(
+            "cannot listen host=%s port=%d http_port=%s wyoming_host=%s wyoming_port=%s error=%r", config.host,
+            config.port, config.http_port, config.wyoming_host, config.wyoming_port, e.strerror,
+        )
         return 1
+    except TtsdError as e:
+        log.error("cannot start error=%r", str(e))
+        return 2
     log.info(
-        "ttsd ready url=%s device=%s dtype=%s load_s=%.2f checkpoints=%s random_weights=%s auth=%s",
+        "ttsd ready url=%s device=%s dtype=%s load_s=%.2f checkpoints=%s random_weights=%s auth=%s http=%s "
+        "wyoming=%s presets=%d",
         server.url, pipeline.device, str(pipeline.gpt_dtype).removeprefix("torch."), load_s, config.checkpoints,
-        config.random_weights, "bearer" if config.token else "none",
+        config.random_weights, "bearer" if config.token else "none", server.http.url if server.http else "-",
+        server.wyoming.url if server.wyoming else "-", len(server.presets),
     )
+    if server.wyoming is not None and not is_loopback(config.wyoming_host):
+        log.warning("wyoming_host=%s: Wyoming has no authentication; anyone who can reach it can use it",
+                    config.wyoming_host)
     systemd.notify_ready(f"serving on {server.url}")
     assert server.worker is not None  # started above
     fault = asyncio.create_task(server.worker.device_fault.wait())

@@ -37,6 +37,7 @@ from ttsd.pipeline.options import SynthesisOptions
 from ttsd.pipeline.text.segment import SentenceBuffer
 
 from . import protocol as p
+from .metrics import DISCONNECTED, OK, Metrics
 from .worker import Job, VoiceResult, Worker
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ CLOSE_SLOW_CONSUMER: Final = 1008    # policy violation: the client stopped read
 REGISTRATION_SHARE: Final = 4        # one connection may hold 1/4 of the voice-registration queue
 LOGGED_BAD_FRAMES: Final = 10        # bad frames per connection logged at INFO; later ones at DEBUG
 SERVER_NAME: Final = "ttsd/0.1"
+INTERFACE: Final = "websocket"          # the metrics label of this interface
 
 
 
@@ -108,6 +110,7 @@ class LiveRequest:
             s.enqueue(_Outgoing(frame, self, audio_samples=len(chunk) // 2))
             self.seq += 1
         audio_s = len(pcm) / 2 / p.SAMPLE_RATE_HZ
+        s.metrics.segment(INTERFACE, audio_s)
         end = p.SegmentEnd(id=self.id, index=index, audio_s=audio_s)
         s.enqueue(_Outgoing(p.encode(end), self, returns_credit=True))
         self.segments += 1
@@ -138,6 +141,7 @@ class LiveRequest:
         if self.job is not None:
             # notify=False: the Error below is the one reply, whatever the worker is doing.
             s.worker.cancel(self.job, code, notify=False)
+        s.metrics.request_end(INTERFACE, code)
         s.enqueue(_Outgoing(p.encode(p.Error(id=self.id, code=code, message=p.clip(message)))))
         log.info("request ended peer=%s id=%d code=%s segments=%d", s.peer, self.id, code, self.segments)
 
@@ -147,6 +151,8 @@ class LiveRequest:
         audio_s = self.audio_samples / p.SAMPLE_RATE_HZ
         first_ms = None if self.first_audio_t is None else (self.first_audio_t - self.t0) * 1000
         rtf = total_s / audio_s if audio_s > 0 else None
+        first_s = None if self.first_audio_t is None else self.first_audio_t - self.t0
+        self.session.metrics.request_end(INTERFACE, OK, first_audio_s=first_s, total_s=total_s, audio_s=audio_s)
         log.info(
             "request done peer=%s id=%d chars=%d segments=%d audio_s=%.2f first_audio_ms=%s total_ms=%.0f "
             "rtf=%s",
@@ -168,10 +174,13 @@ def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
 
 
 class Session:
-    def __init__(self, ws: ServerConnection, worker: Worker, config: DaemonConfig) -> None:
+    def __init__(
+        self, ws: ServerConnection, worker: Worker, config: DaemonConfig, metrics: Metrics | None = None
+    ) -> None:
         self.ws = ws
         self.worker = worker
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
         self.peer = _peer(ws)
         self.requests: dict[int, LiveRequest] = {}
         self.registrations: set[int] = set()  # ids of this connection's voice registrations in flight
@@ -215,6 +224,7 @@ class Session:
             # Disconnect: stop every request at its next decode step, silently (nobody to tell).
             for req in list(self.requests.values()):
                 req.finished = True
+                self.metrics.request_end(INTERFACE, DISCONNECTED)
                 if req.job is not None:
                     self.worker.cancel(req.job, p.ErrorCode.CANCELLED, notify=False)
             self.requests.clear()
@@ -366,6 +376,8 @@ class Session:
                 "request rejected peer=%s type=%s id=%s code=%s error=%r", self.peer, msg.TYPE, request_id, e.code,
                 detail,
             )
+            if isinstance(msg, p.Synthesize) and request_id not in self.requests:
+                self.metrics.request_end(INTERFACE, e.code)
             self._refuse(msg.TYPE, request_id, e.code, detail)
         except Exception as e:
             log.exception("request failed peer=%s type=%s id=%s", self.peer, msg.TYPE, request_id)

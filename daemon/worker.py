@@ -134,6 +134,12 @@ class VoiceCache:
         self.max_voices = max_voices
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[Voice, float]] = OrderedDict()  # id → (voice, audio_s)
+        self.hits = 0                            # lookups that found the voice (read by metrics)
+        self.misses = 0                          # lookups that did not
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
     def get(self, voice_id: str) -> Voice:
         """The voice (refreshing its LRU position), or UnknownVoice."""
@@ -147,6 +153,9 @@ class VoiceCache:
             entry = self._entries.get(voice_id)
             if entry is not None:
                 self._entries.move_to_end(voice_id)
+                self.hits += 1
+            else:
+                self.misses += 1
             return entry
 
     def put(self, voice_id: str, voice: Voice, audio_s: float) -> list[str]:
@@ -276,6 +285,17 @@ class Worker:
         """Admitted jobs not yet stopped (what admission counts)."""
         with self._cond:
             return self._live
+
+    @property
+    def running_jobs(self) -> int:
+        """Jobs in the engine now (the rest of live_jobs wait for a slot). A racy read, for metrics."""
+        return len(self._active)
+
+    @property
+    def batch_rows_in_use(self) -> int:
+        """Decode batch rows taken by the segments decoding now. A racy read, for metrics."""
+        engine = self._engine
+        return 0 if engine is None else engine.batch.n
 
     def stop_accepting(self) -> None:
         with self._cond:

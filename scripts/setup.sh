@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install ttsd with the extras the README's commands use: client (ttsd-say),
-# convert (ttsd-convert, ttsd fetch, ttsd make-tiny) and dev (tests, linters).
+# Create .venv and install ttsd with the extras the README's commands and CI use: client (ttsd-say),
+# convert (ttsd-convert, ttsd fetch, ttsd make-tiny), http and wyoming (the other interfaces) and dev
+# (tests, linters).
 #
 # torch is installed first, pinned, from PyTorch's CPU wheel index: PyPI's Linux wheel of the same
 # version is the CUDA build and pulls several GB of nvidia-* packages. On a GPU host choose the
@@ -26,7 +27,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q --retries 1 "${torch_index[@]}" "$TTSD_TORCH"
 # The text normaliser's graphs (read at run time, checked by SHA-256); pynini is not needed to run them.
 python -m pip install -q --no-deps "WeTextProcessing==1.2.0"
-python -m pip install -q -e '.[dev,client,convert]'
+python -m pip install -q -e '.[dev,client,convert,http,wyoming]'
 python - <<'PY'
 import torch
 cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
