@@ -9,10 +9,11 @@ is `ttsd serve`: load the weights, listen, tell systemd READY=1, and on SIGTERM 
      each stopping at its next decode step (at most CANCEL_GRACE_S);
   3. send what is queued (at most FLUSH_ON_CLOSE_S), close every connection with 1001 (going
      away; a client that does not take the close within CLOSE_TIMEOUT_S has its transport
-     aborted), close the listener, join the worker, exit 0.
+     aborted), close the listener, join the worker (at most CANCEL_GRACE_S: a step wedged in the
+     device is left behind), exit 0.
 
-So a SIGTERM ends within drain_timeout_s + CANCEL_GRACE_S + FLUSH_ON_CLOSE_S + 2 × CLOSE_TIMEOUT_S
-whatever clients do (systemd's TimeoutStopSec must be larger).
+So a SIGTERM ends within drain_timeout_s + 2 × CANCEL_GRACE_S + FLUSH_ON_CLOSE_S + 2 × CLOSE_TIMEOUT_S
+whatever clients do and whatever the device does (systemd's TimeoutStopSec must be larger).
 
 A GET of /healthz on the same port is answered in `process_request`, before any WebSocket
 handshake, so load balancers and systemd checks need no WebSocket client; so is /metrics
@@ -300,7 +301,7 @@ class Server:
             log.warning("shutdown: aborting connections=%d that did not close", len(left))
             for connection in left:
                 connection.transport.abort()
-        await worker.stop()
+        await worker.stop(CANCEL_GRACE_S)
         log.info("shutdown complete")
 
 

@@ -1,6 +1,9 @@
 """The worker thread: the only caller of the Pipeline. It drives one engine that runs every admitted
 request at once (continuous batching: their segments share each GPT decode step and acoustic job).
 
+Text is normalised and split into segments on a few text threads, a request's pieces in order, so
+that a long text (seconds in the normaliser) holds up neither the decode steps nor other requests.
+
 The event loop never runs model code. It hands the worker work through the thread-safe methods
 below (`submit`, `add_text`, `cancel`, `return_credit`, `register_voice`), which only queue an
 operation and wake the thread; the worker applies queued operations between engine steps and sends
@@ -29,10 +32,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 from ttsd.pipeline.errors import (
+    BadText,
     Busy,
     DeviceFault,
     ErrorCode,
@@ -44,7 +49,7 @@ from ttsd.pipeline.requests import Request, RequestDone, RequestFailed, SegmentD
 from ttsd.pipeline.rules import check_reference_audio
 
 if TYPE_CHECKING:
-    from ttsd.pipeline import Engine, Pipeline, SynthesisOptions, Voice
+    from ttsd.pipeline import Engine, Pipeline, Segment, SynthesisOptions, Voice
 
     from .config import DaemonConfig
 
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_CREDITS: Final = 2   # segments started but not yet sent, per request: one on the wire, one in work
 VOICE_ID_BYTES: Final = 16   # blake2b digest size; the id is its hex (32 characters)
+TEXT_THREADS: Final = 4      # requests whose text is normalised at once (the normaliser releases the GIL)
 
 
 class JobSink(Protocol):
@@ -78,13 +84,17 @@ class Job:
     sink: JobSink
     emo_voice: Voice | None = None              # its speaker clip is the emotion reference
     incremental: bool = False                   # text arrives in pieces; unspeakable pieces are skipped
-    texts: deque[str] = field(default_factory=deque)  # the text received before submit
+    texts: deque[str] = field(default_factory=deque)  # the text received before submit (split after it)
     input_closed: bool = True                   # False while an incremental request may get more text
     stop_code: str | None = None                # ErrorCode once stopped for any reason
     stop_message: str = ""
     notify_stop: bool = False                   # whether the sink hears about the stop
     # Worker thread only:
     request: Request | None = None              # the engine's request, once admitted to the engine
+    pending: list[tuple[Segment, ...]] = field(default_factory=list)  # split, not yet in the engine
+    # Text threads (worker lock):
+    unsplit: deque[tuple[list[str], bool]] = field(default_factory=deque)  # (texts, input closed) to split
+    splitting: bool = False                     # a text thread is working through `unsplit`
     parked_since: float | None = None           # time.monotonic() when it ran out of credit with work left
     delivered: int = 0                          # segments handed to the sink
     ended: bool = False                         # it has left the worker (its sink heard the end)
@@ -169,8 +179,9 @@ class VoiceCache:
             return evicted
 
 
-# Operations the loop queues for the worker thread: (kind, job, text payload of "text" ops).
-_Op = tuple[str, Job, tuple[list[str], bool] | None]
+# Operations queued for the worker thread: (kind, job, payload). Payloads: "text" ops carry
+# (segments split ahead of time, input closed); "fail" ops the error that ends the job.
+_Op = tuple[str, Job, "tuple[list[tuple[Segment, ...]], bool] | TtsdError | None"]
 
 
 class Worker:
@@ -202,6 +213,9 @@ class Worker:
         self._voice_turn = False                # alternate voice registrations with engine steps
         self._engine: Engine | None = None      # made on the worker thread
         self._thread = threading.Thread(target=self._run, name="ttsd-worker", daemon=True)
+        # Text is normalised and split on these threads, never on the worker's: a long text takes
+        # seconds in the normaliser, and no decode step (nor another request's split) may wait for it.
+        self._texts = ThreadPoolExecutor(max_workers=TEXT_THREADS, thread_name_prefix="ttsd-text")
         self._idle = asyncio.Event()            # loop side: set whenever no job is live
         self._idle.set()
         # Set (loop side) when the device reports a fault that poisons its context, such as a CUDA
@@ -248,14 +262,28 @@ class Worker:
             self._live += 1
             self._unfinished += 1
             self._idle.clear()
+            texts, close = list(job.texts), job.input_closed
+            job.input_closed = False  # closed again by the "text" op that brings its segments
             self._ops.append(("submit", job, None))
             self._cond.notify()
+        self._split(job, texts, close)
 
     def add_text(self, job: Job, texts: list[str], close: bool) -> None:
         """More text for an incremental job; `close` ends its input."""
+        self._split(job, list(texts), close)
+
+    def _split(self, job: Job, texts: list[str], close: bool) -> None:
+        """Queue text for splitting. A job's pieces are split one after another, in order (one
+        thread at a time per job); different jobs' pieces are split in parallel."""
         with self._cond:
-            self._ops.append(("text", job, (list(texts), close)))
-            self._cond.notify()
+            job.unsplit.append((texts, close))
+            if job.splitting:
+                return  # the thread splitting this job's earlier text takes this piece next
+            job.splitting = True
+        try:
+            self._texts.submit(self._split_all, job)
+        except RuntimeError:  # the pool is shut down: the worker has stopped, and so has the job
+            pass
 
     def cancel(self, job: Job, code: str, notify: bool) -> None:
         """Stop a job at the next engine step. With `notify`, its sink gets on_error(code)."""
@@ -314,14 +342,21 @@ class Worker:
                 self._stop(job, code, True)
             self._cond.notify()
 
-    async def stop(self) -> None:
-        """Cancel everything left and join the thread (without blocking the loop)."""
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Cancel everything left and join the worker thread (without blocking the loop), waiting at
+        most `timeout_s`. False if it did not stop in time: a step wedged in the device. The thread is
+        a daemon thread, so the process can still exit (systemd restarts it)."""
         self.cancel_all(ErrorCode.SHUTTING_DOWN)
         with self._cond:
             self._accepting = False
             self._stopping = True
             self._cond.notify()
-        await asyncio.to_thread(self._thread.join)
+        self._texts.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        if self._thread.is_alive():
+            log.error("worker thread did not stop within %g s; leaving it behind", timeout_s)
+            return False
+        return True
 
     def _stop(self, job: Job, code: str, notify: bool) -> None:
         """Under the lock: mark the job stopped (first stop wins) and queue its removal."""
@@ -329,6 +364,46 @@ class Worker:
             job.stop(code, _STOP_MESSAGES.get(code, code), notify)
             self._live -= 1
             self._ops.append(("stop", job, None))
+
+    # ---------------------------------------------------------------------------------------
+    # Text thread
+
+    def _split_all(self, job: Job) -> None:
+        # Warm-up splits text on the worker thread; it is done before requests' text is touched here.
+        self.warmed.wait()
+        while True:
+            with self._cond:
+                if not job.unsplit:
+                    job.splitting = False
+                    return
+                texts, close = job.unsplit.popleft()
+            self._split_now(job, texts, close)
+
+    def _split_now(self, job: Job, texts: list[str], close: bool) -> None:
+        """Split `texts` into segments for `job` and queue them for the worker (or queue its failure)."""
+        pieces: list[tuple[Segment, ...]] = []
+        op: _Op | None = None
+        for text in texts:
+            if job.stop_code is not None:
+                return  # its stop op takes it out; splitting more is wasted work
+            try:
+                pieces.append(tuple(self.pipeline.split_text(text, job.opts)))
+            except BadText as e:
+                if job.incremental:
+                    log.debug("skipped unspeakable text key=%d chars=%d", job.key, len(text))  # "**", "..."
+                    continue
+                op = ("fail", job, e)
+                break
+            except TtsdError as e:
+                op = ("fail", job, e)
+                break
+            except Exception as e:  # a bug in the front end: this job fails, the daemon serves on
+                log.exception("text split failed key=%d", job.key)
+                op = ("fail", job, TtsdError(f"internal error: {type(e).__name__}"))
+                break
+        with self._cond:
+            self._ops.append(op if op is not None else ("text", job, (pieces, close)))
+            self._cond.notify()
 
     # ---------------------------------------------------------------------------------------
     # Worker thread
@@ -390,7 +465,7 @@ class Worker:
         self._mark_parked()
         return True
 
-    def _apply(self, kind: str, job: Job, payload: tuple[list[str], bool] | None) -> None:
+    def _apply(self, kind: str, job: Job, payload: tuple[list[tuple[Segment, ...]], bool] | TtsdError | None) -> None:
         engine = self._engine
         assert engine is not None
         if kind == "submit":
@@ -398,13 +473,18 @@ class Worker:
                 self._waiting.append(job)
             else:
                 self._finish(job)  # stopped before it ever started
-        elif kind == "text" and payload is not None:
-            texts, close = payload
-            job.texts.extend(texts)
+        elif kind == "fail" and isinstance(payload, TtsdError):
+            if not job.ended:
+                self._fail(job, payload.code, str(payload))
+        elif kind == "text" and isinstance(payload, tuple):
+            if job.ended:
+                return
+            pieces, close = payload
+            job.pending.extend(pieces)
             job.input_closed = job.input_closed or close
             if job.request is not None:
-                engine.feed(job.request, job.texts, job.input_closed)
-                job.texts.clear()
+                engine.feed(job.request, job.pending, job.input_closed)
+                job.pending.clear()
         elif kind == "credit":
             job.parked_since = None
             if job.request is not None:
@@ -432,10 +512,10 @@ class Worker:
                 self._fail(job, e.code, str(e))
                 continue
             job.request = Request(
-                voice=job.voice, opts=opts, emo_voice=job.emo_voice, texts=deque(job.texts),
+                voice=job.voice, opts=opts, emo_voice=job.emo_voice, texts=deque(job.pending),
                 input_closed=job.input_closed, incremental=job.incremental, credits=SEGMENT_CREDITS, tag=job,
             )
-            job.texts.clear()
+            job.pending.clear()
             self._active.append(job)
             engine.add(job.request)
 

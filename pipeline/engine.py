@@ -164,8 +164,8 @@ class Engine:
         req.seq = next(self._arrivals)
         self.requests.append(req)
 
-    def feed(self, req: Request, texts: Sequence[str], close: bool) -> None:
-        """More text for an incremental request; `close` ends its input."""
+    def feed(self, req: Request, texts: Sequence[str | tuple[Segment, ...]], close: bool) -> None:
+        """More input for a request (text, or segments split ahead of time); `close` ends its input."""
         req.texts.extend(texts)
         req.input_closed = req.input_closed or close
 
@@ -237,18 +237,21 @@ class Engine:
         while not req.segments:
             if not req.texts:
                 return None
-            text = req.texts.popleft()
-            try:
-                segments = self.pipe.split_text(text, req.opts)
-            except BadText as e:
-                if req.incremental:
-                    log.debug("skipped unspeakable text chars=%d", len(text))  # "**", "..." in a stream
-                    continue
-                self._fail(req, e, events)
-                return None
-            except TtsdError as e:
-                self._fail(req, e, events)
-                return None
+            item = req.texts.popleft()
+            if isinstance(item, tuple):
+                segments = list(item)  # split ahead of time by the caller
+            else:
+                try:
+                    segments = self.pipe.split_text(item, req.opts)
+                except BadText as e:
+                    if req.incremental:
+                        log.debug("skipped unspeakable text chars=%d", len(item))  # "**", "..." in a stream
+                        continue
+                    self._fail(req, e, events)
+                    return None
+                except TtsdError as e:
+                    self._fail(req, e, events)
+                    return None
             for seg in segments:
                 # Indices run across the whole request: the seed derives each segment's noise from them.
                 req.segments.append(seg.with_index(req.next_index))

@@ -43,7 +43,9 @@ class Request:
     voice: Voice
     opts: SynthesisOptions  # checked with Pipeline.check_options; seed fixed (the engine draws one if None)
     emo_voice: Voice | None = None  # its speaker clip is the emotion reference
-    texts: deque[str] = field(default_factory=deque)  # text not yet split into segments
+    # Text not yet split into segments, or segments its caller split ahead of time (the daemon splits
+    # on its own thread, so normalising a long text never holds up a decode step).
+    texts: deque[str | tuple[Segment, ...]] = field(default_factory=deque)
     input_closed: bool = True  # False while more text may come (incremental input)
     incremental: bool = False  # unspeakable text pieces are skipped instead of failing the request
     credits: int | None = None  # segments it may start before grant() returns them; None = unlimited

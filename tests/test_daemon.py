@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -304,6 +305,48 @@ async def test_two_concurrent_clients_both_get_correct_audio(
     # Fair round-robin at segment granularity: the two jobs' segments alternate.
     ends = [key for e, key, _ in rec.events if e == "segment_end" and key != holder]
     assert len(ends) == 4 and ends[0] == ends[2] != ends[1] == ends[3], rec.events
+
+
+async def test_a_slow_text_split_does_not_hold_up_other_requests(
+    pipeline: Pipeline, daemon: Daemon, speaker_wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one request's text is still being normalised, another request is synthesised and delivered."""
+    slow_text, released, entered = "Slowly normalised text.", threading.Event(), threading.Event()
+    split = pipeline.split_text
+
+    def gated_split(text: str, opts: SynthesisOptions) -> Any:
+        if text == slow_text:  # stands in for a long text the normaliser needs seconds for
+            entered.set()
+            assert released.wait(GATE_TIMEOUT_S)
+        return split(text, opts)
+
+    monkeypatch.setattr(pipeline, "split_text", gated_split)
+    async with daemon() as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text=slow_text, voice=voice, **FAST))
+        assert await asyncio.to_thread(entered.wait, GATE_TIMEOUT_S)
+        other = await own_connection(server, 2, "Hello world.", voice)
+        assert isinstance(last(other), p.Done) and pcm_of(other, 2), last(other)
+        assert not released.is_set()  # request 1 was still being split all along
+        released.set()
+        slow = await c.until(1)
+        assert isinstance(last(slow), p.Done) and pcm_of(slow, 1), last(slow)
+
+
+async def test_stopping_a_wedged_worker_is_bounded(daemon: Daemon, speaker_wav: bytes) -> None:
+    """A worker stuck inside a step does not hang shutdown: stop() gives up after its timeout."""
+    rec = Recorder()
+    gate = rec.hold("segment_begin", 0)
+    async with daemon(rec) as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=1, text="Hello world.", voice=voice, **FAST))
+        await rec.wait_for(lambda ev: any(e == "segment_begin" for e, _, _ in ev))
+        assert server.worker is not None
+        t0 = time.monotonic()
+        stopped = await server.worker.stop(0.5)
+        assert not stopped and time.monotonic() - t0 < 5.0
+        gate.set()  # the step ends, the thread sees the stop and exits
+        assert await server.worker.stop(GATE_TIMEOUT_S)
 
 
 async def test_cancel_mid_stream_then_next_request_works(daemon: Daemon, speaker_wav: bytes) -> None:
