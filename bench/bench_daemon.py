@@ -1,12 +1,13 @@
 """Daemon benchmark: N concurrent WebSocket clients, time to first audio, throughput, cancel latency.
 
     python bench/bench_daemon.py --url ws://127.0.0.1:8765 --clients 8
-    python bench/bench_daemon.py --spawn --checkpoints CKPT --clients 4 --device cpu
-    python bench/bench_daemon.py --random-full --clients 2 --max-mel-tokens 25   # real sizes, random weights
+    python bench/bench_daemon.py --spawn --checkpoints CKPT --clients 1,4,8,16 --device cpu
+    python bench/bench_daemon.py --random-full --clients 1,4 --max-mel-tokens 25   # real sizes, random weights
 
-Every client opens its own connection (the `ttsd.clients` library), registers the same
-reference audio and, after one warm-up request, sends `--requests` requests back to back, all
-clients at once. Time to first audio is measured at the client, from sending `Synthesize` to the
+`--clients` is a comma-separated list of client counts: one table row per count, against the same
+daemon. In each round every client opens its own connection (the `ttsd.clients` library),
+registers the same reference audio and, after one warm-up request, sends `--requests` requests
+back to back, all clients at once. Time to first audio is measured at the client, from sending `Synthesize` to the
 first `Audio` frame (the server's own `Done.first_audio_ms` is reported beside it). Throughput is
 the audio seconds all clients received per wall-clock second. Cancel latency is the time from
 sending `Cancel` (right after a request's first audio frame) to the `cancelled` error.
@@ -34,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ttsd.clients.client import Cancelled, Client
+from ttsd.daemon.config import DaemonConfig
 from ttsd.daemon.protocol import Audio, Done
+from ttsd.pipeline.options import SynthesisOptions
 from ttsd.tools.ports import free_port
 from ttsd.tools.tiny import synthetic_voice
 
@@ -103,21 +106,27 @@ async def client_run(url: str, token: str | None, audio: bytes, text: str, n: in
         return [await one_request(client, voice, text, options) for _ in range(n)]
 
 
+async def one_round(args: argparse.Namespace, url: str, audio: bytes, options: dict[str, Any],
+                    clients: int) -> tuple[list[Result], float]:
+    """`clients` connections at once, `--requests` each → (results, wall seconds of the timed part)."""
+    start, ready = asyncio.Event(), asyncio.Queue[str]()
+    tasks = [asyncio.create_task(client_run(url, args.token, audio, args.text, args.requests, options, start, ready))
+             for _ in range(clients)]
+    for _ in range(clients):
+        await ready.get()
+    t0 = time.perf_counter()
+    start.set()
+    results = [r for rs in await asyncio.gather(*tasks) for r in rs]
+    return results, time.perf_counter() - t0
+
+
 async def bench(args: argparse.Namespace, url: str) -> None:
     audio = args.voice.read_bytes() if args.voice is not None else synthetic_voice(args.voice_s)
     options: dict[str, Any] = {"seed": 0}
     for name in ("max_mel_tokens", "num_beams", "diffusion_steps"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    start, ready = asyncio.Event(), asyncio.Queue[str]()
-    tasks = [asyncio.create_task(client_run(url, args.token, audio, args.text, args.requests, options, start, ready))
-             for _ in range(args.clients)]
-    for _ in range(args.clients):
-        await ready.get()
-    t0 = time.perf_counter()
-    start.set()
-    results = [r for rs in await asyncio.gather(*tasks) for r in rs]
-    wall = time.perf_counter() - t0
+    rounds = [(n, *await one_round(args, url, audio, options, n)) for n in args.clients]
 
     cancels: list[float] = []
     async with Client(url, args.token) as client:
@@ -125,26 +134,35 @@ async def bench(args: argparse.Namespace, url: str) -> None:
         for _ in range(args.cancels):
             cancels.append(await one_cancel(client, voice, options))
 
-    ttfa = [r.first_audio_s for r in results]
-    server = [r.server_first_audio_ms for r in results if r.server_first_audio_ms is not None]
-    audio_total = sum(r.audio_s for r in results)
     print(f"url: {url}")
     if args.spawn:
         model = args.checkpoints if args.random is None else f"random {args.random} (seed {args.random_seed})"
-        print(f"spawned: ttsd serve, model {model}, device {args.device}, dtype {args.dtype}")
-    print(f"clients: {args.clients}  requests per client: {args.requests}  options: {options}")
+        print(f"spawned: ttsd serve, model {model}, device {args.device}, dtype {args.dtype}, "
+              f"max_batch_rows {args.max_batch_rows}")
+    print(f"requests per client: {args.requests}  options: {options}  text: {len(args.text)} chars")
     print()
     print("| clients | requests | ttfa_p50_s | ttfa_p95_s | server_ttfa_p50_ms | audio_s | wall_s "
-          "| audio_s_per_wall_s | cancel_p50_ms | cancel_max_ms |")
+          "| audio_s_per_wall_s | ttfa_p50 / 1 client | throughput / 1 client |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    base: tuple[float, float] | None = None
+    for clients, results, wall in rounds:
+        ttfa = [r.first_audio_s for r in results]
+        server = [r.server_first_audio_ms for r in results if r.server_first_audio_ms is not None]
+        audio_total = sum(r.audio_s for r in results)
+        p50, rate = percentile(ttfa, 50), audio_total / wall
+        if clients == 1:
+            base = (p50, rate)
+        ratios = f"{p50 / base[0]:.2f} | {rate / base[1]:.2f}" if base is not None else "— | —"
+        print(
+            f"| {clients} | {len(results)} | {p50:.3f} | {percentile(ttfa, 95):.3f} "
+            f"| {statistics.median(server) if server else float('nan'):.0f} | {audio_total:.2f} | {wall:.2f} "
+            f"| {rate:.3f} | {ratios} |"
+        )
     ok_cancels = [c for c in cancels if c == c]
-    print(
-        f"| {args.clients} | {len(results)} | {percentile(ttfa, 50):.3f} | {percentile(ttfa, 95):.3f} "
-        f"| {statistics.median(server) if server else float('nan'):.0f} | {audio_total:.2f} | {wall:.2f} "
-        f"| {audio_total / wall:.3f} "
-        f"| {1000 * statistics.median(ok_cancels) if ok_cancels else float('nan'):.0f} "
-        f"| {1000 * max(ok_cancels) if ok_cancels else float('nan'):.0f} |"
-    )
+    print()
+    print(f"cancel latency (Cancel sent → `cancelled`, one client): samples {len(ok_cancels)}, "
+          f"p50 {1000 * statistics.median(ok_cancels) if ok_cancels else float('nan'):.0f} ms, "
+          f"max {1000 * max(ok_cancels) if ok_cancels else float('nan'):.0f} ms")
     if len(ok_cancels) < len(cancels):
         print(f"{len(cancels) - len(ok_cancels)} request(s) finished before their cancel arrived")
 
@@ -159,7 +177,8 @@ def spawned(args: argparse.Namespace) -> Iterator[str]:
         weights = ["--checkpoints", str(args.checkpoints)]
     cmd = [sys.executable, "-m", "ttsd.daemon", "serve", *weights,
            "--port", str(port), "--device", args.device, "--dtype", args.dtype,
-           "--max-concurrent-requests", str(max(args.clients, 1)), "--log-level", "warning"]
+           "--max-concurrent-requests", str(max(args.clients)), "--max-batch-rows", str(args.max_batch_rows),
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env={**os.environ, "TTSD_TOKEN": ""})
     try:
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
@@ -183,6 +202,13 @@ def spawned(args: argparse.Namespace) -> Iterator[str]:
             proc.wait()
 
 
+def _counts(text: str) -> list[int]:
+    counts = [int(c) for c in text.split(",") if c.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("client counts are positive integers, e.g. 1,4,8,16")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="ws://127.0.0.1:8765", help="daemon URL (ignored with --spawn)")
@@ -195,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-seed", type=int, default=0, help="weights seed of --random models")
     ap.add_argument("--device", default="cpu", help="--spawn: torch device")
     ap.add_argument("--dtype", default="float32", help="--spawn: GPT dtype")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent connections")
+    ap.add_argument("--clients", type=_counts, default=[4],
+                    help="concurrent connections: one count, or a comma-separated list (one round each)")
     ap.add_argument("--requests", type=int, default=2, help="timed requests per client, back to back")
     ap.add_argument("--cancels", type=int, default=3, help="cancel-latency samples")
     ap.add_argument("--text", default=TEXT, help="text of every timed request (default: one sentence)")
@@ -205,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"codes per segment (server default otherwise; {RANDOM_MAX_MEL_TOKENS} for --random models)")
     ap.add_argument("--num-beams", type=int)
     ap.add_argument("--diffusion-steps", type=int)
+    ap.add_argument("--max-batch-rows", type=int,
+                    help="--spawn: decode batch rows (default: the daemon's, or every client's beams if more)")
     args = ap.parse_args(argv)
+    if args.max_batch_rows is None:
+        args.max_batch_rows = max(DaemonConfig().max_batch_rows,
+                                  max(args.clients) * (args.num_beams or SynthesisOptions().num_beams))
     if args.random_full:
         args.random = "full"
     if args.random is not None:

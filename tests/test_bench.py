@@ -46,10 +46,11 @@ def test_bench_precision_prints_its_table(converted: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_daemon_prints_its_table(converted: Path) -> None:
-    """bench_daemon.py spawns a daemon on the converted fixture, runs one client and prints its table."""
+    """bench_daemon.py spawns a daemon on the converted fixture, runs 1 then 2 clients and prints both rows."""
     out = run_bench(
-        "bench_daemon.py", "--spawn", "--checkpoints", str(converted), "--device", "cpu", "--clients", "1",
+        "bench_daemon.py", "--spawn", "--checkpoints", str(converted), "--device", "cpu", "--clients", "1,2",
         "--requests", "1", "--cancels", "1", "--max-mel-tokens", "6", "--num-beams", "1",
         "--diffusion-steps", "2", "--voice-s", "1",
     )
     assert "| clients | requests |" in out
+    assert "\n| 1 | 1 |" in out and "\n| 2 | 2 |" in out and "| 1.00 | 1.00 |" in out
