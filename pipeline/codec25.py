@@ -91,6 +91,11 @@ class EnhancedCodec(nn.Module):
         self.encoder = nn.Sequential(VocosBackbone(blocks), nn.Linear(cfg.vocos_dim, w))  # unused at inference
         self.decoder = nn.Sequential(VocosBackbone(blocks), nn.Linear(cfg.vocos_dim, w))
         self.quantizer = ResidualVQ(blocks)
+        self.codebook_size = cfg.codebook_size  # K: valid codes are [0, K)
+
+    def frames(self, codes: int, duration_factor: float = 1.0) -> int:
+        """Target mel frames for `codes` codes (what `content` returns), computed on the host."""
+        return target_lengths(UPSAMPLE * codes, duration_factor)
 
     def embed(self, codes: Tensor) -> Tensor:
         """GPT codes [B, L] → quantizer embeddings [B, W, L] (upstream `quantizer.vq2emb(codes[None])`)."""

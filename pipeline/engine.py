@@ -343,7 +343,7 @@ class Engine:
         longest = total = 0
         for s in same:
             assert s.codes is not None  # ready segments have codes
-            n = self.pipe.acoustic_frames(s.req.voice, s.codes)
+            n = self.pipe.acoustic_frames(s.req.voice, s.codes, s.req.opts)
             new_longest = max(longest, n)
             padded = new_longest * (len(picked) + 1) - (total + n)
             if picked and (new_longest * (len(picked) + 1) > self.max_acoustic_frames

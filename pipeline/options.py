@@ -27,6 +27,9 @@ from .errors import BadOptions
 # Upstream category order of the 8-dim emotion vector (infer_v2.py, QwenEmotion.cn_key_to_en).
 EMOTIONS: Final = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
 
+# The languages IndexTTS-2.5 was trained on (upstream README), as its `lang` codes.
+LANGUAGES_25: Final = ("zh", "en", "ja", "es", "ar")
+
 OptionValue: TypeAlias = bool | int | float | str | tuple[float, ...]
 _META: Final = "ttsd.option"  # dataclasses field-metadata key holding an option's OptionMeta
 
@@ -110,6 +113,15 @@ class SynthesisOptions:
     )
     interval_silence_ms: int = option(
         200, group="acoustic", lo=0, hi=10_000, unit="ms", help="silence before every segment but the first"
+    )
+    # IndexTTS-2.5 only (an IndexTTS-2 daemon refuses them: Pipeline.check_options)
+    lang: str | None = option(
+        None, group="IndexTTS-2.5", choices=LANGUAGES_25, max_chars=8,
+        help="IndexTTS-2.5: the text's language (default: zh if the text has a CJK ideograph, else en)",
+    )
+    duration_factor: float = option(
+        1.0, group="IndexTTS-2.5", lo=0.5, hi=2.0,
+        help="IndexTTS-2.5: speech duration scale, above 1 slower (IndexTTS-2: 1 only)",
     )
 
     def validated(self) -> Self:

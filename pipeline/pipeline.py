@@ -3,6 +3,10 @@ the daemon and the command line use.
 
 Ports the per-segment half of `IndexTTS2.infer_generator` (indextts/infer_v2.py): text →
 segments → GPT codes and latent → s2mel (gpt_layer + vq2emb, length regulator, CFM) → BigVGAN.
+IndexTTS-2.5 (infer_v2_5.py) differs in three per-segment steps, each a branch on `version` here:
+its text front end (tiktoken, a `<|lang|> ` prefix, a language row per text position), no second
+GPT pass (the 2.5 codec decodes the codes alone into S_infer at twice their length), and
+`duration_factor` stretching the target length. Everything else is shared.
 Each step exists once, as a method on one segment (or on a list of segments where batching pays):
 `run_gpt` / `run_acoustic` chain them for one segment alone (the plain reference path), and the
 engine (engine.py) runs the same methods for many requests at once. `stream()` and `synthesize()`
@@ -29,7 +33,8 @@ from . import audio
 from .accel import ROW_BUCKETS, Streams, graphed_step
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
-from .config import load_yaml
+from .codec25 import EnhancedCodec, load_codec25
+from .config import V2, V2_5, load_yaml, model_version
 from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
 from .device import resolve_device
 from .engine import AcousticInput, Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
@@ -44,9 +49,11 @@ from .gpt import (
     scale_emo_vector,
 )
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
-from .options import SynthesisOptions
+from .options import LANGUAGES_25, SynthesisOptions
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
+from .text.front25 import TextFrontEnd25, detect_language
+from .text.tiktoken_tokenizer import TiktokenTokenizer
 from .voice import AudioSource, Voice, prepare_voice
 from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
 
@@ -54,6 +61,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WARM_UP_TEXT = "Warm up."
+TOKENIZER_25 = "tokenizer.tiktoken"  # ttsd-convert's name for the IndexTTS-2.5 vocabulary
+LANGUAGES_2 = ("zh", "en")  # what IndexTTS-2 speaks (its text front end has no language option)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,6 +70,7 @@ class Segment:
     index: int  # 0, 1, 2, ... within one request
     text_ids: list[int]  # ids fed to the GPT
     text: str  # the pieces decoded back to readable text
+    lang_index: int | None = None  # IndexTTS-2.5: the lang_embedding row of the segment's language
 
     def with_index(self, index: int) -> Segment:
         return replace(self, index=index)
@@ -69,7 +79,7 @@ class Segment:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GptOutput:
     codes: Tensor  # (1, M) int64 semantic codes, stop token trimmed
-    latent: Tensor  # (1, M, D) float32 second-pass latent
+    latent: Tensor | None  # (1, M, D) float32 second-pass latent; None for IndexTTS-2.5 (no second pass)
 
 
 def seed_for(seed: int, segment: int) -> int:
@@ -87,13 +97,13 @@ class Pipeline:
     def __init__(
         self,
         *,
-        tokenizer: TextTokenizer,
+        tokenizer: TextTokenizer | TextFrontEnd25,
         w2v: W2VBert,
         w2v_stats: W2VStats,
-        codec: SemanticCodec,
+        codec: SemanticCodec | EnhancedCodec,
         campplus: CAMPPlus,
         gpt: UnifiedVoice,
-        gpt_layer: torch.nn.Module,
+        gpt_layer: torch.nn.Module | None,
         length_regulator: InterpolateRegulator,
         cfm: CFM,
         bigvgan: BigVGAN,
@@ -104,7 +114,12 @@ class Pipeline:
         compile: bool | None = None,
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
+        version: str = V2,
     ) -> None:
+        if (version == V2_5) != isinstance(tokenizer, TextFrontEnd25) or (version == V2_5) != (gpt_layer is None):
+            raise ConfigError(f"parts of another model version given to an IndexTTS-{version} pipeline")
+        self.version = version
+        self.languages: tuple[str, ...] = LANGUAGES_25 if version == V2_5 else LANGUAGES_2
         self.tokenizer = tokenizer
         self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
         self.gpt, self.gpt_layer, self.length_regulator = gpt, gpt_layer, length_regulator
@@ -132,9 +147,10 @@ class Pipeline:
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
     ) -> Pipeline:
-        """Load a converted checkpoint directory (ttsd-convert output). `device` "auto" is CUDA when
-        available; `dtype` applies to the GPT (the acoustic side stays float32, as upstream runs it
-        even in fp16 mode). `compile` (default: on CUDA only) compiles the decode step with inductor.
+        """Load a converted checkpoint directory (ttsd-convert output) of IndexTTS-2 or IndexTTS-2.5
+        (the config's `version` says which). `device` "auto" is CUDA when available; `dtype` applies
+        to the GPT (the acoustic side stays float32, as upstream runs it even in fp16 mode). `compile`
+        (default: on CUDA only) compiles the decode step with inductor.
         `max_batch_rows` sizes the decode batch (one row per beam of every segment decoding at once);
         `max_num_beams` is the most beams one request may ask for."""
         ckpt = Path(ckpt_dir)
@@ -149,20 +165,34 @@ class Pipeline:
         if not cfg_path.is_file():
             raise CheckpointError(f"{ckpt}: no config.yaml (convert the official checkpoint with ttsd-convert)")
         config = load_yaml(cfg_path)
-        tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", TextNormalizer(glossary_path=_glossary(ckpt)))
-        w2v, w2v_stats = load_w2v_bert(ckpt, dev)
+        version = model_version(config)
+        normalizer = TextNormalizer(glossary_path=_glossary(ckpt))
+        gpt = load_unified_voice(ckpt, config, dev)  # checks the GPT's parts against `version`
         s2mel = ckpt / "s2mel.safetensors"
-        gpt = load_unified_voice(ckpt, config, dev)
+        tokenizer: TextTokenizer | TextFrontEnd25
+        codec: SemanticCodec | EnhancedCodec
+        if version == V2_5:
+            tokenizer = TextFrontEnd25(tokenizer=TiktokenTokenizer.from_file(ckpt / TOKENIZER_25),
+                                       normalizer=normalizer, max_text_tokens=gpt.cfg.max_text_tokens)
+            vocab = tokenizer.tokenizer.vocab_size
+            if vocab != gpt.cfg.number_text_tokens:
+                raise ConfigError(f"{ckpt / TOKENIZER_25}: {vocab} tokens but gpt.number_text_tokens is "
+                                  f"{gpt.cfg.number_text_tokens}")
+            codec, gpt_layer = load_codec25(ckpt, config, dev), None
+        else:
+            tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", normalizer)
+            codec, gpt_layer = load_semantic_codec(ckpt, dev), load_gpt_layer(s2mel, dev)
+        w2v, w2v_stats = load_w2v_bert(ckpt, dev)
         if dtype != "float32":
             gpt = gpt.to(DTYPES[dtype])
         return cls(
             tokenizer=tokenizer,
             w2v=w2v,
             w2v_stats=w2v_stats,
-            codec=load_semantic_codec(ckpt, dev),
+            codec=codec,
             campplus=load_campplus(ckpt, dev),
             gpt=gpt,
-            gpt_layer=load_gpt_layer(s2mel, dev),
+            gpt_layer=gpt_layer,
             length_regulator=load_length_regulator(s2mel, config, dev),
             cfm=load_cfm(s2mel, config, dev),
             bigvgan=load_bigvgan(ckpt / "bigvgan.safetensors", ckpt / "bigvgan.json", dev),
@@ -173,6 +203,7 @@ class Pipeline:
             compile=compile,
             max_num_beams=max_num_beams,
             max_batch_rows=max_batch_rows,
+            version=version,
         )
 
     @property
@@ -196,11 +227,28 @@ class Pipeline:
         limit = self.gpt.cfg.max_text_tokens - 1
         if opts.max_text_tokens_per_segment > limit:
             raise BadOptions(f"max_text_tokens_per_segment must be <= {limit} for this model")
+        if self.version == V2_5:
+            if opts.quick_streaming_tokens:
+                raise BadOptions("quick_streaming_tokens is an IndexTTS-2 option; this daemon serves IndexTTS-2.5")
+            if opts.lang is not None and opts.lang not in self.languages:
+                raise BadOptions(f"lang must be one of {', '.join(self.languages)}, got {opts.lang!r}")
+        else:
+            # Refused rather than ignored: the client would otherwise believe it had been applied.
+            if opts.lang is not None:
+                raise BadOptions("lang is an IndexTTS-2.5 option; this daemon serves IndexTTS-2 (zh and en, detected)")
+            if opts.duration_factor != 1.0:
+                raise BadOptions("duration_factor is an IndexTTS-2.5 option; this daemon serves IndexTTS-2")
         return opts
 
     def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
         """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText, BadOptions."""
         self.check_options(opts)
+        if isinstance(self.tokenizer, TextFrontEnd25):
+            plan = self.tokenizer.plan(text, opts.lang or detect_language(text), opts.max_text_tokens_per_segment)
+            return [
+                Segment(index=i, text_ids=list(ids), text=seg, lang_index=plan.lang_index)
+                for i, (seg, ids) in enumerate(zip(plan.segments, plan.segment_ids, strict=True))
+            ]
         pieces = self.tokenizer.tokenize(text)
         groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
         segments = [
@@ -223,7 +271,9 @@ class Pipeline:
         """The (1, D) emotion vector added to the speaker latents (infer_v2 + UnifiedVoice.merge_emovec)."""
         if opts.emo_vector is None:
             emo = voice.emovec_emo if emo_voice is None else emo_voice.emovec_self
-            return interpolate_emovec(voice.emovec_spk, emo, opts.emo_alpha)
+            # Upstream sets emo_alpha to 1 when no emotion clip is given (the speaker clip stands in).
+            alpha = opts.emo_alpha if emo_voice is not None or voice.has_emotion_clip else 1.0
+            return interpolate_emovec(voice.emovec_spk, emo, alpha)
         weights = torch.tensor(scale_emo_vector(opts.emo_vector, opts.emo_alpha), dtype=torch.float32)
         rows = self.emotion.random_rows(generator) if opts.use_random else self.emotion.nearest_rows(voice.style)
         # Vector mode: the audio term is the speaker clip itself at merge alpha 1 (emovec_self).
@@ -243,7 +293,8 @@ class Pipeline:
         params = DecodeParams.from_options(opts)
         if params.max_mel_tokens > self.max_mel_tokens:
             params = replace(params, max_mel_tokens=self.max_mel_tokens)
-        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text)  # [1, 34 + L' + 2, D]
+        # [1, 34 + L' + 2, D] (IndexTTS-2.5: [1, 3 + L' + 2, D], the language row added to the text)
+        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text, segment.lang_index)
         seed = 0 if opts.seed is None else opts.seed
         return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
 
@@ -273,14 +324,18 @@ class Pipeline:
         """One segment alone: its codes, then the second pass that yields the latent (the reference path)."""
         req = self.decode_request(voice, segment, opts, emovec)
         codes = generate(self.gpt, req.prefix, req.params, key=req.key).codes  # [1, M]
-        latent = self.latents([(voice, emovec, segment, codes)])[0]
+        latent = self.latents([(voice, emovec, segment, codes)])[0] if self.gpt_layer is not None else None
         return GptOutput(codes=codes, latent=latent)
 
     # ------------------------------------------------------------------ the acoustic stage
 
-    def acoustic_frames(self, voice: Voice, codes: Generated) -> int:
-        """Frames a segment's CFM sequence will have: prompt + floor(1.72 M), without touching the device."""
-        return voice.ref_mel.size(2) + int(mel_lengths(torch.tensor([codes.codes_host.size(1)]))[0])
+    def acoustic_frames(self, voice: Voice, codes: Generated, opts: SynthesisOptions) -> int:
+        """Frames a segment's CFM sequence will have, without touching the device: prompt + floor(1.72 M)
+        (IndexTTS-2.5: prompt + int(2M · 1.72 · duration_factor))."""
+        m = codes.codes_host.size(1)
+        if isinstance(self.codec, EnhancedCodec):
+            return voice.ref_mel.size(2) + self.codec.frames(m, opts.duration_factor)
+        return voice.ref_mel.size(2) + int(mel_lengths(torch.tensor([m]))[0])
 
     def cfm_rows(self, items: Sequence[AcousticInput]) -> list[CFMRow]:
         """Segments with codes → their CFM inputs: gpt_layer + vq2emb, the length regulator and the start noise."""
@@ -290,16 +345,19 @@ class Pipeline:
             if bad.numel() and (int(bad.max()) >= k or int(bad.min()) < 0):
                 # A code outside the codebook would index past it (a device-side assert on CUDA).
                 raise RuntimeError(f"segment {it.segment.index}: a code outside [0, {k}) reached the codec")
+        if self.gpt_layer is None:  # IndexTTS-2.5: no second GPT pass
+            return [self._cfm_row(it, None) for it in items]
         lat = self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in items])
-        rows = []
-        for it, latent in zip(items, lat, strict=True):
-            rows.append(self._cfm_row(it, latent))
-        return rows
+        return [self._cfm_row(it, latent) for it, latent in zip(items, lat, strict=True)]
 
-    def _cfm_row(self, it: AcousticInput, latent: Tensor) -> CFMRow:
+    def _cfm_row(self, it: AcousticInput, latent: Tensor | None) -> CFMRow:
         voice, codes, opts = it.voice, it.codes.codes, it.opts
-        s_infer = self.codec.vq2emb(codes).transpose(1, 2) + self.gpt_layer(latent)  # [1, M, Cw]
-        target = mel_lengths(torch.tensor([codes.size(1)]))  # floor(1.72 M) in float32, as upstream; host
+        if isinstance(self.codec, EnhancedCodec):
+            s_infer, target = self.codec.content(codes, opts.duration_factor)  # [1, 2M, Cw], [1]
+        else:
+            assert latent is not None and self.gpt_layer is not None  # IndexTTS-2 always has the second pass
+            s_infer = self.codec.vq2emb(codes).transpose(1, 2) + self.gpt_layer(latent)  # [1, M, Cw]
+            target = mel_lengths(torch.tensor([codes.size(1)]))  # floor(1.72 M) in float32, as upstream; host
         cond = self.length_regulator(s_infer, target)  # [1, T, C]
         mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
         shape = (1, self.cfm.in_channels, mu.size(1))

@@ -38,7 +38,7 @@ class ReferenceCodec(Protocol):
 
 
 class VoiceModels(Protocol):
-    """The loaded parts prepare_voice reads (Pipeline and infer25.Parts25 have them)."""
+    """The loaded parts prepare_voice reads (a Pipeline of either model version has them)."""
 
     @property
     def device(self) -> torch.device: ...

@@ -34,6 +34,7 @@ UPSTREAM_DEFAULTS = {
     "top_k": 30, "top_p": 0.8, "num_beams": 3, "repetition_penalty": 10.0, "max_mel_tokens": 1500,
     "seed": None, "diffusion_steps": 25, "inference_cfg_rate": 0.7, "max_text_tokens_per_segment": 120,
     "quick_streaming_tokens": 0, "interval_silence_ms": 200,
+    "lang": None, "duration_factor": 1.0,  # infer_v2_5: lang is required there; ttsd detects zh/en when absent
 }
 PARSERS = {"ttsd synth": synth.build_parser, "ttsd-say": say.build_parser}
 REQUIRED = {"ttsd synth": ["--checkpoints", "c", "--voice", "v.wav", "--text", "t", "--out", "o.wav"],
@@ -63,6 +64,9 @@ def sample_value(o: Option) -> Any:
         return not o.default
     if o.kind is tuple:
         return tuple(0.1 * i for i in range(o.meta.length or 0))
+    if o.kind is str:
+        assert o.meta.choices, o.name
+        return o.meta.choices[-1]
     assert o.meta.lo is not None and o.meta.hi is not None
     if o.kind is int:
         return int(o.meta.lo) + 1 if o.default != int(o.meta.lo) + 1 else int(o.meta.lo) + 2
@@ -183,35 +187,35 @@ def test_docs_options_table_matches_the_code() -> None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Extended(SynthesisOptions):
-    """SynthesisOptions plus two IndexTTS-2.5-style options, declared the one way options are."""
+    """SynthesisOptions plus two made-up options, declared the one way options are."""
 
-    lang: str | None = option(None, group="text", choices=("en", "zh"), help="language of the text")
-    duration_factor: float = option(1.0, group="acoustic", lo=0.5, hi=2.0, help="speaking-time factor")
+    accent: str | None = option(None, group="text", choices=("en", "zh"), help="accent of the text")
+    pitch_factor: float = option(1.0, group="acoustic", lo=0.5, hi=2.0, help="pitch factor")
 
 
 def test_a_new_option_is_a_one_place_change(monkeypatch: pytest.MonkeyPatch) -> None:
     """Options declared with option(...) get their flag, docs row, validation and wire decoding with no other edit."""
     table = options_of(_Extended)
-    lang, factor = table[-2:]
-    assert (lang.kind, lang.optional, factor.kind, factor.interval) == (str, True, float, "[0.5, 2]")
-    assert markdown_rows([lang, factor]) == [
-        "| `lang` | str (en, zh) | nil | | language of the text |",
-        "| `duration_factor` | float [0.5, 2] | 1.0 | | speaking-time factor |",
+    accent, factor = table[-2:]
+    assert (accent.kind, accent.optional, factor.kind, factor.interval) == (str, True, float, "[0.5, 2]")
+    assert markdown_rows([accent, factor]) == [
+        "| `accent` | str (en, zh) | nil | | accent of the text |",
+        "| `pitch_factor` | float [0.5, 2] | 1.0 | | pitch factor |",
     ]
     ap = argparse.ArgumentParser()
     add_option_flags(ap, table)
-    assert given_options(ap.parse_args(["--lang", "zh", "--duration-factor", "1.25"]), table) == {
-        "lang": "zh", "duration_factor": 1.25}
-    assert factor.problem(2.5) == "duration_factor must be in [0.5, 2], got 2.5"
-    assert lang.problem("fr") is not None and lang.problem("zh") is None
+    assert given_options(ap.parse_args(["--accent", "zh", "--pitch-factor", "1.25"]), table) == {
+        "accent": "zh", "pitch_factor": 1.25}
+    assert factor.problem(2.5) == "pitch_factor must be in [0.5, 2], got 2.5"
+    assert accent.problem("fr") is not None and accent.problem("zh") is None
 
     monkeypatch.setattr(p, "OPTIONS", table)
     monkeypatch.setattr(p, "OPTION_NAMES", frozenset(o.name for o in table))
-    msg = p.decode_client(frame(lang="zh", duration_factor=1.25))
+    msg = p.decode_client(frame(accent="zh", pitch_factor=1.25))
     assert isinstance(msg, p.Synthesize)
-    assert (msg.option("lang"), msg.option("duration_factor")) == ("zh", 1.25)
-    with pytest.raises(p.ProtocolError, match="'duration_factor' must be in \\[0.5, 2\\]"):
-        p.decode_client(frame(duration_factor=3))
+    assert (msg.option("accent"), msg.option("pitch_factor")) == ("zh", 1.25)
+    with pytest.raises(p.ProtocolError, match="'pitch_factor' must be in \\[0.5, 2\\]"):
+        p.decode_client(frame(pitch_factor=3))
     assert p.decode_client(p.encode(msg)) == msg
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ def golden_options(fx: FixtureSet, variant: str) -> SynthesisOptions:
     call = fx.variant(variant)["call"]
     gen = call["generation_kwargs"]
     return SynthesisOptions(
+        lang=call.get("lang"),  # IndexTTS-2.5 calls name the language and the duration factor
+        duration_factor=float(call.get("duration_factor", 1.0)),
         emo_alpha=float(call["emo_alpha"]),
         emo_vector=None if call["emo_vector"] is None else tuple(float(w) for w in call["emo_vector"]),
         use_random=bool(call["use_random"]),
@@ -46,55 +49,57 @@ def golden_noise(fx: FixtureSet, variant: str) -> dict[int, torch.Tensor]:
     return {int(k[3:].split(".")[0]): v for k, v in cfm.items() if k.endswith(".noise")}
 
 
+def golden_text(fx: FixtureSet, variant: str) -> str:
+    """The variant's text: its call's own (IndexTTS-2.5 variants may differ), else the set's."""
+    return str(fx.variant(variant)["call"].get("text", fx.text))
+
+
+@pytest.mark.model_versions("2", "2.5")
 def test_every_variant_matches_golden_waveform(fx: FixtureSet, pipe: Pipeline, variant: str) -> None:
-    """The whole pipeline from reference WAVs and text reproduces upstream's joined waveform."""
+    """The whole pipeline from reference WAVs and text reproduces upstream's joined waveform (both model
+    versions, through the same engine)."""
     call = fx.variant(variant)["call"]
     emo = call["emo_audio_prompt"]
     voice = pipe.prepare_voice(fx.input_path(call["spk_audio_prompt"]), None if emo is None else fx.input_path(emo))
-    pcm = pipe.synthesize(voice, fx.text, golden_options(fx, variant), noise=golden_noise(fx, variant))
+    pcm = pipe.synthesize(voice, golden_text(fx, variant), golden_options(fx, variant), noise=golden_noise(fx, variant))
     assert_close(torch.from_numpy(pcm)[None], fx.golden(variant, "16_output")["wav_pcm"], f"{variant} wav_pcm")
 
 
+def synth_flags(fx: FixtureSet, variant: str) -> list[str]:
+    """`ttsd synth` flags for the variant's call: inputs, emotion, decoding, segmentation and (2.5) language."""
+    call, opts = fx.variant(variant)["call"], golden_options(fx, variant)
+    flags = ["--voice", str(fx.input_path(call["spk_audio_prompt"])), "--text", golden_text(fx, variant),
+             "--greedy", "--num-beams", str(opts.num_beams), "--repetition-penalty", str(opts.repetition_penalty),
+             "--max-mel-tokens", str(opts.max_mel_tokens),
+             "--max-text-tokens-per-segment", str(opts.max_text_tokens_per_segment), "--emo-alpha", str(opts.emo_alpha)]
+    if call["emo_audio_prompt"] is not None:
+        flags += ["--emo-audio", str(fx.input_path(call["emo_audio_prompt"]))]
+    if opts.emo_vector is not None:
+        flags += ["--emo-vector", ",".join(str(w) for w in opts.emo_vector)]
+    if opts.lang is not None:
+        flags += ["--lang", opts.lang, "--duration-factor", str(opts.duration_factor)]
+    return flags
+
+
+@pytest.mark.model_versions("2", "2.5")
 def test_synth_cli_writes_golden_wav(
-    fx: FixtureSet, converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fx: FixtureSet, variant: str, converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`ttsd synth` on the fixture reports every segment and writes a 22050 Hz mono 16-bit WAV equal to
-    upstream's base output."""
+    """`ttsd synth` with the golden CFM noise reports every segment and writes a 22050 Hz mono 16-bit WAV
+    equal to upstream's joined waveform of the variant (both model versions)."""
     import logging
     import re
 
+    from safetensors.torch import save_file
+
+    from ttsd.pipeline.pcm import to_int16
     from ttsd.pipeline.synth import main
 
     noise = tmp_path / "noise.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in fx.golden("base", "14_cfm").items() if k.endswith(".noise")}, str(noise))
-    opts = golden_options(fx, "base")
+    save_file({k: v.contiguous() for k, v in fx.golden(variant, "14_cfm").items() if k.endswith(".noise")}, str(noise))
     out = tmp_path / "out.wav"
     caplog.set_level(logging.INFO, logger="ttsd.pipeline.synth")
-    rc = main(
-        [
-            "--checkpoints",
-            str(converted),
-            "--voice",
-            str(fx.input_path("speaker.wav")),
-            "--text",
-            fx.text,
-            "--out",
-            str(out),
-            "--greedy",
-            "--num-beams",
-            str(opts.num_beams),
-            "--repetition-penalty",
-            str(opts.repetition_penalty),
-            "--max-mel-tokens",
-            str(opts.max_mel_tokens),
-            "--max-text-tokens-per-segment",
-            str(opts.max_text_tokens_per_segment),
-            "--noise",
-            str(noise),
-        ]
-    )
+    rc = main(["--checkpoints", str(converted), *synth_flags(fx, variant), "--out", str(out), "--noise", str(noise)])
     assert rc == 0
     total = int(re.search(r"segments=(\d+)", caplog.text).group(1))  # type: ignore[union-attr]
     done = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("segment ")]
@@ -102,10 +107,13 @@ def test_synth_cli_writes_golden_wav(
     info = sf.info(str(out))
     assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
     mine, _ = sf.read(str(out), dtype="int16")
-    gold, _ = sf.read(str(fx.golden_dir / "base_output.wav"), dtype="int16")
-    assert_close(
-        torch.from_numpy(mine.astype(np.float32))[None], torch.from_numpy(gold.astype(np.float32))[None], "wav"
-    )
+    written = torch.from_numpy(mine.astype(np.float32))[None]
+    golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
+    assert_close(written, torch.from_numpy(to_int16(golden).astype(np.float32))[None], f"{variant} wav")
+    upstream_wav = fx.golden_dir / f"{variant}_output.wav"  # the WAV upstream itself wrote, where the set has it
+    if upstream_wav.is_file():
+        ref, _ = sf.read(str(upstream_wav), dtype="int16")
+        assert_close(written, torch.from_numpy(ref.astype(np.float32))[None], upstream_wav.name)
 
 
 def test_sampling_is_seeded(fx: FixtureSet, pipe: Pipeline) -> None:
@@ -166,3 +174,20 @@ def test_warm_up_runs_every_allowed_beam_count(pipe: Pipeline) -> None:
     assert pipe.warm_up(engine) > 0
     assert sorted(set(beams)) == list(range(1, pipe.max_num_beams + 1))
     assert not engine.busy and not engine.batch.active
+
+
+@pytest.mark.model_versions("2", "2.5")
+def test_emo_alpha_applies_only_with_an_emotion_reference(fx: FixtureSet, pipe: Pipeline) -> None:
+    """As upstream: without an emotion clip, emo_alpha is taken as 1 (the speaker clip is its own emotion
+    reference); with one it interpolates; with an emotion vector it scales the vector."""
+    plain = pipe.prepare_voice(fx.input_path("speaker.wav"))
+    with_emo = pipe.prepare_voice(fx.input_path("speaker.wav"), fx.input_path("emo_speaker.wav"))
+    full, weak = SynthesisOptions(), SynthesisOptions(emo_alpha=0.3)
+    assert not torch.equal(plain.emovec_spk, plain.emovec_self)  # so alpha would show if it were applied
+    assert torch.equal(pipe.emovec(plain, weak), pipe.emovec(plain, full))
+    assert not torch.allclose(pipe.emovec(with_emo, weak), pipe.emovec(with_emo, full))
+    by_voice = [pipe.emovec(plain, o, emo_voice=with_emo) for o in (full, weak)]  # a separate emotion voice
+    assert not torch.allclose(*by_voice)
+    vector = (0.0, 0.6, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0)
+    scaled = [pipe.emovec(plain, replace(o, emo_vector=vector)) for o in (full, weak)]
+    assert not torch.allclose(*scaled)

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from ttsd.daemon import protocol as p
-from ttsd.pipeline.options import OPTIONS
+from ttsd.pipeline.options import OPTIONS, Option
 
 CLIENT_MESSAGES: list[p.ClientMessage] = [
     p.Hello(client="test/1", version=p.PROTOCOL_VERSION),
@@ -236,8 +236,10 @@ def test_largest_legal_messages_pass_the_structure_limits() -> None:
     register_voice pass the limits."""
     as_wide = rejects(frame(type="ping", **{f"k{i}": 0 for i in range(p._MAX_MAP_LEN - 1)}), p.ErrorCode.BAD_MESSAGE)
     assert "unknown field" in as_wide.detail       # decoded, then refused field by field
-    every = {o.name: o.default if o.default is not None else (0.5,) * 8 if o.name == "emo_vector" else 1
-             for o in OPTIONS}
+    def legal(o: Option) -> object:  # a value of the right type for options that default to nil
+        return {tuple: (0.5,) * 8, int: 1, str: (o.meta.choices or ("x",))[0]}[o.kind]
+
+    every = {o.name: o.default if o.default is not None else legal(o) for o in OPTIONS}
     full = p.Synthesize(id=1, text="x", voice="v", emo_voice="w", **every)
     assert len(msgpack.unpackb(p.encode(full))) == p._MAX_MAP_LEN  # the widest legal frame
     assert p.decode_client(p.encode(full)) == full

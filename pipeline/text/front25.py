@@ -49,6 +49,12 @@ _KATAKANA = re.compile(r"[\u30A0-\u30FF]+")
 _SPACES = re.compile(r"( +)")
 
 
+def detect_language(text: str) -> str:
+    """The language of a request that names none: "zh" when the text has a CJK ideograph, else "en"
+    (the two IndexTTS-2 speaks without being told; other languages must be named)."""
+    return "zh" if _CJK.search(text) else "en"
+
+
 def is_kana(s: str) -> bool:
     """All hiragana or all katakana (not a mix), as upstream's is_kana."""
     return _HIRAGANA.fullmatch(s) is not None or _KATAKANA.fullmatch(s) is not None
