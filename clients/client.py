@@ -326,7 +326,8 @@ class Client:
         except TimeoutError:
             await self.close()
             raise ConnectError(self.url, "no hello from the server") from None
-        log.debug("connected url=%s server=%s rate_hz=%d", self.url, self.hello.server, self.hello.sample_rate_hz)
+        log.debug("connected url=%s server=%s model=%s rate_hz=%d", self.url, self.hello.server, self.hello.model,
+                  self.hello.sample_rate_hz)
 
     async def close(self) -> None:
         """Close the connection; outstanding requests end with ConnectionLost."""

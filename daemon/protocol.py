@@ -31,6 +31,7 @@ N_EMOTIONS: Final = len(EMOTIONS)       # happy angry sad afraid disgusted melan
 MAX_REQUEST_ID: Final = 2**32 - 1
 MAX_VOICE_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 256             # client name in Hello, server name, error code
+MAX_LANGUAGES: Final = 32               # entries of ServerHello.languages
 # Error text is bounded whatever a client sends: a reply or log line quoting a client's 8 MiB field
 # name must not cost 8 MiB per frame. Client strings are quoted at QUOTE_CHARS, a whole message
 # is cut at MAX_ERROR_CHARS.
@@ -194,6 +195,8 @@ class ServerHello:
     max_voices: int                     # voice cache size; the least recently used voice is evicted
     max_concurrent_requests: int        # requests synthesised in turn, daemon-wide
     max_queued_requests: int            # requests waiting beyond those; more get `busy`
+    model: str                          # "IndexTTS-2" or "IndexTTS-2.5": one daemon serves one model
+    languages: tuple[str, ...]          # `lang` codes the model speaks (IndexTTS-2: detected, not chosen)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -353,6 +356,12 @@ class _Fields:
         value = self._take(key, False)
         return None if value is _MISSING or value is None else self._check_str(key, value, max_chars)
 
+    def strings(self, key: str, max_items: int, max_chars: int) -> tuple[str, ...]:
+        value = self._take(key, True)
+        if not isinstance(value, list | tuple) or len(value) > max_items:
+            raise self.fail(f"{key!r} must be a list of at most {max_items} strings")
+        return tuple(self._check_str(key, v, max_chars) for v in value)
+
     def _check_str(self, key: str, value: object, max_chars: int | None) -> str:
         if not isinstance(value, str):
             raise self.fail(f"{key!r} must be a string, got {_kind_of(value)}")
@@ -496,6 +505,8 @@ def _server_hello(r: _Fields) -> ServerHello:
             max_voices=r.integer("max_voices", 1, 2**63 - 1),
             max_concurrent_requests=r.integer("max_concurrent_requests", 1, 2**63 - 1),
             max_queued_requests=r.integer("max_queued_requests", 0, 2**63 - 1),
+            model=r.string("model", MAX_NAME_CHARS),
+            languages=r.strings("languages", MAX_LANGUAGES, MAX_NAME_CHARS),
         )
     )
 

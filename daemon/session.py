@@ -430,6 +430,7 @@ class Session:
                 max_frame_bytes=c.max_frame_bytes, max_text_chars=c.max_text_chars,
                 max_reference_audio_s=c.max_reference_audio_s, max_voices=c.max_voices,
                 max_concurrent_requests=c.max_concurrent_requests, max_queued_requests=c.max_queued_requests,
+                model=f"IndexTTS-{self.worker.pipeline.version}", languages=self.worker.pipeline.languages,
             )
         )
 

@@ -358,10 +358,11 @@ class Worker:
             return False
         return True
 
-    def _stop(self, job: Job, code: str, notify: bool) -> None:
-        """Under the lock: mark the job stopped (first stop wins) and queue its removal."""
+    def _stop(self, job: Job, code: str, notify: bool, message: str | None = None) -> None:
+        """Under the lock: mark the job stopped (first stop wins) and queue its removal. `message`
+        defaults to the standard text of `code`."""
         if job.stop_code is None and not job.ended:
-            job.stop(code, _STOP_MESSAGES.get(code, code), notify)
+            job.stop(code, message if message is not None else _STOP_MESSAGES.get(code, code), notify)
             self._live -= 1
             self._ops.append(("stop", job, None))
 
@@ -565,7 +566,7 @@ class Worker:
     def _fail(self, job: Job, code: str, message: str) -> None:
         """Worker-side failure: stop the job (telling its sink), take it out now."""
         with self._cond:
-            self._stop(job, code, True)
+            self._stop(job, code, True, message)
         engine = self._engine
         if job.request is not None and engine is not None:
             engine.cancel(job.request)

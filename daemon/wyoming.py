@@ -71,8 +71,7 @@ MAX_HEADER_BYTES: Final = 64 * 1024     # one event's JSON header line
 MAX_PAYLOAD_BYTES: Final = 64 * 1024    # a payload sent to a TTS server is read and dropped
 CHUNK_SAMPLES: Final = 2_048            # ≈ 93 ms per audio-chunk event
 SAMPLE_WIDTH_BYTES: Final = 2
-LANGUAGES: Final = ["en", "zh"]
-ATTRIBUTION: Final = Attribution(name="IndexTeam (IndexTTS-2), served by ttsd", url="https://github.com/index-tts/index-tts")
+ATTRIBUTION: Final = Attribution(name="IndexTeam (IndexTTS), served by ttsd", url="https://github.com/index-tts/index-tts")
 
 
 class BadEvent(Exception):
@@ -101,15 +100,16 @@ class WyomingServer:
         return f"tcp://{host}:{port}"
 
     def info(self) -> Info:
-        presets = self.server.presets
+        presets, pipeline = self.server.presets, self.server.pipeline
+        model, languages = f"IndexTTS-{pipeline.version}", list(pipeline.languages)
         voices = [
-            TtsVoice(name=name, attribution=ATTRIBUTION, installed=True, version=None, languages=list(LANGUAGES),
-                     description=f"{name} (IndexTTS-2 voice preset, {presets.by_name[name].audio_s:.1f} s reference)")
+            TtsVoice(name=name, attribution=ATTRIBUTION, installed=True, version=None, languages=languages,
+                     description=f"{name} ({model} voice preset, {presets.by_name[name].audio_s:.1f} s reference)")
             for name in presets.names
         ]
         program = TtsProgram(
             name="ttsd", attribution=ATTRIBUTION, installed=True, version=SERVER_NAME.partition("/")[2],
-            description="IndexTTS-2 streaming speech synthesis (ttsd)", voices=voices,
+            description=f"{model} streaming speech synthesis (ttsd)", voices=voices,
             supports_synthesize_streaming=True,
         )
         return Info(tts=[program])

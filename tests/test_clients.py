@@ -340,7 +340,7 @@ async def stub_url() -> AsyncIterator[str]:
                 await ws.send(p.encode(p.ServerHello(
                     version=p.PROTOCOL_VERSION, server="stub", sample_rate_hz=p.SAMPLE_RATE_HZ, max_frame_bytes=1 << 20,
                     max_text_chars=100, max_reference_audio_s=1.0, max_voices=1, max_concurrent_requests=1,
-                    max_queued_requests=0)))
+                    max_queued_requests=0, model="IndexTTS-2", languages=("zh", "en"))))
             elif isinstance(msg, p.Synthesize):
                 await ws.send(p.encode(p.Error(id=msg.id, code=msg.text, message=f"stub {msg.text}")))
             elif isinstance(msg, p.RegisterVoice):

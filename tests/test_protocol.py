@@ -32,6 +32,7 @@ SERVER_MESSAGES: list[p.ServerMessage] = [
     p.ServerHello(
         version=1, server="ttsd/0.1", sample_rate_hz=22050, max_frame_bytes=1 << 20, max_text_chars=5000,
         max_reference_audio_s=30.0, max_voices=8, max_concurrent_requests=4, max_queued_requests=0,
+        model="IndexTTS-2.5", languages=("zh", "en", "ja", "es", "ar"),
     ),
     p.VoiceRegistered(id=1, voice="0123abcd", audio_s=3.5),
     p.SegmentStart(id=3, index=0, text="HELLO."),
