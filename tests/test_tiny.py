@@ -117,7 +117,7 @@ def test_full_preset_element_counts_match_the_release_files() -> None:
     with torch.device("meta"):
         gpt = tiny.make_gpt(p)
         assert (len(gpt.state_dict()), count(gpt)) == (665, 871_100_639)
-        assert count(*tiny.make_s2mel(p)) == 103_685_328
+        assert count(*tiny.make_s2mel(p).values()) == 103_685_328
         assert count(tiny.make_w2v(p)) == 580_493_120
         assert count(tiny.make_codec(p)) == 44_289_808
         assert count(tiny.make_bigvgan(p)) == 112_233_865
@@ -282,3 +282,68 @@ def test_make_tiny_cli_writes_and_converts(tmp_path: Path) -> None:
     assert tiny.main([str(tmp_path / "src"), "--seed", "3", "--convert", str(tmp_path / "ckpt")]) == 0
     assert (tmp_path / "src" / "gpt.pth").is_file()
     verify(tmp_path / "ckpt")
+
+
+# --- IndexTTS-2.5 -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official25(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-preset official IndexTTS-2.5 directory, seed 0 (written once per module)."""
+    return tiny.write_official(tmp_path_factory.mktemp("tiny25-src"), "tiny", seed=0, model=tiny.V25)
+
+
+@pytest.fixture(scope="module")
+def generated25(official25: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny25-ckpt")
+    convert(official25, out, progress=False)
+    return out
+
+
+@pytest.mark.model_versions("2.5")
+def test_tiny25_has_the_fixture_files_keys_shapes_and_config(fx: FixtureSet, official25: Path) -> None:
+    """The 2.5 tiny preset writes the 2.5 fixture's files, containers, keys, dtypes and shapes and its
+    config.yaml (the oracle-only section aside)."""
+    theirs = yaml.safe_load((fx.ckpt / "config.yaml").read_text(encoding="utf-8"))
+    theirs.pop("oracle_tiny_overrides", None)
+    if theirs != tiny.preset_config(tiny.get_preset("tiny"), tiny.V25):
+        pytest.skip(f"fixture set {fx.root.name} is not tiny-sized")
+    assert yaml.safe_load((official25 / "config.yaml").read_text(encoding="utf-8")) == theirs
+    assert files(official25) == files(fx.ckpt)
+    for rel in files(fx.ckpt):
+        if rel.endswith(TENSOR_SUFFIXES):
+            assert describe(official25 / rel) == describe(fx.ckpt / rel), rel
+
+
+def test_tiny25_converts_loads_and_synthesises(generated25: Path) -> None:
+    """A made 2.5 model converts and verifies, loads as IndexTTS-2.5 and speaks zh and en: finite PCM of
+    256·int(2M·1.72·duration_factor) samples for M codes."""
+    from ttsd.pipeline import Pipeline, SynthesisOptions
+
+    verify(generated25)
+    pipe = Pipeline.load(generated25, device="cpu")
+    assert pipe.version == "2.5"
+    voice = pipe.prepare_voice(tiny.synthetic_voice(2.0))
+    for text, factor in (("Hello world.", 1.0), ("你好，世界。", 1.5)):
+        opts = SynthesisOptions(seed=0, num_beams=1, max_mel_tokens=8, diffusion_steps=2, duration_factor=factor)
+        segment = pipe.split_text(text, opts)[0]
+        emovec = pipe.request_emovec(voice, opts, None)
+        out = pipe.run_gpt(voice, segment, opts, emovec)
+        m = out.codes.size(1)
+        assert 1 <= m <= 8 and out.latent is None
+        pcm = pipe.run_acoustic(voice, out, opts, segment=segment, emovec=emovec)
+        assert pcm.shape == (256 * int(2 * m * 1.72 * factor),)
+        assert bool(torch.isfinite(pcm).all())
+
+
+def test_tiny25_direct_converted_layout_equals_the_converted_official_files(generated25: Path, tmp_path: Path) -> None:
+    """write_converted(model=2.5) writes byte for byte what ttsd-convert makes of the 2.5 official files."""
+    manifest = tiny.write_converted(tmp_path / "direct", "tiny", seed=0, model=tiny.V25)
+    assert json.loads(manifest.read_text())["files"] == json.loads((generated25 / "manifest.json").read_text())["files"]
+
+
+def test_make_tiny_cli_writes_a_25_model(tmp_path: Path) -> None:
+    """`ttsd make-tiny OUT --model indextts-2.5` writes the 2.5 layout (tiktoken vocabulary and codec.pth)."""
+    assert tiny.main([str(tmp_path / "src"), "--model", "indextts-2.5"]) == 0
+    assert (tmp_path / "src" / tiny.TIKTOKEN_FILE).is_file() and (tmp_path / "src" / "codec.pth").is_file()
+    assert not (tmp_path / "src" / "bpe.model").exists()

@@ -1,4 +1,4 @@
-"""`ttsd make-tiny`: seeded random IndexTTS-2 checkpoints in the official source layout.
+"""`ttsd make-tiny`: seeded random IndexTTS-2 (or IndexTTS-2.5) checkpoints in the official source layout.
 
 Writes what the IndexTTS-2 release plus its auxiliary models look like on disk (the input of
 `ttsd-convert`), with random weights: config.yaml, gpt.pth, s2mel.pth {"net": {cfm,
@@ -7,6 +7,13 @@ hf_cache/{w2v-bert-2.0/, semantic_codec_model.safetensors, campplus_cn_common.bi
 Every state dict comes from the project's own module classes, so its keys, shapes and
 containers are exactly those the loaders expect; the tiny preset reproduces the key sets and
 shapes of the shared fixture `indextts2-tiny-s1` file for file.
+
+With `model="indextts-2.5"` it writes the IndexTTS-2.5 layout instead (`indextts25-tiny-s1`'s
+files, keys and shapes for the tiny preset): config.yaml with version 2.5 and the codec keys, a
+campplus-mode gpt.pth (spk_emb_proj, lang_embedding, no speaker conformer/perceiver), codec.pth
+{"model": EnhancedCodec}, s2mel.pth without gpt_layer, and a byte-level BPE vocabulary in
+upstream's tiktoken file (256 bytes + TIKTOKEN_MERGES learnt merges, then the special tokens) in
+place of bpe.model and MaskGCT's codec. Both presets use that small vocabulary.
 
 Two presets: `tiny` (the fixture's dims, about 20 MB) and `full` (the real IndexTTS-2 sizes,
 about 6 GB on disk; for benchmarks). The release configurations (config.yaml, w2v-bert-2.0 and
@@ -44,6 +51,7 @@ from tqdm import tqdm
 
 from ttsd.pipeline.bigvgan import BigVGAN, BigVGANConfig
 from ttsd.pipeline.campplus import CAMPPlus, CAMPPlusConfig
+from ttsd.pipeline.codec25 import EnhancedCodec, EnhancedCodecConfig
 from ttsd.pipeline.flow import CFM, CFMConfig
 from ttsd.pipeline.gpt import GPTConfig, UnifiedVoice
 from ttsd.pipeline.length_regulator import (
@@ -53,9 +61,10 @@ from ttsd.pipeline.length_regulator import (
     build_gpt_layer,
 )
 from ttsd.pipeline.semantic_codec import SemanticCodec, SemanticCodecConfig
+from ttsd.pipeline.text.tiktoken_tokenizer import LANGUAGES, special_tokens
 from ttsd.pipeline.w2v_bert import Encoder, W2VBert, W2VBertConfig
 
-from .tiny_random import file_generator, initialised, package_data, train_bpe
+from .tiny_random import file_generator, initialised, package_data, train_bpe, train_tiktoken
 
 if TYPE_CHECKING:
     from ttsd.pipeline.pipeline import Pipeline
@@ -85,6 +94,11 @@ CAMPPLUS_HEAD_BLOCKS = (2, 2)  # FCM num_blocks
 CAMPPLUS_BLOCK_LAYERS = (12, 24, 16)  # CAMDenseTDNNBlock layers
 CAMPPLUS_EMBEDDING = 192  # CAMPPlus(embedding_size=192) in infer_v2
 CAM_REDUCTION = 2  # CAMLayer reduction
+
+V2, V25 = "indextts-2", "indextts-2.5"  # the models, named as `ttsd fetch --model` names them
+MODELS = (V2, V25)
+TIKTOKEN_MERGES = 283  # learnt pieces of the 2.5 vocabulary: 539 ranks, as indextts25-tiny-s1's
+TIKTOKEN_FILE = "multilingual_zh_ja_yue_char_del.tiktoken"  # upstream's file name (get_tokenizer reads it)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -134,8 +148,15 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def preset_config(p: Preset) -> dict[str, Any]:
-    """The config.yaml document of a preset: the release config with the preset's dims."""
+def check_model(model: str) -> str:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    return model
+
+
+def preset_config(p: Preset, model: str = V2) -> dict[str, Any]:
+    """The config.yaml document of a preset: the release config with the preset's dims (IndexTTS-2.5:
+    version 2.5, no bpe_model, the vocabulary's size, and the codec's downsampling and quantizers)."""
     config: dict[str, Any] = yaml.safe_load(CONFIG_YAML)
     for dotted, value in p.config.items():
         *parents, leaf = dotted.split(".")
@@ -145,6 +166,11 @@ def preset_config(p: Preset) -> dict[str, Any]:
         if leaf not in node:
             raise KeyError(f"preset {p.name}: {dotted} is not a key of the release config")
         node[leaf] = copy.deepcopy(value)
+    if check_model(model) == V25:
+        config["version"] = 2.5
+        del config["dataset"]["bpe_model"]
+        config["gpt"]["number_text_tokens"] = 256 + TIKTOKEN_MERGES + len(special_tokens())
+        config["semantic_codec"].update(downsample_scale=2, num_quantizers=1)
     return config
 
 
@@ -168,7 +194,17 @@ def find_multiple(n: int, k: int) -> int:
 def _gpt_shapes(config: Mapping[str, Any], w2v_dim: int) -> dict[str, tuple[int, ...]]:
     """The checkpoint shapes GPTConfig.from_yaml reads for dims the official code hard-codes."""
     g = config["gpt"]
-    d, heads = int(g["model_dim"]), int(g["condition_module"]["attention_heads"])
+    d = int(g["model_dim"])
+    if config.get("version") == 2.5:  # campplus mode: the emotion perceiver sets the perceiver dims
+        emo_heads = int(g["emo_condition_module"]["attention_heads"])
+        return {
+            "emovec_layer.weight": (d, w2v_dim),
+            "spk_emb_proj.weight": (d, CAMPPLUS_EMBEDDING),
+            "lang_embedding.weight": (len(LANGUAGES) + 1, d),  # upstream sizes it one past the last code
+            **{f"emo_perceiver_encoder.layers.{i}.0.to_q.weight": (emo_heads * PERCEIVER_DIM_HEAD, d)
+               for i in range(PERCEIVER_DEPTH)},
+        }
+    heads = int(g["condition_module"]["attention_heads"])
     shapes: dict[str, tuple[int, ...]] = {
         "emovec_layer.weight": (d, w2v_dim),
         "perceiver_encoder.latents": (CONDITION_NUM_LATENT, d),
@@ -191,19 +227,22 @@ def _s2mel_shapes(config: Mapping[str, Any], w2v_dim: int) -> dict[str, tuple[in
     }
 
 
-def make_gpt(p: Preset) -> UnifiedVoice:
-    config = preset_config(p)
+def make_gpt(p: Preset, model: str = V2) -> UnifiedVoice:
+    config = preset_config(p, model)
     return UnifiedVoice(GPTConfig.from_yaml(config, _gpt_shapes(config, p.w2v["hidden_size"])))
 
 
-def make_s2mel(p: Preset) -> tuple[CFM, InterpolateRegulator, nn.Sequential]:
-    config = preset_config(p)
+def make_s2mel(p: Preset, model: str = V2) -> dict[str, nn.Module]:
+    """s2mel.pth's `net` parts in file order: cfm, length_regulator and (IndexTTS-2 only) gpt_layer."""
+    config = preset_config(p, model)
     shapes = _s2mel_shapes(config, p.w2v["hidden_size"])
-    return (
-        CFM(CFMConfig.from_yaml(config, shapes)),
-        InterpolateRegulator(LengthRegulatorConfig.from_yaml(config)),
-        build_gpt_layer(GptLayerConfig.from_shapes(shapes)),
-    )
+    parts: dict[str, nn.Module] = {
+        "cfm": CFM(CFMConfig.from_yaml(config, shapes)),
+        "length_regulator": InterpolateRegulator(LengthRegulatorConfig.from_yaml(config)),
+    }
+    if model == V2:  # infer_v2_5 builds MyModel without gpt_layer
+        parts["gpt_layer"] = build_gpt_layer(GptLayerConfig.from_shapes(shapes))
+    return parts
 
 
 def make_w2v(p: Preset, *, all_layers: bool = True) -> W2VBert:
@@ -217,6 +256,10 @@ def make_w2v(p: Preset, *, all_layers: bool = True) -> W2VBert:
 
 def make_codec(p: Preset) -> SemanticCodec:
     return SemanticCodec(SemanticCodecConfig.from_yaml(preset_config(p)))
+
+
+def make_codec25(p: Preset) -> EnhancedCodec:
+    return EnhancedCodec(EnhancedCodecConfig.from_yaml(preset_config(p, V25)))
 
 
 def campplus_config(p: Preset) -> CAMPPlusConfig:
@@ -241,14 +284,13 @@ def make_bigvgan(p: Preset) -> BigVGAN:
     return BigVGAN(BigVGANConfig.from_json(bigvgan_config(p)))
 
 
-def build_gpt(p: Preset, seed: int) -> UnifiedVoice:
-    return initialised(make_gpt(p), file_generator(seed, "gpt.pth"))
+def build_gpt(p: Preset, seed: int, model: str = V2) -> UnifiedVoice:
+    return initialised(make_gpt(p, model), file_generator(seed, "gpt.pth"))
 
 
-def build_s2mel(p: Preset, seed: int) -> tuple[CFM, InterpolateRegulator, nn.Sequential]:
+def build_s2mel(p: Preset, seed: int, model: str = V2) -> dict[str, nn.Module]:
     gen = file_generator(seed, "s2mel.pth")  # one stream for the file, in its key order
-    cfm, lr, gpt_layer = make_s2mel(p)
-    return initialised(cfm, gen), initialised(lr, gen), initialised(gpt_layer, gen)
+    return {name: initialised(m, gen) for name, m in make_s2mel(p, model).items()}
 
 
 def build_w2v(p: Preset, seed: int, *, all_layers: bool = True) -> W2VBert:
@@ -267,6 +309,12 @@ def build_codec(p: Preset, seed: int) -> SemanticCodec:
     codec = make_codec(p)
     layer_scale = 1.0 / int(preset_config(p)["semantic_codec"]["vocos_num_layers"])
     return initialised(codec, file_generator(seed, "semantic_codec_model.safetensors"), layer_scale=layer_scale)
+
+
+def build_codec25(p: Preset, seed: int) -> EnhancedCodec:
+    codec = make_codec25(p)
+    layer_scale = 1.0 / int(preset_config(p, V25)["semantic_codec"]["vocos_num_layers"])
+    return initialised(codec, file_generator(seed, "codec.pth"), layer_scale=layer_scale)
 
 
 def build_campplus(p: Preset, seed: int) -> CAMPPlus:
@@ -310,25 +358,37 @@ def _json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def plan(p: Preset, seed: int) -> dict[str, Callable[[Path], None]]:
+def plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[[Path], None]]:
     """Relative path in the official layout → writer. Each writer builds only its own component."""
-    config = preset_config(p)
+    config = preset_config(p, model)
 
     def write_config(path: Path) -> None:
         path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
     def write_s2mel(path: Path) -> None:
-        cfm, lr, gpt_layer = build_s2mel(p, seed)
         # Upstream's checkpoint: a plain dict with the training script's `net` dict of state dicts.
-        _torch_save({"net": {"cfm": _state(cfm), "length_regulator": _state(lr), "gpt_layer": _state(gpt_layer)}}, path)
+        _torch_save({"net": {name: _state(m) for name, m in build_s2mel(p, seed, model).items()}}, path)
 
     def write_emotion(which: int) -> Callable[[Path], None]:
         return lambda path: _torch_save(build_emotion(p, seed)[which].contiguous(), path)
 
-    return {
+    def write_bpe(path: Path) -> None:
+        path.write_bytes(train_bpe(int(config["gpt"]["number_text_tokens"])))
+
+    def write_tiktoken(path: Path) -> None:
+        path.write_bytes(train_tiktoken(TIKTOKEN_MERGES))
+
+    vocabulary: dict[str, Callable[[Path], None]] = {"bpe.model": write_bpe}
+    if model == V25:
+        vocabulary = {
+            TIKTOKEN_FILE: write_tiktoken,
+            # EnhancedCodec.load_checkpoint reads checkpoint["model"].
+            "codec.pth": lambda path: _torch_save({"model": _state(build_codec25(p, seed))}, path),
+        }
+    steps = {
         "config.yaml": write_config,
-        "bpe.model": lambda path: path.write_bytes(train_bpe(int(config["gpt"]["number_text_tokens"]))),
-        "gpt.pth": lambda path: _torch_save(_state(build_gpt(p, seed)), path),
+        **vocabulary,
+        "gpt.pth": lambda path: _torch_save(_state(build_gpt(p, seed, model)), path),
         "s2mel.pth": write_s2mel,
         "wav2vec2bert_stats.pt": lambda path: _torch_save(build_w2v_stats(p, seed), path),
         "feat1.pt": write_emotion(0),
@@ -348,17 +408,21 @@ def plan(p: Preset, seed: int) -> dict[str, Callable[[Path], None]]:
             {"generator": _state(build_bigvgan(p, seed))}, path
         ),
     }
+    if model == V25:  # the 2.5 quantizer is its own codec.pth: MaskGCT's codec is not downloaded
+        del steps["hf_cache/semantic_codec_model.safetensors"]
+    return steps
 
 
-def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, progress: bool = False) -> Path:
-    """Write a complete official-format IndexTTS-2 source directory with seeded random weights.
+def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, model: str = V2,
+                   progress: bool = False) -> Path:
+    """Write a complete official-format IndexTTS-2 (or 2.5) source directory with seeded random weights.
 
     The result is what `ttsd-convert` takes; returns `out_dir`. Same (preset, seed) → same bytes
     for every tensor file."""
     p = get_preset(preset)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = plan(p, seed)
+    steps = plan(p, seed, model)
     bar = tqdm(steps.items(), desc=f"make-tiny {p.name}", unit="file", disable=not progress, file=sys.stderr)
     for rel, write in bar:
         bar.set_postfix_str(rel)
@@ -367,7 +431,7 @@ def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, 
         tmp = dst.with_name(f".{dst.name}.tmp")
         write(tmp)
         tmp.replace(dst)  # a crash never leaves a half-written file under its real name
-    log.info("make-tiny done preset=%s seed=%d out=%s files=%d", p.name, seed, out, len(steps))
+    log.info("make-tiny done model=%s preset=%s seed=%d out=%s files=%d", model, p.name, seed, out, len(steps))
     return out
 
 
@@ -375,11 +439,11 @@ def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, 
 # The converted layout directly (what ttsd-convert makes of write_official's output)
 
 
-def converted_plan(p: Preset, seed: int) -> dict[str, Callable[[Path], None]]:
+def converted_plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[[Path], None]]:
     """Converted file name → writer, in convert.plan's order. Each state dict is written with the
     keys and safetensors metadata conversion gives it: nesting as dotted prefixes, `format: pt`
     except for the two files conversion copies as they are (MaskGCT's has no metadata)."""
-    official = plan(p, seed)
+    official = plan(p, seed, model)
     pt = {"format": "pt"}
 
     def write_tokenizer(path: Path) -> None:
@@ -391,31 +455,36 @@ def converted_plan(p: Preset, seed: int) -> dict[str, Callable[[Path], None]]:
             path.write_text(sentencepiece_to_json(bpe), encoding="utf-8")
 
     def write_s2mel(path: Path) -> None:
-        parts = dict(zip(("cfm", "length_regulator", "gpt_layer"), build_s2mel(p, seed), strict=True))
+        parts = build_s2mel(p, seed, model)
         _safetensors({f"{name}.{k}": v for name, m in parts.items() for k, v in _state(m).items()}, path, pt)
 
     def write_emotion(path: Path) -> None:
         spk, emo = build_emotion(p, seed)
         _safetensors({"spk_matrix": spk.contiguous(), "emo_matrix": emo.contiguous()}, path, pt)
 
-    return {
+    steps = {
         "config.yaml": official["config.yaml"],
         "tokenizer.json": write_tokenizer,
-        "gpt.safetensors": lambda path: _safetensors(_state(build_gpt(p, seed)), path, pt),
+        "gpt.safetensors": lambda path: _safetensors(_state(build_gpt(p, seed, model)), path, pt),
         "s2mel.safetensors": write_s2mel,
         "w2v_bert.json": official["hf_cache/w2v-bert-2.0/config.json"],
         "w2v_bert.safetensors": official["hf_cache/w2v-bert-2.0/model.safetensors"],
         "w2v_stats.safetensors": lambda path: _safetensors(build_w2v_stats(p, seed), path, pt),
-        "semantic_codec.safetensors": official["hf_cache/semantic_codec_model.safetensors"],
+        "semantic_codec.safetensors": lambda path: official["hf_cache/semantic_codec_model.safetensors"](path),
         "campplus.safetensors": lambda path: _safetensors(_state(build_campplus(p, seed)), path, pt),
         "bigvgan.json": official["hf_cache/bigvgan/config.json"],
         "bigvgan.safetensors": lambda path: _safetensors(_state(build_bigvgan(p, seed)), path, pt),
         "emotion.safetensors": write_emotion,
     }
+    if model == V25:  # convert.plan_v25's changes to the set
+        del steps["tokenizer.json"], steps["semantic_codec.safetensors"]
+        steps["tokenizer.tiktoken"] = official[TIKTOKEN_FILE]
+        steps["codec.safetensors"] = lambda path: _safetensors(_state(build_codec25(p, seed)), path, pt)
+    return steps
 
 
-def write_converted(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, force: bool = False,
-                    progress: bool = False) -> Path:
+def write_converted(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, model: str = V2,
+                    force: bool = False, progress: bool = False) -> Path:
     """Write the converted checkpoint directory of `write_official(preset, seed)` without the official
     files, with a manifest, under ttsd-convert's rules (a temporary directory renamed on success; a
     non-empty `out_dir` only with `force`). Returns the manifest path."""
@@ -423,13 +492,13 @@ def write_converted(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *,
 
     p = get_preset(preset)
     out = Path(out_dir)
-    steps = converted_plan(p, seed)
+    steps = converted_plan(p, seed, model)
     with staged(out, force=force) as tmp:
         bar = tqdm(steps.items(), desc=f"random {p.name}", unit="file", disable=not progress, file=sys.stderr)
         for name, write in bar:
             bar.set_postfix_str(name)
             write(tmp / name)
-        write_manifest(tmp, steps, source=f"ttsd make-tiny preset={p.name} seed={seed}")
+        write_manifest(tmp, steps, source=f"ttsd make-tiny model={model} preset={p.name} seed={seed}")
     log.info("random checkpoint written preset=%s seed=%d out=%s files=%d", p.name, seed, out, len(steps))
     return out / "manifest.json"
 
@@ -442,6 +511,7 @@ def random_pipeline(
     *,
     cuda_graphs: bool = True,
     max_num_beams: int = 4,
+    model: str = V2,
 ) -> Pipeline:
     """A Pipeline over the weights of `write_official(preset, seed)`: written as a converted checkpoint
     into a temporary directory (about 6 GB for `full`: mind $TMPDIR), loaded by `Pipeline.load`
@@ -449,7 +519,7 @@ def random_pipeline(
     from ttsd.pipeline.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory(prefix=f"ttsd-random-{preset}-") as tmp:
-        ckpt = write_converted(Path(tmp) / "ckpt", preset, seed, progress=preset == "full").parent
+        ckpt = write_converted(Path(tmp) / "ckpt", preset, seed, model=model, progress=preset == "full").parent
         return Pipeline.load(ckpt, device, dtype, cuda_graphs=cuda_graphs, max_num_beams=max_num_beams)
 
 
@@ -481,7 +551,8 @@ def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ttsd make-tiny", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path, help="output directory (official IndexTTS-2 layout)")
+    ap.add_argument("out", type=Path, help="output directory (official layout of the model)")
+    ap.add_argument("--model", choices=MODELS, default=V2, help="model version to write (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default %(default)s)")
     ap.add_argument("--convert", type=Path, metavar="DST", help="also run ttsd-convert into DST")
@@ -491,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     from ttsd.pipeline.errors import TtsdError
 
     try:
-        write_official(args.out, args.preset, args.seed, progress=True)
+        write_official(args.out, args.preset, args.seed, model=args.model, progress=True)
         if args.convert is not None:
             from ttsd.pipeline.convert import convert
 

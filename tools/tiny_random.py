@@ -271,3 +271,46 @@ def train_bpe(vocab_size: int) -> bytes:
         minloglevel=2,
     )
     return out.getvalue()
+
+
+def train_tiktoken(merges: int) -> bytes:
+    """A byte-level BPE vocabulary in tiktoken's file format (`base64(piece) rank` per line): the 256
+    single bytes, then `merges` pieces learnt from the English and CJK corpus, most frequent pair
+    first, ties broken by the pair's bytes (so the same count gives the same file). Every text
+    encodes with it (single bytes cover everything); IndexTTS-2.5 adds its special tokens after."""
+    import base64
+    from collections import Counter
+
+    import regex
+
+    from ttsd.pipeline.text.tiktoken_tokenizer import PAT_STR
+
+    words = Counter(
+        tuple(bytes([b]) for b in piece.encode("utf-8"))
+        for line in bpe_corpus(TINY_CJK_CHARS)
+        for piece in regex.findall(PAT_STR, line.lower())
+    )
+    ranks = [bytes([b]) for b in range(256)]
+    for _ in range(merges):
+        pairs: Counter[tuple[bytes, bytes]] = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        (a, b), _count = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        ranks.append(a + b)
+        merged: Counter[tuple[bytes, ...]] = Counter()
+        for word, n in words.items():
+            out: list[bytes] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return "".join(f"{base64.b64encode(piece).decode('ascii')} {rank}\n" for rank, piece in enumerate(ranks)).encode()
