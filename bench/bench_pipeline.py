@@ -37,7 +37,6 @@ import torch
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.decode import DecodeBatch
 from ttsd.pipeline.engine import AcousticInput
-from ttsd.pipeline.flow import CFMSolve
 from ttsd.pipeline.voice import Voice
 from ttsd.tools.tiny import synthetic_voice
 
@@ -185,7 +184,7 @@ def stage_times(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions)
             latent = pipe.latents([(voice, emovec, seg, codes.codes)])[0]
         with timed(t, "s2mel_s", dev):
             row = pipe._cfm_row(item, latent)
-            solve = CFMSolve(pipe.cfm, [row], opts.diffusion_steps)
+            solve = pipe.cfm_solve([row], opts.diffusion_steps)
             while not solve.done:
                 solve.step()
         with timed(t, "bigvgan_s", dev):
@@ -306,6 +305,10 @@ def table(rows: Sequence[object], columns: Sequence[tuple[str, str]] = COLUMNS) 
     return "\n".join([head, rule, *body])
 
 
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -315,11 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="weights seed (random models) and synthesis seed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="GPT dtype")
+    ap.add_argument("--acoustic-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="DiT/CFM and BigVGAN precision")
     ap.add_argument("--texts", default="short,sentence,paragraph", help=f"comma-separated subset of {list(TEXTS)}")
     ap.add_argument("--voice", type=Path, help="reference audio (default: a synthetic voiced signal)")
     ap.add_argument("--voice-s", type=float, default=6.0, help="length of the synthetic reference (seconds)")
     ap.add_argument("--codes", type=int, help="codes per segment (max_mel_tokens; exact for random models)")
     ap.add_argument("--num-beams", type=int, default=SynthesisOptions().num_beams)
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off) instead of sampling")
     ap.add_argument("--diffusion-steps", type=int, default=SynthesisOptions().diffusion_steps)
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each text first")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per text (the table shows medians)")
@@ -341,16 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     if preset is not None:
         from ttsd.tools.tiny import random_pipeline
 
-        pipe = random_pipeline(preset, args.seed, args.device, args.dtype)
+        pipe = random_pipeline(preset, args.seed, args.device, args.dtype, acoustic_dtype=args.acoustic_dtype)
         suppress_stop(pipe)
         model = f"random {preset} (seed {args.seed}, stop token suppressed)"
     else:
-        pipe = Pipeline.load(args.checkpoints, args.device, args.dtype)
+        pipe = Pipeline.load(args.checkpoints, args.device, args.dtype, acoustic_dtype=args.acoustic_dtype)
         model = str(args.checkpoints)
     load_s = time.perf_counter() - t0
     defaults = SynthesisOptions()
+    rss_load_mb = _peak_rss_mb()
     opts = SynthesisOptions(
         seed=args.seed,
+        do_sample=not args.greedy,
         num_beams=args.num_beams,
         diffusion_steps=args.diffusion_steps,
         max_mel_tokens=args.codes if args.codes is not None else defaults.max_mel_tokens,
@@ -360,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     voice = pipe.prepare_voice(voice_src)
     _sync(pipe.device)
     voice_ms = 1000 * (time.perf_counter() - t0)
+    rss_voice_mb = _peak_rss_mb()
 
     rows = []
     for name in names:
         for _ in range(args.warmup):
             run_stream(pipe, voice, TEXTS[name], opts)
         rows.append(median_row([measure(pipe, voice, name, TEXTS[name], opts) for _ in range(args.repeat)]))
+    rss_synth_mb = _peak_rss_mb()
     counts = [int(c) for c in args.concurrency.split(",") if c]
     steps = args.codes if args.codes is not None else 64
     throughput = decode_throughput(pipe, voice, opts, counts, steps) if counts else []
@@ -373,13 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(pipe.device),
-        "dtype": f"GPT {args.dtype}, acoustic float32",
+        "dtype": f"GPT {args.dtype}, acoustic {args.acoustic_dtype}",
         "torch": torch.__version__,
         "model": model,
         "load_s": round(load_s, 2),
         "voice": f"{voice.audio_s:.2f} s reference, prepare_voice {voice_ms:.0f} ms",
-        "options": f"num_beams={opts.num_beams} diffusion_steps={opts.diffusion_steps} "
+        "options": f"do_sample={opts.do_sample} num_beams={opts.num_beams} diffusion_steps={opts.diffusion_steps} "
         f"max_mel_tokens={opts.max_mel_tokens} warmup={args.warmup} repeat={args.repeat}",
+        # Process peak RSS so far, read after each stage (ru_maxrss never decreases).
+        "peak_rss_mb": f"after load {rss_load_mb:.0f}, after prepare_voice {rss_voice_mb:.0f}, "
+        f"after synthesis {rss_synth_mb:.0f}",
     }
     for k, v in env.items():
         print(f"{k}: {v}")

@@ -1,15 +1,17 @@
-"""Half-precision GPT against float32 on the same inputs: how far do logits, codes, latent and audio move?
+"""Half precision against float32 on the same inputs: how far do logits, codes, latent and audio move?
 
     python bench/bench_precision.py --checkpoints CKPT --device cuda --dtypes bfloat16,float16
-    python bench/bench_precision.py --random tiny --device cpu --dtypes bfloat16
+    python bench/bench_precision.py --random full --device cpu --dtypes bfloat16
 
-For each text segment the float32 pipeline decodes greedy codes. Then, teacher-forced on those
-same codes, the GPT runs once in float32 and once per half dtype (a copy of the same weights):
-the mel logits at every step, the argmax agreement, and the second-pass latent are compared.
-Finally the acoustic side (float32, as upstream) renders both latents from the same noise, and
-the mel and the waveform are compared. Errors are max|a−b| / max(1, max|a|), the repository's
-parity measure; the waveform also gets an SNR in dB. Only the GPT changes dtype: that is what
-`--dtype` does in the daemon."""
+Three modes per half dtype: `gpt` (the GPT in that dtype: `--dtype` of ttsd serve/synth),
+`acoustic` (DiT/CFM and BigVGAN under autocast: `--acoustic-dtype`) and `both`. For each text
+segment the float32 pipeline decodes greedy codes. Teacher-forced on those same codes, the GPT
+runs in float32 and in the mode's dtype, with its own voice conditioning (conformer/perceiver
+and emotion vectors computed in that dtype, as the daemon computes them): the mel logits at
+every step, the argmax agreement and the second-pass latent are compared. The acoustic side
+then renders each latent from the same noise, in float32 or under autocast, and the mel and the
+waveform are compared. Errors are max|a−b| / max(1, max|a|), the repository's parity measure;
+the waveform also gets an SNR in dB."""
 
 from __future__ import annotations
 
@@ -25,13 +27,10 @@ import torch
 from torch import Tensor
 
 from ttsd.pipeline import Pipeline, SynthesisOptions
-from ttsd.pipeline.bigvgan import to_pcm_scale
 from ttsd.pipeline.decode import DecodeParams, Generated, generate
 from ttsd.pipeline.engine import AcousticInput
-from ttsd.pipeline.flow import CFMSolve
 from ttsd.pipeline.gpt import UnifiedVoice
 from ttsd.pipeline.pipeline import DTYPES, Segment
-from ttsd.pipeline.voice import Voice
 from ttsd.tools.tiny import synthetic_voice
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it runs all the way back home again!"
@@ -73,35 +72,47 @@ def teacher_forced_logits(gpt: UnifiedVoice, prefix: Tensor, codes: Tensor) -> T
     return gpt.mel_logits(h)[0].float()
 
 
-def target_mel(pipe: Pipeline, item: AcousticInput, latent: Tensor) -> Tensor:
-    """s2mel for one segment from a given second-pass latent: regulator, CFM (the item's noise) → (1, 80, T)."""
-    solve = CFMSolve(pipe.cfm, [pipe._cfm_row(item, latent)], item.opts.diffusion_steps)
+def render(pipe: Pipeline, item: AcousticInput, latent: Tensor) -> tuple[Tensor, Tensor]:
+    """One segment from a given second-pass latent in `pipe`'s acoustic precision: (mel (1, 80, T), PCM)."""
+    solve = pipe.cfm_solve([pipe._cfm_row(item, latent)], item.opts.diffusion_steps)
     while not solve.done:
         solve.step()
-    return solve.target(0)
+    mel = solve.target(0)
+    return mel, pipe.vocode(mel)
+
+
+def variant(pipe: Pipeline, gpt_dtype: torch.dtype, acoustic_dtype: torch.dtype) -> Pipeline:
+    """`pipe` with its GPT in `gpt_dtype` (a copy of the weights) and its acoustic side in `acoustic_dtype`."""
+    other = copy.copy(pipe)
+    if gpt_dtype != pipe.gpt_dtype:
+        other.gpt, other.gpt_dtype = copy.deepcopy(pipe.gpt).to(gpt_dtype), gpt_dtype
+    other.acoustic_dtype = acoustic_dtype
+    other.acoustic_autocast = None if acoustic_dtype == torch.float32 else acoustic_dtype
+    return other
 
 
 @torch.inference_mode()
 def compare(
-    pipe: Pipeline, gpt: UnifiedVoice, voice: Voice, seg: Segment, opts: SynthesisOptions, dtype: torch.dtype
+    pipe: Pipeline, mode: Pipeline, audio: bytes, seg: Segment, opts: SynthesisOptions
 ) -> tuple[float, float, float, float, float, int]:
-    emovec = pipe.emovec(voice, opts)
+    """`mode` against the float32 `pipe` on one segment: (logits err, top-1 agreement, latent err, mel err,
+    waveform SNR, codes). Each prepares the voice itself, so half conditioning is measured too."""
+    voice32, voice_h = pipe.prepare_voice(audio), mode.prepare_voice(audio)
+    emovec32, emovec_h = pipe.request_emovec(voice32, opts, None), mode.request_emovec(voice_h, opts, None)
     text = torch.tensor([seg.text_ids], dtype=torch.long, device=pipe.device)
-    prefix32 = pipe.gpt.build_prefix(voice.speech_latent, emovec, text)
+    prefix32 = pipe.gpt.build_prefix(voice32.speech_latent, emovec32, text)
     codes = generate(pipe.gpt, prefix32, DecodeParams.from_options(opts)).codes  # float32 reference
-    half_latent = voice.speech_latent.to(dtype)
-    prefix_h = gpt.build_prefix(half_latent, emovec.to(dtype), text)
+    prefix_h = mode.gpt.build_prefix(voice_h.speech_latent, emovec_h, text)
     ref_logits = teacher_forced_logits(pipe.gpt, prefix32, codes)
-    half_logits = teacher_forced_logits(gpt, prefix_h, codes)
+    half_logits = teacher_forced_logits(mode.gpt, prefix_h, codes)
     agree = float((ref_logits.argmax(-1) == half_logits.argmax(-1)).float().mean())
-    lat32 = pipe.gpt.latent(voice.speech_latent, emovec, text, codes).float()
-    lat_h = gpt.latent(half_latent, emovec.to(dtype), text, codes).float()
+    lat32 = pipe.gpt.latent(voice32.speech_latent, emovec32, text, codes).float()
+    lat_h = mode.gpt.latent(voice_h.speech_latent, emovec_h, text, codes).float()
     mel_frames = int(codes.size(1) * 1.72)
-    noise = torch.randn(1, 80, voice.ref_mel.size(2) + mel_frames, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 80, voice32.ref_mel.size(2) + mel_frames, generator=torch.Generator().manual_seed(0))
     gen = Generated(codes, codes, True, codes.cpu())
-    item = AcousticInput(voice, emovec, seg, gen, opts, noise)
-    mel32, mel_h = (target_mel(pipe, item, lat) for lat in (lat32, lat_h))
-    wav32, wav_h = (to_pcm_scale(pipe.bigvgan(m))[0] for m in (mel32, mel_h))
+    mel32, wav32 = render(pipe, AcousticInput(voice32, emovec32, seg, gen, opts, noise), lat32)
+    mel_h, wav_h = render(mode, AcousticInput(voice_h, emovec_h, seg, gen, opts, noise), lat_h)
     return (
         rel_err(half_logits, ref_logits),
         agree,
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe = Pipeline.load(args.checkpoints, device=args.device)
         model = str(args.checkpoints)
-    voice = pipe.prepare_voice(args.voice if args.voice is not None else synthetic_voice(4.0))
+    audio = args.voice.read_bytes() if args.voice is not None else synthetic_voice(4.0)
     opts = SynthesisOptions(
         do_sample=False, num_beams=1, max_mel_tokens=args.codes, diffusion_steps=args.diffusion_steps, seed=0
     )
@@ -142,25 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"model: {model}; device: {name}; torch {torch.__version__}; greedy, {args.codes} codes max")
     rows: list[Row] = []
+    f32 = torch.float32
     for dt in args.dtypes.split(","):
         dtype = DTYPES[dt]
-        gpt = copy.deepcopy(pipe.gpt).to(dtype)
-        for seg in segments:
-            le, agree, lat, mel, snr, n = compare(pipe, gpt, voice, seg, opts, dtype)
-            rows.append(
-                Row(
-                    dtype=dt,
-                    segment=seg.index,
-                    codes=n,
-                    logits_err=le,
-                    top1_agree=agree,
-                    latent_err=lat,
-                    mel_err=mel,
-                    wav_snr_db=snr,
+        for label, gpt_dtype, acoustic_dtype in (("gpt", dtype, f32), ("acoustic", f32, dtype), ("both", dtype, dtype)):
+            if acoustic_dtype == torch.float16 and pipe.device.type != "cuda":
+                continue  # float16 autocast is a CUDA mode
+            mode = variant(pipe, gpt_dtype, acoustic_dtype)
+            for seg in segments:
+                le, agree, lat, mel, snr, n = compare(pipe, mode, audio, seg, opts)
+                rows.append(
+                    Row(
+                        dtype=f"{label} {dt}",
+                        segment=seg.index,
+                        codes=n,
+                        logits_err=le,
+                        top1_agree=agree,
+                        latent_err=lat,
+                        mel_err=mel,
+                        wav_snr_db=snr,
+                    )
                 )
-            )
-        del gpt
-    print("| dtype | segment | codes | logits err | top-1 agree | latent err | mel err | wav SNR dB |")
+            del mode
+    print("| mode | segment | codes | logits err | top-1 agree | latent err | mel err | wav SNR dB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -26,6 +26,7 @@ TOKEN_ENV: Final = "TTSD_TOKEN"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICES: Final = "auto (CUDA if available), cpu, cuda, cuda:N"
 DTYPES: Final = ("auto", "float32", "bfloat16", "float16")
+ACOUSTIC_DTYPES: Final = ("float32", "bfloat16", "float16")
 # The presets of ttsd.tools.tiny (named here because importing that module imports torch).
 RANDOM_WEIGHT_PRESETS: Final = ("tiny", "full")
 _HELP: Final = "ttsd.help"  # field-metadata key: the field's --help line
@@ -49,6 +50,10 @@ class DaemonConfig:
     random_seed: int = setting(0, "seed of the random_weights model")
     device: str = setting("auto", f"torch device: {DEVICES}")
     dtype: str = setting("auto", "GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA only)", DTYPES)
+    acoustic_dtype: str = setting(
+        "float32", "DiT/CFM and BigVGAN precision: float32 (golden parity), bfloat16, float16 (CUDA only)",
+        ACOUSTIC_DTYPES,
+    )
     cuda_graphs: bool = setting(True, "CUDA: compile the GPT decode step into CUDA graphs")
     max_frame_bytes: int = setting(16 * 2**20, "largest client frame in bytes; reference audio travels in one frame")
     max_text_chars: int = setting(MAX_TEXT_CHARS, "characters per request (incremental: all chunks together)")
@@ -105,6 +110,8 @@ class DaemonConfig:
             (self.token is None or len(self.token) >= 16, "token must be at least 16 characters"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.acoustic_dtype in ACOUSTIC_DTYPES,
+             f"acoustic_dtype must be one of {', '.join(ACOUSTIC_DTYPES)}, got {self.acoustic_dtype!r}"),
             (
                 self.random_weights in (None, *RANDOM_WEIGHT_PRESETS),
                 f"random_weights must be one of {', '.join(RANDOM_WEIGHT_PRESETS)}, got {self.random_weights!r}",

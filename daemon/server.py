@@ -337,6 +337,7 @@ def load_pipeline(config: DaemonConfig, device: torch.device) -> Pipeline:
             config.random_seed,
             device,
             dtype,
+            acoustic_dtype=config.acoustic_dtype,
             cuda_graphs=config.cuda_graphs,
             max_num_beams=config.max_num_beams,
         )
@@ -347,6 +348,7 @@ def load_pipeline(config: DaemonConfig, device: torch.device) -> Pipeline:
         config.checkpoints,
         device=device,
         dtype=dtype,
+        acoustic_dtype=config.acoustic_dtype,
         cuda_graphs=config.cuda_graphs,
         max_num_beams=config.max_num_beams,
         max_batch_rows=config.max_batch_rows,

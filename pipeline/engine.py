@@ -36,7 +36,6 @@ from torch import Tensor
 
 from .decode import DecodeBatch, DecodeRequest, Generated, StepFn
 from .errors import BadText, TtsdError
-from .flow import CFMSolve
 from .requests import Event, Observer, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ class _AcousticJob:
             rows = pipe.cfm_rows([s.acoustic_input() for s in segs])
             yield
             steps = segs[0].req.opts.diffusion_steps
-            solve = CFMSolve(pipe.cfm, rows, steps)
+            solve = pipe.cfm_solve(rows, steps)
             while not solve.done:
                 if all(s.dropped for s in segs):
                     return

@@ -100,10 +100,14 @@ class CFMSolve:
     alone, up to float rounding. With one sequence (or all of equal length) there is no padding and
     no mask: upstream's exact path."""
 
-    def __init__(self, cfm: CFM, rows: Sequence[CFMRow], n_timesteps: int) -> None:
+    def __init__(self, cfm: CFM, rows: Sequence[CFMRow], n_timesteps: int, *,
+                 autocast: torch.dtype | None = None) -> None:
+        """`autocast`: run the DiT under torch.autocast in that dtype (an opt-in precision mode; the ODE
+        state and the CFG combination stay float32). None: the float32 path, at golden parity."""
         if not rows:
             raise ValueError("a solve needs at least one sequence")
         self.cfm = cfm
+        self.autocast = autocast
         self.rows = list(rows)
         self.n_timesteps = n_timesteps
         self.steps_done = 0
@@ -163,13 +167,15 @@ class CFMSolve:
         dt = self.dts[self.steps_done]
         self.stacked_t.copy_(self.t.expand(self.stacked_t.size(0)))
         est = self.cfm.estimator
-        if self.cfg:
-            self.stacked_x[B:].copy_(x)  # the null branch shares x and t
-            v = est(self.stacked_x, self.stacked_prompt_x, self.stacked_t, self.stacked_style, self.stacked_mu,
-                    self.x_lens)
-            v = self.cond_w * v[:B] - self.null_w * v[B:]
-        else:
-            v = est(x, self.stacked_prompt_x, self.stacked_t, self.stacked_style, self.stacked_mu, self.x_lens)
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            if self.cfg:
+                self.stacked_x[B:].copy_(x)  # the null branch shares x and t
+                v = est(self.stacked_x, self.stacked_prompt_x, self.stacked_t, self.stacked_style, self.stacked_mu,
+                        self.x_lens).float()
+                v = self.cond_w * v[:B] - self.null_w * v[B:]
+            else:
+                v = est(x, self.stacked_prompt_x, self.stacked_t, self.stacked_style, self.stacked_mu,
+                        self.x_lens).float()
         x.add_(dt * v)
         self.t.add_(dt)
         x.masked_fill_(self.prompt_mask, 0)  # re-zero the prompt region after every step

@@ -110,6 +110,7 @@ class Pipeline:
         emotion: EmotionMatrices,
         device: torch.device,
         gpt_dtype: torch.dtype = torch.float32,
+        acoustic_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
         compile: bool | None = None,
         max_num_beams: int = 4,
@@ -126,6 +127,9 @@ class Pipeline:
         self.cfm, self.bigvgan, self.emotion = cfm, bigvgan, emotion
         self.device = device
         self.gpt_dtype = gpt_dtype
+        # float32: the parity path. Otherwise DiT/CFM and BigVGAN run under autocast in this dtype.
+        self.acoustic_dtype = acoustic_dtype
+        self.acoustic_autocast = None if acoustic_dtype == torch.float32 else acoustic_dtype
         self.max_num_beams = max_num_beams
         self.max_batch_rows = max_batch_rows
         self.lanes = Streams(device)
@@ -142,6 +146,7 @@ class Pipeline:
         device: str | torch.device = "auto",
         dtype: str = "float32",
         *,
+        acoustic_dtype: str = "float32",
         cuda_graphs: bool = True,
         compile: bool | None = None,
         max_num_beams: int = 4,
@@ -149,7 +154,8 @@ class Pipeline:
     ) -> Pipeline:
         """Load a converted checkpoint directory (ttsd-convert output) of IndexTTS-2 or IndexTTS-2.5
         (the config's `version` says which). `device` "auto" is CUDA when available; `dtype` applies
-        to the GPT (the acoustic side stays float32, as upstream runs it even in fp16 mode). `compile`
+        to the GPT; `acoustic_dtype` (float32 by default, as upstream runs it even in fp16 mode) runs
+        DiT/CFM and BigVGAN under autocast when it is bfloat16 or float16 (CUDA). `compile`
         (default: on CUDA only) compiles the decode step with inductor.
         `max_batch_rows` sizes the decode batch (one row per beam of every segment decoding at once);
         `max_num_beams` is the most beams one request may ask for."""
@@ -157,8 +163,11 @@ class Pipeline:
         dev = resolve_device(str(device))
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if dev.type == "cpu" and dtype == "float16":
-            raise ConfigError("float16 needs a CUDA device; use float32 or bfloat16 on CPU")
+        for name, value in (("dtype", dtype), ("acoustic_dtype", acoustic_dtype)):
+            if value not in DTYPES:
+                raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
+            if dev.type == "cpu" and value == "float16":
+                raise ConfigError(f"{name} float16 needs a CUDA device; use float32 or bfloat16 on CPU")
         if not 1 <= max_num_beams <= max_batch_rows:
             raise ConfigError(f"max_num_beams must be in [1, max_batch_rows={max_batch_rows}], got {max_num_beams}")
         cfg_path = ckpt / "config.yaml"
@@ -199,6 +208,7 @@ class Pipeline:
             emotion=load_emotion_matrices(ckpt, config, dev),
             device=dev,
             gpt_dtype=DTYPES[dtype],
+            acoustic_dtype=DTYPES[acoustic_dtype],
             cuda_graphs=cuda_graphs,
             compile=compile,
             max_num_beams=max_num_beams,
@@ -369,9 +379,16 @@ class Pipeline:
             noise = torch.randn(shape, generator=gen, device=self.device, dtype=mu.dtype)
         return CFMRow(mu, voice.ref_mel, voice.style, noise, opts.inference_cfg_rate)
 
+    def cfm_solve(self, rows: Sequence[CFMRow], steps: int) -> CFMSolve:
+        """A batched CFM solve over `rows` in this pipeline's acoustic precision."""
+        return CFMSolve(self.cfm, rows, steps, autocast=self.acoustic_autocast)
+
     def vocode(self, mel: Tensor) -> Tensor:
-        """Target mel (1, 80, T) → float PCM (256 T,) at ±32767 scale on the device."""
-        return to_pcm_scale(self.bigvgan(mel))[0]
+        """Target mel (1, 80, T) → float32 PCM (256 T,) at ±32767 scale on the device."""
+        auto = self.acoustic_autocast
+        with torch.autocast(self.device.type, dtype=auto or torch.bfloat16, enabled=auto is not None):
+            wav = self.bigvgan(mel)
+        return to_pcm_scale(wav.float())[0]
 
     @torch.inference_mode()
     def run_acoustic(
@@ -389,7 +406,7 @@ class Pipeline:
             return torch.zeros(0, device=self.device)
         codes = Generated(out.codes, out.codes, True, out.codes.cpu())
         row = self._cfm_row(AcousticInput(voice, emovec, segment, codes, opts, noise), out.latent)
-        solve = CFMSolve(self.cfm, [row], opts.diffusion_steps)
+        solve = self.cfm_solve([row], opts.diffusion_steps)
         while not solve.done:
             solve.step()
         return self.vocode(solve.target(0))

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="GPT dtype (default float32; float16 needs CUDA)")
+    ap.add_argument("--acoustic-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="DiT/CFM and BigVGAN precision (default float32, the parity path; float16 needs CUDA)")
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="run the GPT decode step eagerly on CUDA (no torch.compile)")
     ap.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS,
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(args.checkpoints, device=job.device, dtype=args.dtype,
+        pipe = Pipeline.load(args.checkpoints, device=job.device, dtype=args.dtype, acoustic_dtype=args.acoustic_dtype,
                              cuda_graphs=not args.no_cuda_graphs, max_num_beams=job.opts.num_beams)
         t1 = time.perf_counter()
         pcm = synthesize(pipe, job, args)

@@ -35,13 +35,14 @@ def test_bench_pipeline_prints_its_table(converted: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_precision_prints_its_table(converted: Path) -> None:
-    """bench_precision.py compares a bfloat16 GPT with float32 and prints one row per segment."""
+    """bench_precision.py compares the bfloat16 GPT, acoustic and both modes with float32, a row per segment."""
     out = run_bench(
         "bench_precision.py", "--checkpoints", str(converted), "--device", "cpu", "--dtypes", "bfloat16",
         "--codes", "8", "--diffusion-steps", "2", "--text", "Hello there.",
     )
-    assert "| dtype | segment | codes |" in out
-    assert "| bfloat16 | 0 |" in out
+    assert "| mode | segment | codes |" in out
+    for mode in ("gpt", "acoustic", "both"):
+        assert f"| {mode} bfloat16 | 0 |" in out
 
 
 @pytest.mark.slow

@@ -509,6 +509,7 @@ def random_pipeline(
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     *,
+    acoustic_dtype: str = "float32",
     cuda_graphs: bool = True,
     max_num_beams: int = 4,
     model: str = V2,
@@ -520,7 +521,8 @@ def random_pipeline(
 
     with tempfile.TemporaryDirectory(prefix=f"ttsd-random-{preset}-") as tmp:
         ckpt = write_converted(Path(tmp) / "ckpt", preset, seed, model=model, progress=preset == "full").parent
-        return Pipeline.load(ckpt, device, dtype, cuda_graphs=cuda_graphs, max_num_beams=max_num_beams)
+        return Pipeline.load(ckpt, device, dtype, acoustic_dtype=acoustic_dtype, cuda_graphs=cuda_graphs,
+                             max_num_beams=max_num_beams)
 
 
 def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
