@@ -356,8 +356,12 @@ class _Fields:
         value = self._take(key, False)
         return None if value is _MISSING or value is None else self._check_str(key, value, max_chars)
 
-    def strings(self, key: str, max_items: int, max_chars: int) -> tuple[str, ...]:
-        value = self._take(key, True)
+    def strings(self, key: str, max_items: int, max_chars: int, default: tuple[str, ...] | None = None
+                ) -> tuple[str, ...]:
+        value = self._take(key, default is None)
+        if value is _MISSING:
+            assert default is not None  # _take raised otherwise
+            return default
         if not isinstance(value, list | tuple) or len(value) > max_items:
             raise self.fail(f"{key!r} must be a list of at most {max_items} strings")
         return tuple(self._check_str(key, v, max_chars) for v in value)
@@ -505,8 +509,9 @@ def _server_hello(r: _Fields) -> ServerHello:
             max_voices=r.integer("max_voices", 1, 2**63 - 1),
             max_concurrent_requests=r.integer("max_concurrent_requests", 1, 2**63 - 1),
             max_queued_requests=r.integer("max_queued_requests", 0, 2**63 - 1),
-            model=r.string("model", MAX_NAME_CHARS),
-            languages=r.strings("languages", MAX_LANGUAGES, MAX_NAME_CHARS),
+            # Servers from before IndexTTS-2.5 support sent neither: they served IndexTTS-2.
+            model=r.string("model", MAX_NAME_CHARS, default="IndexTTS-2"),
+            languages=r.strings("languages", MAX_LANGUAGES, MAX_NAME_CHARS, default=("zh", "en")),
         )
     )
 

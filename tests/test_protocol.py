@@ -267,3 +267,14 @@ def test_error_ids_name_only_requests_the_error_ends() -> None:
     assert p.error_id("synthesize", None, live=set()) is None
     e = rejects(frame(type="synthesize", id=1, text=3, voice="v"), p.ErrorCode.BAD_MESSAGE)
     assert p.error_of(e, live={1}).id is None and p.error_of(e, live=set()).id == 1
+
+
+def test_server_hello_from_an_older_server_still_decodes() -> None:
+    """A hello without `model` and `languages` (a server from before IndexTTS-2.5 support) reads as IndexTTS-2."""
+    raw = msgpack.unpackb(p.encode(SERVER_MESSAGES[0]))
+    del raw["model"], raw["languages"]
+    hello = p.decode_server(msgpack.packb(raw))
+    assert isinstance(hello, p.ServerHello) and (hello.model, hello.languages) == ("IndexTTS-2", ("zh", "en"))
+    raw["languages"] = "zh"
+    with pytest.raises(p.ProtocolError, match="languages"):
+        p.decode_server(msgpack.packb(raw))
