@@ -92,12 +92,12 @@ class Job:
     # Worker thread only:
     request: Request | None = None              # the engine's request, once admitted to the engine
     pending: list[tuple[Segment, ...]] = field(default_factory=list)  # split, not yet in the engine
-    # Text threads (worker lock):
-    unsplit: deque[tuple[list[str], bool]] = field(default_factory=deque)  # (texts, input closed) to split
-    splitting: bool = False                     # a text thread is working through `unsplit`
     parked_since: float | None = None           # time.monotonic() when it ran out of credit with work left
     delivered: int = 0                          # segments handed to the sink
     ended: bool = False                         # it has left the worker (its sink heard the end)
+    # Text threads (under the worker lock):
+    unsplit: deque[tuple[list[str], bool]] = field(default_factory=deque)  # (texts, input closed) to split
+    splitting: bool = False                     # a text thread is working through `unsplit`
 
     def stop(self, code: str, message: str, notify: bool) -> None:
         """Under the worker lock. The first stop wins; later ones (e.g. disconnect after cancel) are moot."""

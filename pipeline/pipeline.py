@@ -161,8 +161,6 @@ class Pipeline:
         `max_num_beams` is the most beams one request may ask for."""
         ckpt = Path(ckpt_dir)
         dev = resolve_device(str(device))
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         for name, value in (("dtype", dtype), ("acoustic_dtype", acoustic_dtype)):
             if value not in DTYPES:
                 raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
