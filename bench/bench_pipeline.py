@@ -170,7 +170,7 @@ def stage_times(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions)
     dev = pipe.device
     emovec = pipe.request_emovec(voice, opts, None)
     for seg in pipe.split_text(text, opts):
-        batch = DecodeBatch(pipe.gpt, max_rows=opts.num_beams, dtype=pipe.gpt_dtype)
+        batch = DecodeBatch(pipe.decode_gpt, max_rows=opts.num_beams, dtype=pipe.gpt_dtype)
         with timed(t, "prefill_s", dev):
             req = pipe.decode_request(voice, seg, opts, emovec)
             batch.admit(req)
@@ -239,7 +239,7 @@ def decode_throughput(
     out: list[ThroughputRow] = []
     base = None
     for n in counts:
-        batch = DecodeBatch(pipe.gpt, max_rows=n * opts.num_beams, dtype=pipe.gpt_dtype)
+        batch = DecodeBatch(pipe.decode_gpt, max_rows=n * opts.num_beams, dtype=pipe.gpt_dtype)
         reqs = []
         for i in range(n):
             req = pipe.decode_request(voice, seg, replace(params_opts, seed=i + 1), emovec)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="GPT dtype")
     ap.add_argument("--acoustic-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="DiT/CFM and BigVGAN precision")
+                    help="DiT/CFM precision")
     ap.add_argument("--texts", default="short,sentence,paragraph", help=f"comma-separated subset of {list(TEXTS)}")
     ap.add_argument("--voice", type=Path, help="reference audio (default: a synthetic voiced signal)")
     ap.add_argument("--voice-s", type=float, default=6.0, help="length of the synthetic reference (seconds)")

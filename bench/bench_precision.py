@@ -1,17 +1,16 @@
-"""Half precision against float32 on the same inputs: how far do logits, codes, latent and audio move?
+"""Half precision against float32 on the same inputs: how far do codes, latent and audio move?
 
     python bench/bench_precision.py --checkpoints CKPT --device cuda --dtypes bfloat16,float16
     python bench/bench_precision.py --random full --device cpu --dtypes bfloat16
 
-Three modes per half dtype: `gpt` (the GPT in that dtype: `--dtype` of ttsd serve/synth),
-`acoustic` (DiT/CFM and BigVGAN under autocast: `--acoustic-dtype`) and `both`. For each text
-segment the float32 pipeline decodes greedy codes. Teacher-forced on those same codes, the GPT
-runs in float32 and in the mode's dtype, with its own voice conditioning (conformer/perceiver
-and emotion vectors computed in that dtype, as the daemon computes them): the mel logits at
-every step, the argmax agreement and the second-pass latent are compared. The acoustic side
-then renders each latent from the same noise, in float32 or under autocast, and the mel and the
-waveform are compared. Errors are max|a−b| / max(1, max|a|), the repository's parity measure;
-the waveform also gets an SNR in dB."""
+Three modes per half dtype: `gpt` (the decode loop in that dtype: `--dtype` of ttsd serve/synth;
+conditioning, prefixes and the second-pass latent stay float32), `acoustic` (the DiT/CFM under
+autocast, BigVGAN float32: `--acoustic-dtype`) and `both`. For each text segment float32 and the
+mode each decode their own greedy codes; teacher-forced on the float32 codes, their mel logits and argmax
+agreement are compared, and "same codes" counts the free-running codes equal before the first
+difference. Each side then renders its codes (second-pass latent, CFM from the same noise,
+BigVGAN) and the latent, mel and waveform are compared over their common length. Errors are
+max|a−b| / max(1, max|a|), the repository's parity measure; the waveform also gets an SNR in dB."""
 
 from __future__ import annotations
 
@@ -29,8 +28,9 @@ from torch import Tensor
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.decode import DecodeParams, Generated, generate
 from ttsd.pipeline.engine import AcousticInput
-from ttsd.pipeline.gpt import UnifiedVoice
+from ttsd.pipeline.gpt import UnifiedVoice, decode_copy
 from ttsd.pipeline.pipeline import DTYPES, Segment
+from ttsd.pipeline.voice import Voice
 from ttsd.tools.tiny import synthetic_voice
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it runs all the way back home again!"
@@ -43,6 +43,7 @@ class Row:
     codes: int
     logits_err: float  # max|Δ| / max(1, max|ref|) over all teacher-forced steps
     top1_agree: float  # fraction of steps whose argmax matches float32
+    same_codes: int  # free-running greedy codes equal to float32's before the first difference
     latent_err: float
     mel_err: float
     wav_snr_db: float
@@ -82,10 +83,11 @@ def render(pipe: Pipeline, item: AcousticInput, latent: Tensor) -> tuple[Tensor,
 
 
 def variant(pipe: Pipeline, gpt_dtype: torch.dtype, acoustic_dtype: torch.dtype) -> Pipeline:
-    """`pipe` with its GPT in `gpt_dtype` (a copy of the weights) and its acoustic side in `acoustic_dtype`."""
+    """`pipe` with its decode loop in `gpt_dtype` (a copy of the weights, as Pipeline.load(dtype=) makes
+    it) and its acoustic side in `acoustic_dtype`."""
     other = copy.copy(pipe)
-    if gpt_dtype != pipe.gpt_dtype:
-        other.gpt, other.gpt_dtype = copy.deepcopy(pipe.gpt).to(gpt_dtype), gpt_dtype
+    if gpt_dtype != torch.float32:
+        other.decode_gpt, other.gpt_dtype = decode_copy(pipe.gpt, gpt_dtype), gpt_dtype
     other.acoustic_dtype = acoustic_dtype
     other.acoustic_autocast = None if acoustic_dtype == torch.float32 else acoustic_dtype
     return other
@@ -93,33 +95,46 @@ def variant(pipe: Pipeline, gpt_dtype: torch.dtype, acoustic_dtype: torch.dtype)
 
 @torch.inference_mode()
 def compare(
-    pipe: Pipeline, mode: Pipeline, audio: bytes, seg: Segment, opts: SynthesisOptions
-) -> tuple[float, float, float, float, float, int]:
-    """`mode` against the float32 `pipe` on one segment: (logits err, top-1 agreement, latent err, mel err,
-    waveform SNR, codes). Each prepares the voice itself, so half conditioning is measured too."""
-    voice32, voice_h = pipe.prepare_voice(audio), mode.prepare_voice(audio)
-    emovec32, emovec_h = pipe.request_emovec(voice32, opts, None), mode.request_emovec(voice_h, opts, None)
-    text = torch.tensor([seg.text_ids], dtype=torch.long, device=pipe.device)
-    prefix32 = pipe.gpt.build_prefix(voice32.speech_latent, emovec32, text)
-    codes = generate(pipe.gpt, prefix32, DecodeParams.from_options(opts)).codes  # float32 reference
-    prefix_h = mode.gpt.build_prefix(voice_h.speech_latent, emovec_h, text)
-    ref_logits = teacher_forced_logits(pipe.gpt, prefix32, codes)
-    half_logits = teacher_forced_logits(mode.gpt, prefix_h, codes)
+    pipe: Pipeline, mode: Pipeline, voice: Voice, seg: Segment, opts: SynthesisOptions
+) -> tuple[float, float, int, float, float, float, int]:
+    """`mode` against the float32 `pipe` on one segment, each decoding its own greedy codes: (logits err and
+    top-1 agreement teacher-forced on the float32 codes, codes equal before the first difference, latent
+    err, mel err, waveform SNR over the common length, float32 codes)."""
+    emovec = pipe.request_emovec(voice, opts, None)
+    params = DecodeParams.from_options(opts)
+    prefix32 = pipe.decode_request(voice, seg, opts, emovec).prefix
+    prefix_h = mode.decode_request(voice, seg, opts, emovec).prefix
+    codes32 = generate(pipe.decode_gpt, prefix32, params).codes
+    codes_h = generate(mode.decode_gpt, prefix_h, params).codes
+    ref_logits = teacher_forced_logits(pipe.decode_gpt, prefix32, codes32)
+    half_logits = teacher_forced_logits(mode.decode_gpt, prefix_h, codes32)
     agree = float((ref_logits.argmax(-1) == half_logits.argmax(-1)).float().mean())
-    lat32 = pipe.gpt.latent(voice32.speech_latent, emovec32, text, codes).float()
-    lat_h = mode.gpt.latent(voice_h.speech_latent, emovec_h, text, codes).float()
-    mel_frames = int(codes.size(1) * 1.72)
-    noise = torch.randn(1, 80, voice32.ref_mel.size(2) + mel_frames, generator=torch.Generator().manual_seed(0))
-    gen = Generated(codes, codes, True, codes.cpu())
-    mel32, wav32 = render(pipe, AcousticInput(voice32, emovec32, seg, gen, opts, noise), lat32)
-    mel_h, wav_h = render(mode, AcousticInput(voice_h, emovec_h, seg, gen, opts, noise), lat_h)
+    n = min(codes32.size(1), codes_h.size(1))
+    differ = (codes32[0, :n] != codes_h[0, :n]).nonzero()
+    same = int(differ[0, 0]) if differ.numel() else n
+    text = torch.tensor([seg.text_ids], dtype=torch.long, device=pipe.device)
+    lat32 = pipe.gpt.latent(voice.speech_latent, emovec, text, codes32).float()
+    lat_h = mode.gpt.latent(voice.speech_latent, emovec, text, codes_h).float()
+    frames = voice.ref_mel.size(2) + int(max(codes32.size(1), codes_h.size(1)) * 1.72)
+    noise = torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(0))
+
+    def rendered(p: Pipeline, codes: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
+        item_noise = noise[..., : voice.ref_mel.size(2) + int(codes.size(1) * 1.72)]
+        gen = Generated(codes, codes, True, codes.cpu())
+        return render(p, AcousticInput(voice, emovec, seg, gen, opts, item_noise), latent)
+
+    mel32, wav32 = rendered(pipe, codes32, lat32)
+    mel_h, wav_h = rendered(mode, codes_h, lat_h)
+    t, w = min(mel32.size(-1), mel_h.size(-1)), min(wav32.size(-1), wav_h.size(-1))
+    m = min(lat32.size(1), lat_h.size(1))
     return (
         rel_err(half_logits, ref_logits),
         agree,
-        rel_err(lat_h, lat32),
-        rel_err(mel_h, mel32),
-        snr_db(wav_h, wav32),
-        codes.size(1),
+        same,
+        rel_err(lat_h[:, :m], lat32[:, :m]),
+        rel_err(mel_h[..., :t], mel32[..., :t]),
+        snr_db(wav_h[..., :w], wav32[..., :w]),
+        codes32.size(1),
     )
 
 
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe = Pipeline.load(args.checkpoints, device=args.device)
         model = str(args.checkpoints)
-    audio = args.voice.read_bytes() if args.voice is not None else synthetic_voice(4.0)
+    voice = pipe.prepare_voice(args.voice if args.voice is not None else synthetic_voice(4.0))
     opts = SynthesisOptions(
         do_sample=False, num_beams=1, max_mel_tokens=args.codes, diffusion_steps=args.diffusion_steps, seed=0
     )
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # float16 autocast is a CUDA mode
             mode = variant(pipe, gpt_dtype, acoustic_dtype)
             for seg in segments:
-                le, agree, lat, mel, snr, n = compare(pipe, mode, audio, seg, opts)
+                le, agree, same, lat, mel, snr, n = compare(pipe, mode, voice, seg, opts)
                 rows.append(
                     Row(
                         dtype=f"{label} {dt}",
@@ -169,17 +184,18 @@ def main(argv: list[str] | None = None) -> int:
                         codes=n,
                         logits_err=le,
                         top1_agree=agree,
+                        same_codes=same,
                         latent_err=lat,
                         mel_err=mel,
                         wav_snr_db=snr,
                     )
                 )
             del mode
-    print("| mode | segment | codes | logits err | top-1 agree | latent err | mel err | wav SNR dB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | segment | codes | logits err | top-1 agree | same codes | latent err | mel err | wav SNR dB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r.dtype} | {r.segment} | {r.codes} | {r.logits_err:.2e} | {r.top1_agree:.1%} | "
+            f"| {r.dtype} | {r.segment} | {r.codes} | {r.logits_err:.2e} | {r.top1_agree:.1%} | {r.same_codes} | "
             f"{r.latent_err:.2e} | {r.mel_err:.2e} | {r.wav_snr_db:.1f} |"
         )
     return 0

@@ -51,7 +51,7 @@ class DaemonConfig:
     device: str = setting("auto", f"torch device: {DEVICES}")
     dtype: str = setting("auto", "GPT dtype: auto (= float32), float32, bfloat16, float16 (CUDA only)", DTYPES)
     acoustic_dtype: str = setting(
-        "float32", "DiT/CFM and BigVGAN precision: float32 (golden parity), bfloat16, float16 (CUDA only)",
+        "float32", "DiT/CFM precision: float32 (golden parity), bfloat16, float16 (CUDA only)",
         ACOUSTIC_DTYPES,
     )
     cuda_graphs: bool = setting(True, "CUDA: compile the GPT decode step into CUDA graphs")

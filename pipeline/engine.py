@@ -139,7 +139,7 @@ class Engine:
         self.pipe = pipe
         self.observer = observer
         self.batch = DecodeBatch(
-            pipe.gpt, max_rows=max_batch_rows, dtype=pipe.gpt_dtype, step_fn=step_fn, row_buckets=row_buckets
+            pipe.decode_gpt, max_rows=max_batch_rows, dtype=pipe.gpt_dtype, step_fn=step_fn, row_buckets=row_buckets
         )
         self.max_batch_rows = max_batch_rows
         self.prefetch = pipe.device.type == "cuda" if prefetch is None else prefetch

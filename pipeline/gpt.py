@@ -26,7 +26,7 @@ from .config import V2, V2_5, model_version, require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .errors import ConfigError
 from .perceiver import PerceiverConfig, PerceiverResampler
-from .weights import load_module, read_shapes
+from .weights import build_buffers, load_module, read_shapes
 
 LayerKV = tuple[Tensor, Tensor]  # one layer's (K, V) cache, each [B, H, S_cap, Dh]
 
@@ -476,6 +476,17 @@ def load_unified_voice(ckpt_dir: Path, config: Mapping[str, Any], device: torch.
     path = Path(ckpt_dir) / "gpt.safetensors"
     cfg = GPTConfig.from_yaml(config, read_shapes(path))
     return load_module(lambda: UnifiedVoice(cfg), path, device)
+
+
+def decode_copy(gpt: UnifiedVoice, dtype: torch.dtype) -> UnifiedVoice:
+    """The same weights in `dtype`, for a half-precision decode loop beside the float32 model (which
+    keeps the conditioning and the second pass). Built tensor by tensor: no second float32 copy."""
+    with torch.device("meta"):
+        twin = UnifiedVoice(gpt.cfg)
+    twin.load_state_dict({k: v.to(dtype) for k, v in gpt.state_dict().items()}, assign=True)
+    device = next(gpt.parameters()).device
+    build_buffers(twin, device)
+    return twin.to(dtype).eval().requires_grad_(False)
 
 
 def load_emotion_matrices(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> EmotionMatrices:

@@ -43,6 +43,7 @@ from .flow import CFM, CFMRow, CFMSolve, load_cfm
 from .gpt import (
     EmotionMatrices,
     UnifiedVoice,
+    decode_copy,
     interpolate_emovec,
     load_emotion_matrices,
     load_unified_voice,
@@ -109,7 +110,7 @@ class Pipeline:
         bigvgan: BigVGAN,
         emotion: EmotionMatrices,
         device: torch.device,
-        gpt_dtype: torch.dtype = torch.float32,
+        decode_gpt: UnifiedVoice | None = None,
         acoustic_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
         compile: bool | None = None,
@@ -123,11 +124,14 @@ class Pipeline:
         self.languages: tuple[str, ...] = LANGUAGES_25 if version == V2_5 else LANGUAGES_2
         self.tokenizer = tokenizer
         self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
+        # `gpt` (float32) conditions, builds prefixes and runs the second pass; `decode_gpt`, the same
+        # weights in the decode dtype (or `gpt` itself), runs the decode loop.
         self.gpt, self.gpt_layer, self.length_regulator = gpt, gpt_layer, length_regulator
+        self.decode_gpt = decode_gpt if decode_gpt is not None else gpt
         self.cfm, self.bigvgan, self.emotion = cfm, bigvgan, emotion
         self.device = device
-        self.gpt_dtype = gpt_dtype
-        # float32: the parity path. Otherwise DiT/CFM and BigVGAN run under autocast in this dtype.
+        self.gpt_dtype = next(self.decode_gpt.parameters()).dtype  # the decode loop's dtype
+        # float32: the parity path. Otherwise the DiT/CFM runs under autocast in this dtype.
         self.acoustic_dtype = acoustic_dtype
         self.acoustic_autocast = None if acoustic_dtype == torch.float32 else acoustic_dtype
         self.max_num_beams = max_num_beams
@@ -154,9 +158,11 @@ class Pipeline:
     ) -> Pipeline:
         """Load a converted checkpoint directory (ttsd-convert output) of IndexTTS-2 or IndexTTS-2.5
         (the config's `version` says which). `device` "auto" is CUDA when available; `dtype` applies
-        to the GPT; `acoustic_dtype` (float32 by default, as upstream runs it even in fp16 mode) runs
-        DiT/CFM and BigVGAN under autocast when it is bfloat16 or float16 (CUDA). `compile`
-        (default: on CUDA only) compiles the decode step with inductor.
+        to the GPT's decode loop (conditioning, prefixes and the second-pass latent stay float32, so
+        a half decode changes the audio only where it picks other codes); `acoustic_dtype` (float32
+        by default, as upstream runs it even in fp16 mode) runs the DiT/CFM under autocast when it
+        is bfloat16 or float16 (CUDA). `compile` (default: on CUDA only) compiles the decode
+        step with inductor.
         `max_batch_rows` sizes the decode batch (one row per beam of every segment decoding at once);
         `max_num_beams` is the most beams one request may ask for."""
         ckpt = Path(ckpt_dir)
@@ -190,8 +196,6 @@ class Pipeline:
             tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", normalizer)
             codec, gpt_layer = load_semantic_codec(ckpt, dev), load_gpt_layer(s2mel, dev)
         w2v, w2v_stats = load_w2v_bert(ckpt, dev)
-        if dtype != "float32":
-            gpt = gpt.to(DTYPES[dtype])
         return cls(
             tokenizer=tokenizer,
             w2v=w2v,
@@ -205,7 +209,7 @@ class Pipeline:
             bigvgan=load_bigvgan(ckpt / "bigvgan.safetensors", ckpt / "bigvgan.json", dev),
             emotion=load_emotion_matrices(ckpt, config, dev),
             device=dev,
-            gpt_dtype=DTYPES[dtype],
+            decode_gpt=None if dtype == "float32" else decode_copy(gpt, DTYPES[dtype]),
             acoustic_dtype=DTYPES[acoustic_dtype],
             cuda_graphs=cuda_graphs,
             compile=compile,
@@ -288,10 +292,10 @@ class Pipeline:
         return self.emotion.mix(weights.to(self.device), rows, voice.emovec_self)
 
     def request_emovec(self, voice: Voice, opts: SynthesisOptions, emo_voice: Voice | None) -> Tensor:
-        """The request's emotion vector in the GPT's dtype; `use_random` rows come from its seed."""
+        """The request's emotion vector (float32); `use_random` rows come from its seed."""
         seed = 0 if opts.seed is None else opts.seed
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return self.emovec(voice, opts, emo_voice, gen).to(self.gpt_dtype)
+        return self.emovec(voice, opts, emo_voice, gen)
 
     # ------------------------------------------------------------------ the GPT
 
@@ -302,7 +306,7 @@ class Pipeline:
         if params.max_mel_tokens > self.max_mel_tokens:
             params = replace(params, max_mel_tokens=self.max_mel_tokens)
         # [1, 34 + L' + 2, D] (IndexTTS-2.5: [1, 3 + L' + 2, D], the language row added to the text)
-        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text, segment.lang_index)
+        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text, segment.lang_index).to(self.gpt_dtype)
         seed = 0 if opts.seed is None else opts.seed
         return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
 
@@ -331,7 +335,7 @@ class Pipeline:
     def run_gpt(self, voice: Voice, segment: Segment, opts: SynthesisOptions, emovec: Tensor) -> GptOutput:
         """One segment alone: its codes, then the second pass that yields the latent (the reference path)."""
         req = self.decode_request(voice, segment, opts, emovec)
-        codes = generate(self.gpt, req.prefix, req.params, key=req.key).codes  # [1, M]
+        codes = generate(self.decode_gpt, req.prefix, req.params, key=req.key).codes  # [1, M]
         latent = self.latents([(voice, emovec, segment, codes)])[0] if self.gpt_layer is not None else None
         return GptOutput(codes=codes, latent=latent)
 
@@ -382,11 +386,9 @@ class Pipeline:
         return CFMSolve(self.cfm, rows, steps, autocast=self.acoustic_autocast)
 
     def vocode(self, mel: Tensor) -> Tensor:
-        """Target mel (1, 80, T) → float32 PCM (256 T,) at ±32767 scale on the device."""
-        auto = self.acoustic_autocast
-        with torch.autocast(self.device.type, dtype=auto or torch.bfloat16, enabled=auto is not None):
-            wav = self.bigvgan(mel)
-        return to_pcm_scale(wav.float())[0]
+        """Target mel (1, 80, T) → float PCM (256 T,) at ±32767 scale on the device. Always float32:
+        BigVGAN is ~3 % of a segment, and under bfloat16 it was slower on CPU and the least accurate part."""
+        return to_pcm_scale(self.bigvgan(mel.float()))[0]
 
     @torch.inference_mode()
     def run_acoustic(

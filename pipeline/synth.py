@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="GPT dtype (default float32; float16 needs CUDA)")
     ap.add_argument("--acoustic-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="DiT/CFM and BigVGAN precision (default float32, the parity path; float16 needs CUDA)")
+                    help="DiT/CFM precision (default float32, the parity path; float16 needs CUDA)")
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="run the GPT decode step eagerly on CUDA (no torch.compile)")
     ap.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS,

@@ -43,8 +43,6 @@ class VoiceModels(Protocol):
     @property
     def device(self) -> torch.device: ...
     @property
-    def gpt_dtype(self) -> torch.dtype: ...
-    @property
     def w2v(self) -> W2VBert: ...
     @property
     def w2v_stats(self) -> W2VStats: ...
@@ -140,17 +138,13 @@ def prepare_voice(
     # Upstream's emotion reference defaults to the speaker file, loaded a second time at 16 kHz.
     self_emb = emotion_embedding(pipe, spk, max_input_s)
     emo_emb = self_emb if emo is None else emotion_embedding(pipe, emo, max_input_s)
-    gpt, half = pipe.gpt, pipe.gpt_dtype != torch.float32
-    # A half GPT's conditioning runs under autocast, as upstream runs it: LayerNorm, softmax and the
-    # other precision-sensitive ops stay float32 (a plain half forward would run them in half).
-    with torch.autocast(pipe.device.type, dtype=pipe.gpt_dtype if half else torch.bfloat16, enabled=half):
-        speech_latent = gpt.speaker_latent(spk_cond_emb.to(pipe.gpt_dtype), style.to(pipe.gpt_dtype))  # [1, S, D]
-        emovec_spk = gpt.get_emovec(spk_cond_emb.to(pipe.gpt_dtype))
-        emovec_self = gpt.get_emovec(self_emb.to(pipe.gpt_dtype))
-        emovec_emo = emovec_self if emo is None else gpt.get_emovec(emo_emb.to(pipe.gpt_dtype))
-    speech_latent, emovec_spk, emovec_self, emovec_emo = (
-        t.to(pipe.gpt_dtype) for t in (speech_latent, emovec_spk, emovec_self, emovec_emo)
-    )
+    # Always the float32 GPT: a half-precision decode loop has its own copy of the weights, and the
+    # conditioning it reads (once per voice) costs nothing worth rounding for.
+    gpt = pipe.gpt
+    speech_latent = gpt.speaker_latent(spk_cond_emb, style)  # [1, S, D]
+    emovec_spk = gpt.get_emovec(spk_cond_emb)
+    emovec_self = gpt.get_emovec(self_emb)
+    emovec_emo = emovec_self if emo is None else gpt.get_emovec(emo_emb)
     return Voice(
         spk_cond_emb=spk_cond_emb,
         style=style,

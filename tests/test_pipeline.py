@@ -194,7 +194,7 @@ def test_emo_alpha_applies_only_with_an_emotion_reference(fx: FixtureSet, pipe: 
 
 
 def test_bfloat16_acoustic_mode_stays_close_to_float32(fx: FixtureSet, converted: Path, pipe: Pipeline) -> None:
-    """acoustic_dtype=bfloat16 (DiT/CFM and BigVGAN under autocast) gives float32 audio of the same length from
+    """acoustic_dtype=bfloat16 (the DiT/CFM under autocast) gives float32 audio of the same length from
     the same codes and noise, within 20 dB SNR of the float32 path; float16 on CPU is refused at load."""
     from ttsd.pipeline.errors import ConfigError
 
@@ -212,3 +212,20 @@ def test_bfloat16_acoustic_mode_stays_close_to_float32(fx: FixtureSet, converted
     assert 20.0 <= snr < 200.0, snr  # close, yet really computed in another precision
     with pytest.raises(ConfigError, match="acoustic_dtype float16 needs a CUDA device"):
         Pipeline.load(converted, device="cpu", acoustic_dtype="float16")
+
+
+def test_bfloat16_decode_serves_every_emotion_mode(fx: FixtureSet, converted: Path, pipe: Pipeline) -> None:
+    """dtype=bfloat16 decodes with a bfloat16 copy of the GPT while conditioning and the second pass stay
+    float32 (the same voice as float32's, exactly); it prefills and decodes in speaker, emotion-audio,
+    emotion-vector and random-row modes, with beams, and the audio is finite float32."""
+    half = Pipeline.load(converted, device="cpu", dtype="bfloat16")
+    assert half.gpt_dtype == torch.bfloat16 and next(half.gpt.parameters()).dtype == torch.float32
+    voice = half.prepare_voice(fx.input_path("speaker.wav"), fx.input_path("emo_speaker.wav"))
+    same = pipe.prepare_voice(fx.input_path("speaker.wav"), fx.input_path("emo_speaker.wav"))
+    assert torch.equal(voice.speech_latent, same.speech_latent) and torch.equal(voice.emovec_emo, same.emovec_emo)
+    vector = (0.0, 0.6, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0)
+    base = SynthesisOptions(seed=1, max_mel_tokens=8, diffusion_steps=2, num_beams=2)
+    for opts in (base, replace(base, emo_alpha=0.5), replace(base, emo_vector=vector),
+                 replace(base, emo_vector=vector, use_random=True)):
+        pcm = half.synthesize(voice, "Hello world.", opts)
+        assert pcm.dtype == np.float32 and pcm.size > 0 and np.isfinite(pcm).all(), opts
