@@ -63,6 +63,7 @@ INTERFACE: Final = "http"
 # names built in work unchanged. All of them are the loaded IndexTTS-2 with the same defaults.
 MODEL: Final = "indextts-2"
 MODELS: Final = (MODEL, "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+SPEED_RANGE: Final = (0.5, 2.0)  # OpenAI `speed` → IndexTTS-2.5 duration_factor = 1/speed, within its [0.5, 2]
 SPEECH_FIELDS: Final = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
 DEFAULT_FORMAT: Final = "mp3"           # OpenAI's default response_format
 RETRY_AFTER_S: Final = 1                # Retry-After on 429
@@ -278,12 +279,21 @@ def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
         raise ApiError(400, "unsupported" if known else p.ErrorCode.BAD_MESSAGE,
                        f"response_format {p.quote(str(fmt))} is not available here; use one of "
                        f"{', '.join(encoding.FORMATS)}", "response_format")
-    speed = body.get("speed", 1.0)
-    if type(speed) not in (int, float):
+    raw_speed = body.get("speed", 1.0)
+    if not isinstance(raw_speed, int | float) or isinstance(raw_speed, bool):
         raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "'speed' must be a number", "speed")
+    speed = float(raw_speed)
+    options = {k: v for k, v in body.items() if k not in SPEECH_FIELDS}
     if speed != 1.0:
-        # IndexTTS-2 has no duration control; IndexTTS-2.5's duration_factor will map to it.
-        raise ApiError(400, "unsupported", "speed other than 1.0 is not supported by IndexTTS-2", "speed")
+        if server.pipeline.version != "2.5":
+            raise ApiError(400, "unsupported", "speed other than 1.0 needs IndexTTS-2.5 (IndexTTS-2 has no duration "
+                           "control)", "speed")
+        if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+            raise ApiError(400, p.ErrorCode.BAD_MESSAGE, f"speed must be in [{SPEED_RANGE[0]:g}, {SPEED_RANGE[1]:g}]",
+                           "speed")
+        if "duration_factor" in options:
+            raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "give speed or duration_factor, not both", "speed")
+        options["duration_factor"] = 1.0 / speed  # faster speech is a shorter duration
     instructions = body.get("instructions", "")
     if not isinstance(instructions, str) or instructions.strip():
         raise ApiError(400, "unsupported", "instructions are not supported; set emotion with emo_vector or "
@@ -291,7 +301,6 @@ def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
     if body.get("stream_format", "audio") != "audio":
         raise ApiError(400, "unsupported", "only stream_format 'audio' is supported (no server-sent events)",
                        "stream_format")
-    options = {k: v for k, v in body.items() if k not in SPEECH_FIELDS}
     return _SpeechBody(text, voice, str(fmt), options)
 
 

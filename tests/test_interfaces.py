@@ -585,3 +585,24 @@ async def test_ttsd_serve_speaks_on_every_port(voices_dir: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_openai_speed_maps_to_the_duration_factor_on_indextts25() -> None:
+    """`speed` becomes duration_factor = 1/speed on an IndexTTS-2.5 daemon (0.5–2.0, not with an explicit
+    duration_factor) and stays 400 `unsupported` on IndexTTS-2."""
+    from types import SimpleNamespace
+
+    from ttsd.daemon.config import DaemonConfig
+    from ttsd.daemon.http import ApiError, _parse_speech
+
+    def server(version: str) -> Any:
+        return SimpleNamespace(pipeline=SimpleNamespace(version=version), config=DaemonConfig())
+
+    body = {"model": "tts-1", "input": "Hi.", "voice": "alice", "speed": 1.25}
+    assert _parse_speech(dict(body), server("2.5")).options == {"duration_factor": 0.8}
+    assert _parse_speech({**body, "speed": 1}, server("2.5")).options == {}
+    for bad, version, code in ((dict(body), "2", "unsupported"), ({**body, "speed": 3.0}, "2.5", "bad_message"),
+                               ({**body, "duration_factor": 1.5}, "2.5", "bad_message")):
+        with pytest.raises(ApiError) as e:
+            _parse_speech(bad, server(version))
+        assert e.value.code == code and e.value.param == "speed", bad
