@@ -193,7 +193,7 @@ class ServerHello:
     max_text_chars: int                 # per request (incremental: all chunks together)
     max_reference_audio_s: float        # per reference audio file
     max_voices: int                     # voice cache size; the least recently used voice is evicted
-    max_concurrent_requests: int        # requests synthesised in turn, daemon-wide
+    max_concurrent_requests: int        # requests synthesised at once (sharing every model step), daemon-wide
     max_queued_requests: int            # requests waiting beyond those; more get `busy`
     model: str                          # "IndexTTS-2" or "IndexTTS-2.5": one daemon serves one model
     languages: tuple[str, ...]          # `lang` codes the model speaks (IndexTTS-2: detected, not chosen)
