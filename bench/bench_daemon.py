@@ -178,7 +178,8 @@ def spawned(args: argparse.Namespace) -> Iterator[str]:
     cmd = [sys.executable, "-m", "ttsd.daemon", "serve", *weights,
            "--port", str(port), "--device", args.device, "--dtype", args.dtype,
            "--max-concurrent-requests", str(max(args.clients)), "--max-batch-rows", str(args.max_batch_rows),
-           "--log-level", "warning"]
+           "--max-num-beams", str(args.num_beams or SynthesisOptions().num_beams),
+           "--log-level", "warning", *([] if args.compile else ["--no-torch-compile"])]
     proc = subprocess.Popen(cmd, env={**os.environ, "TTSD_TOKEN": ""})
     try:
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"codes per segment (server default otherwise; {RANDOM_MAX_MEL_TOKENS} for --random models)")
     ap.add_argument("--num-beams", type=int)
     ap.add_argument("--diffusion-steps", type=int)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="--spawn: compile the decode step on CUDA (--no-compile: graphs of the eager step)")
     ap.add_argument("--max-batch-rows", type=int,
                     help="--spawn: decode batch rows (default: the daemon's, or every client's beams if more)")
     args = ap.parse_args(argv)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ttsd.daemon.cli import simulated_cuda
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.decode import DecodeBatch
 from ttsd.pipeline.engine import AcousticInput
@@ -310,6 +311,7 @@ def _peak_rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    simulated_cuda()  # TTSD_SIMCUDA=1: --device cuda on the simulated device (before the defaults read torch.cuda)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", type=Path, help="converted checkpoint directory (ttsd-convert)")

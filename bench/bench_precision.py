@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ttsd.daemon.cli import simulated_cuda
 from ttsd.pipeline import Pipeline, SynthesisOptions
 from ttsd.pipeline.decode import DecodeParams, Generated, generate
 from ttsd.pipeline.engine import AcousticInput
@@ -139,6 +140,7 @@ def compare(
 
 
 def main(argv: list[str] | None = None) -> int:
+    simulated_cuda()  # TTSD_SIMCUDA=1: --device cuda on the simulated device (before the defaults read torch.cuda)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", type=Path, help="converted checkpoint directory (ttsd-convert)")

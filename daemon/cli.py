@@ -91,8 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def simulated_cuda() -> None:
+    """`TTSD_SIMCUDA=1`: run the CUDA branch on a CPU-only torch, on the simulated device that checks what
+    a real one would refuse (ttsd.tools.simcuda, a test tool: imported only when asked for)."""
+    if os.environ.get("TTSD_SIMCUDA", "").strip().lower() in ("1", "true", "yes", "on"):
+        from ttsd.tools.simcuda import install_from_env
+
+        install_from_env()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    simulated_cuda()
     if argv and argv[0] in DELEGATES:
         name = DELEGATES[argv[0]][0]
         try:

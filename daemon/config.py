@@ -54,7 +54,10 @@ class DaemonConfig:
         "float32", "DiT/CFM precision: float32 (golden parity), bfloat16, float16 (CUDA only)",
         ACOUSTIC_DTYPES,
     )
-    cuda_graphs: bool = setting(True, "CUDA: compile the GPT decode step into CUDA graphs")
+    cuda_graphs: bool = setting(True, "CUDA: replay the GPT decode step from CUDA graphs (one per row bucket)")
+    torch_compile: bool = setting(
+        True, "CUDA: compile the decode step with inductor before graphing it (off: faster start-up, slower steps)"
+    )
     max_frame_bytes: int = setting(16 * 2**20, "largest client frame in bytes; reference audio travels in one frame")
     max_text_chars: int = setting(MAX_TEXT_CHARS, "characters per request (incremental: all chunks together)")
     max_reference_audio_s: float = setting(MAX_REFERENCE_AUDIO_S, "seconds per reference audio file")

@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WsServer
@@ -79,6 +79,10 @@ CANCEL_GRACE_S: Final = 10.0          # shutdown: cancelled requests stop at the
 CLOSE_GOING_AWAY: Final = 1001
 
 
+class StartFailed(Exception):
+    """The worker could not start (its engine could not be made): the daemon cannot serve."""
+
+
 class Server:
     """One listening socket, one worker, many sessions. Use `async with Server(...)` or start/shutdown."""
 
@@ -118,6 +122,8 @@ class Server:
         )
         try:
             await asyncio.to_thread(self.worker.warmed.wait)
+            if self.worker.start_error is not None:
+                raise StartFailed(self.worker.start_error)
             if c.voices_dir is not None:
                 self.presets = await load_presets(c.voices_dir, self.worker, c.max_frame_bytes)
             self._ws = await self._listen()
@@ -329,30 +335,21 @@ def load_pipeline(config: DaemonConfig, device: torch.device) -> Pipeline:
     # Half precision is opt-in (--dtype bfloat16/float16) until it is checked against float32 on a
     # GPU with the real weights; float32 is the configuration the parity tests vouch for.
     dtype = "float32" if config.dtype == "auto" else config.dtype
-    if config.random_weights is not None:
-        from ttsd.tools.tiny import random_pipeline
-
-        return random_pipeline(
-            config.random_weights,
-            config.random_seed,
-            device,
-            dtype,
-            acoustic_dtype=config.acoustic_dtype,
-            cuda_graphs=config.cuda_graphs,
-            max_num_beams=config.max_num_beams,
-        )
-    from ttsd.pipeline import Pipeline
-
-    assert config.checkpoints is not None  # serve() returned early otherwise
-    return Pipeline.load(
-        config.checkpoints,
-        device=device,
-        dtype=dtype,
+    load: dict[str, Any] = dict(
         acoustic_dtype=config.acoustic_dtype,
         cuda_graphs=config.cuda_graphs,
+        compile=None if config.torch_compile else False,
         max_num_beams=config.max_num_beams,
         max_batch_rows=config.max_batch_rows,
     )
+    if config.random_weights is not None:
+        from ttsd.tools.tiny import random_pipeline
+
+        return random_pipeline(config.random_weights, config.random_seed, device, dtype, **load)
+    from ttsd.pipeline import Pipeline
+
+    assert config.checkpoints is not None  # serve() returned early otherwise
+    return Pipeline.load(config.checkpoints, device=device, dtype=dtype, **load)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -434,6 +431,9 @@ async def serve(config: DaemonConfig) -> int:
             "cannot listen host=%s port=%d http_port=%s wyoming_host=%s wyoming_port=%s error=%r", config.host,
             config.port, config.http_port, config.wyoming_host, config.wyoming_port, e.strerror,
         )
+        return 1
+    except StartFailed as e:
+        log.error("cannot start: %s", e)
         return 1
     except TtsdError as e:
         log.error("cannot start error=%r", str(e))

@@ -1,8 +1,10 @@
-"""The worker thread: the only caller of the Pipeline. It drives one engine that runs every admitted
+"""The worker thread: the only caller of the engine. It drives one engine that runs every admitted
 request at once (continuous batching: their segments share each GPT decode step and acoustic job).
 
 Text is normalised and split into segments on a few text threads, a request's pieces in order, so
 that a long text (seconds in the normaliser) holds up neither the decode steps nor other requests.
+Voices are prepared on a voice thread of their own (on CUDA, on the pipeline's voice stream), so a
+registration never stalls anyone's decoding.
 
 The event loop never runs model code. It hands the worker work through the thread-safe methods
 below (`submit`, `add_text`, `cancel`, `return_credit`, `register_voice`), which only queue an
@@ -200,19 +202,23 @@ class Worker:
         self.config = config
         self.loop = loop
         self.observer = observer
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)        # the worker thread waits on this one ...
+        self._voice_cond = threading.Condition(lock)  # ... the voice thread on this one
         self._ops: deque[_Op] = deque()         # queued by the loop, applied by the worker between steps
         self._active: list[Job] = []            # in the engine (worker thread owns membership)
         self._waiting: deque[Job] = deque()     # admitted, waiting for an active slot
         self._live = 0                          # admitted jobs not yet stopped (what admission counts)
         self._unfinished = 0                    # admitted jobs that have not left the worker
-        self._voice_jobs: deque[_VoiceJob] = deque()
+        self._voice_jobs: deque[_VoiceJob] = deque()  # run by the voice thread, one at a time
         self._next_key = 0
         self._accepting = True
         self._stopping = False
-        self._voice_turn = False                # alternate voice registrations with engine steps
         self._engine: Engine | None = None      # made on the worker thread
         self._thread = threading.Thread(target=self._run, name="ttsd-worker", daemon=True)
+        # Voices are prepared on their own thread (and CUDA stream): a registration takes as long as
+        # several decode steps, and no stream's decoding may wait for it.
+        self._voice_thread = threading.Thread(target=self._voice_loop, name="ttsd-voice", daemon=True)
         # Text is normalised and split on these threads, never on the worker's: a long text takes
         # seconds in the normaliser, and no decode step (nor another request's split) may wait for it.
         self._texts = ThreadPoolExecutor(max_workers=TEXT_THREADS, thread_name_prefix="ttsd-text")
@@ -224,6 +230,9 @@ class Worker:
         self.device_fault_message = ""
         self._warm_up: Callable[[], None] | None = None
         self.warmed = threading.Event()
+        # Set (before `warmed`) when the worker could not start: its engine could not be made (the KV
+        # cache did not fit, say). The daemon cannot serve; it exits 1 with this message.
+        self.start_error: str | None = None
         self.busy_since: float | None = None    # time.monotonic() at the start of the running step (watchdog)
 
     # ---------------------------------------------------------------------------------------
@@ -237,6 +246,7 @@ class Worker:
         else:
             self.warmed.set()
         self._thread.start()
+        self._voice_thread.start()
 
     def new_key(self) -> int:
         with self._cond:
@@ -306,7 +316,7 @@ class Worker:
             if len(self._voice_jobs) >= max(1, self.config.max_queued_requests):
                 raise Busy("too many voice registrations queued; retry later")
             self._voice_jobs.append(_VoiceJob(audio, emo_audio, done))
-            self._cond.notify()
+            self._voice_cond.notify()
 
     @property
     def live_jobs(self) -> int:
@@ -351,8 +361,10 @@ class Worker:
             self._accepting = False
             self._stopping = True
             self._cond.notify()
+            self._voice_cond.notify()
         self._texts.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._thread.join, timeout_s)
+        await asyncio.to_thread(self._voice_thread.join, timeout_s)
         if self._thread.is_alive():
             log.error("worker thread did not stop within %g s; leaving it behind", timeout_s)
             return False
@@ -424,6 +436,11 @@ class Worker:
         log.debug("worker started")
         try:
             self._engine = self.pipeline.engine(max_batch_rows=self.config.max_batch_rows)
+        except Exception as e:  # e.g. out of device memory for the KV cache: nothing can be served
+            self._fail_start(f"cannot create the engine (max_batch_rows={self.config.max_batch_rows}): "
+                             f"{type(e).__name__}: {_first_line(e)}")
+            return
+        try:
             self._engine.observer = self._on_engine_event
             if self._warm_up is not None:
                 self._warm_up()
@@ -440,27 +457,18 @@ class Worker:
         engine = self._engine
         assert engine is not None  # made at the top of _run
         with self._cond:
-            while not (self._ops or self._voice_jobs or engine.busy or self._stopping):
+            while not (self._ops or engine.busy or self._stopping):
                 self._cond.wait(self._park_timeout())
                 self._check_stalls()
             ops = list(self._ops)
             self._ops.clear()
             if self._stopping and not ops and not self._active and not self._waiting:
-                for vj in self._voice_jobs:  # still queued: an answer instead of silence
-                    self._post(vj.done, ShuttingDown("the daemon is shutting down"))
-                self._voice_jobs.clear()
                 return False
-            voice_job = None
-            if self._voice_jobs and (self._voice_turn or not engine.busy):
-                voice_job = self._voice_jobs.popleft()
-            self._voice_turn = not self._voice_turn
         for kind, job, payload in ops:
             self._apply(kind, job, payload)
         self._promote()
         self.busy_since = time.monotonic()
-        if voice_job is not None:
-            self._run_voice(voice_job)
-        elif engine.busy:
+        if engine.busy:
             self._engine_step(engine)
         self.busy_since = None
         self._mark_parked()
@@ -666,6 +674,32 @@ class Worker:
         finally:
             self.warmed.set()
 
+    def _fail_start(self, message: str) -> None:
+        log.error("worker cannot start: %s", message)
+        self.start_error = message
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._voice_cond.notify()
+        self.warmed.set()
+
+    def _voice_loop(self) -> None:
+        """The voice thread: registrations one at a time, until the worker stops."""
+        while True:
+            with self._cond:
+                while not (self._voice_jobs or self._stopping):
+                    self._voice_cond.wait()
+                if self._stopping:
+                    for vj in self._voice_jobs:  # still queued: an answer instead of silence
+                        self._post(vj.done, ShuttingDown("the daemon is shutting down"))
+                    self._voice_jobs.clear()
+                    return
+                vj = self._voice_jobs.popleft()
+            try:
+                self._run_voice(vj)
+            except DeviceFault as e:
+                self._device_fault(str(e))
+
     def _run_voice(self, vj: _VoiceJob) -> None:
         result: VoiceResult | TtsdError
         try:
@@ -705,3 +739,7 @@ _STOP_MESSAGES: Final = {
     ErrorCode.SLOW_CONSUMER: "the client did not read its audio in time (stall_timeout_s); request cancelled",
     ErrorCode.SHUTTING_DOWN: "the daemon is shutting down; request cancelled",
 }
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:300]

@@ -25,13 +25,15 @@ GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS work
 
 
 class Streams:
-    """The GPT stream and the acoustic stream, created once (CUDA), or None on CPU."""
+    """The GPT, acoustic and voice streams, created once (CUDA), or None on CPU. Voices are prepared on
+    their own stream (and thread, in the daemon) so a registration never waits behind decode steps."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         cuda = device.type == "cuda"
         self.gpt: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
         self.acoustic: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
+        self.voice: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
 
     def on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager[object]:
         return torch.cuda.stream(stream) if stream is not None else nullcontext()
@@ -49,6 +51,17 @@ class Streams:
         dst.wait_stream(src)
         for t in tensors:
             t.record_stream(dst)
+
+    def publish(self, src: torch.cuda.Stream | None, tensors: Sequence[Tensor]) -> None:
+        """Long-lived tensors made on `src` (a voice), to be read on the GPT and acoustic streams at any
+        later time: their memory is recorded on both (so it is not reused while either may still read
+        it), and the calling thread waits for `src`, so all work issued afterwards runs after them."""
+        if src is None or self.gpt is None or self.acoustic is None:
+            return
+        for t in tensors:
+            t.record_stream(self.gpt)
+            t.record_stream(self.acoustic)
+        src.synchronize()  # blocks only the preparing thread
 
     def mark(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
         """An event after the work issued so far on `stream` (None on CPU: the work is already done)."""
@@ -69,8 +82,9 @@ class Streams:
 
 
 class CompiledOrEager:
-    """A compiled step that falls back to the eager one, for good, the first time it fails (no C compiler
-    for Triton's launcher, an inductor bug): one log line, dynamo reset, and serving goes on eagerly."""
+    """A compiled step that falls back to the eager one, for good, the first time it fails where the eager
+    step does not (no C compiler for Triton's launcher, an inductor bug): one log line, dynamo reset, and
+    serving goes on eagerly. A failure the eager step shares is not the compiler's: it is raised."""
 
     def __init__(self, compiled: StepFn, eager: StepFn) -> None:
         self.fn = compiled
@@ -84,9 +98,11 @@ class CompiledOrEager:
             try:
                 return self.fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
             except Exception as e:
+                out = self.eager(gpt, tokens, input_pos, mel_pos, kv, kv_len)  # raises what is not compile's
                 log.warning("compiled decode step failed, continuing eagerly error=%s", _first_line(e))
                 torch._dynamo.reset()
                 self.failed = True
+                return out
         return self.eager(gpt, tokens, input_pos, mel_pos, kv, kv_len)
 
 

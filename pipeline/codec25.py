@@ -111,11 +111,11 @@ class EnhancedCodec(nn.Module):
         return self.up(self.upsample(h)).transpose(1, 2)  # [B, 2L, W]
 
     def content(self, codes: Tensor, duration_factor: float = 1.0) -> tuple[Tensor, Tensor]:
-        """One segment's codes [1, L] → (S_infer [1, 2L, W], target mel frames [1] int64) for the
+        """One segment's codes [1, L] → (S_infer [1, 2L, W], target mel frames [1] int64 on the host) for the
         length regulator; `duration_factor` (0.5–2.0 upstream) stretches the target only."""
         s_infer = self.decode(codes)
         frames = target_lengths(s_infer.size(1), duration_factor)
-        return s_infer, torch.tensor([frames], dtype=torch.long, device=s_infer.device)
+        return s_infer, torch.tensor([frames], dtype=torch.long)  # on the host: a length, not device data
 
     def reference_features(self, spk_cond_emb: Tensor) -> Tensor:
         """The features the s2mel prompt is regulated from: IndexTTS-2.5 uses the normalised

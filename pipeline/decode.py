@@ -16,10 +16,14 @@ num_beams, is_done with length_penalty 0, finalize) is reproduced on the device.
 Two deliberate differences: the start code can never be emitted (upstream only penalises it, and
 a start code would index past the codec's codebook), and sampling draws from a counter-based hash
 of (request seed, segment, step, token) instead of a global RNG, so a seeded request samples the
-same codes alone or batched, and sampling never syncs with the host.
+same codes alone or batched, with no random state on the host.
 
-The host reads the batch only every STOP_CHECK_EVERY steps (finished requests) and when a
-request leaves. Shapes: R rows, Q requests, nb beams per request, V mel vocabulary, P prefix
+Host syncs: a steady-state step (greedy, sampling or beams) reads nothing back from the device; the
+host reads the batch every STOP_CHECK_EVERY steps (finished requests) and once when a request
+leaves (its codes). Host values enter the device only between steps, through fills and pinned
+non-blocking copies (`upload`), never a blocking copy. On CUDA all of a batch's work, joining and
+leaving included, is issued on the stream current when it is called (the engine's GPT stream).
+Shapes: R rows, Q requests, nb beams per request, V mel vocabulary, P prefix
 length, S_cap cache slots, K code budget, L layers, H heads, Dh head width."""
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .device import upload
 from .errors import Cancelled
 from .gpt import GPTConfig, LayerKV, UnifiedVoice
 
@@ -135,16 +140,14 @@ def repetition_penalty(scores: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
     return torch.where(seen, penalised, scores)
 
 
-def top_k_filter(scores: Tensor, k: Tensor) -> Tensor:
-    """HF TopKLogitsWarper per row: below the k-th largest score → -inf (ties kept); k [R] ≤ 0 disables."""
-    enabled = k > 0
-    k_max = int(k.max())  # host read of a CPU-side parameter tensor: never a device sync (see _Params)
+def top_k_filter(scores: Tensor, k: Tensor, k_max: int) -> Tensor:
+    """HF TopKLogitsWarper per row: below the k-th largest score → -inf (ties kept); k [R] (on the scores'
+    device) ≤ 0 disables a row. `k_max` is max(k), known on the host, so the step never reads k back."""
     if k_max <= 0:
         return scores
-    kk = k.clamp(1, scores.size(-1)).to(scores.device)
     top = torch.topk(scores, min(k_max, scores.size(-1)), dim=-1).values  # [R, k_max] descending
-    kth = top.gather(1, (kk.clamp(max=top.size(1)) - 1).unsqueeze(1))  # [R, 1]
-    kth = torch.where(enabled.to(scores.device).unsqueeze(1), kth, torch.full_like(kth, -float("inf")))
+    kth = top.gather(1, (k.clamp(1, top.size(1)) - 1).unsqueeze(1))  # [R, 1]
+    kth = kth.masked_fill((k <= 0).unsqueeze(1), -float("inf"))
     return scores.masked_fill(scores < kth, -float("inf"))
 
 
@@ -241,6 +244,7 @@ def _align(n: int, k: int) -> int:
     return -(-max(n, 1) // k) * k
 
 
+
 def cache_slots_for(cfg: GPTConfig) -> int:
     """Slots any request can need: 34 conds + the longest text + the longest code run, aligned."""
     need = cfg.prefix_conds + cfg.text_positions + cfg.mel_positions
@@ -305,8 +309,8 @@ class DecodeRequest:
 
 @dataclass(eq=False)
 class _RowState:
-    """Everything the batch keeps per row, on the device (top_k and min_keep on the host as well: top-k
-    needs their maximum as a Python int, and reading a device tensor would sync)."""
+    """Everything the batch keeps per row, on the device (top_k also on the host: top-k needs its maximum
+    as a Python int, and reading the device copy would sync)."""
 
     tokens: Tensor  # [R, 1] the code each row feeds to its next forward
     input_pos: Tensor  # [R, 1] the cache slot of that code
@@ -321,8 +325,9 @@ class _RowState:
     is_beam: Tensor  # [R] bool
     key: Tensor  # [R] int64 sampling key (32-bit value)
     step: Tensor  # [R] codes selected so far (the noise counter and the seqs write position)
-    top_k: Tensor  # [R] host int64, 0 = off
-    min_keep: Tensor  # [R] host int64
+    top_k: Tensor  # [R] int64, 0 = off
+    min_keep: Tensor  # [R] int64
+    top_k_host: Tensor  # [R] the same as top_k, on the host
 
     @classmethod
     def alloc(cls, rows: int, vocab: int, k_max: int, stop: int, device: torch.device) -> _RowState:
@@ -343,8 +348,9 @@ class _RowState:
             is_beam=z(rows, dtype=torch.bool),
             key=z(rows, dtype=torch.long),
             step=z(rows, dtype=torch.long),
-            top_k=torch.zeros(rows, dtype=torch.long),
-            min_keep=torch.ones(rows, dtype=torch.long),
+            top_k=z(rows, dtype=torch.long),
+            min_keep=z(rows, dtype=torch.long, value=1),
+            top_k_host=torch.zeros(rows, dtype=torch.long),
         )
 
     def move(self, src: _RowState, dst_row: int, src_row: int, count: int) -> None:
@@ -409,8 +415,10 @@ class DecodeBatch:
         )
         self.fixed = fixed
         self.step_fn: StepFn = step_fn or decode_step
-        # Graphed steps run over a fixed set of row counts; eager steps over exactly the rows in use.
-        self.row_buckets = tuple(sorted(b for b in row_buckets if b <= max_rows)) or ()
+        # Graphed steps run over a fixed set of row counts, the last one the whole cache, so every batch
+        # size has a bucket recorded at warm-up (`capture`); eager steps run over exactly the rows in use.
+        self.row_buckets = tuple(sorted({b for b in row_buckets if b < cache_rows} | {cache_rows})) if row_buckets \
+            else ()
         self.requests: list[DecodeRequest] = []
         self.groups: dict[int, _BeamGroup] = {}
         self.n = 0  # rows in use
@@ -493,7 +501,9 @@ class DecodeBatch:
             self.s.key[rows] = req.key
             self.s.step[rows] = 0
             # HF: top-k keeps at least 2 tokens with beams (min_tokens_to_keep), top-p likewise.
-            self.s.top_k[rows] = max(pr.top_k, 2 if nb > 1 else 1) if pr.top_k > 0 and pr.do_sample else 0
+            top_k = max(pr.top_k, 2 if nb > 1 else 1) if pr.top_k > 0 and pr.do_sample else 0
+            self.s.top_k[rows] = top_k
+            self.s.top_k_host[rows] = top_k
             self.s.min_keep[rows] = 2 if nb > 1 else 1
         req.row, req.steps, req.result = r0, 0, None
         self.n += nb
@@ -506,8 +516,10 @@ class DecodeBatch:
         if g is None:
             g = self.groups[nb] = _BeamGroup(nb)
         k = self.k_max
+        beam_scores = torch.full((1, nb), BEAM_INIT_SCORE, device=dev)
+        beam_scores[:, 0] = 0.0
         fresh = {
-            "beam_scores": torch.tensor([[0.0] + [BEAM_INIT_SCORE] * (nb - 1)], device=dev),
+            "beam_scores": beam_scores,
             "hyp_score": torch.full((1, nb), float("inf"), device=dev),
             "hyp_order": torch.zeros(1, nb, dtype=torch.long, device=dev),
             "hyp_len": torch.zeros(1, nb, dtype=torch.long, device=dev),
@@ -524,9 +536,7 @@ class DecodeBatch:
         self._reindex(g)
 
     def _reindex(self, g: _BeamGroup) -> None:
-        g.idx = torch.tensor([[m.row + b for b in range(g.nb)] for m in g.members], device=self.device).view(
-            -1, g.nb
-        )
+        g.idx = upload([m.row + b for m in g.members for b in range(g.nb)], self.device).view(-1, g.nb)
 
     # --------------------------------------------------------------------------- leaving
 
@@ -541,7 +551,7 @@ class DecodeBatch:
         keep = [j for j in range(len(g.members)) if j != i]
         del g.members[i]
         if g.members:
-            sel = torch.tensor(keep, device=self.device)
+            sel = upload(keep, self.device)
             for name in ("beam_scores", "hyp_score", "hyp_order", "hyp_len", "hyp_tok", "hyp_count", "counter",
                          "done"):
                 setattr(g, name, getattr(g, name).index_select(0, sel))
@@ -612,9 +622,9 @@ class DecodeBatch:
         scores = repetition_penalty(base, self.s.seen[:n], self.s.penalty[:n])
         if any(r.params.do_sample for r in self.requests):
             w = scores / self.s.temperature[:n]
-            w = top_k_filter(w, self.s.top_k[:n])
+            w = top_k_filter(w, self.s.top_k[:n], int(self.s.top_k_host[:n].max()))  # host tensor: no sync
             if any(r.params.do_sample and r.params.top_p < 1.0 for r in self.requests):
-                w = top_p_filter(w, self.s.top_p[:n], self.s.min_keep[:n].to(self.device))
+                w = top_p_filter(w, self.s.top_p[:n], self.s.min_keep[:n])
             scores = torch.where(self.s.do_sample[:n, None], w, scores)
         # The start code is never a valid output (upstream only penalises it): it would index past
         # the codec's codebook. Masked last, so every processor above sees upstream's scores.

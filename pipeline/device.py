@@ -1,4 +1,4 @@
-"""The torch device a command asked for, checked before any weight is loaded.
+"""The torch device a command asked for, checked before any weight is loaded; host values moved onto it.
 
 `ttsd synth` and `ttsd serve` both resolve `--device` here, so a GPU name on a CPU-only torch
 build (the wheel `scripts/setup.sh` installs by default) fails at once with one line saying what
@@ -6,9 +6,11 @@ to install, instead of a traceback from deep inside the first CUDA call."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
+from torch import Tensor
 
 from .errors import ConfigError
 
@@ -45,3 +47,12 @@ def resolve_device(name: str) -> torch.device:
     if device.index is not None and device.index >= count:
         raise ConfigError(f"device {name!r} does not exist: this machine has {count} CUDA device(s)")
     return device
+
+
+def upload(values: Sequence[float] | Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype = torch.long
+           ) -> Tensor:
+    """Host numbers → a tensor on `device` without blocking the host: on CUDA a non-blocking copy from
+    pinned memory, issued on the current stream (PyTorch's pinned allocator keeps the buffer until that
+    copy is done). A plain `torch.tensor(values, device=...)` would wait for the copy: a host sync."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True) if device.type == "cuda" else host

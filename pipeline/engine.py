@@ -12,6 +12,13 @@ long acoustic job never holds up everyone's decoding. On CUDA the decode batch r
 and acoustic jobs on another, so they overlap; a job's audio is handed out as soon as its copy to
 the host is done. On CPU the same code runs in order.
 
+Streams (CUDA): everything that touches the decode batch — admitting, stepping, removing a cancelled
+or failed request, resetting after a failure — is issued on the GPT stream, and the batch's buffers
+are allocated there; acoustic jobs run on the acoustic stream. A segment's codes (and its request's
+emotion vector) cross from the GPT stream to the acoustic one through `Streams.hand_over` when its
+decoding finishes: an ordering, and a `record_stream` so their memory is not reused while the
+acoustic stream may still read it. Voices come ready from `Pipeline.prepare_voice`.
+
 Scheduling: segments start decoding in order of priority — requests that have not had audio yet
 first (time to first audio), then by arrival — as rows free up. A request runs at most one segment
 ahead of its audio on CUDA (none on CPU, where running ahead only delays the segment before) and
@@ -31,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,24 +105,24 @@ class _AcousticJob:
         segs = [s for s in self.segs if not s.dropped]
         if not segs:
             return
-        lanes = e.lanes
-        with lanes.on(lanes.acoustic):
-            e.lanes.start(e.lanes.acoustic)
-            rows = pipe.cfm_rows([s.acoustic_input() for s in segs])
+        # Each unit runs on the acoustic stream: the engine enters it around every `next()` (a stream
+        # context held across a yield would leak into whatever the engine does in between).
+        e.lanes.start(e.lanes.acoustic)
+        rows = pipe.cfm_rows([s.acoustic_input() for s in segs])
+        yield
+        steps = segs[0].req.opts.diffusion_steps
+        solve = pipe.cfm_solve(rows, steps)
+        while not solve.done:
+            if all(s.dropped for s in segs):
+                return
+            solve.step()
             yield
-            steps = segs[0].req.opts.diffusion_steps
-            solve = pipe.cfm_solve(rows, steps)
-            while not solve.done:
-                if all(s.dropped for s in segs):
-                    return
-                solve.step()
-                yield
-            for b, s in enumerate(segs):
-                if s.dropped:
-                    continue
-                pcm = pipe.vocode(solve.target(b))  # [N] on the device
-                self.results.append((s, e.lanes.to_host(pcm)))
-            self.event = e.lanes.mark(e.lanes.acoustic)
+        for b, s in enumerate(segs):
+            if s.dropped:
+                continue
+            pcm = pipe.vocode(solve.target(b))  # [N] on the device
+            self.results.append((s, e.lanes.to_host(pcm)))
+        self.event = e.lanes.mark(e.lanes.acoustic)
         self.issued = True
 
     @property
@@ -138,13 +146,15 @@ class Engine:
     ) -> None:
         self.pipe = pipe
         self.observer = observer
-        self.batch = DecodeBatch(
-            pipe.decode_gpt, max_rows=max_batch_rows, dtype=pipe.gpt_dtype, step_fn=step_fn, row_buckets=row_buckets
-        )
+        self.lanes = pipe.lanes
+        with self.lanes.on(self.lanes.gpt):  # the batch's buffers belong to the stream that uses them
+            self.batch = DecodeBatch(
+                pipe.decode_gpt, max_rows=max_batch_rows, dtype=pipe.gpt_dtype, step_fn=step_fn,
+                row_buckets=row_buckets,
+            )
         self.max_batch_rows = max_batch_rows
         self.prefetch = pipe.device.type == "cuda" if prefetch is None else prefetch
         self.max_acoustic_frames = max_acoustic_frames
-        self.lanes = pipe.lanes
         self.requests: list[Request] = []
         self._arrivals = itertools.count()
         self._decoding: dict[int, _Seg] = {}  # id(DecodeRequest) → segment
@@ -172,6 +182,12 @@ class Engine:
         """Return flow-control credits (the caller has sent n segments)."""
         if req.credits is not None:
             req.credits += n
+
+    def capture(self) -> None:
+        """Record the graphed decode step of every row bucket now (warm-up), on the GPT stream."""
+        with self.lanes.on(self.lanes.gpt):
+            self.lanes.start(self.lanes.gpt)
+            self.batch.capture()
 
     def cancel(self, req: Request) -> None:
         """Stop `req` now: its rows leave the decode batch, its other work is dropped, no more events."""
@@ -286,12 +302,19 @@ class Engine:
         self.stats["decode_s"] = self.stats.get("decode_s", 0.0) + time.perf_counter() - t0
         for d in finished:
             s = self._decoding.pop(id(d))
-            assert d.result is not None  # set by DecodeBatch.step for finished requests
+            assert d.result is not None and s.req.emovec is not None  # set by the batch / _start_decode
             s.codes = d.result
             self.stats["codes"] += d.result.codes.size(1)
-            if not s.dropped:
-                self._ready.append(s)
-                self._notify("codes", s.req, s.segment.index)
+            if s.dropped:
+                continue
+            self._notify("codes", s.req, s.segment.index)
+            if d.result.codes.size(1) == 0:
+                # The GPT stopped at once: nothing to render (a length regulator over 0 frames fails).
+                s.req.ready[s.segment.index] = self._segment_audio(s, np.zeros(0, dtype=np.float32))
+                continue
+            # The acoustic stream reads these after the GPT stream wrote them.
+            self.lanes.hand_over(self.lanes.gpt, self.lanes.acoustic, d.result.codes, s.req.emovec)
+            self._ready.append(s)
 
     def _decode_failed(self, e: Exception, events: list[Event]) -> None:
         """A shared decode step raised: nobody can tell whose input caused it, so every segment in the
@@ -299,7 +322,8 @@ class Engine:
         self.pipe.check_device(e)
         victims = list(self._decoding.values())
         self._decoding.clear()
-        self.batch.reset()
+        with self.lanes.on(self.lanes.gpt):
+            self.batch.reset()
         if len(victims) == 1 and victims[0].solo:
             self._crash(victims[0].req, e, events)
             return
@@ -320,7 +344,8 @@ class Engine:
         self._jobs.remove(job)
         self._jobs.append(job)  # round-robin
         try:
-            next(job.units)
+            with self.lanes.on(self.lanes.acoustic):
+                next(job.units)
         except StopIteration:
             job.issued = True
         except Exception as e:
@@ -378,14 +403,9 @@ class Engine:
         for job in done:
             self._jobs.remove(job)
             for s, pcm in job.results:
-                req = s.req
-                if s.dropped or req.finished:
+                if s.dropped or s.req.finished:
                     continue
-                silence = 0
-                if s.segment.index > 0:
-                    # Upstream joins segments with int(sr * ms / 1000) zeros; streaming sends them up front.
-                    silence = int(self.pipe.sample_rate_hz * req.opts.interval_silence_ms / 1000)
-                req.ready[s.segment.index] = SegmentAudio(s.segment, pcm.numpy(), silence)
+                s.req.ready[s.segment.index] = self._segment_audio(s, pcm.numpy())
         for req in list(self.requests):
             while not req.finished and req.delivered in req.ready:
                 audio = req.ready.pop(req.delivered)
@@ -396,6 +416,13 @@ class Engine:
                 req.finished = True
                 self.requests.remove(req)
                 events.append(RequestDone(req))
+
+    def _segment_audio(self, s: _Seg, samples: np.ndarray) -> SegmentAudio:
+        silence = 0
+        if s.segment.index > 0:
+            # Upstream joins segments with int(sr * ms / 1000) zeros; streaming sends them up front.
+            silence = int(self.pipe.sample_rate_hz * s.req.opts.interval_silence_ms / 1000)
+        return SegmentAudio(s.segment, samples, silence)
 
     def _notify(self, what: str, req: Request, index: int) -> None:
         if self.observer is not None:
@@ -411,7 +438,8 @@ class Engine:
             if s.req is req:
                 s.dropped = True
                 assert s.decode is not None
-                self.batch.remove(s.decode)
+                with self.lanes.on(self.lanes.gpt):  # ordered after the steps that still use its rows
+                    self.batch.remove(s.decode)
                 del self._decoding[key]
         for s in itertools.chain(self._ready, self._solo, (s for j in self._jobs for s in j.segs)):
             if s.req is req:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .config import V2, V2_5, model_version, require, shape
 from .conformer import ConformerConfig, ConformerEncoder
+from .device import upload
 from .errors import ConfigError
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import build_buffers, load_module, read_shapes
@@ -227,10 +228,16 @@ class GPT2Attention(nn.Module):
             # Attend over the first n slots; slots after a row's own position are masked out. Plain
             # matmul + softmax rather than SDPA: SDPA's CPU kernel splits work by batch size, so a row's
             # result would depend on how many rows share the step; this does not.
-            scores = (q @ k_cache[:, :, :n].transpose(-1, -2)) * self.scale  # [B, H, S, n]
+            keys = k_cache[:, :, :n].transpose(-1, -2)  # [B, H, Dh, n]
+            if q.dtype == torch.float16:
+                # float16 tops out at 65504: q·kᵀ before the 1/√Dh scale overflows to inf (then NaN, then
+                # silence). Scale q first and take the softmax in float32, as fused half kernels do.
+                scores = ((q * self.scale) @ keys).float()  # [B, H, S, n]
+            else:
+                scores = (q @ keys) * self.scale  # float32: upstream's order of operations (parity)
             if mask is not None:
                 scores = scores.masked_fill(~mask, -float("inf"))
-            y = scores.softmax(dim=-1) @ v_cache[:, :, :n]  # [B, H, S, Dh]
+            y = scores.softmax(dim=-1).to(v_cache.dtype) @ v_cache[:, :, :n]  # [B, H, S, Dh]
         return self.c_proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -401,22 +408,28 @@ class UnifiedVoice(nn.Module):
             return emb
         if lang is None:
             raise ValueError("IndexTTS-2.5 needs the language: pass its lang_embedding row")
-        rows = torch.as_tensor(lang, dtype=torch.long, device=ids.device).reshape(-1, 1)  # [B or 1, 1]
+        if isinstance(lang, int):  # a host index selects its row without a host→device copy
+            return emb + self.lang_embedding.weight[lang]  # [B, L + 2, D]
+        rows = lang.to(device=ids.device, dtype=torch.long).reshape(-1, 1)  # [B or 1, 1]
         return emb + self.lang_embedding(rows)  # [B, L + 2, D]
 
     def build_prefix(
-        self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, lang: int | Tensor | None = None
+        self, speech_latent: Tensor, emovec: Tensor, text_ids: Sequence[int] | Tensor, lang: int | Tensor | None = None
     ) -> Tensor:
         """Generation prefix (upstream prepare_gpt_inputs, batch 1): [1, C + L' + 2, D] with C = 34
         (IndexTTS-2) or 3 (IndexTTS-2.5, where `lang` is required: see `embed_text`).
 
         Every text id equal to start_text_token or stop_text_token is removed first (upstream).
         Upstream instead left-pads the sequence with one zero row per removed id and masks those
-        rows out of attention; attention never sees them, so the prefix here simply omits them."""
+        rows out of attention; attention never sees them, so the prefix here simply omits them.
+        The ids are host values (a list or a CPU tensor): removing ids changes a shape, which on the
+        device would be a host sync."""
         c = self.cfg
-        ids = text_ids.reshape(-1)
-        ids = ids[(ids != c.start_text_token) & (ids != c.stop_text_token)].unsqueeze(0)  # [1, L']
-        return torch.cat((self.conds_latent(speech_latent, emovec), self.embed_text(ids, lang)), dim=1)
+        ids = text_ids.reshape(-1).tolist() if isinstance(text_ids, Tensor) else list(text_ids)
+        kept = [i for i in ids if i not in (c.start_text_token, c.stop_text_token)]
+        dev = speech_latent.device
+        ids_dev = upload([kept], dev) if kept else torch.zeros((1, 0), dtype=torch.long, device=dev)  # [1, L']
+        return torch.cat((self.conds_latent(speech_latent, emovec), self.embed_text(ids_dev, lang)), dim=1)
 
     # --- GPT-2 stack --------------------------------------------------------------------------
 

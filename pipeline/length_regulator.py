@@ -8,7 +8,7 @@ width (in_channels), C regulator channels, G GPT width."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,16 +124,24 @@ class InterpolateRegulator(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, c))
         self.content_in_proj = nn.Linear(cfg.in_channels, c)
 
-    def forward(self, x: Tensor, ylens: Tensor) -> Tensor:
-        """x (B, T_in, D) float32, ylens (B,) int64 target frames → (B, max(ylens), C), zero past ylens.
+    def forward(self, x: Tensor, ylens: Sequence[int] | Tensor) -> Tensor:
+        """x (B, T_in, D) float32, ylens (B,) target frames → (B, max(ylens), C), zero past ylens.
 
-        Upstream returns a 5-tuple whose first entry callers use; `n_quantizers` and `f0` are no-ops."""
-        t_out = int(ylens.max())  # host sync: the output length is data-dependent
+        `ylens` are host values (a list, or a CPU tensor as upstream passes them): the output length is
+        a shape, so a device tensor here would cost a host sync. Upstream returns a 5-tuple whose first
+        entry callers use; `n_quantizers` and `f0` are no-ops."""
+        lens = [int(n) for n in (ylens.tolist() if isinstance(ylens, Tensor) else ylens)]  # a sync if on device
+        t_out = max(lens)
         h = self.content_in_proj(x).transpose(1, 2)  # [B, C, T_in]
         h = h.index_select(2, nearest_indices(h.size(2), t_out, h.device))  # [B, C, T_out]
         h = self.model(h).transpose(1, 2)  # [B, T_out, C]
-        mask = torch.arange(t_out, device=h.device)[None, :] < ylens[:, None]  # [B, T_out]
-        return h * mask.unsqueeze(-1).to(h.dtype)
+        if any(n < t_out for n in lens):
+            # Upstream multiplies by a 0/1 mask; zeroing the same frames in place gives the same values
+            # without building the mask from host lengths on the device.
+            h = h.contiguous()
+            for b, n in enumerate(lens):
+                h[b, n:] = 0
+        return h
 
 
 def load_length_regulator(

@@ -36,7 +36,7 @@ from .campplus import CAMPPlus, load_campplus
 from .codec25 import EnhancedCodec, load_codec25
 from .config import V2, V2_5, load_yaml, model_version
 from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
-from .device import resolve_device
+from .device import resolve_device, upload
 from .engine import AcousticInput, Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
 from .errors import BadOptions, BadText, CheckpointError, ConfigError, DeviceFault, TtsdError
 from .flow import CFM, CFMRow, CFMSolve, load_cfm
@@ -227,8 +227,14 @@ class Pipeline:
     def prepare_voice(
         self, spk_audio: AudioSource, emo_audio: AudioSource | None = None, max_input_s: float | None = None
     ) -> Voice:
-        """Reference clip (and optional emotion clip) → cached conditioning. Raises BadAudio."""
-        return prepare_voice(self, spk_audio, emo_audio, max_input_s)
+        """Reference clip (and optional emotion clip) → cached conditioning. Raises BadAudio. Safe to call
+        from another thread while an engine runs (CUDA: on the voice stream; returns once it is computed)."""
+        lanes = self.lanes
+        with lanes.on(lanes.voice):
+            lanes.start(lanes.voice)
+            voice = prepare_voice(self, spk_audio, emo_audio, max_input_s)
+            lanes.publish(lanes.voice, voice.tensors())
+        return voice
 
     def check_options(self, opts: SynthesisOptions) -> SynthesisOptions:
         """`opts` if valid for this model and server, else BadOptions naming the field."""
@@ -286,10 +292,10 @@ class Pipeline:
             # Upstream sets emo_alpha to 1 when no emotion clip is given (the speaker clip stands in).
             alpha = opts.emo_alpha if emo_voice is not None or voice.has_emotion_clip else 1.0
             return interpolate_emovec(voice.emovec_spk, emo, alpha)
-        weights = torch.tensor(scale_emo_vector(opts.emo_vector, opts.emo_alpha), dtype=torch.float32)
+        weights = upload(scale_emo_vector(opts.emo_vector, opts.emo_alpha), self.device, torch.float32)
         rows = self.emotion.random_rows(generator) if opts.use_random else self.emotion.nearest_rows(voice.style)
         # Vector mode: the audio term is the speaker clip itself at merge alpha 1 (emovec_self).
-        return self.emotion.mix(weights.to(self.device), rows, voice.emovec_self)
+        return self.emotion.mix(weights, rows, voice.emovec_self)
 
     def request_emovec(self, voice: Voice, opts: SynthesisOptions, emo_voice: Voice | None) -> Tensor:
         """The request's emotion vector (float32); `use_random` rows come from its seed."""
@@ -301,12 +307,12 @@ class Pipeline:
 
     def decode_request(self, voice: Voice, segment: Segment, opts: SynthesisOptions, emovec: Tensor) -> DecodeRequest:
         """One segment's entry into a decode batch: its prefix, decoding parameters and noise key."""
-        text = torch.tensor([segment.text_ids], dtype=torch.int64, device=self.device)  # [1, L]
         params = DecodeParams.from_options(opts)
         if params.max_mel_tokens > self.max_mel_tokens:
             params = replace(params, max_mel_tokens=self.max_mel_tokens)
         # [1, 34 + L' + 2, D] (IndexTTS-2.5: [1, 3 + L' + 2, D], the language row added to the text)
-        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, text, segment.lang_index).to(self.gpt_dtype)
+        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, segment.text_ids, segment.lang_index
+                                       ).to(self.gpt_dtype)
         seed = 0 if opts.seed is None else opts.seed
         return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
 
@@ -317,7 +323,7 @@ class Pipeline:
         and each segment's states are read before its padding."""
         xs = [
             self.gpt.latent_inputs(
-                v.speech_latent, e, torch.tensor([s.text_ids], dtype=torch.int64, device=self.device), c
+                v.speech_latent, e, upload([s.text_ids], self.device), c
             )
             for v, e, s, c in items
         ]
@@ -365,11 +371,12 @@ class Pipeline:
     def _cfm_row(self, it: AcousticInput, latent: Tensor | None) -> CFMRow:
         voice, codes, opts = it.voice, it.codes.codes, it.opts
         if isinstance(self.codec, EnhancedCodec):
-            s_infer, target = self.codec.content(codes, opts.duration_factor)  # [1, 2M, Cw], [1]
+            s_infer, frames = self.codec.content(codes, opts.duration_factor)  # [1, 2M, Cw], [1] on the host
+            target = frames.tolist()
         else:
             assert latent is not None and self.gpt_layer is not None  # IndexTTS-2 always has the second pass
             s_infer = self.codec.vq2emb(codes).transpose(1, 2) + self.gpt_layer(latent)  # [1, M, Cw]
-            target = mel_lengths(torch.tensor([codes.size(1)]))  # floor(1.72 M) in float32, as upstream; host
+            target = mel_lengths(torch.tensor([codes.size(1)])).tolist()  # floor(1.72 M) in float32 as upstream
         cond = self.length_regulator(s_infer, target)  # [1, T, C]
         mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
         shape = (1, self.cfm.in_channels, mu.size(1))
@@ -478,7 +485,7 @@ class Pipeline:
             opts = SynthesisOptions(num_beams=beams, max_mel_tokens=16, diffusion_steps=2, seed=0)
             for _ in self.stream(voice, WARM_UP_TEXT, opts, engine=engine):
                 pass
-        engine.batch.capture()
+        engine.capture()
         return time.perf_counter() - t0
 
     def check_device(self, error: BaseException) -> None:

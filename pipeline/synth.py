@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ttsd synth: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # a bug, or a device error: one line, the traceback only at debug level
+        log.debug("synth failed", exc_info=e)
+        print(f"ttsd synth: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     audio_s = len(pcm) / pipe.sample_rate_hz
     log.info("synth done out=%s audio_s=%.2f load_s=%.2f synth_s=%.2f rtf=%.3f",
              job.out, audio_s, t1 - t0, t2 - t1, (t2 - t1) / max(audio_s, 1e-9))

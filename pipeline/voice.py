@@ -74,21 +74,14 @@ class Voice:
         emovec_emo the very tensor emovec_self when there is none)."""
         return self.emovec_emo is not self.emovec_self
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor of the voice (emovec_emo may be emovec_self itself)."""
+        return (self.spk_cond_emb, self.style, self.ref_mel, self.prompt_condition, self.speech_latent,
+                self.emovec_spk, self.emovec_self, self.emovec_emo)
+
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in (
-                self.spk_cond_emb,
-                self.style,
-                self.ref_mel,
-                self.prompt_condition,
-                self.speech_latent,
-                self.emovec_spk,
-                self.emovec_self,
-                self.emovec_emo,
-            )
-        )
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 MIN_REFERENCE_S = 0.25  # shorter clips leave the conformers' 2x subsampling with (almost) no frames
@@ -132,8 +125,7 @@ def prepare_voice(
     s_ref = pipe.codec.reference_features(spk_cond_emb)  # [1, T, Cw]
     ref_mel = audio.mel_spectrogram(a22)  # [1, 80, P]
     style = pipe.campplus(audio.speaker_fbank(a16))  # [1, 192]
-    ylens = torch.tensor([ref_mel.size(2)], device=pipe.device)
-    prompt_condition = pipe.length_regulator(s_ref, ylens)  # [1, P, C]
+    prompt_condition = pipe.length_regulator(s_ref, [ref_mel.size(2)])  # [1, P, C]
 
     # Upstream's emotion reference defaults to the speaker file, loaded a second time at 16 kHz.
     self_emb = emotion_embedding(pipe, spk, max_input_s)

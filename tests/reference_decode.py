@@ -47,7 +47,7 @@ def _process(scores: Tensor, seqs: list[list[int]], p: DecodeParams, start: int,
         min_keep = 2 if p.num_beams > 1 else 1
         scores = scores / p.temperature
         k = max(p.top_k, min_keep) if p.top_k > 0 else 0
-        scores = top_k_filter(scores, torch.full((len(seqs),), k))
+        scores = top_k_filter(scores, torch.full((len(seqs),), k), k)
         scores = top_p_filter(scores, torch.full((len(seqs), 1), p.top_p), torch.full((len(seqs),), min_keep))
     scores[:, start] = -float("inf")
     return scores

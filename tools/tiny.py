@@ -509,20 +509,18 @@ def random_pipeline(
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     *,
-    acoustic_dtype: str = "float32",
-    cuda_graphs: bool = True,
-    max_num_beams: int = 4,
     model: str = V2,
+    **load: Any,
 ) -> Pipeline:
     """A Pipeline over the weights of `write_official(preset, seed)`: written as a converted checkpoint
-    into a temporary directory (about 6 GB for `full`: mind $TMPDIR), loaded by `Pipeline.load`
-    exactly as a real checkpoint is, then deleted (the weights are in memory by then)."""
+    into a temporary directory (about 6 GB for `full`: mind $TMPDIR), loaded by `Pipeline.load` (with
+    the keyword arguments `load`) exactly as a real checkpoint is, then deleted (the weights are in
+    memory by then)."""
     from ttsd.pipeline.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory(prefix=f"ttsd-random-{preset}-") as tmp:
         ckpt = write_converted(Path(tmp) / "ckpt", preset, seed, model=model, progress=preset == "full").parent
-        return Pipeline.load(ckpt, device, dtype, acoustic_dtype=acoustic_dtype, cuda_graphs=cuda_graphs,
-                             max_num_beams=max_num_beams)
+        return Pipeline.load(ckpt, device, dtype, **load)
 
 
 def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
