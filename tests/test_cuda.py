@@ -41,7 +41,7 @@ from ttsd.pipeline.pipeline import probe_device
 from .conftest import FixtureSet, assert_close, max_abs_err
 from .test_daemon import FAST, client, last, offline_pcm, pcm_of
 from .test_engine import SCENARIO, SHORT, THREE, THREE_SEGMENTS, Spec, run
-from .test_pipeline import golden_noise, golden_options
+from .test_pipeline import golden_noise, golden_options, golden_text
 
 pytestmark = pytest.mark.cuda
 
@@ -76,13 +76,14 @@ def assert_cuda_close(actual: torch.Tensor, golden: torch.Tensor, name: str) -> 
     assert err <= CUDA_REL_TOL * scale, f"{name}: max abs err {err:.3e} > {CUDA_REL_TOL:.0e} * {scale:.3g}"
 
 
+@pytest.mark.model_versions("2", "2.5")
 def test_every_variant_matches_the_golden_waveform_on_cuda(fx: FixtureSet, gpu: Pipeline, variant: str) -> None:
     """Each variant's joined waveform from the GPU (greedy, injected CFM noise) matches upstream's under
-    the CUDA tolerance."""
+    the CUDA tolerance, for both model versions."""
     call = fx.variant(variant)["call"]
     emo = call["emo_audio_prompt"]
     voice = gpu.prepare_voice(fx.input_path(call["spk_audio_prompt"]), None if emo is None else fx.input_path(emo))
-    pcm = gpu.synthesize(voice, fx.text, golden_options(fx, variant), noise=golden_noise(fx, variant))
+    pcm = gpu.synthesize(voice, golden_text(fx, variant), golden_options(fx, variant), noise=golden_noise(fx, variant))
     assert_cuda_close(torch.from_numpy(pcm)[None], fx.golden(variant, "16_output")["wav_pcm"], f"{variant} wav_pcm")
 
 

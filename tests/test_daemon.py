@@ -936,3 +936,36 @@ async def test_watchdog_reports_a_wedged_worker_as_a_device_fault(daemon: Daemon
         response = await healthz(server.port)
         gate.set()
     assert response.startswith(b"HTTP/1.1 503") and b"watchdog" in response
+
+
+async def test_voice_registration_never_stalls_synthesis(
+    pipeline: Pipeline, daemon: Daemon, speaker_wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a voice is being prepared (held here until the test lets it go), another client's request is
+    synthesised from start to end: registrations run on their own thread (defect: they ran on the
+    worker thread, between engine steps, and every stream's decoding waited for them)."""
+    async with daemon() as server:
+        async with client(server) as c:
+            ready = await c.register(speaker_wav)
+        gate, entered = threading.Event(), threading.Event()
+        real = pipeline.prepare_voice
+
+        def held(*args: Any, **kwargs: Any) -> Voice:
+            entered.set()
+            assert gate.wait(GATE_TIMEOUT_S), "the test never released the registration"
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "prepare_voice", held)
+        try:
+            async with client(server) as slow, client(server) as fast:
+                await slow.send(p.RegisterVoice(id=7, audio=speaker_wav + b"\0" * 64))  # a new voice id
+                assert await asyncio.to_thread(entered.wait, GATE_TIMEOUT_S)
+                await fast.send(p.Synthesize(id=1, text="Hello world.", voice=ready, **FAST))
+                messages = await fast.until(1)
+                assert isinstance(last(messages), p.Done) and pcm_of(messages, 1)
+                assert not gate.is_set()  # the request finished while the registration was still held
+                gate.set()
+                reply = (await slow.until(7, final=(p.VoiceRegistered, p.Error)))[-1]
+                assert isinstance(reply, p.VoiceRegistered), reply
+        finally:
+            gate.set()

@@ -500,3 +500,30 @@ def test_graphed_greedy_on_cuda_matches_upstream(fx: FixtureSet, converted: Path
     g9, g = fx.golden("base", "09_gpt_conditioning"), fx.golden("base", "10_gpt_generate")
     out = generate(gpt, g9["seg0.gpt_inputs_embeds"].cuda(), _golden_params(fx, "base"))
     assert_equal(out.codes, g["seg0.codes"], "seg0.codes")
+
+
+@torch.inference_mode()
+def test_float16_cached_attention_does_not_overflow(gpt: UnifiedVoice) -> None:
+    """A float16 decode step whose raw q·kᵀ exceeds float16's range (65504) still attends correctly: the
+    scale is applied before the product and the softmax runs in float32 (defect: inf, then NaN, then
+    silence). Compared with the same weights in float32."""
+    attn32 = copy.deepcopy(gpt.gpt.h[0].attn).float()
+    d = gpt.cfg.model_dim
+    with torch.no_grad():
+        attn32.c_attn.weight.mul_(40.0)  # q and k 40× larger: q·kᵀ 1600× larger
+        attn32.c_attn.bias.zero_()
+    attn16 = copy.deepcopy(attn32).half()
+    x = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(0))
+    slots, heads, dh = 8, gpt.cfg.heads, gpt.cfg.head_dim
+    k = torch.randn(1, heads, slots, dh, generator=torch.Generator().manual_seed(1)) * 200
+    v = torch.randn(1, heads, slots, dh, generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[slots - 1]])
+    mask = (torch.arange(slots)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+    raw = (attn16.c_attn(x.half()).split(d, dim=-1)[0].view(1, 1, heads, dh).transpose(1, 2).float()
+           @ k.transpose(-1, -2)).abs().max()
+    assert raw > 65504, "the case must overflow float16 without the fix"
+    out32 = attn32(x, pos, (k.clone(), v.clone()), mask)
+    out16 = attn16(x.half(), pos, (k.half(), v.half()), mask)
+    assert torch.isfinite(out16).all()
+    scale = float(out32.abs().max())
+    assert float((out16.float() - out32).abs().max()) <= 0.05 * max(1.0, scale)

@@ -1,0 +1,320 @@
+"""ttsd's CUDA branch, run on every CI machine through the simulated device (ttsd.tools.simcuda).
+
+Everything here loads the model with device="cuda" on a CPU-only torch: graphed decode steps on the
+GPT stream, acoustic jobs on the acoustic stream, voices on the voice stream, pinned non-blocking
+copies. The harness raises on a device mix, a stream race or a sync during graph capture, so each test
+also asserts that none happened. What runs here and would fail on a real GPU is what this file is for:
+each defect found by reading the CUDA path has a test below (named in its docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from websockets.asyncio.client import connect
+
+from ttsd.daemon import protocol as p
+from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.pipeline import decode as decode_module
+from ttsd.pipeline.accel import graphed_step
+from ttsd.pipeline.decode import STOP_CHECK_EVERY, DecodeBatch, decode_step
+from ttsd.pipeline.engine import AcousticInput, Engine, Request, RequestDone, RequestFailed, SegmentDone
+from ttsd.pipeline.voice import Voice
+from ttsd.tools import simcuda
+
+from .conftest import FixtureSet, assert_close
+from .test_daemon import FAST, GATE_TIMEOUT_S, Client, last, pcm_of
+from .test_daemon import speaker_wav as speaker_wav  # the fixture, used by the serve test
+from .test_pipeline import golden_noise, golden_options, golden_text, synth_flags
+
+SHORT = dict(max_mel_tokens=20, diffusion_steps=2, max_text_tokens_per_segment=20)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[None]:
+    """The simulated device for the module; no violation may be left at its end."""
+    gc.collect()
+    simcuda.clear_violations()
+    with simcuda.installed():
+        yield
+        gc.collect()
+        assert simcuda.violations() == []
+
+
+@pytest.fixture(scope="module")
+def gpu(sim: None, converted: Path) -> Iterator[Pipeline]:
+    """The fixture's model on the simulated CUDA device, float32, graphed decode steps. Its weights are
+    read on every stream: the device is synchronised before they may be freed."""
+    yield Pipeline.load(converted, device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def voice(gpu: Pipeline, fx: FixtureSet) -> Voice:
+    return gpu.prepare_voice(fx.input_path("speaker.wav"))
+
+
+@pytest.fixture(autouse=True)
+def no_violations(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test ends with no violation recorded (frees included)."""
+    yield
+    if "sim" in request.fixturenames:
+        gc.collect()
+        found = simcuda.violations()
+        simcuda.clear_violations()
+        assert found == [], "\n".join(map(str, found))
+
+
+@pytest.mark.model_versions("2", "2.5")
+def test_golden_waveform_on_simulated_cuda(fx: FixtureSet, variant: str, gpu: Pipeline) -> None:
+    """Each variant of both model versions, loaded on "cuda" and run through the graphed, two-stream
+    engine, reproduces upstream's waveform under the parity rule (defect: the first IndexTTS-2 request
+    failed in the length regulator, a host length tensor meeting a CUDA arange)."""
+    call = fx.variant(variant)["call"]
+    emo = call["emo_audio_prompt"]
+    v = gpu.prepare_voice(fx.input_path(call["spk_audio_prompt"]), None if emo is None else fx.input_path(emo))
+    pcm = gpu.synthesize(v, golden_text(fx, variant), golden_options(fx, variant), noise=golden_noise(fx, variant))
+    assert_close(torch.from_numpy(pcm)[None], fx.golden(variant, "16_output")["wav_pcm"], f"{variant} wav_pcm")
+
+
+@pytest.mark.model_versions("2", "2.5")
+def test_synth_cli_on_simulated_cuda(fx: FixtureSet, converted: Path, gpu: Pipeline, tmp_path: Path) -> None:
+    """`ttsd synth --device cuda --noise ...` on the simulated device writes the golden waveform of the
+    set's first variant (the CLI route of the CUDA branch)."""
+    from safetensors.torch import save_file
+
+    from ttsd.pipeline.pcm import to_int16
+    from ttsd.pipeline.synth import main
+
+    variant = fx.variants[0]
+    noise = tmp_path / "noise.safetensors"
+    save_file({k: v.contiguous() for k, v in fx.golden(variant, "14_cfm").items() if k.endswith(".noise")}, str(noise))
+    out = tmp_path / "out.wav"
+    argv = ["--checkpoints", str(converted), "--device", "cuda", *synth_flags(fx, variant), "--out", str(out),
+            "--noise", str(noise)]
+    assert main(argv) == 0
+    mine, _ = sf.read(str(out), dtype="int16")
+    golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
+    want = torch.from_numpy(to_int16(golden).astype(np.float32))[None]
+    assert_close(torch.from_numpy(mine.astype(np.float32))[None], want, f"{variant} synth wav")
+
+
+def test_warm_up_records_every_row_bucket_and_serving_records_none(gpu: Pipeline, voice: Voice) -> None:
+    """Warm-up captures the decode graph of every row bucket, the whole cache included, so a batch of any
+    size replays a recorded graph (defect: max_batch_rows outside the bucket list, here 6, left the
+    6-row batch without a graph, recorded and compiled mid-serving)."""
+    engine = gpu.engine(max_batch_rows=6)
+    assert engine.batch.row_buckets == (4, 8)
+    engine.capture()
+    graphs = engine.batch.step_fn.graphs  # type: ignore[attr-defined]
+    recorded = set(graphs)
+    assert {rows for _, rows, _ in recorded} == {4, 8}
+    opts = gpu.check_options(SynthesisOptions(**SHORT, num_beams=3, seed=1))
+    reqs = [Request(voice=voice, opts=opts, texts=deque(["Hello there."])) for _ in range(2)]
+    events = _drive(engine, reqs)
+    assert all(isinstance(e, RequestDone) for e in events if not isinstance(e, SegmentDone))
+    assert set(graphs) == recorded
+
+
+@torch.inference_mode()
+def test_graphed_step_equals_eager_on_every_bucket(gpu: Pipeline, voice: Voice) -> None:
+    """The replayed decode step gives the eager step's logits exactly at every row bucket, on the same
+    cache contents (graphs read their inputs in place and keep nothing from capture time)."""
+    batch = DecodeBatch(gpu.decode_gpt, max_rows=16, dtype=gpu.gpt_dtype,
+                        step_fn=graphed_step(gpu.device, graphs=True, compile=True), row_buckets=gpu.row_buckets)
+    opts = gpu.check_options(SynthesisOptions(**SHORT, seed=2))
+    for i, text in enumerate(("One two.", "Three four five.", "Six.")):
+        seg = gpu.split_text(text, opts)[0].with_index(i)
+        batch.admit(gpu.decode_request(voice, seg, opts, gpu.request_emovec(voice, opts, None)))
+    batch.step()
+    s, kv_len = batch.s, batch.cache.slots
+    for rows in batch.row_buckets:
+        saved = batch.cache.buf.clone()
+        eager = decode_step(gpu.decode_gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
+                            batch.cache.view(0, rows), kv_len).clone()
+        batch.cache.buf.copy_(saved)
+        graphed = batch.step_fn(gpu.decode_gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
+                                batch.cache.view(0, rows), kv_len)
+        assert torch.equal(graphed.cpu(), eager.cpu()), f"rows={rows}"
+
+
+def test_steady_state_decode_steps_do_not_sync(gpu: Pipeline, voice: Voice) -> None:
+    """Greedy, seeded sampling (top-k, top-p) and 3-beam rows decoding together read nothing back from the
+    device between stop checks: 0 host syncs per step, 1 at each STOP_CHECK_EVERY-th step (defect:
+    blocking copies of host top-k/min-keep tensors on every sampling step, and torch.tensor(...,
+    device=) in beam bookkeeping)."""
+    modes = [dict(do_sample=False), dict(do_sample=True, top_k=20, top_p=0.8, temperature=0.9),
+             dict(do_sample=False, num_beams=3), dict(do_sample=True, num_beams=3, top_k=20)]
+    lanes = gpu.lanes
+    with lanes.on(lanes.gpt):  # the batch lives on the GPT stream, as in the engine
+        lanes.start(lanes.gpt)
+        batch = DecodeBatch(gpu.decode_gpt, max_rows=16, dtype=gpu.gpt_dtype,
+                            step_fn=graphed_step(gpu.device, graphs=True, compile=True), row_buckets=gpu.row_buckets)
+        for i, mode in enumerate(modes):
+            opts = gpu.check_options(SynthesisOptions(**{**SHORT, "max_mel_tokens": 40, **mode}, seed=i))
+            seg = gpu.split_text("The quick brown fox jumps.", opts)[0].with_index(i)
+            batch.admit(gpu.decode_request(voice, seg, opts, gpu.request_emovec(voice, opts, None)))
+        counts: list[tuple[int, int, int]] = []  # (step, syncs, requests finished)
+        while batch.requests:
+            with simcuda.count_syncs() as region:
+                finished = batch.step()
+            counts.append((batch.step_count, region.count, len(finished)))
+    steady = [c for c in counts if c[2] == 0]
+    assert len(steady) >= 2 * STOP_CHECK_EVERY, counts
+    for step, syncs, _ in steady:
+        assert syncs == (1 if step % STOP_CHECK_EVERY == 0 else 0), (step, syncs, counts)
+
+
+def test_overlapping_requests_match_their_solo_codes(gpu: Pipeline, voice: Voice, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    """Greedy, sampling and 3-beam requests decoding together on graphed steps, while a fourth is cancelled
+    with rows in the batch and a fifth fails, each get exactly their solo codes, with no stream race
+    (defect: a cancel removed rows on the default stream while the GPT stream still used them)."""
+    specs = [dict(do_sample=False, seed=11), dict(do_sample=True, top_k=30, top_p=0.8, seed=12),
+             dict(do_sample=False, num_beams=3, seed=13), dict(do_sample=False, seed=14), dict(seed=15)]
+    texts = ["Hello world. A second one.", "Sampling is seeded here.", "Three beams at once.",
+             "This one is cancelled midway.", "This one fails."]
+    opts = [gpu.check_options(SynthesisOptions(**SHORT, **s)) for s in specs]
+    real = gpu.decode_request
+
+    def failing(v: Voice, segment: Any, o: SynthesisOptions, emovec: torch.Tensor) -> Any:
+        if o.seed == 15:
+            raise RuntimeError("a request that fails in its prefill")
+        return real(v, segment, o, emovec)
+
+    monkeypatch.setattr(gpu, "decode_request", failing)
+
+    def run(indices: Sequence[int], cancel: int | None) -> dict[int, dict[int, list[int]]]:
+        codes: dict[int, dict[int, list[int]]] = {i: {} for i in indices}
+        cfm_rows = gpu.cfm_rows
+
+        def recording(items: Sequence[AcousticInput]) -> Any:
+            for it in items:
+                owner = next(i for i in indices if opts[i] is it.opts)
+                codes[owner][it.segment.index] = it.codes.codes_host[0].tolist()
+            return cfm_rows(items)
+
+        monkeypatch.setattr(gpu, "cfm_rows", recording)
+        engine = gpu.engine(max_batch_rows=16)
+        reqs = {i: Request(voice=voice, opts=opts[i], texts=deque([texts[i]])) for i in indices}
+        outcome = _drive(engine, list(reqs.values()), cancel=reqs.get(cancel) if cancel is not None else None)
+        monkeypatch.setattr(gpu, "cfm_rows", cfm_rows)
+        failed = [e for e in outcome if isinstance(e, RequestFailed)]
+        assert [e.request for e in failed] == ([reqs[4]] if 4 in reqs else [])
+        return codes
+
+    together = run(range(5), cancel=3)
+    for i in range(3):
+        assert together[i] == run([i], None)[i], f"request {i}"
+
+
+def test_zero_code_segment_is_empty_audio(gpu: Pipeline, voice: Voice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment whose first code is the stop code comes out as an empty segment, and the request
+    finishes (defect: the engine sent 0 frames through the length regulator's convolution and failed)."""
+    real = decode_module._trim
+    monkeypatch.setattr(decode_module, "_trim", lambda raw, stop: real(torch.full_like(raw[:, :1], stop), stop))
+    opts = gpu.check_options(SynthesisOptions(**SHORT, seed=1))
+    events = _drive(gpu.engine(max_batch_rows=4), [Request(voice=voice, opts=opts, texts=deque(["Hi there."]))])
+    audio = [e.audio for e in events if isinstance(e, SegmentDone)]
+    assert isinstance(events[-1], RequestDone) and audio and all(a.samples.size == 0 for a in audio)
+
+
+def _drive(engine: Engine, reqs: Sequence[Request], cancel: Request | None = None) -> list[Any]:
+    """Run `reqs` to the end; `cancel` is cancelled once it has rows in the decode batch."""
+    for r in reqs:
+        engine.add(r)
+    events: list[Any] = []
+    left = {id(r) for r in reqs}
+    for _ in range(20_000):
+        if not left:
+            return events
+        if cancel is not None and engine.batch.n and any(d.tag.req is cancel for d in engine.batch.requests):
+            engine.cancel(cancel)
+            left.discard(id(cancel))
+            cancel = None
+        for ev in engine.step():
+            events.append(ev)
+            if isinstance(ev, RequestDone | RequestFailed):
+                left.discard(id(ev.request))
+    raise AssertionError("the engine made no progress")
+
+
+# ------------------------------------------------------------------------------------------------
+# `ttsd serve` on the simulated device (subprocesses: TTSD_SIMCUDA=1 is the entry point)
+
+
+def _serve(*flags: str, memory_gib: float | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "TTSD_SIMCUDA": "1"}
+    env.pop("JOURNAL_STREAM", None)
+    env.pop("NOTIFY_SOCKET", None)
+    if memory_gib is not None:
+        env["TTSD_SIMCUDA_MEMORY_GIB"] = str(memory_gib)
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--random-weights", "tiny", "--random-seed", "1",
+           "--port", "0", "--device", "cuda", *flags]
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_engine_out_of_memory_exits_1_with_one_line() -> None:
+    """A KV cache that does not fit the device ends `ttsd serve` with status 1 and one line saying so,
+    instead of a dead worker thread and a daemon waiting for its warm-up forever."""
+    proc = _serve("--max-batch-rows", "128", memory_gib=0.05)
+    try:
+        _, err = proc.communicate(timeout=GATE_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if " ERROR " in line or " CRITICAL " in line]
+    assert any("OutOfMemoryError" in line and "max_batch_rows=128" in line for line in errors), err
+    assert "Traceback" not in err
+
+
+async def test_serve_concurrent_cancelled_and_failing_requests_without_violation(speaker_wav: bytes) -> None:
+    """`TTSD_SIMCUDA=1 ttsd serve --device cuda` warms up (graphs at every bucket), serves two requests at
+    once while a third is cancelled mid-stream and a fourth fails, and logs no simulation violation."""
+    proc = _serve("--max-batch-rows", "8")
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or "ttsd ready" not in lines[-1]:
+            lines.append(await asyncio.to_thread(proc.stderr.readline))
+            assert lines[-1], "daemon exited before logging its ready line: " + "".join(lines)
+        url = lines[-1].split("url=", 1)[1].split()[0]
+        async with connect(url, compression=None, max_size=None) as ws:
+            c = Client(ws)
+            voice = await c.register(speaker_wav)
+            fast = {**FAST, "max_mel_tokens": 16}
+            await c.send(p.Synthesize(id=1, text="Hello world. Second sentence.", voice=voice, **fast))
+            await c.send(p.Synthesize(id=2, text="The quick brown fox.", voice=voice, **{**fast, "num_beams": 2}))
+            await c.send(p.Synthesize(id=3, text="Cancel me. Please. Right now.", voice=voice, **fast))
+            await c.send(p.Synthesize(id=4, text="...", voice=voice, **fast))
+            await c.send(p.Cancel(id=3))
+            messages = await c.until(1) + await c.until(2)
+        done = [m for m in messages if isinstance(m, p.Done)]
+        assert {m.id for m in done} >= {1, 2}, messages
+        assert pcm_of(messages, 1) and pcm_of(messages, 2)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, GATE_TIMEOUT_S) == 0
+        rest = proc.stderr.read()
+        log = "".join(lines) + rest
+        assert "simcuda" not in log, log
+        assert isinstance(last(messages), p.Done | p.Error)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
