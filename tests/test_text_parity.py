@@ -351,7 +351,7 @@ def _fst_mismatches(wetextprocessing: Reference, texts: list[str]) -> list[tuple
 
 def test_fst_normalizers_match_wetextprocessing_on_random_text(wetextprocessing: Reference) -> None:
     """Both graphs give WeTextProcessing's output (or fail where it fails) on seeded random text, whichever
-    language it is in (3000 such strings agreed when this was written; 30 keep the suite fast)."""
+    language it is in (3000 such strings, seed 1234, agreed with 1.0.4.1; 30 keep the suite fast)."""
     texts = list(_hostile_strings(seed=11, n=30))
     bad = _fst_mismatches(wetextprocessing, texts)
     assert not bad, f"{len(bad)} of {2 * len(texts)} differ, first: {bad[:5]}"

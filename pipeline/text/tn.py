@@ -21,7 +21,10 @@ half-width per token).
 Why not depend on WeTextProcessing itself: it needs pynini (a 155 MB wheel, pinned to 2.1.6 by 1.0.4.1),
 compiles the Chinese graphs with upstream's options on first use (100 s on 2 CPU cores, into a writable
 cache), and keeps whatever that cache holds even after the package changes. This runtime adds kaldifst
-(3.9 MB) and the wheel's files (2 MB wheel), and compiles nothing.
+(3.9 MB) and the wheel's files (2 MB wheel), and compiles nothing. Measured on the 433-line parity corpus,
+two runs on 2 shared CPU cores (load average 2 to 6): a median of 21-35 ms per English line and 2.1-3.1 ms
+per Chinese one here, 61-95 ms and 6.3-9.5 ms with WeTextProcessing itself (1.0.4.1's English tagger takes
+about twice as long as 1.2.0's on the same lines).
 """
 
 from __future__ import annotations
