@@ -1,16 +1,19 @@
 """Regenerate tests/data/text_normalization_golden.json: upstream's normaliser run on the parity corpus.
 
 Runs the real thing: `TextNormalizer` from an index-tts checkout's indextts/utils/front.py (on Linux it
-builds WeTextProcessing's `tn.chinese` / `tn.english` normalisers), on WeTextProcessing 1.2.0 with pynini
-(the `dev` extra). Nothing from ttsd is imported. Usage:
+builds WeTextProcessing's `tn.chinese` / `tn.english` normalisers), on WeTextProcessing 1.0.4.1 with pynini
+2.1.6 as upstream's uv.lock pins them (the `dev` extra). Nothing from ttsd is imported. Usage:
 
     python scripts/make_text_golden.py /path/to/index-tts   # a checkout at the commit named in the spec
 
-front.py is copied into a temporary directory and imported from there (its Chinese graph cache,
-`tagger_cache/`, lands beside it). The Chinese graphs are compiled by a first TextNormalizer and read
-back by a second one, which is the one used: WeTextProcessing keeps the graphs it has just compiled
-(optimised once) but re-optimises graphs it reads, so only the second matches every later run of
-upstream (they differ where equally weighted readings tie).
+front.py is copied into a temporary directory and imported from there, so its Chinese graph cache,
+`tagger_cache/`, lands beside it and is always new. That matters: upstream never rebuilds an existing
+cache, so a checkout whose cache was compiled under another WeTextProcessing keeps that version's Chinese
+readings after the package changes. The Chinese graphs (about 100 s on 2 CPU cores) are compiled by a
+first TextNormalizer and read back by a second one, which is the one used: WeTextProcessing keeps the
+graphs it has just compiled (optimised once) but re-optimises graphs it reads, so only the second matches
+every later run of upstream (they differ where equally weighted readings tie). The header records the
+SHA-256 of the compiled graphs, which tests/test_text_parity.py compares with the ones ttsd uses.
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("index_tts", type=Path, help="an index-tts checkout")
     args = parser.parse_args()
-    importlib.import_module("tn.processor")  # WeTextProcessing: its import sets its logger to INFO
-    logging.getLogger("wetext").setLevel(logging.WARNING)
+    for name in ("wetext-zh_normalizer", "wetext-en_normalizer"):
+        # WeTextProcessing sets these to INFO with a stderr handler whenever it loads, then logs each graph.
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     src = args.index_tts / "indextts" / "utils" / "front.py"
     commit = subprocess.run(
         ["git", "-C", str(args.index_tts), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
@@ -77,6 +81,10 @@ def main() -> None:
         shutil.copy(src, front_path)
         front = _import_front(front_path)
         front.TextNormalizer(enable_glossary=True).load()  # compiles the Chinese graphs into tagger_cache/
+        zh_graphs = {
+            name: hashlib.sha256((Path(tmp) / "tagger_cache" / name).read_bytes()).hexdigest()
+            for name in ("zh_tn_tagger.fst", "zh_tn_verbalizer.fst")
+        }
         normalizer = front.TextNormalizer(enable_glossary=True)
         normalizer.load()  # reads them back, as every later upstream run does
         cases = []
@@ -98,6 +106,7 @@ def main() -> None:
         "pynini": importlib.metadata.version("pynini"),
         "python": sys.version.split()[0],
         "zh_graphs": "compiled by upstream's load() (remove_interjections=False, remove_erhua=False), then read back",
+        "zh_graphs_sha256": zh_graphs,
         "en_graphs": "the WeTextProcessing wheel's tn/en_tn_*.fst, read by upstream's load()",
     }
     GOLDEN.write_text(

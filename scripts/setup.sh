@@ -25,8 +25,9 @@ python -m pip install -q --upgrade pip
 # An extra index, not a replacement: torch's own dependencies still come from PyPI. One retry, so a
 # machine that cannot reach the PyTorch index (but has the wheel locally) is not held up for long.
 python -m pip install -q --retries 1 "${torch_index[@]}" "$TTSD_TORCH"
-# The text normaliser's graphs (read at run time, checked by SHA-256); pynini is not needed to run them.
-python -m pip install -q --no-deps "WeTextProcessing==1.2.0"
+# The text normaliser's graphs (read at run time, checked by SHA-256): WeTextProcessing 1.0.4.1, the version
+# upstream's uv.lock pins. pynini is not needed to run them; the dev extra adds it (pinned 2.1.6, as upstream).
+python -m pip install -q --no-deps "WeTextProcessing==1.0.4.1"
 python -m pip install -q -e '.[dev,client,convert,http,wyoming]'
 python - <<'PY'
 import torch

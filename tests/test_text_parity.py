@@ -1,9 +1,10 @@
-"""Text normalisation parity with upstream (WeTextProcessing 1.2.0 as IndexTTS2 runs it) and hostile text.
+"""Text normalisation parity with upstream (WeTextProcessing 1.0.4.1 as IndexTTS2 runs it) and hostile text.
 
 `data/text_normalization_corpus.txt` holds the inputs and `data/text_normalization_golden.json` what upstream's
 own `TextNormalizer` returned for them (its header says how it was made: scripts/make_text_golden.py).
-Where WeTextProcessing and pynini are installed (the `dev` extra), the tests also run the real
-normalisers themselves and compare, on the corpus and on seeded random text.
+The tests also run the real normalisers themselves (WeTextProcessing 1.0.4.1 with pynini 2.1.6, the `dev`
+extra, as upstream's uv.lock pins them) and compare, on the corpus and on seeded random text; without the
+dev extra those tests fail.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import importlib.metadata
 import json
 import logging
 import random
+import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,9 @@ DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "text_normalization_corpus.txt"
 GOLDEN = DATA / "text_normalization_golden.json"
 GRAPHS = ["tn/en_tn_tagger.fst", "tn/en_tn_verbalizer.fst", "tn/zh_tn_tagger.fst"]
+PYNINI_VERSION = "2.1.6"  # what upstream's uv.lock pins beside WeTextProcessing 1.0.4.1
+# upstream's Chinese options (indextts/utils/front.py, TextNormalizer.load)
+ZH_OPTIONS = {"remove_interjections": False, "remove_erhua": False, "overwrite_cache": False}
 
 
 def read_corpus() -> list[str]:
@@ -58,10 +64,11 @@ def _mismatches(pairs: Iterator[tuple[str, object, object]]) -> list[tuple[str, 
 
 
 def test_golden_file_is_for_this_corpus(golden: dict[str, Any]) -> None:
-    """The golden file was made from this corpus (≥ 300 lines, both paths) with WeTextProcessing 1.2.0."""
+    """The golden file was made from this corpus (≥ 300 lines, both paths) with WeTextProcessing 1.0.4.1."""
     header = golden["header"]
     assert header["corpus_sha256"] == hashlib.sha256(CORPUS.read_bytes()).hexdigest(), "rerun make_text_golden.py"
     assert header["WeTextProcessing"] == tn.WETEXTPROCESSING_VERSION
+    assert header["pynini"] == PYNINI_VERSION
     texts = [case["text"] for case in golden["cases"]]
     assert texts == read_corpus()
     chinese = sum(use_chinese(t) for t in texts)
@@ -71,7 +78,7 @@ def test_golden_file_is_for_this_corpus(golden: dict[str, Any]) -> None:
 def test_corpus_matches_upstream_golden(
     golden: dict[str, Any], normalizer: TextNormalizer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Every corpus line normalises exactly as upstream's TextNormalizer did on WeTextProcessing 1.2.0,
+    """Every corpus line normalises exactly as upstream's TextNormalizer did on WeTextProcessing 1.0.4.1,
     and ttsd warns on exactly the lines where upstream's FST failed (and printed a traceback)."""
     warned = []
     outputs = []
@@ -90,8 +97,7 @@ def test_corpus_matches_upstream_golden(
 def test_indextts25_fixture_texts(normalizer: TextNormalizer) -> None:
     """IndexTTS-2.5 fixture sets normalise their text (after its char map) as upstream's 2.5 front end did."""
     sets = sorted(SHARED_FIXTURES.glob("indextts25-*/golden/manifest.json"))
-    if not sets:
-        pytest.skip(f"no IndexTTS-2.5 fixture set under {SHARED_FIXTURES}")
+    assert sets, f"no IndexTTS-2.5 fixture set under {SHARED_FIXTURES}"
     for manifest in sets:
         for name, variant in json.loads(manifest.read_text(encoding="utf-8"))["variants"].items():
             meta = variant["meta"]
@@ -223,14 +229,14 @@ def test_missing_or_wrong_wetextprocessing_is_one_config_line(monkeypatch: pytes
         raise importlib.metadata.PackageNotFoundError(name)
 
     class Other:
-        version = "1.0.4.1"
+        version = "1.2.0"
 
     check = tn.check_installed.__wrapped__  # uncached
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(ConfigError, match="not installed: pip install --no-deps WeTextProcessing==1.2.0"):
+    with pytest.raises(ConfigError, match="not installed: pip install --no-deps WeTextProcessing==1.0.4.1"):
         check()
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Other())
-    with pytest.raises(ConfigError, match="found 1.0.4.1"):
+    with pytest.raises(ConfigError, match="found 1.2.0"):
         check()
     monkeypatch.setattr(importlib.metadata, "distribution", real)
     monkeypatch.setitem(tn.GRAPH_SHA256, "tn/en_tn_tagger.fst", "0" * 64)
@@ -240,26 +246,68 @@ def test_missing_or_wrong_wetextprocessing_is_one_config_line(monkeypatch: pytes
 
 
 # ---------------------------------------------------------------------------------------------
-# Against the real WeTextProcessing 1.2.0 (dev extra: pynini)
+# Against the real WeTextProcessing 1.0.4.1 (dev extra: pynini 2.1.6)
+
+
+@dataclass(frozen=True)
+class Reference:
+    en: Any  # tn.english.normalizer.Normalizer
+    zh: Any  # tn.chinese.normalizer.Normalizer
+    zh_cache: Path  # its cache_dir, as upstream's tagger_cache
+
+
+def _wheel_path(rel: str) -> Path:
+    return Path(str(importlib.metadata.distribution("WeTextProcessing").locate_file(rel)))
 
 
 @pytest.fixture(scope="module")
-def wetextprocessing(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Upstream's two normalisers: tn.english as shipped, tn.chinese compiled with upstream's options."""
-    pytest.importorskip("pynini", reason="WeTextProcessing's reference run needs pynini (the dev extra)")
-    if importlib.metadata.version("WeTextProcessing") != tn.WETEXTPROCESSING_VERSION:
-        pytest.skip("the installed WeTextProcessing is not the pinned version")
+def wetextprocessing(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """Upstream's two normalisers: tn.english as shipped, tn.chinese with upstream's options, read from a cache
+    as every upstream run after the first reads it. Fails (never skips) without the dev extra."""
+    try:
+        importlib.import_module("pynini")
+    except ImportError:
+        pytest.fail(f"the reference run needs pynini {PYNINI_VERSION} (the dev extra: pip install -e '.[dev]')")
+    assert importlib.metadata.version("pynini") == PYNINI_VERSION, "pynini is not the version upstream pins"
+    assert importlib.metadata.version("WeTextProcessing") == tn.WETEXTPROCESSING_VERSION
     # WeTextProcessing's package is also called `tn`; importlib keeps it apart from ttsd's tn module.
     chinese_normalizer = importlib.import_module("tn.chinese.normalizer").Normalizer
     english_normalizer = importlib.import_module("tn.english.normalizer").Normalizer
-    logging.getLogger("wetext").setLevel(logging.WARNING)  # its import set INFO, one line per graph read
+    for name in ("wetext-zh_normalizer", "wetext-en_normalizer"):
+        # build_fst() sets these loggers to INFO and gives them a stderr handler each time it runs, then logs
+        # every graph it reads; a logger filter outlives both.
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    cache_dir = cache.mkdir("wetextprocessing-1.2.0-zh") if cache is not None else tmp_path_factory.mktemp("zh")
-    options = {"remove_interjections": False, "remove_erhua": False, "overwrite_cache": False}
-    if not (cache_dir / "zh_tn_verbalizer.fst").is_file():
-        chinese_normalizer(cache_dir=str(cache_dir), **options)  # compiles (~10 s, once per checkout)
-    # Read back: that is what every upstream run after the first uses (see scripts/make_text_golden.py).
-    return english_normalizer(overwrite_cache=False), chinese_normalizer(cache_dir=str(cache_dir), **options)
+    key = f"wetextprocessing-{tn.WETEXTPROCESSING_VERSION}-pynini-{PYNINI_VERSION}-zh"
+    cache_dir = cache.mkdir(key) if cache is not None else tmp_path_factory.mktemp("zh")
+    verbalizer = cache_dir / "zh_tn_verbalizer.fst"
+    if not verbalizer.is_file():
+        # The graphs upstream's load() writes into tagger_cache on its first run. Its options change only the
+        # verbalizer, so that is compiled here as build_fst() compiles it (5 s); the tagger it compiles is the
+        # wheel's, byte for byte (test_upstream_compiled_the_wheels_zh_tagger), and compiling it again would
+        # take 100 s. Written under another name first, so a killed run leaves no half graph behind.
+        class VerbalizerOnly(chinese_normalizer):  # type: ignore[misc, valid-type]
+            def build_fst(self, prefix: str, cache_dir: str, overwrite_cache: bool) -> None:
+                self.build_verbalizer()
+                self.verbalizer.optimize().write(str(Path(cache_dir) / "partial.fst"))
+
+        VerbalizerOnly(cache_dir=str(cache_dir), **ZH_OPTIONS)
+        shutil.copyfile(_wheel_path("tn/zh_tn_tagger.fst"), cache_dir / "zh_tn_tagger.fst")
+        (cache_dir / "partial.fst").rename(verbalizer)
+    return Reference(
+        en=english_normalizer(overwrite_cache=False),
+        zh=chinese_normalizer(cache_dir=str(cache_dir), **ZH_OPTIONS),
+        zh_cache=cache_dir,
+    )
+
+
+def test_upstream_compiled_the_wheels_zh_tagger(golden: dict[str, Any], wetextprocessing: Reference) -> None:
+    """The Chinese graphs upstream compiled with its options when the golden file was made are the wheel's
+    tagger and the verbalizer the reference run compiles."""
+    compiled = golden["header"]["zh_graphs_sha256"]
+    assert compiled["zh_tn_tagger.fst"] == tn.GRAPH_SHA256["tn/zh_tn_tagger.fst"]
+    built = hashlib.sha256((wetextprocessing.zh_cache / "zh_tn_verbalizer.fst").read_bytes()).hexdigest()
+    assert compiled["zh_tn_verbalizer.fst"] == built
 
 
 def _outcome(fn: Callable[[str], str], text: str) -> tuple[str, str]:
@@ -269,33 +317,31 @@ def _outcome(fn: Callable[[str], str], text: str) -> tuple[str, str]:
         return "failed", ""
 
 
-def test_graphs_are_reordered_as_pynini_optimizes_them(tmp_path: Path, wetextprocessing: Any) -> None:
+def test_graphs_are_reordered_as_pynini_optimizes_them(tmp_path: Path, wetextprocessing: Reference) -> None:
     """tn.optimized() gives, byte for byte, the graph pynini's Fst.read().optimize() holds."""
     import pynini
 
-    dist = importlib.metadata.distribution("WeTextProcessing")
     for rel in GRAPHS:
-        path = Path(str(dist.locate_file(rel)))
+        path = _wheel_path(rel)
         pynini.Fst.read(str(path)).optimize().write(str(tmp_path / "opt.fst"))
         assert tn.optimized(path.read_bytes()) == (tmp_path / "opt.fst").read_bytes(), rel
 
 
 def test_corpus_matches_wetextprocessing_run_here(
-    golden: dict[str, Any], normalizer: TextNormalizer, wetextprocessing: Any, monkeypatch: pytest.MonkeyPatch
+    golden: dict[str, Any], normalizer: TextNormalizer, wetextprocessing: Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the corpus, ttsd's normaliser equals the same TextNormalizer logic on the real WeTextProcessing graphs."""
-    en, zh = wetextprocessing
     texts = [c["text"] for c in golden["cases"]]
     ours = [normalizer.normalize(t) for t in texts]
-    monkeypatch.setattr(normalize_mod, "_en_normalizer", lambda: en)
-    monkeypatch.setattr(normalize_mod, "_zh_normalizer", lambda: zh)
+    monkeypatch.setattr(normalize_mod, "_en_normalizer", lambda: wetextprocessing.en)
+    monkeypatch.setattr(normalize_mod, "_zh_normalizer", lambda: wetextprocessing.zh)
     reference = TextNormalizer()
     bad = _mismatches((t, got, reference.normalize(t)) for t, got in zip(texts, ours, strict=True))
     assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[:5]}"
 
 
-def _fst_mismatches(wetextprocessing: Any, texts: list[str]) -> list[tuple[str, object, object]]:
-    en, zh = wetextprocessing
+def _fst_mismatches(wetextprocessing: Reference, texts: list[str]) -> list[tuple[str, object, object]]:
+    en, zh = wetextprocessing.en, wetextprocessing.zh
     pairs = []
     for text in texts:
         pairs.append((f"en:{text!r}", _outcome(tn.english().normalize, text), _outcome(en.normalize, text)))
@@ -303,9 +349,9 @@ def _fst_mismatches(wetextprocessing: Any, texts: list[str]) -> list[tuple[str, 
     return _mismatches(iter(pairs))
 
 
-def test_fst_normalizers_match_wetextprocessing_on_random_text(wetextprocessing: Any) -> None:
+def test_fst_normalizers_match_wetextprocessing_on_random_text(wetextprocessing: Reference) -> None:
     """Both graphs give WeTextProcessing's output (or fail where it fails) on seeded random text, whichever
-    language it is in (3000 such strings agreed when this was written; 30 keep the suite fast)."""
+    language it is in (3000 such strings, seed 1234, agreed with 1.0.4.1; 30 keep the suite fast)."""
     texts = list(_hostile_strings(seed=11, n=30))
     bad = _fst_mismatches(wetextprocessing, texts)
     assert not bad, f"{len(bad)} of {2 * len(texts)} differ, first: {bad[:5]}"

@@ -2,7 +2,7 @@
 
 Ports `TextNormalizer` from indextts/utils/front.py (IndexTTS2 constructs it with
 `enable_glossary=True`; a `glossary.yaml` beside the checkpoint replaces the term glossary).
-The FST back end is WeTextProcessing 1.2.0, as upstream runs it on Linux (`tn.py`: its own graphs
+The FST back end is WeTextProcessing 1.0.4.1, as upstream's lock file installs it on Linux (`tn.py`: its graphs
 run with kaldifst, configured like upstream: interjections and erhua kept, traditional characters
 become simplified and full-width characters half-width).
 

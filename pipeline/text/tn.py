@@ -1,25 +1,30 @@
-"""WeTextProcessing 1.2.0 text normalisation (TN), English and Chinese, run with kaldifst instead of pynini.
+"""WeTextProcessing 1.0.4.1 text normalisation (TN), English and Chinese, run with kaldifst instead of pynini.
 
-Upstream IndexTTS2 on Linux normalises with WeTextProcessing 1.2.0: `tn.english.normalizer.Normalizer()` on
-the graphs its wheel ships, and `tn.chinese.normalizer.Normalizer(remove_interjections=False,
-remove_erhua=False)`, which it compiles into a private cache with pynini. This module ports the run-time
-half of that library: `Processor.tag` / `Processor.verbalize` (tn/processor.py), the `TokenParser` that
-reorders tagged tokens between the two (tn/token_parser.py), and the Chinese verbalizer rules
-(tn/chinese/rules/*.py) with upstream's options. The library's own FST files run on kaldifst.
+Upstream IndexTTS2 on Linux normalises with WeTextProcessing 1.0.4.1 (the version its uv.lock pins, with
+pynini 2.1.6): `tn.english.normalizer.Normalizer(overwrite_cache=False)` on the graphs its wheel ships, and
+`tn.chinese.normalizer.Normalizer(remove_interjections=False, remove_erhua=False, overwrite_cache=False)`,
+which it compiles with pynini into `indextts/utils/tagger_cache` and reads back on every later run. This
+module ports the run-time half of that library: `Processor.tag` / `Processor.verbalize` (tn/processor.py),
+the `TokenParser` that reorders tagged tokens between the two (tn/token_parser.py), and the Chinese
+verbalizer rules (tn/chinese/rules/*.py) with upstream's options. The library's own FST files run on kaldifst.
 
-Where the graphs come from: the WeTextProcessing 1.2.0 wheel, installed without its dependencies
-(`pip install --no-deps WeTextProcessing==1.2.0`, as scripts/setup.sh does), located through its
+Where the graphs come from: the WeTextProcessing 1.0.4.1 wheel, installed without its dependencies
+(`pip install --no-deps WeTextProcessing==1.0.4.1`, as scripts/setup.sh does), located through its
 distribution metadata (its `tn` package imports pynini, so it is never imported) and checked by
-version and SHA-256. Chinese uses the wheel's tagger, which is byte-identical to the one upstream's
-options compile (they differ only in the verbalizer); the wheel's verbalizer removes erhua and
-interjections, so the verbalizer is ported instead: for the tagger's well-formed tokens it is a
-deterministic function (markup stripped, fixed words inserted, full-width → half-width per token).
+version and SHA-256. Chinese uses the wheel's tagger: upstream's options change only the verbalizer, and
+the tagger pynini 2.1.6 compiles with them is byte-identical to the wheel's (scripts/make_text_golden.py
+records the digest of the one upstream compiled; tests/test_text_parity.py compares). The wheel's
+verbalizer removes erhua and interjections, so the verbalizer is ported instead: for the tagger's
+well-formed tokens it is a deterministic function (markup stripped, fixed words inserted, full-width →
+half-width per token).
 
-Why not depend on WeTextProcessing itself (measured on the 358-line parity corpus, 2 CPU cores): it
-needs pynini, 708 MB installed (a 165 MB wheel); it loads in 1.7 s (plus ~8 s to compile the Chinese
-graphs on first use, into a writable cache) and takes a median 20 ms per English line and 3 ms per
-Chinese one. This runtime adds kaldifst (3.9 MB) and the wheel's files (15 MB installed, 2 MB wheel),
-loads in 0.55 s and takes a median 4.5 ms (English) and 0.8 ms (Chinese) per line, with the same output.
+Why not depend on WeTextProcessing itself: it needs pynini (a 155 MB wheel, pinned to 2.1.6 by 1.0.4.1),
+compiles the Chinese graphs with upstream's options on first use (100 s on 2 CPU cores, into a writable
+cache), and keeps whatever that cache holds even after the package changes. This runtime adds kaldifst
+(3.9 MB) and the wheel's files (2 MB wheel), and compiles nothing. Measured on the 433-line parity corpus,
+two runs on 2 shared CPU cores (load average 2 to 6): a median of 21-35 ms per English line and 2.1-3.1 ms
+per Chinese one here, 61-95 ms and 6.3-9.5 ms with WeTextProcessing itself (1.0.4.1's English tagger takes
+about twice as long as 1.2.0's on the same lines).
 """
 
 from __future__ import annotations
@@ -37,14 +42,14 @@ import numpy as np
 
 from ..errors import ConfigError
 
-WETEXTPROCESSING_VERSION = "1.2.0"
+WETEXTPROCESSING_VERSION = "1.0.4.1"
 NEEDS = f"text normalisation needs WeTextProcessing {WETEXTPROCESSING_VERSION}"
 INSTALL_HINT = f"pip install --no-deps WeTextProcessing=={WETEXTPROCESSING_VERSION}"
-# SHA-256 of the files used from the WeTextProcessing 1.2.0 wheel (its RECORD lists the same digests).
+# SHA-256 of the files used from the WeTextProcessing 1.0.4.1 wheel (its RECORD lists the same digests).
 GRAPH_SHA256: dict[str, str] = {
-    "tn/en_tn_tagger.fst": "61cbddde25889cb9f300c522351c3d2d14f6ba4f4c544bfc9da76c961be6d258",
-    "tn/en_tn_verbalizer.fst": "5ba895b6a90a6ab0f60ccf9e52bbb770f496c62856e00ade3ef4a18760bd774e",
-    "tn/zh_tn_tagger.fst": "50381efdb844eb7879a6b90b298f30cd685ecd9ea46160d6f67572579ffcbce8",
+    "tn/en_tn_tagger.fst": "c98302c885019df7aadf9cabe8cd019ff0d24acfa22a8037b8b5b821b49b93e3",
+    "tn/en_tn_verbalizer.fst": "0dc2bd8496a8e4a169592495b15dc1849d502097c8a3d3875346a173761b48b4",
+    "tn/zh_tn_tagger.fst": "bc87c97977560ef392c0b566b8d0de5a4b48ab6f5491c5947db2a3067318ddc0",
     "tn/chinese/data/char/fullwidth_to_halfwidth.tsv": (
         "5ecf64c3296aac9a7e130e59ff7d7af3a2f67a503caf6e2ad0560aa8f7cd45ee"
     ),
