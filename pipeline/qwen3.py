@@ -151,10 +151,10 @@ class Qwen3Attention(nn.Module):
         self.q_norm = Qwen3RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # per head, before RoPE
         self.k_norm = Qwen3RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-                mask: Tensor) -> Tensor:
-        """x [B, T, D]; input_pos [B, T] the cache slot of each token; caches [B, Hkv, S, Dh];
-        mask [B, 1, T, n] True where a query may see a slot among the first n."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], rows: Tensor, input_pos: Tensor, k_cache: Tensor,
+                v_cache: Tensor, mask: Tensor) -> Tensor:
+        """x [B, T, D]; rows [B, 1] = 0..B-1; input_pos [B, T] the cache slot of each token; caches
+        [B, Hkv, S, Dh]; mask [B, 1, T, n] True where a query may see a slot among the first n."""
         b, t, _ = x.shape
         cos, sin = rope
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # [B, H, T, Dh]
@@ -162,7 +162,6 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        rows = torch.arange(b, device=x.device).unsqueeze(1)  # [B, 1]
         # Row b writes its T new entries at its own slots input_pos[b], in place (index_put_).
         k_cache[rows, :, input_pos] = k.transpose(1, 2)
         v_cache[rows, :, input_pos] = v
@@ -198,9 +197,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-                mask: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, input_pos, k_cache, v_cache, mask)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], rows: Tensor, input_pos: Tensor, k_cache: Tensor,
+                v_cache: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, rows, input_pos, k_cache, v_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -228,13 +227,14 @@ class Qwen3ForCausalLM(nn.Module):
 
         Token (b, i) is written to slot input_pos[b, i] and attends to the slots ≤ its own among the
         first `n_slots`; the caller guarantees a row's earlier slots hold its own earlier tokens."""
+        rows = torch.arange(tokens.size(0), device=tokens.device).unsqueeze(1)  # [B, 1]
         slots = torch.arange(n_slots, device=tokens.device)
         mask = (slots <= input_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, n]
         rope = self.model.rotary_emb(input_pos)
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, input_pos, cache.k[i], cache.v[i], mask)
-        h = self.model.norm(x[torch.arange(x.size(0), device=x.device), last])  # [B, D]: only the rows' last tokens
+            x = layer(x, rope, rows, input_pos, cache.k[i], cache.v[i], mask)
+        h = self.model.norm(x[rows.squeeze(1), last])  # [B, D]: only the rows' last tokens
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)  # [B, V]
 
@@ -277,6 +277,7 @@ def greedy(model: Qwen3ForCausalLM, prompts: list[list[int]], eos_ids: frozenset
     positions = torch.arange(t, device=device).expand(b, t)  # [B, T]: pads sit after a row's tokens
     logits = model(tokens, positions, cache, t, lengths - 1)  # [B, V]
     input_pos = lengths.clone().unsqueeze(1)  # [B, 1]: the slot of each row's next token
+    first = torch.zeros_like(lengths)  # a decode step feeds one token per row: logits of index 0
     steps = max_new_tokens
     for step in range(max_new_tokens):
         if recorded is not None and step < record_logits:
@@ -292,7 +293,7 @@ def greedy(model: Qwen3ForCausalLM, prompts: list[list[int]], eos_ids: frozenset
             break
         # Attend over the longest row's slots so far, rounded up (a host-side number: no sync).
         n = min(cache.slots, -(-(t + step + 1) // SEQ_ALIGN) * SEQ_ALIGN)
-        logits = model(tok.unsqueeze(1), input_pos, cache, n, torch.zeros_like(lengths))
+        logits = model(tok.unsqueeze(1), input_pos, cache, n, first)
         input_pos.add_(1)
 
     generated, reached = [], []

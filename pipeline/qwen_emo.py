@@ -307,7 +307,7 @@ class QwenEmoFiles:
         return cls(folder=folder, model=model, template=_compile_template(source, template_path),
                    template_vars=template_vars, tokenizer=tokenizer,
                    clean_up_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)),
-                   eos_ids=_eos_ids(folder))
+                   eos_ids=read_eos_ids(folder))
 
     def check_weights(self) -> None:
         """CheckpointMismatch listing every missing, unexpected and mis-shaped tensor of
@@ -323,7 +323,7 @@ class QwenEmoFiles:
             raise CheckpointMismatch(path, missing, unexpected, misshaped)
 
 
-def _eos_ids(folder: Path) -> frozenset[int]:
+def read_eos_ids(folder: Path) -> frozenset[int]:
     """The stop ids generate() uses: generation_config.json's eos_token_id (int or list), or
     config.json's when there is no generation_config.json. Refuses settings that are not greedy."""
     gen_path = folder / "generation_config.json"
