@@ -304,10 +304,12 @@ class QwenEmoFiles:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise ConfigError(f"{folder / 'tokenizer.json'}: cannot read tokenizer: {e}") from e
+        eos_ids = read_eos_ids(folder)
+        if not all(0 <= i < model.vocab_size for i in eos_ids):
+            raise ConfigError(f"{folder}: eos_token_id {sorted(eos_ids)} outside the vocabulary ({model.vocab_size})")
         return cls(folder=folder, model=model, template=_compile_template(source, template_path),
                    template_vars=template_vars, tokenizer=tokenizer,
-                   clean_up_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)),
-                   eos_ids=read_eos_ids(folder))
+                   clean_up_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)), eos_ids=eos_ids)
 
     def check_weights(self) -> None:
         """CheckpointMismatch listing every missing, unexpected and mis-shaped tensor of
@@ -368,7 +370,7 @@ class Answer:
 
 class QwenEmotion:
     """The QwenEmotion model and tokenizer on one device. Holds no per-request state: every call
-    builds its own KV cache, so one instance serves concurrent callers one call at a time."""
+    builds its own KV cache, so calls share nothing but the weights."""
 
     def __init__(self, files: QwenEmoFiles, model: Qwen3ForCausalLM) -> None:
         self.files, self.model = files, model
