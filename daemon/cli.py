@@ -1,4 +1,4 @@
-"""`ttsd`: the command line. `serve` runs the daemon; `synth`, `fetch` and `make-tiny` hand their
+"""`ttsd`: the command line. `serve` runs the daemon; `synth`, `emotion`, `fetch` and `make-tiny` hand their
 arguments to the pipeline's own command modules, imported only when asked for (so `ttsd serve
 --help` does not build torch, and a missing optional extra breaks only its own subcommand).
 
@@ -25,6 +25,7 @@ from .config import DaemonConfig, add_flags, from_args
 # subcommand → (module whose main(argv) -> int runs it, one-line help)
 DELEGATES: Final = {
     "synth": ("ttsd.pipeline.synth", "offline synthesis of one text into an audio file"),
+    "emotion": ("ttsd.pipeline.emotion", "emotion weights from text (QwenEmotion), as one JSON line"),
     "fetch": ("ttsd.pipeline.download", "download and convert the official IndexTTS-2 weights"),
     "make-tiny": ("ttsd.tools.tiny", "generate a tiny random-weight model for trying things out"),
 }

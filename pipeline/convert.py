@@ -18,12 +18,18 @@ Source layout (the IndexTTS-2 release plus its auxiliary models, as `ttsd fetch`
     hf_cache/semantic_codec_model.safetensors
     hf_cache/campplus_cn_common.bin
     hf_cache/bigvgan/{bigvgan_generator.pt, config.json}
+    qwen0.6bemo4-merge/{config.json, model.safetensors, tokenizer.json, ...}   (optional)
 
 IndexTTS-2.5 (config `version: 2.5`; without the key: codec.pth and a `*.tiktoken` present and
 no bpe.model) has `codec.pth` and `multilingual_zh_ja_yue_char_del.tiktoken` instead of
 bpe.model and the MaskGCT codec, and its s2mel.pth has no `gpt_layer`. It converts to
 codec.safetensors (codec.pth's `model` dict) and tokenizer.tiktoken (the vocabulary, copied);
 see `plan_v25`.
+
+Both may hold the emotion-from-text model in the folder config.yaml's `qwen_emo_path` names
+(qwen0.6bemo4-merge/, already safetensors and tokenizer.json). It is checked as strictly as the
+loader reads it and copied unchanged under the same name; without it the conversion goes on
+and the checkpoint has no emotion from text (see `plan_qwen_emo`).
 """
 
 from __future__ import annotations
@@ -194,6 +200,34 @@ def _copy(path_fn: Callable[[], Path]) -> Callable[[Path], None]:
     return write
 
 
+def _copy_file(path: Path) -> Callable[[Path], None]:
+    def write(dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst)
+
+    return write
+
+
+def plan_qwen_emo(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
+    """The emotion-from-text model (config.yaml `qwen_emo_path`, released as qwen0.6bemo4-merge/, already
+    safetensors + tokenizer.json): every file of the folder, copied under the same relative name once
+    the folder has been checked as the loader will read it (config, tokenizer, chat template,
+    generation settings, and every tensor name and shape). No folder, or no `qwen_emo_path`: nothing,
+    and the converted checkpoint has no emotion from text."""
+    from .qwen_emo import QwenEmoFiles, qwen_emo_subdir
+
+    rel = qwen_emo_subdir(src.config)
+    if rel is None or not (src.root / rel).exists():
+        log.info("convert qwen_emo=absent folder=%s (no emotion from text)", rel)
+        return {}
+    folder = src.root / rel
+    files = QwenEmoFiles.read(folder)
+    files.check_weights()
+    # Dot files are download-tool state (.cache/, .gitattributes), not part of the model.
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return {f"{rel}/{name}": _copy_file(folder / name) for name in names}
+
+
 def plan(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
     """Output file name → writer. Order is the order of the progress bar."""
     return {
@@ -209,6 +243,7 @@ def plan(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
         "bigvgan.json": _copy(lambda: src.path("hf_cache", "bigvgan", "config.json")),
         "bigvgan.safetensors": _tensors(lambda: _bigvgan(src)),
         "emotion.safetensors": _tensors(lambda: _emotion(src)),
+        **plan_qwen_emo(src),
     }
 
 

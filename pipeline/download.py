@@ -53,13 +53,12 @@ class RemoteFile:
     repo_id: str                # hub repository, e.g. "IndexTeam/IndexTTS-2"
     filename: str               # path inside that repository
     dest: str                   # path inside the official source layout (convert.py's docstring)
-    kind: str                   # format checked after download: torch|safetensors|json|yaml|spm|tiktoken
+    kind: str                   # format checked after download: torch|safetensors|json|yaml|spm|tiktoken|text
     sha256: str | None = None   # pinned digest where one is published; None means "not pinned"
     revision: str | None = None  # branch, tag or commit; None is the repository's default branch
 
 
-# The release as upstream's infer_v2 loads it. The Qwen emotion-text model (qwen0.6bemo4-merge/)
-# is left out: ttsd takes emotion from audio or an explicit vector, never from text.
+# The release as upstream's infer_v2 loads it, but for the emotion-from-text model (QWEN_EMO below).
 # No SHA-256 is pinned: the repositories publish none outside the hub's own LFS metadata, which
 # hub_downloader checks instead.
 RELEASE: tuple[RemoteFile, ...] = (
@@ -88,7 +87,7 @@ RELEASE: tuple[RemoteFile, ...] = (
 # IndexTTS-2.5 as infer_v2_5 loads it (its file names: config.yaml's gpt_checkpoint, s2mel_checkpoint,
 # w2v_stat, spk_matrix, emo_matrix, which upstream's webui checks for too, plus the hard-coded
 # codec.pth and get_tokenizer's vocabulary name) and the same auxiliary models minus the MaskGCT
-# codec, which 2.5 never reads. qwen0.6bemo4-merge/ is left out as for IndexTTS-2.
+# codec, which 2.5 never reads. The emotion-from-text model is QWEN_EMO, as for IndexTTS-2.
 RELEASE_V25: tuple[RemoteFile, ...] = (
     RemoteFile(repo_id=INDEXTTS25_REPO, filename="config.yaml", dest="config.yaml", kind="yaml"),
     RemoteFile(repo_id=INDEXTTS25_REPO, filename="gpt.pth", dest="gpt.pth", kind="torch"),
@@ -103,7 +102,23 @@ RELEASE_V25: tuple[RemoteFile, ...] = (
     *(rf for rf in RELEASE if rf.repo_id not in (INDEXTTS2_REPO, "amphion/MaskGCT")),
 )
 
-# `ttsd fetch --model NAME` → (the model's own repository, every file to fetch).
+# The emotion-from-text model (config.yaml `qwen_emo_path`; the name is qwen_emo.QWEN_EMO_DIR, not
+# imported here because that module needs torch): the released folder as it is, all 11 files, for
+# `infer(use_emo_text=True)`. The IndexTTS-2.5 config names the same folder; it is taken from the
+# IndexTTS-2 repository, where it is known to be published, for both models.
+QWEN_EMO_FOLDER = "qwen0.6bemo4-merge"
+QWEN_EMO: tuple[RemoteFile, ...] = tuple(
+    RemoteFile(repo_id=INDEXTTS2_REPO, filename=f"{QWEN_EMO_FOLDER}/{name}", dest=f"{QWEN_EMO_FOLDER}/{name}",
+               kind=kind)
+    for name, kind in (
+        ("config.json", "json"), ("generation_config.json", "json"), ("model.safetensors", "safetensors"),
+        ("tokenizer.json", "json"), ("tokenizer_config.json", "json"), ("special_tokens_map.json", "json"),
+        ("added_tokens.json", "json"), ("vocab.json", "json"), ("merges.txt", "text"),
+        ("chat_template.jinja", "text"), ("Modelfile", "text"),
+    )
+)
+
+# `ttsd fetch --model NAME` → (the model's own repository, every file to fetch but QWEN_EMO).
 MODELS: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
     "indextts-2": (INDEXTTS2_REPO, RELEASE),
     "indextts-2.5": (INDEXTTS25_REPO, RELEASE_V25),
@@ -111,12 +126,15 @@ MODELS: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
 DEFAULT_MODEL = "indextts-2"  # the daemon serves IndexTTS-2 checkpoints today
 
 
-def release_files(model: str, revision: str | None = None) -> tuple[RemoteFile, ...]:
-    """The files of `model` (a MODELS key), with `revision` applied to the model's own repository."""
+def release_files(model: str, revision: str | None = None, *, emo_text: bool = True) -> tuple[RemoteFile, ...]:
+    """The files of `model` (a MODELS key), with `revision` applied to the model's own repository;
+    with `emo_text`, the emotion-from-text model (QWEN_EMO) too."""
     try:
         repo, files = MODELS[model]
     except KeyError:
         raise FetchError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}") from None
+    if emo_text:
+        files = files + QWEN_EMO
     if revision is None:
         return files
     return tuple(
@@ -169,6 +187,12 @@ def check_format(path: Path, kind: str) -> None:
         # One `base64(piece) rank` pair per line (utils/tokenizer.get_encoding's format).
         first = head.split(b"\n", 1)[0].split()
         ok = len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) is not None
+    elif kind == "text":
+        # A chat template, merges.txt, an ollama Modelfile: UTF-8 text, not an HTML error page.
+        try:
+            ok = not head.lstrip().lower().startswith((b"<!doctype", b"<html")) and bool(path.read_text("utf-8"))
+        except UnicodeDecodeError:
+            ok = False
     elif kind == "spm":
         # A SentencePiece ModelProto starts with field 1 (pieces), wire type 2: tag byte 0x0a.
         ok = head[:1] == b"\x0a"
@@ -310,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="download again even if valid files are present, and replace a non-empty DST")
     ap.add_argument("--no-convert", action="store_true", help="only download and verify")
+    ap.add_argument("--no-emo-text", action="store_true",
+                    help=f"leave out {QWEN_EMO_FOLDER}/, the emotion-from-text model (1.2 GB)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    files = release_files(args.model, args.revision)
+    files = release_files(args.model, args.revision, emo_text=not args.no_emo_text)
     dst = args.dst if args.dst is not None else default_dst(args.model)
     src = args.src if args.src is not None else source_dir(dst)
     try:

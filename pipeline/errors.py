@@ -110,6 +110,22 @@ class BadOptions(TtsdError):
     code = ErrorCode.BAD_MESSAGE
 
 
+class EmotionTextError(TtsdError):
+    """QwenEmotion's answer to an emotion text cannot be read as emotion weights (upstream raises too).
+    Greedy decoding makes the answer a function of the text, so retrying the same text cannot help:
+    to a client this is a property of its text."""
+
+    code = ErrorCode.BAD_TEXT
+
+
+class EmotionScoreError(EmotionTextError, ValueError):
+    """A score that float() refuses: upstream's ValueError (clamp_score's message, or float()'s own)."""
+
+
+class EmotionAnswerError(EmotionTextError, AttributeError):
+    """A melancholic text whose answer is not a JSON object: upstream's AttributeError from `.get`."""
+
+
 class UnknownVoice(TtsdError):
     """A voice id that was never registered, or was evicted from the voice cache."""
 

@@ -51,6 +51,7 @@ from .gpt import (
 )
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
 from .options import LANGUAGES_25, SynthesisOptions
+from .qwen_emo import QwenEmotion, load_qwen_emo
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
 from .text.front25 import TextFrontEnd25, detect_language
@@ -117,10 +118,12 @@ class Pipeline:
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
         version: str = V2,
+        qwen_emo: QwenEmotion | None = None,
     ) -> None:
         if (version == V2_5) != isinstance(tokenizer, TextFrontEnd25) or (version == V2_5) != (gpt_layer is None):
             raise ConfigError(f"parts of another model version given to an IndexTTS-{version} pipeline")
         self.version = version
+        self.qwen_emo = qwen_emo  # emotion from text; None when the checkpoint has no QwenEmotion folder
         self.languages: tuple[str, ...] = LANGUAGES_25 if version == V2_5 else LANGUAGES_2
         self.tokenizer = tokenizer
         self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
@@ -155,6 +158,7 @@ class Pipeline:
         compile: bool | None = None,
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
+        emo_text: bool = True,
     ) -> Pipeline:
         """Load a converted checkpoint directory (ttsd-convert output) of IndexTTS-2 or IndexTTS-2.5
         (the config's `version` says which). `device` "auto" is CUDA when available; `dtype` applies
@@ -164,7 +168,8 @@ class Pipeline:
         is bfloat16 or float16 (CUDA). `compile` (default: on CUDA only) compiles the decode
         step with inductor.
         `max_batch_rows` sizes the decode batch (one row per beam of every segment decoding at once);
-        `max_num_beams` is the most beams one request may ask for."""
+        `max_num_beams` is the most beams one request may ask for. With `emo_text`, the checkpoint's
+        emotion-from-text model (qwen_emo.py) is loaded too when the directory has one."""
         ckpt = Path(ckpt_dir)
         dev = resolve_device(str(device))
         for name, value in (("dtype", dtype), ("acoustic_dtype", acoustic_dtype)):
@@ -216,6 +221,7 @@ class Pipeline:
             max_num_beams=max_num_beams,
             max_batch_rows=max_batch_rows,
             version=version,
+            qwen_emo=load_qwen_emo(ckpt, dev) if emo_text else None,
         )
 
     @property

@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 from ttsd.pipeline import download
 from ttsd.pipeline.config import V2, V2_5
 from ttsd.pipeline.convert import SourceLayout, main, source_version, tiktoken_source
-from ttsd.pipeline.download import INDEXTTS25_REPO, RELEASE, RELEASE_V25, FetchError, RemoteFile, release_files
+from ttsd.pipeline.download import (
+    INDEXTTS25_REPO,
+    QWEN_EMO,
+    RELEASE,
+    RELEASE_V25,
+    FetchError,
+    RemoteFile,
+    release_files,
+)
 from ttsd.pipeline.errors import CheckpointError, ConfigError
 
 from .conftest import FixtureSet
@@ -113,8 +121,8 @@ def test_fetch_25_lays_out_and_converts(fx: FixtureSet, tmp_path: Path) -> None:
     """`fetch --model indextts-2.5` requests every 2.5 release file once (no MaskGCT codec, no
     bpe.model), lays them out officially and converts them."""
     stand_in = StandIn(fx.ckpt)
-    manifest = download.fetch_and_convert(tmp_path / "ckpt", stand_in, files=release_files("indextts-2.5"),
-                                          progress=False)
+    manifest = download.fetch_and_convert(tmp_path / "ckpt", stand_in,
+                                          files=release_files("indextts-2.5", emo_text=False), progress=False)
     assert sorted(rf.filename for rf in stand_in.calls) == sorted(rf.filename for rf in RELEASE_V25)
     assert {rf.repo_id for rf in stand_in.calls} == {
         INDEXTTS25_REPO, "facebook/w2v-bert-2.0", "funasr/campplus", "nvidia/bigvgan_v2_22khz_80band_256x"}
@@ -126,14 +134,18 @@ def test_fetch_cli_model_choice(fx: FixtureSet, tmp_path: Path) -> None:
     """`ttsd fetch --model indextts-2.5 --from-dir` verifies, lays out and converts the 2.5 set, exit 0."""
     from ttsd.daemon.cli import main as ttsd
 
-    assert ttsd(["fetch", "--model", "indextts-2.5", "--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt)]) == 0
+    assert ttsd(["fetch", "--model", "indextts-2.5", "--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt),
+                 "--no-emo-text"]) == 0
     assert (tmp_path / "ckpt.official" / "codec.pth").is_file()  # the official files beside the converted ones
     assert set(json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["files"]) == CONVERTED_FILES_V25
 
 
 def test_release_files_per_model_and_revision() -> None:
-    """Each model names its own repository's files; a revision applies to that repository only."""
-    assert release_files("indextts-2") == RELEASE
+    """Each model names its own repository's files (plus the emotion-from-text folder unless left out);
+    a revision applies to that repository only."""
+    assert release_files("indextts-2", emo_text=False) == RELEASE
+    assert release_files("indextts-2") == RELEASE + QWEN_EMO
+    assert release_files("indextts-2.5") == RELEASE_V25 + QWEN_EMO
     pinned = release_files("indextts-2.5", "v1")
     assert {rf.revision for rf in pinned if rf.repo_id == INDEXTTS25_REPO} == {"v1"}
     assert {rf.revision for rf in pinned if rf.repo_id != INDEXTTS25_REPO} == {None}

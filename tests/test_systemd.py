@@ -126,7 +126,7 @@ def test_fetch_cli_from_directory(fx: FixtureSet, tmp_path: Path) -> None:
     """`ttsd fetch --from-dir` verifies, lays out and converts a local official directory, exit 0."""
     from ttsd.daemon.cli import main as ttsd
 
-    assert ttsd(["fetch", "--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt)]) == 0
+    assert ttsd(["fetch", "--dst", str(tmp_path / "ckpt"), "--from-dir", str(fx.ckpt), "--no-emo-text"]) == 0
     assert (tmp_path / "ckpt.official" / "hf_cache" / "bigvgan" / "bigvgan_generator.pt").is_file()
     assert set(json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["files"]) == CONVERTED_FILES
 
