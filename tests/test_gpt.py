@@ -500,3 +500,20 @@ def test_graphed_greedy_on_cuda_matches_upstream(fx: FixtureSet, converted: Path
     g9, g = fx.golden("base", "09_gpt_conditioning"), fx.golden("base", "10_gpt_generate")
     out = generate(gpt, g9["seg0.gpt_inputs_embeds"].cuda(), _golden_params(fx, "base"))
     assert_equal(out.codes, g["seg0.codes"], "seg0.codes")
+
+
+@torch.inference_mode()
+def test_gemv_layout_keeps_the_function(converted: Path, gpt: UnifiedVoice) -> None:
+    """The CPU load stores mel_head's weight [in, out] in memory with its shape, key and values kept, and
+    the mel logits stay within the parity rule of the file's [out, in] layout."""
+    path = converted / "gpt.safetensors"
+    raw = load_file(str(path))["mel_head.weight"]  # [V, D] as stored
+    w = gpt.mel_head.weight
+    assert w.shape == raw.shape and w.t().is_contiguous() and not w.is_contiguous()
+    assert torch.equal(w, raw) and gpt.state_dict()["mel_head.weight"].shape == raw.shape
+    h = torch.randn(3, 1, gpt.cfg.model_dim, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.linear(gpt.final_norm(h), raw, gpt.mel_head.bias)
+    assert_close(gpt.mel_logits(h), want, "mel logits, [in, out] vs [out, in]")
+    fresh = copy.deepcopy(gpt)
+    fresh.gemv_layout()  # idempotent: applying it again keeps the layout and the values
+    assert fresh.mel_head.weight.t().is_contiguous() and torch.equal(fresh.mel_head.weight, raw)
