@@ -611,14 +611,14 @@ class DecodeBatch:
         self.s.mel_pos[:n] += 1
 
     def _forward_rowwise(self) -> None:
-        """CPU: one step per row, over its request's own written slots. The step is memory-bound (every
-        weight is read once per step); with one row each GEMM is MKL's GEMV, which streams the weights at
-        full bandwidth, where a GEMM of 2-8 rows re-packs them on every call and is slower than one GEMV
-        per row (bench/RESULTS.md). A row's logits are thus those it gets alone, bit for bit, whoever
-        shares its batch: a seeded request samples the same codes either way."""
+        """CPU: one step per row, attending over exactly the slots its request has written (no masked
+        padding: SEQ_ALIGN serves fused GPU kernels). The step is memory-bound (every weight is read once
+        per step), and with one row each GEMM is MKL's GEMV, which streams the weights fastest (a GEMM of
+        2-8 rows re-packs them on every call: bench/RESULTS.md, CPU layouts). A row's logits are those it
+        gets alone, bit for bit, whoever shares its batch: a seeded request samples the same codes either way."""
         s = self.s
         for req in self.requests:
-            kv_len = min(self.cache.slots, _align(req.written + 1, SEQ_ALIGN))
+            kv_len = req.written + 1  # the slot this step writes, and every one before it
             for r in range(req.row, req.row + req.rows):
                 s.logits[r : r + 1] = self.step_fn(
                     self.gpt, s.tokens[r : r + 1], s.input_pos[r : r + 1], s.mel_pos[r : r + 1],
