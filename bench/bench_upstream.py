@@ -98,7 +98,10 @@ class SegmentIds:
 def load_upstream(upstream: Path, ckpt: Path, tokenizer_json: Path) -> Any:
     """upstream's IndexTTS2 on CPU, float32, without QwenEmotion, its text front end replaced by ttsd's."""
     sys.path.insert(0, str(upstream))
+    # Imported by upstream for QwenEmotion and the IndexTTS-2.5 tokenizer only, neither of which runs here.
     sys.modules.setdefault("modelscope", types.SimpleNamespace(AutoModelForCausalLM=None))  # type: ignore[arg-type]
+    sys.modules.setdefault("whisper", types.ModuleType("whisper"))
+    sys.modules.setdefault("whisper.tokenizer", types.SimpleNamespace(Tokenizer=object))  # type: ignore[arg-type]
     front = importlib.import_module("indextts.utils.front")
     front.TextNormalizer.load = lambda self: None  # graphs unused: ttsd's front end makes the ids
     infer_v2 = importlib.import_module("indextts.infer_v2")
