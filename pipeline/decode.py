@@ -612,10 +612,11 @@ class DecodeBatch:
 
     def _forward_rowwise(self) -> None:
         """CPU: one step per row, attending over exactly the slots its request has written (no masked
-        padding: SEQ_ALIGN serves fused GPU kernels). The step is memory-bound (every weight is read once
-        per step), and with one row each GEMM is MKL's GEMV, which streams the weights fastest (bench/RESULTS.md,
-        CPU layouts; a GEMM of 2-8 rows re-packs them on every call, and rounds a row differently from alone). A row's logits are those it
-        gets alone, bit for bit, whoever shares its batch: a seeded request samples the same codes either way."""
+        padding: SEQ_ALIGN serves fused GPU kernels). The step is memory-bound (every weight is read
+        once per step), and with one row each GEMM is MKL's GEMV, which streams the weights fastest
+        (bench/RESULTS.md, CPU layouts; a GEMM of 2-8 rows re-packs them on every call and rounds a row
+        otherwise than alone). A row's logits are those it gets alone, bit for bit, whoever shares its
+        batch: a seeded request samples the same codes either way."""
         s = self.s
         for req in self.requests:
             kv_len = req.written + 1  # the slot this step writes, and every one before it
