@@ -101,6 +101,12 @@ def load_upstream(upstream: Path, ckpt: Path, tokenizer_json: Path) -> Any:
     # Imported by upstream for QwenEmotion and the IndexTTS-2.5 tokenizer only, neither of which runs here.
     sys.modules.setdefault("modelscope", types.SimpleNamespace(AutoModelForCausalLM=None))  # type: ignore[arg-type]
     sys.modules.setdefault("whisper", types.ModuleType("whisper"))
+    # descript-audiotools: imported by upstream's DAC package, whose quantizer the length regulator
+    # imports; only DAC's training and codec classes use it.
+    base = type("BaseModel", (), {"INTERN": [], "EXTERN": []})
+    audiotools = types.SimpleNamespace(AudioSignal=object, STFTParams=object, ml=types.SimpleNamespace(BaseModel=base))
+    sys.modules.setdefault("audiotools", audiotools)  # type: ignore[arg-type]
+    sys.modules.setdefault("audiotools.ml", audiotools.ml)  # type: ignore[arg-type]
     sys.modules.setdefault("whisper.tokenizer", types.SimpleNamespace(Tokenizer=object))  # type: ignore[arg-type]
     front = importlib.import_module("indextts.utils.front")
     front.TextNormalizer.load = lambda self: None  # graphs unused: ttsd's front end makes the ids
