@@ -106,7 +106,8 @@ def load_upstream(upstream: Path, ckpt: Path, tokenizer_json: Path) -> Any:
     base = type("BaseModel", (), {"INTERN": [], "EXTERN": []})
     audiotools = types.SimpleNamespace(AudioSignal=object, STFTParams=object, ml=types.SimpleNamespace(BaseModel=base))
     sys.modules.setdefault("audiotools", audiotools)  # type: ignore[arg-type]
-    sys.modules.setdefault("audiotools.ml", audiotools.ml)  # type: ignore[arg-type]
+    sys.modules.setdefault("audiotools.ml", audiotools.ml)
+    sys.modules.setdefault("audiotools.core", types.SimpleNamespace(util=None))  # type: ignore[arg-type]
     sys.modules.setdefault("whisper.tokenizer", types.SimpleNamespace(Tokenizer=object))  # type: ignore[arg-type]
     front = importlib.import_module("indextts.utils.front")
     front.TextNormalizer.load = lambda self: None  # graphs unused: ttsd's front end makes the ids
