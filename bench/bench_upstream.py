@@ -104,7 +104,8 @@ def load_upstream(upstream: Path, ckpt: Path, tokenizer_json: Path) -> Any:
     # descript-audiotools: imported by upstream's DAC package, whose quantizer the length regulator
     # imports; only DAC's training and codec classes use it.
     base = type("BaseModel", (), {"INTERN": [], "EXTERN": []})
-    audiotools = types.SimpleNamespace(AudioSignal=object, STFTParams=object, ml=types.SimpleNamespace(BaseModel=base, Accelerator=object))
+    ml = types.SimpleNamespace(BaseModel=base, Accelerator=object)
+    audiotools = types.SimpleNamespace(AudioSignal=object, STFTParams=object, ml=ml)
     sys.modules.setdefault("audiotools", audiotools)  # type: ignore[arg-type]
     sys.modules.setdefault("audiotools.ml", audiotools.ml)
     sys.modules.setdefault("audiotools.core", types.SimpleNamespace(util=None))  # type: ignore[arg-type]
