@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--concurrency", default="1,2,4,8", help="request counts for the decode throughput table ('' = skip)"
     )
+    ap.add_argument("--suppress-stop", action="store_true",
+                    help="make the stop token unreachable with --checkpoints too (random weights written by make-tiny)")
     ap.add_argument("--json", type=Path, help="also write the rows and the environment as JSON")
     args = ap.parse_args(argv)
 
@@ -355,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe = Pipeline.load(args.checkpoints, args.device, args.dtype, acoustic_dtype=args.acoustic_dtype)
         model = str(args.checkpoints)
+        if args.suppress_stop:
+            suppress_stop(pipe)
+            model += " (stop token suppressed)"
     load_s = time.perf_counter() - t0
     defaults = SynthesisOptions()
     rss_load_mb = _peak_rss_mb()

@@ -43,10 +43,8 @@ STOP_CHECK_EVERY = 8  # decode steps between host syncs (finished requests)
 FAKE_PROMPT_ID = 1  # upstream fake input_ids are all 1 before the start token: code 1 is always penalised
 BEAM_INIT_SCORE = -1e9  # HF beam_scores[:, 1:]: all beams start identical, only beam 0 may expand
 SEQ_ALIGN = 64  # cache length granularity: keeps the [S, S_cap] mask aligned for fused SDPA kernels
-# Every decode step runs a multiple of this many rows (idle rows pad it). MKL's sgemm computes rows in
-# blocks of 4 and the rows of a partial block by another kernel, with other rounding: padding makes a
-# request's logits bit-identical however many others share its step, so a seeded request samples the
-# same codes alone or batched (attention is plain matmul + softmax for the same reason, see gpt.py).
+# On CUDA every decode step runs a multiple of this many rows (idle rows pad it up to a graphed row
+# bucket). On CPU each row steps alone (M = 1, see DecodeBatch._forward), so nothing is padded there.
 ROW_ALIGN = 4
 _M32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9  # 2^32 / φ: spreads step numbers over the hash input
@@ -401,11 +399,14 @@ class DecodeBatch:
         self.vocab = cfg.number_mel_codes
         self.k_max = cfg.max_mel_tokens
         fixed = self.device.type == "cuda" if fixed is None else fixed
+        # CPU: every row runs the step on its own (see _forward), so rows are never padded there.
+        self.rowwise = self.device.type == "cpu"
+        self.row_align = 1 if self.rowwise else ROW_ALIGN
         max_slots = cache_slots_for(cfg)
-        cache_rows = _align(max_rows, ROW_ALIGN)
+        cache_rows = _align(max_rows, self.row_align)
         self.cache = KVCache(
             cfg,
-            cache_rows if fixed else ROW_ALIGN,
+            cache_rows if fixed else self.row_align,
             max_slots if fixed else SEQ_ALIGN,
             self.device,
             dtype,
@@ -476,7 +477,7 @@ class DecodeBatch:
         if need_slots > self.cache.max_slots:
             raise ValueError(f"a prefix of {p} positions leaves no room for {req.params.max_mel_tokens} codes")
         r0 = self.n
-        if self.cache.ensure(_align(r0 + nb, ROW_ALIGN), need_slots) and self.cache.rows > self.s.tokens.size(0):
+        if self.cache.ensure(_align(r0 + nb, self.row_align), need_slots) and self.cache.rows > self.s.tokens.size(0):
             self._alloc_state(self.cache.rows)
         with torch.inference_mode():
             logits = prefill(self.gpt, req.prefix, self.cache.view(r0, r0 + 1))  # [1, V]
@@ -597,6 +598,11 @@ class DecodeBatch:
 
     def _forward(self) -> None:
         n = self.n
+        if self.rowwise:
+            self._forward_rowwise()
+            self.s.input_pos[:n] += 1
+            self.s.mel_pos[:n] += 1
+            return
         rows = _align(n, ROW_ALIGN)
         rows = next((b for b in self.row_buckets if b >= rows), rows)
         kv_len = self.cache.slots if self.fixed else min(
@@ -613,6 +619,22 @@ class DecodeBatch:
         self.s.logits[:n] = logits[:n]
         self.s.input_pos[:n] += 1
         self.s.mel_pos[:n] += 1
+
+    def _forward_rowwise(self) -> None:
+        """CPU: one step per row, attending over exactly the slots its request has written (no masked
+        padding: SEQ_ALIGN serves fused GPU kernels). The step is memory-bound (every weight is read
+        once per step), and with one row each GEMM is MKL's GEMV, which streams the weights fastest
+        (bench/RESULTS.md, CPU layouts; a GEMM of 2-8 rows re-packs them on every call and rounds a row
+        otherwise than alone). A row's logits are those it gets alone, bit for bit, whoever shares its
+        batch: a seeded request samples the same codes either way."""
+        s = self.s
+        for req in self.requests:
+            kv_len = req.written + 1  # the slot this step writes, and every one before it
+            for r in range(req.row, req.row + req.rows):
+                s.logits[r : r + 1] = self.step_fn(
+                    self.gpt, s.tokens[r : r + 1], s.input_pos[r : r + 1], s.mel_pos[r : r + 1],
+                    self.cache.view(r, r + 1), kv_len,
+                )
 
     def _select(self, n: int) -> None:
         logits = self.s.logits[:n]

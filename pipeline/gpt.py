@@ -461,6 +461,14 @@ class UnifiedVoice(nn.Module):
             x = block(x, input_pos, None if kv is None else kv[i], mask)
         return self.gpt.ln_f(x)
 
+    def gemv_layout(self) -> None:
+        """Inference transform for CPU decoding, called after the strict load: mel_head's weight is stored
+        [in, out] in memory, as HF Conv1D stores every GPT-2 block weight (same shape, values and key: a
+        transposed view of a contiguous [in, out] copy). A one-row decode step is memory-bound, and MKL's
+        GEMV streams an [in, out] weight faster than an [out, in] one (bench/RESULTS.md, CPU layouts)."""
+        w = self.mel_head.weight.detach().t().contiguous()  # [D, V] in memory
+        self.mel_head.weight = nn.Parameter(w.t(), requires_grad=False)  # [V, D], strides (1, V)
+
     def mel_logits(self, h: Tensor) -> Tensor:
         """Hidden states after ln_f → mel logits (the second LayerNorm, final_norm, then mel_head)."""
         return self.mel_head(self.final_norm(h))
@@ -485,10 +493,14 @@ class UnifiedVoice(nn.Module):
 
 
 def load_unified_voice(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> UnifiedVoice:
-    """Build UnifiedVoice from config.yaml + gpt.safetensors shapes, then load it strictly."""
+    """Build UnifiedVoice from config.yaml + gpt.safetensors shapes, load it strictly, and on CPU lay
+    mel_head out for the decode step's GEMV (`UnifiedVoice.gemv_layout`)."""
     path = Path(ckpt_dir) / "gpt.safetensors"
     cfg = GPTConfig.from_yaml(config, read_shapes(path))
-    return load_module(lambda: UnifiedVoice(cfg), path, device)
+    gpt = load_module(lambda: UnifiedVoice(cfg), path, device)
+    if torch.device(device).type == "cpu":
+        gpt.gemv_layout()
+    return gpt
 
 
 def decode_copy(gpt: UnifiedVoice, dtype: torch.dtype) -> UnifiedVoice:

@@ -527,3 +527,19 @@ def test_float16_cached_attention_does_not_overflow(gpt: UnifiedVoice) -> None:
     assert torch.isfinite(out16).all()
     scale = float(out32.abs().max())
     assert float((out16.float() - out32).abs().max()) <= 0.05 * max(1.0, scale)
+
+
+def test_gemv_layout_keeps_the_function(converted: Path, gpt: UnifiedVoice) -> None:
+    """The CPU load stores mel_head's weight [in, out] in memory with its shape, key and values kept, and
+    the mel logits stay within the parity rule of the file's [out, in] layout."""
+    path = converted / "gpt.safetensors"
+    raw = load_file(str(path))["mel_head.weight"]  # [V, D] as stored
+    w = gpt.mel_head.weight
+    assert w.shape == raw.shape and w.t().is_contiguous() and not w.is_contiguous()
+    assert torch.equal(w, raw) and gpt.state_dict()["mel_head.weight"].shape == raw.shape
+    h = torch.randn(3, 1, gpt.cfg.model_dim, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.linear(gpt.final_norm(h), raw, gpt.mel_head.bias)
+    assert_close(gpt.mel_logits(h), want, "mel logits, [in, out] vs [out, in]")
+    fresh = copy.deepcopy(gpt)
+    fresh.gemv_layout()  # idempotent: applying it again keeps the layout and the values
+    assert fresh.mel_head.weight.t().is_contiguous() and torch.equal(fresh.mel_head.weight, raw)
