@@ -243,6 +243,19 @@ def _align(n: int, k: int) -> int:
 
 
 
+def kv_buckets(max_slots: int) -> tuple[int, ...]:
+    """Attention lengths a graphed step is recorded for: every 64 slots up to 512, every 128 up to 1024,
+    every 256 beyond, and the whole cache. A step reads the first bucket ≥ its longest row (at most
+    ~1/8 more than needed up to 1024 slots, 1/5 beyond), so its KV traffic follows the live lengths
+    instead of the cache's capacity."""
+    out: list[int] = []
+    n = 0
+    while n < max_slots:
+        n += SEQ_ALIGN if n < 512 else 2 * SEQ_ALIGN if n < 1024 else 4 * SEQ_ALIGN
+        out.append(min(n, max_slots))
+    return tuple(out)
+
+
 def cache_slots_for(cfg: GPTConfig) -> int:
     """Slots any request can need: 34 conds + the longest text + the longest code run, aligned."""
     need = cfg.prefix_conds + cfg.text_positions + cfg.mel_positions
@@ -420,6 +433,8 @@ class DecodeBatch:
         # size has a bucket recorded at warm-up (`capture`); eager steps run over exactly the rows in use.
         self.row_buckets = tuple(sorted({b for b in row_buckets if b < cache_rows} | {cache_rows})) if row_buckets \
             else ()
+        # ... and over a fixed set of attention lengths (fixed caches: a graph per (rows, kv bucket)).
+        self.kv_buckets = kv_buckets(max_slots) if fixed else ()
         self.requests: list[DecodeRequest] = []
         self.groups: dict[int, _BeamGroup] = {}
         self.n = 0  # rows in use
@@ -449,14 +464,15 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Run the step once for every row bucket on idle rows, so that graphed steps are recorded now
-        (server warm-up) rather than inside a request. A no-op without buckets (eager steps)."""
+        """Run the step once for every (row bucket, kv bucket) on idle rows, so that graphed steps are
+        recorded now (server warm-up) rather than inside a request. A no-op without buckets (eager steps)."""
         if self.requests:
             raise RuntimeError("capture() runs on an idle batch")
+        s = self.s
         for rows in self.row_buckets:
-            if rows <= self.cache.rows:
-                s = self.s
-                kv_len = self.cache.slots if self.fixed else SEQ_ALIGN
+            if rows > self.cache.rows:
+                continue
+            for kv_len in self.kv_buckets or (SEQ_ALIGN,):
                 self.step_fn(self.gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
                              self.cache.view(0, rows), kv_len)
         self.cache.buf.zero_()
@@ -605,8 +621,9 @@ class DecodeBatch:
             return
         rows = _align(n, ROW_ALIGN)
         rows = next((b for b in self.row_buckets if b >= rows), rows)
-        kv_len = self.cache.slots if self.fixed else min(
-            self.cache.slots, _align(max(r.written for r in self.requests) + 1, SEQ_ALIGN)
+        need = max(r.written for r in self.requests) + 1  # the slot this step writes, and all before it
+        kv_len = next((b for b in self.kv_buckets if b >= need), self.cache.slots) if self.fixed else min(
+            self.cache.slots, _align(need, SEQ_ALIGN)
         )
         logits = self.step_fn(
             self.gpt,

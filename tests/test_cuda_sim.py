@@ -112,15 +112,15 @@ def test_synth_cli_on_simulated_cuda(fx: FixtureSet, converted: Path, gpu: Pipel
 
 
 def test_warm_up_records_every_row_bucket_and_serving_records_none(gpu: Pipeline, voice: Voice) -> None:
-    """Warm-up captures the decode graph of every row bucket, the whole cache included, so a batch of any
-    size replays a recorded graph (defect: max_batch_rows outside the bucket list, here 6, left the
-    6-row batch without a graph, recorded and compiled mid-serving)."""
+    """Warm-up captures the decode graph of every (row bucket, kv bucket), the whole cache included, so a
+    batch of any size and length replays a recorded graph (defect: max_batch_rows outside the bucket
+    list, here 6, left the 6-row batch without a graph, recorded and compiled mid-serving)."""
     engine = gpu.engine(max_batch_rows=6)
     assert engine.batch.row_buckets == (4, 8)
     engine.capture()
     graphs = engine.batch.step_fn.graphs  # type: ignore[attr-defined]
     recorded = set(graphs)
-    assert {rows for _, rows, _ in recorded} == {4, 8}
+    assert {(rows, kv) for _, rows, kv in recorded} == {(r, kv) for r in (4, 8) for kv in engine.batch.kv_buckets}
     opts = gpu.check_options(SynthesisOptions(**SHORT, num_beams=3, seed=1))
     reqs = [Request(voice=voice, opts=opts, texts=deque(["Hello there."])) for _ in range(2)]
     events = _drive(engine, reqs)
@@ -130,8 +130,9 @@ def test_warm_up_records_every_row_bucket_and_serving_records_none(gpu: Pipeline
 
 @torch.inference_mode()
 def test_graphed_step_equals_eager_on_every_bucket(gpu: Pipeline, voice: Voice) -> None:
-    """The replayed decode step gives the eager step's logits exactly at every row bucket, on the same
-    cache contents (graphs read their inputs in place and keep nothing from capture time)."""
+    """The replayed decode step gives the eager step's logits exactly at every row bucket and several
+    attention lengths, on the same cache contents (graphs read their inputs in place and keep nothing
+    from capture time)."""
     batch = DecodeBatch(gpu.decode_gpt, max_rows=16, dtype=gpu.gpt_dtype,
                         step_fn=graphed_step(gpu.device, graphs=True, compile=True), row_buckets=gpu.row_buckets)
     opts = gpu.check_options(SynthesisOptions(**SHORT, seed=2))
@@ -139,15 +140,15 @@ def test_graphed_step_equals_eager_on_every_bucket(gpu: Pipeline, voice: Voice) 
         seg = gpu.split_text(text, opts)[0].with_index(i)
         batch.admit(gpu.decode_request(voice, seg, opts, gpu.request_emovec(voice, opts, None)))
     batch.step()
-    s, kv_len = batch.s, batch.cache.slots
-    for rows in batch.row_buckets:
+    s = batch.s
+    for rows, kv_len in [(r, kv) for r in batch.row_buckets for kv in batch.kv_buckets[:2]] + [(4, batch.cache.slots)]:
         saved = batch.cache.buf.clone()
         eager = decode_step(gpu.decode_gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
                             batch.cache.view(0, rows), kv_len).clone()
         batch.cache.buf.copy_(saved)
         graphed = batch.step_fn(gpu.decode_gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
                                 batch.cache.view(0, rows), kv_len)
-        assert torch.equal(graphed.cpu(), eager.cpu()), f"rows={rows}"
+        assert torch.equal(graphed.cpu(), eager.cpu()), f"rows={rows} kv_len={kv_len}"
 
 
 def test_steady_state_decode_steps_do_not_sync(gpu: Pipeline, voice: Voice) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import graphs
+from .cost import Cost, DeviceModel
 from .graphs import SimGraph
 from .state import (
     STATE,
@@ -45,11 +46,13 @@ from .state import (
     SimulationError,
     StreamRace,
     SyncRegion,
+    meter,
     sync_region,
 )
 from .tensor import DeviceMismatch, SimGenerator, SimMode, SimTensor, cuda_generator
 
 __all__ = [
+    "Cost", "DeviceModel", "meter",
     "CaptureError", "DeviceMismatch", "HostSync", "SimGraph", "SimStream", "SimTensor", "SimulationError",
     "StreamRace", "SyncRegion", "count_syncs", "install", "install_from_env", "installed", "no_syncs",
     "set_budget", "uninstall", "violations",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .state import STATE, CaptureError, SimStream, call_site
+from .state import STATE, CaptureError, SimStream, call_site, meter_op
 
 
 @dataclass(eq=False)
@@ -122,6 +122,8 @@ class SimGraph:
         if not self.captured:
             raise RuntimeError("replay() of a graph that was never captured")
         stream = STATE.current_stream()
+        for m in STATE.meters:
+            m.replay()
         # A real replay ignores autograd state: run under inference mode, where writing any tensor is allowed.
         with torch._C.DisableTorchFunction(), torch.inference_mode():
             for op in self.ops:
@@ -133,6 +135,9 @@ class SimGraph:
                                         strict=True):
                         dst.copy_(src)
                 STATE.access(stream, op.reads, op.writes, f"{op.func} (graph replay)")
+                if STATE.meters:
+                    mutated = op.writes if op.kind == "inplace" else []
+                    meter_op(op.func, op.args, op.kwargs, mutated, op.outs or res, eager=False)
 
     def reset(self) -> None:
         self.ops.clear()

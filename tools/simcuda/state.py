@@ -29,9 +29,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .cost import HALF, Cost, op_bytes, op_flops, tensors_of
 
 log = logging.getLogger("ttsd.simcuda")
 
@@ -260,6 +263,7 @@ class SimState:
         # a sync that a later change might remove.
         self.strict_handoffs = True
         self.syncs_total = 0
+        self.meters: list[Cost] = []  # open cost meters (cost.py): every device operation is added to each
         self.capture: object | None = None  # the graphs module's active capture
         self.alloc_sites = os.environ.get("TTSD_SIMCUDA_SITES", "") == "1"
         self.exiting = False  # interpreter shutdown: every storage is freed, no stream runs any more
@@ -407,6 +411,8 @@ class SimState:
             self.syncs_total += 1
             if stream is not None and not self.strict_handoffs:
                 _join(self.host_clock, stream.clock)
+        for m in self.meters:
+            m.syncs += 1
         forbid = False
         for region in self.regions():
             region.events.append((what, site))
@@ -417,6 +423,27 @@ class SimState:
 
 STATE = SimState()
 STATE.default_stream = SimStream()
+
+
+def meter_op(func: Any, args: Any, kwargs: Any, mutated: list[Tensor], out: Any, *, eager: bool) -> None:
+    """Add one device operation (inner CPU tensors) to every open cost meter."""
+    read, written = op_bytes(func, tuple(args), dict(kwargs), mutated, out)
+    flops = op_flops(func, tuple(args), out)
+    floats = [t for t in [*tensors_of(args), *tensors_of(out)] if t.is_floating_point()]
+    half = any(t.dtype in HALF for t in floats)
+    for m in STATE.meters:
+        m.add(func, read, written, flops, half, eager=eager)
+
+
+@contextmanager
+def meter() -> Iterator[Cost]:
+    """Count what the device is asked to do inside the block (cost.py)."""
+    cost = Cost()
+    STATE.meters.append(cost)
+    try:
+        yield cost
+    finally:
+        STATE.meters.remove(cost)
 
 
 @contextmanager

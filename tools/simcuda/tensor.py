@@ -36,7 +36,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import graphs
-from .state import STATE, CaptureError, SimStream, SimulationError, call_site
+from .cost import nbytes
+from .state import STATE, CaptureError, SimStream, SimulationError, call_site, meter_op
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -119,6 +120,9 @@ def to_device(t: Tensor, *, dtype: torch.dtype | None = None, non_blocking: bool
         inner = inner.clone() if inner is t else inner
     out, _ = wrap(inner, stream)
     STATE.access(stream, [], [inner], what)
+    for m in STATE.meters:
+        m.h2d_bytes += nbytes(inner)
+        m.add("memcpy h2d", 0, nbytes(inner), 0, False, eager=True)
     return out
 
 
@@ -258,6 +262,8 @@ def _dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     result = rewrap(out)
     if not capturing:
         STATE.access(stream, reads, writes, func)
+        if STATE.meters and not info.is_view:
+            meter_op(func, uargs, ukwargs, mutated, out, eager=True)
     return result
 
 
@@ -306,6 +312,15 @@ def _copy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     else:
         d_in.copy_(s_in, non_blocking=non_blocking)
         STATE.access(stream, reads, writes, "copy_")
+        for m in STATE.meters:
+            if d_sim and s_sim:
+                m.add(aten.copy_.default, nbytes(s_in), nbytes(d_in), 0, False, eager=True)
+            elif d_sim:
+                m.h2d_bytes += nbytes(s_in)
+                m.add("memcpy h2d", 0, nbytes(d_in), 0, False, eager=True)
+            else:
+                m.d2h_bytes += nbytes(s_in)
+                m.add("memcpy d2h", nbytes(s_in), 0, 0, False, eager=True)
     return dst
 
 
@@ -416,6 +431,8 @@ def _factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         sim, _ = wrap(x, stream, graph_owned=capturing)
         if not capturing:
             STATE.access(stream, [], [x], getattr(func, "__name__", str(func)))
+            for m in STATE.meters:
+                m.add(getattr(func, "__name__", str(func)), 0, nbytes(x), 0, False, eager=True)
         return sim
 
     return tree_map(wrap_new, out)
@@ -545,6 +562,25 @@ def _where(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if len(args) == 3 and any(isinstance(a, SimTensor) for a in args):
         args = tuple(torch.tensor(a) if isinstance(a, Number) else a for a in args)
     return func(*args, **kwargs)
+
+
+@_handles(torch.nn.functional.scaled_dot_product_attention)
+def _sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # On a GPU this is one fused kernel. Its composite entry point makes masks through the CUDA backend
+    # directly, so run the fused CPU kernel CPU inference itself picks (the same numbers as on CPU): one
+    # operation, booked and counted as the device would run it.
+    if not any(isinstance(a, SimTensor) for a in args[:3]):
+        return func(*args, **kwargs)
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    if bound.get("dropout_p", 0.0) or bound.get("enable_gqa", False):
+        return func(*args, **kwargs)
+    mask = bound.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return aten._scaled_dot_product_flash_attention_for_cpu.default(
+        q, k, v, 0.0, bool(bound.get("is_causal", False)), attn_mask=mask, scale=bound.get("scale"))[0]
 
 
 @_handles(Tensor.__float__, Tensor.__int__, Tensor.__bool__, Tensor.__index__, Tensor.__complex__)
