@@ -185,3 +185,40 @@ def test_uninstall_restores_the_cpu_build() -> None:
         assert not torch.cuda.is_available() and torch.version.cuda is None
     finally:
         simcuda.install()
+
+
+def test_cost_meter_counts_launches_bytes_and_flops() -> None:
+    """An eager matmul is one launch moving its inputs and output with 2·M·K·N FLOPs; a view moves nothing;
+    a replayed graph is one launch whose kernels count as graph nodes with the same bytes."""
+    a = torch.ones(8, 16, device="cuda")
+    b = torch.ones(16, 4, device="cuda")
+    with simcuda.meter() as cost:
+        _ = a[:, :8].t()  # views only
+    assert (cost.launches, cost.bytes) == (0, 0)
+    with simcuda.meter() as cost:
+        c = a @ b
+    assert cost.launches == 1 and cost.graph_nodes == 0
+    assert cost.bytes == (a.numel() + b.numel() + c.numel()) * 4
+    assert cost.flops_fp32 == 2 * 8 * 16 * 4
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        d = a @ b
+    with simcuda.meter() as replayed:
+        g.replay()
+    assert (replayed.launches, replayed.graph_nodes) == (1, 1)
+    assert replayed.bytes == cost.bytes and d.shape == c.shape
+    model = simcuda.DeviceModel()
+    roofline = max(cost.bytes / model.bandwidth_bps, cost.flops_fp32 / model.fp32_flops)
+    assert model.seconds(cost) == pytest.approx(roofline + model.launch_s)
+    assert model.seconds(replayed) == pytest.approx(roofline + model.launch_s + model.graph_node_s)
+
+
+def test_kv_buckets_cover_every_length() -> None:
+    """Every attention length up to the cache's has a bucket within an eighth of it below 1024 slots."""
+    from ttsd.pipeline.decode import kv_buckets
+
+    buckets = kv_buckets(2496)
+    assert buckets[-1] == 2496 and list(buckets) == sorted(set(buckets))
+    for need in range(1, 2497):
+        b = next(x for x in buckets if x >= need)
+        assert b - need < (64 if need <= 512 else 128 if need <= 1024 else 256)
