@@ -6,7 +6,12 @@ A lent machine gets only the repository's working tree (64 MiB at most) and reac
 writes, under DIR: `fixtures/<set>/` for every fixture set the tests use — the checkpoint, the inputs,
 the manifest and, of the golden stages, only those the CUDA tests read (the joined waveform, and of
 the CFM stage only the injected start noise) — and `whl/`, the wheels of ttsd's dependencies that the
-machine's image lacks, for its Python (`--python-version`)."""
+machine's image lacks, for its Python (`--python-version`).
+
+The full fixture sets are tracked in tests/fixtures (143 MB), more than a lent machine takes, so a
+device run goes from a working tree without them: `git sparse-checkout set --no-cone '/*'
+'!/tests/fixtures/'` before the run (`git sparse-checkout disable` after), with this pack carried
+instead; bench/gpu_check.sh points the tests at it (TTSD_FIXTURES). Not yet tried on a lent machine."""
 
 from __future__ import annotations
 

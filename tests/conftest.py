@@ -1,8 +1,12 @@
-"""Shared test fixtures: the fixture sets in ../shared/fixtures, golden tensors, the parity rule.
+"""Shared test fixtures: the fixture sets, golden tensors, the parity rule.
 
-Every fixture set directory named `indextts2-*` (IndexTTS-2) or `indextts25-*` (IndexTTS-2.5)
-under the shared fixtures folder is picked up (override with TTSD_FIXTURES=dir1:dir2), so other
-seeds and configs run the same tests. Which sets a test runs on is decided at collection:
+The sets the suite needs live in the repository (tests/fixtures: indextts2-tiny-s1,
+indextts25-tiny-s1, qwen-emo-tiny-s1, made by the official implementation), so a clone tests itself.
+Every other set directory named `indextts2-*` (IndexTTS-2) or `indextts25-*` (IndexTTS-2.5) in
+../shared/fixtures is picked up too (a same-named one there replaces the repository's), so other
+seeds and configs run the same tests; TTSD_FIXTURES=dir1:dir2 names the sets instead. A set that is
+expected and missing fails the run at collection: a check that skips when its data is missing cannot
+fail. Which sets a test runs on is decided at collection:
 
 * `@pytest.mark.model_versions("2", "2.5")` names the model versions the test supports; a test
   without the marker runs on IndexTTS-2 sets only (the whole pipeline, daemon and v2 front end);
@@ -30,8 +34,11 @@ import yaml
 from ttsd.pipeline.config import model_version
 
 REPO = Path(__file__).resolve().parents[1]
+REPO_FIXTURES = REPO / "tests" / "fixtures"
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 FIXTURE_PATTERNS = ("indextts2-*", "indextts25-*")
+# The sets the repository carries; the suite fails (never skips) without them.
+REQUIRED_SETS = ("indextts2-tiny-s1", "indextts25-tiny-s1", "qwen-emo-tiny-s1")
 DEFAULT_VERSIONS = ("2",)  # tests without a model_versions marker
 REL_TOL = 1e-4  # max|a-b| <= REL_TOL * max(1, max|golden|)  (float32 CPU parity rule)
 
@@ -40,12 +47,45 @@ COMPARED: set[tuple[str, str, str, str]] = set()
 _LABEL = "_ttsd_golden"  # attribute naming a loaded golden tensor's origin
 
 
+class MissingFixtures(pytest.UsageError):
+    """An expected fixture set is absent or incomplete: the run stops instead of skipping its tests."""
+
+
+def _sets(folders: list[Path], patterns: tuple[str, ...]) -> dict[str, Path]:
+    """{name: directory} of the sets matching `patterns` in `folders`; later folders win a name."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for pattern in patterns:
+            for p in sorted(folder.glob(pattern)):
+                if p.is_dir():
+                    found[p.name] = p
+    return found
+
+
+def _check_set(p: Path, marker: str) -> Path:
+    if not (p / marker).is_file():
+        raise MissingFixtures(f"fixture set {p} has no {marker}")
+    return p
+
+
 def fixture_dirs() -> list[Path]:
+    """The IndexTTS fixture sets every golden test runs on (see the module docstring)."""
     env = os.environ.get("TTSD_FIXTURES")
     if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    found = {p for pattern in FIXTURE_PATTERNS for p in SHARED_FIXTURES.glob(pattern)}
-    return sorted(p for p in found if (p / "golden" / "manifest.json").is_file())
+        return [_check_set(Path(p), "golden/manifest.json") for p in env.split(os.pathsep) if p]
+    found = _sets([REPO_FIXTURES, SHARED_FIXTURES], FIXTURE_PATTERNS)
+    for name in REQUIRED_SETS:
+        if name.startswith("indextts") and name not in found:
+            raise MissingFixtures(f"fixture set {name} is missing from {REPO_FIXTURES}")
+    return sorted((_check_set(p, "golden/manifest.json") for p in found.values()), key=lambda p: p.name)
+
+
+def qwen_emo_dirs() -> list[Path]:
+    """The emotion-from-text fixture sets: the repository's qwen-emo-tiny-s1 and any in ../shared."""
+    found = _sets([REPO_FIXTURES, SHARED_FIXTURES], ("qwen-emo-*",))
+    if "qwen-emo-tiny-s1" not in found:
+        raise MissingFixtures(f"fixture set qwen-emo-tiny-s1 is missing from {REPO_FIXTURES}")
+    return sorted(found.values(), key=lambda p: p.name)
 
 
 @dataclass

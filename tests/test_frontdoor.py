@@ -464,3 +464,33 @@ def test_fetch_layout_in_the_docs_is_the_code() -> None:
     for doc in (REPO / "checkpoints" / "README.md", REPO / "README.md"):
         text = doc.read_text(encoding="utf-8")
         assert str(DEFAULT_DST) in text and str(source_dir(DEFAULT_DST)) in text, doc
+
+
+# --- a clone tests itself ----------------------------------------------------------------------
+
+
+def test_repository_carries_the_fixture_sets_and_a_missing_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixture sets are tracked in the repository; without one the run stops at collection."""
+    from . import conftest
+
+    tracked = subprocess.run(["git", "ls-files", "tests/fixtures"], cwd=REPO, capture_output=True, text=True)
+    if tracked.returncode == 0:  # a source tree without git (an sdist) has nothing to ask
+        names = {Path(f).parts[2] for f in tracked.stdout.split() if len(Path(f).parts) > 3}
+        assert set(conftest.REQUIRED_SETS) <= names, names
+    assert {p.name for p in conftest.fixture_dirs()} >= {"indextts2-tiny-s1", "indextts25-tiny-s1"}
+    assert "qwen-emo-tiny-s1" in {p.name for p in conftest.qwen_emo_dirs()}
+    monkeypatch.delenv("TTSD_FIXTURES", raising=False)
+    monkeypatch.setattr(conftest, "SHARED_FIXTURES", tmp_path / "shared")
+    partial = tmp_path / "repo"
+    shutil.copytree(conftest.REPO_FIXTURES / "indextts2-tiny-s1" / "golden", partial / "indextts2-tiny-s1" / "golden",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.wav"))
+    monkeypatch.setattr(conftest, "REPO_FIXTURES", partial)
+    with pytest.raises(conftest.MissingFixtures, match="indextts25-tiny-s1"):
+        conftest.fixture_dirs()
+    with pytest.raises(conftest.MissingFixtures, match="qwen-emo-tiny-s1"):
+        conftest.qwen_emo_dirs()
+    monkeypatch.setenv("TTSD_FIXTURES", str(tmp_path / "nowhere"))
+    with pytest.raises(conftest.MissingFixtures, match="nowhere"):
+        conftest.fixture_dirs()

@@ -1,10 +1,11 @@
-"""QwenEmotion (emotion from text) against upstream's goldens in ../shared/fixtures/qwen-emo-*.
+"""QwenEmotion (emotion from text) against upstream's goldens in tests/fixtures/qwen-emo-tiny-s1.
 
-Every `qwen-emo-*` set there is checked (qwen-emo-tiny-s1 at least: without it these tests fail,
-they never skip): the rendered prompt, input and generated ids exactly, the first steps' logits
-under the parity rule, every intermediate value of the answer's reading, the 46 crafted answers,
-convert() and clamp_score(), batched against alone, `ttsd emotion`, and the conversion and fetch
-of the folder. Model cases are decoded in one batch per template variant, once per module."""
+Every `qwen-emo-*` set (that one and any in ../shared/fixtures) is checked; qwen-emo-tiny-s1 is
+required: without it the run fails, it never skips. Checked: the rendered prompt, input and
+generated ids exactly, the first steps' logits under the parity rule, every intermediate value of
+the answer's reading, the 46 crafted answers, convert() and clamp_score(), batched against alone,
+`ttsd emotion`, and the conversion and fetch of the folder. Model cases are decoded in one batch
+per template variant, once per module."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ from ttsd.pipeline.qwen_emo import (
     read_eos_ids,
 )
 
-from .conftest import SHARED_FIXTURES, FixtureSet, assert_close, edit_checkpoint
+from .conftest import FixtureSet, assert_close, edit_checkpoint, qwen_emo_dirs
 
 # Every set present; the s1 set is required, so a missing fixture is a failure, not an empty run.
-QWEN_SETS = sorted({SHARED_FIXTURES / "qwen-emo-tiny-s1", *SHARED_FIXTURES.glob("qwen-emo-*")})
+QWEN_SETS = qwen_emo_dirs()
 ALPHAS = ("1.0", "0.65", "0.3")  # emo_vector_after_emo_alpha keys
 
 

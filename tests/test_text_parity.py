@@ -28,7 +28,7 @@ from ttsd.pipeline.text import TextNormalizer, tn, use_chinese
 from ttsd.pipeline.text import normalize as normalize_mod
 from ttsd.pipeline.text.tn import EN_TN_ORDERS, TN_ORDERS, NormalizationFailed, parse_tokens, reorder
 
-from .conftest import SHARED_FIXTURES
+from .conftest import fixture_dirs
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "text_normalization_corpus.txt"
@@ -96,8 +96,8 @@ def test_corpus_matches_upstream_golden(
 
 def test_indextts25_fixture_texts(normalizer: TextNormalizer) -> None:
     """IndexTTS-2.5 fixture sets normalise their text (after its char map) as upstream's 2.5 front end did."""
-    sets = sorted(SHARED_FIXTURES.glob("indextts25-*/golden/manifest.json"))
-    assert sets, f"no IndexTTS-2.5 fixture set under {SHARED_FIXTURES}"
+    sets = [d / "golden" / "manifest.json" for d in fixture_dirs() if d.name.startswith("indextts25-")]
+    assert sets, "no IndexTTS-2.5 fixture set"
     for manifest in sets:
         for name, variant in json.loads(manifest.read_text(encoding="utf-8"))["variants"].items():
             meta = variant["meta"]

@@ -35,8 +35,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import graphs
 from .cost import nbytes
+from .graphs import capturing as graph_capturing
+from .graphs import record as graph_record
+from .graphs import record_factory as graph_record_factory
 from .state import STATE, CaptureError, SimStream, SimulationError, call_site, meter_op
 
 CUDA = torch.device("cuda", 0)
@@ -110,7 +112,7 @@ def to_device(t: Tensor, *, dtype: torch.dtype | None = None, non_blocking: bool
     """A device copy of host tensor `t` (a `.to("cuda")`): blocking unless `non_blocking`."""
     stream = STATE.current_stream()
     pinned = STATE.is_pinned(t)
-    if graphs.capturing(stream) and not (non_blocking and pinned):
+    if graph_capturing(stream) and not (non_blocking and pinned):
         raise CaptureError(f"{what} from pageable memory while the stream captures a graph", call_site())
     if not non_blocking:
         STATE.host_sync(f"blocking {what}", stream)
@@ -189,7 +191,7 @@ def _dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _copy(args, kwargs)
     info = _op_info(func)
     stream = STATE.current_stream()
-    capturing = STATE.capture is not None and graphs.capturing(stream)
+    capturing = STATE.capture is not None and graph_capturing(stream)
     un = _Unwrapped(capturing)
     uargs = tuple(un(a, i) for i, a in enumerate(args))
     ukwargs = {k: un(v, k) for k, v in kwargs.items()}
@@ -236,7 +238,7 @@ def _dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # A view reads no data: only operations that touch memory are booked.
     reads = [] if info.is_view else [t.elem for t in un.sims]
     if capturing:
-        out = graphs.record(func, uargs, ukwargs, info.is_view, mutated, reads)
+        out = graph_record(func, uargs, ukwargs, info.is_view, mutated, reads)
     else:
         out = func(*uargs, **ukwargs)
 
@@ -287,7 +289,7 @@ def _copy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     dst, src = args[0], args[1]
     non_blocking = bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
     stream = STATE.current_stream()
-    capturing = graphs.capturing(stream)
+    capturing = graph_capturing(stream)
     d_sim, s_sim = isinstance(dst, SimTensor), isinstance(src, SimTensor)
     d_in = dst.elem if d_sim else dst
     s_in = src.elem if s_sim else src
@@ -308,7 +310,7 @@ def _copy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     reads = [s_in] if s_sim else []
     writes = [d_in] if d_sim else []
     if capturing:
-        graphs.record(aten.copy_.default, (d_in, s_in, non_blocking), {}, False, writes, reads)
+        graph_record(aten.copy_.default, (d_in, s_in, non_blocking), {}, False, writes, reads)
     else:
         d_in.copy_(s_in, non_blocking=non_blocking)
         STATE.access(stream, reads, writes, "copy_")
@@ -410,7 +412,7 @@ def _factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with torch._C.DisableTorchFunction():
             host = func(*args, **kwargs)
         return to_device(host, what=f"host→device copy ({func.__name__}(..., device='cuda'))")
-    capturing = graphs.capturing(stream)
+    capturing = graph_capturing(stream)
     meta_kwargs = {k: v for k, v in kwargs.items() if k != "generator"} | {"device": "meta"}
     try:
         with torch._C.DisableTorchFunction():
@@ -423,7 +425,7 @@ def _factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     with torch._C.DisableTorchFunction():
         out = func(*args, **kwargs)
     if capturing:  # allocated from the graph's pool; its fill kernel is part of the graph
-        graphs.record_factory(func, args, kwargs, [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)])
+        graph_record_factory(func, args, kwargs, [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)])
 
     def wrap_new(x: Any) -> Any:
         if not isinstance(x, Tensor):
