@@ -47,7 +47,7 @@ COMPARED: set[tuple[str, str, str, str]] = set()
 _LABEL = "_ttsd_golden"  # attribute naming a loaded golden tensor's origin
 
 
-class MissingFixtures(pytest.UsageError):
+class MissingFixtures(RuntimeError):
     """An expected fixture set is absent or incomplete: the run stops instead of skipping its tests."""
 
 
