@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -35,6 +36,7 @@ from ttsd.daemon import session as session_module
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
+from ttsd.pipeline.voice import Voice
 
 from .conftest import FixtureSet
 from .test_daemon import FAST, GATE_TIMEOUT_S, Client, Daemon, Recorder, client, last, running, until_true
@@ -494,30 +496,42 @@ async def test_logs_hold_no_url_and_one_short_line_per_event(daemon: Daemon, cap
 # 10. A connection's share of the voice-registration queue
 
 
-async def test_one_connection_cannot_fill_the_registration_queue(daemon: Daemon, speaker_wav: bytes) -> None:
+async def test_one_connection_cannot_fill_the_registration_queue(
+    pipeline: Pipeline, daemon: Daemon, speaker_wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past max(1, max_queued_requests // 4) registrations in flight a connection gets busy; others still register."""
     max_queued = 8
     share = max(1, max_queued // session_module.REGISTRATION_SHARE)
-    rec = Recorder()
-    gate = rec.hold("segment_begin", 0)
-    async with daemon(rec, max_queued_requests=max_queued) as server:
-        async with client(server) as hog, client(server) as other:
-            voice = await hog.register(speaker_wav, request_id=100)
-            await hog.send(p.Synthesize(id=1, text="Hold the worker.", voice=voice, **FAST))
-            await rec.wait_for(lambda ev: any(e == "segment_begin" for e, _, _ in ev))  # worker busy
-            for rid in range(10, 10 + share + 1):
-                await hog.send(p.RegisterVoice(id=rid, audio=speaker_wav))
-            busy = await hog.recv()
-            await other.send(p.RegisterVoice(id=10, audio=speaker_wav))
-            gate.set()
-            other_reply = await other.recv()
-            finals: dict[int, p.ServerMessage] = {}
-            while len(finals) < share + 1:
-                msg = await hog.recv()
-                if isinstance(msg, p.VoiceRegistered | p.Done | p.Error):
-                    finals[msg.id] = msg
+    # Registrations run on the voice thread: hold it inside prepare_voice so they stay in flight (holding
+    # the synthesis worker does not, and a quick voice thread would finish them before the test counts).
+    gate, entered = threading.Event(), threading.Event()
+    real = pipeline.prepare_voice
+
+    def held(*args: Any, **kwargs: Any) -> Voice:
+        entered.set()
+        assert gate.wait(GATE_TIMEOUT_S), "the test never released the registration"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_voice", held)
+    audio = speaker_wav + b"\0" * 96  # a voice id no other test registered: the cache cannot answer it
+    try:
+        async with daemon(max_queued_requests=max_queued) as server:
+            async with client(server) as hog, client(server) as other:
+                for rid in range(10, 10 + share + 1):
+                    await hog.send(p.RegisterVoice(id=rid, audio=audio))
+                busy = await hog.recv()
+                assert await asyncio.to_thread(entered.wait, GATE_TIMEOUT_S)
+                await other.send(p.RegisterVoice(id=10, audio=audio))
+                gate.set()
+                other_reply = await other.recv()
+                finals: dict[int, p.ServerMessage] = {}
+                while len(finals) < share:
+                    msg = await hog.recv()
+                    if isinstance(msg, p.VoiceRegistered | p.Error):
+                        finals[msg.id] = msg
+    finally:
+        gate.set()
     assert isinstance(busy, p.Error) and (busy.id, busy.code) == (10 + share, p.ErrorCode.BUSY), busy
     assert isinstance(other_reply, p.VoiceRegistered) and other_reply.id == 10
-    assert isinstance(finals.pop(1), p.Done)
     assert sorted(finals) == list(range(10, 10 + share))
     assert all(isinstance(m, p.VoiceRegistered) for m in finals.values())
