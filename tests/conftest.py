@@ -243,22 +243,34 @@ def fx(request: pytest.FixtureRequest) -> FixtureSet:
     return next(s for s in _SETS if s.root == request.param)
 
 
+# Built once per fixture set for the whole session. Pytest keeps one value of a parametrised session
+# fixture at a time and rebuilds it whenever the order of tests switches sets, so the value is kept here.
+_CONVERTED: dict[Path, Path] = {}
+_PIPELINES: dict[Path, Any] = {}
+
+
 @pytest.fixture(scope="session")
 def converted(fx: FixtureSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fixture's official checkpoint converted with ttsd-convert (once per session)."""
     from ttsd.pipeline.convert import convert
 
-    out = tmp_path_factory.mktemp(f"ckpt-{fx.root.name}")
-    convert(fx.ckpt, out, progress=False)
+    out = _CONVERTED.get(fx.root)
+    if out is None:
+        out = tmp_path_factory.mktemp(f"ckpt-{fx.root.name}")
+        convert(fx.ckpt, out, progress=False)
+        _CONVERTED[fx.root] = out
     return out
 
 
 @pytest.fixture(scope="session")
 def pipeline(converted: Path) -> Any:
-    """One Pipeline on CPU for the whole session (tests that need their own load it themselves)."""
+    """One Pipeline on CPU per fixture set for the whole session (tests that need their own load it)."""
     from ttsd.pipeline.pipeline import Pipeline
 
-    return Pipeline.load(converted, device="cpu")
+    pipe = _PIPELINES.get(converted)
+    if pipe is None:
+        pipe = _PIPELINES[converted] = Pipeline.load(converted, device="cpu")
+    return pipe
 
 
 def all_sets() -> list[FixtureSet]:

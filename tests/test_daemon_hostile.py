@@ -52,11 +52,6 @@ EIGHT_MIB = 8 * 2**20
 
 
 @pytest.fixture(scope="module")
-def pipeline(converted: Path) -> Pipeline:
-    return Pipeline.load(converted, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def voices(pipeline: Pipeline) -> VoiceCache:
     return VoiceCache(max_voices=8)
 

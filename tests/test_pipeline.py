@@ -54,17 +54,6 @@ def golden_text(fx: FixtureSet, variant: str) -> str:
     return str(fx.variant(variant)["call"].get("text", fx.text))
 
 
-@pytest.mark.model_versions("2", "2.5")
-def test_every_variant_matches_golden_waveform(fx: FixtureSet, pipe: Pipeline, variant: str) -> None:
-    """The whole pipeline from reference WAVs and text reproduces upstream's joined waveform (both model
-    versions, through the same engine)."""
-    call = fx.variant(variant)["call"]
-    emo = call["emo_audio_prompt"]
-    voice = pipe.prepare_voice(fx.input_path(call["spk_audio_prompt"]), None if emo is None else fx.input_path(emo))
-    pcm = pipe.synthesize(voice, golden_text(fx, variant), golden_options(fx, variant), noise=golden_noise(fx, variant))
-    assert_close(torch.from_numpy(pcm)[None], fx.golden(variant, "16_output")["wav_pcm"], f"{variant} wav_pcm")
-
-
 def synth_flags(fx: FixtureSet, variant: str) -> list[str]:
     """`ttsd synth` flags for the variant's call: inputs, emotion, decoding, segmentation and (2.5) language."""
     call, opts = fx.variant(variant)["call"], golden_options(fx, variant)
@@ -81,39 +70,71 @@ def synth_flags(fx: FixtureSet, variant: str) -> list[str]:
     return flags
 
 
-@pytest.mark.model_versions("2", "2.5")
-def test_synth_cli_writes_golden_wav(
-    fx: FixtureSet, variant: str, converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """`ttsd synth` with the golden CFM noise reports every segment and writes a 22050 Hz mono 16-bit WAV
-    equal to upstream's joined waveform of the variant (both model versions)."""
-    import logging
-    import re
-
+def _noise_file(fx: FixtureSet, variant: str, tmp_path: Path) -> Path:
     from safetensors.torch import save_file
-
-    from ttsd.pipeline.pcm import to_int16
-    from ttsd.pipeline.synth import main
 
     noise = tmp_path / "noise.safetensors"
     save_file({k: v.contiguous() for k, v in fx.golden(variant, "14_cfm").items() if k.endswith(".noise")}, str(noise))
+    return noise
+
+
+def _golden_int16(fx: FixtureSet, variant: str) -> torch.Tensor:
+    from ttsd.pipeline.pcm import to_int16
+
+    golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
+    return torch.from_numpy(to_int16(golden).astype(np.float32))[None]
+
+
+def _read_wav(path: Path) -> torch.Tensor:
+    info = sf.info(str(path))
+    assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
+    mine, _ = sf.read(str(path), dtype="int16")
+    return torch.from_numpy(mine.astype(np.float32))[None]
+
+
+@pytest.mark.model_versions("2", "2.5")
+def test_every_variant_through_synth_matches_golden_waveform(
+    fx: FixtureSet, pipe: Pipeline, variant: str, converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every variant of both versions, from reference WAVs and text through `ttsd synth`'s flags, checks,
+    progress report and writer (on the session's loaded model), reproduces upstream's joined waveform:
+    the float PCM under the parity rule, the WAV as upstream's 16-bit samples."""
+    import logging
+    import re
+
+    from ttsd.pipeline.synth import build_parser, check, synthesize, write
+
     out = tmp_path / "out.wav"
+    args = build_parser().parse_args(["--checkpoints", str(converted), *synth_flags(fx, variant), "--out", str(out),
+                                      "--noise", str(_noise_file(fx, variant, tmp_path))])
     caplog.set_level(logging.INFO, logger="ttsd.pipeline.synth")
-    rc = main(["--checkpoints", str(converted), *synth_flags(fx, variant), "--out", str(out), "--noise", str(noise)])
-    assert rc == 0
+    job = check(args, args.text)
+    pcm = synthesize(pipe, job, args)
+    assert_close(torch.from_numpy(pcm)[None], fx.golden(variant, "16_output")["wav_pcm"], f"{variant} wav_pcm")
     total = int(re.search(r"segments=(\d+)", caplog.text).group(1))  # type: ignore[union-attr]
     done = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("segment ")]
     assert done == [f"{i}/{total}" for i in range(1, total + 1)]
-    info = sf.info(str(out))
-    assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
-    mine, _ = sf.read(str(out), dtype="int16")
-    written = torch.from_numpy(mine.astype(np.float32))[None]
-    golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
-    assert_close(written, torch.from_numpy(to_int16(golden).astype(np.float32))[None], f"{variant} wav")
+    write(job.out, pcm, pipe.sample_rate_hz, job.out_format)
+    written = _read_wav(out)
+    assert_close(written, _golden_int16(fx, variant), f"{variant} wav")
     upstream_wav = fx.golden_dir / f"{variant}_output.wav"  # the WAV upstream itself wrote, where the set has it
     if upstream_wav.is_file():
         ref, _ = sf.read(str(upstream_wav), dtype="int16")
         assert_close(written, torch.from_numpy(ref.astype(np.float32))[None], upstream_wav.name)
+
+
+@pytest.mark.model_versions("2", "2.5")
+def test_synth_cli_loads_and_writes_golden_wav(fx: FixtureSet, converted: Path, tmp_path: Path) -> None:
+    """`ttsd synth` as a command (its own model load, both versions) writes the golden WAV of the set's
+    first variant; the test above covers every variant's flags on an already loaded model."""
+    from ttsd.pipeline.synth import main
+
+    variant = fx.variants[0]
+    out = tmp_path / "out.wav"
+    argv = ["--checkpoints", str(converted), *synth_flags(fx, variant), "--out", str(out),
+            "--noise", str(_noise_file(fx, variant, tmp_path))]
+    assert main(argv) == 0
+    assert_close(_read_wav(out), _golden_int16(fx, variant), f"{variant} wav")
 
 
 def test_sampling_is_seeded(fx: FixtureSet, pipe: Pipeline) -> None:
