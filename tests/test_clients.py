@@ -40,8 +40,8 @@ from .conftest import FixtureSet
 
 GUARD_S = 300.0  # upper bound on waiting for a subprocess line: a hang guard, not a timing assertion
 # Small enough for 2 shared CPU cores: random tiny weights rarely emit the stop token on their own.
-FAST = {"max_mel_tokens": 24, "diffusion_steps": 3}
-FAST_FLAGS = ["--max-mel-tokens", "24", "--diffusion-steps", "3"]
+FAST = {"max_mel_tokens": 12, "diffusion_steps": 2}
+FAST_FLAGS = ["--max-mel-tokens", "12", "--diffusion-steps", "2"]
 TEXT = "Hello world, this is a test. The quick brown fox jumps over the lazy dog!"
 
 

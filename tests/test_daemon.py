@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -680,78 +677,6 @@ async def test_shutdown_cancels_what_misses_the_drain_timeout(daemon: Daemon, sp
     error = last(messages)
     assert isinstance(error, p.Error) and error.code == p.ErrorCode.SHUTTING_DOWN
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
-
-
-def test_ttsd_serve_notifies_systemd_and_exits_0_on_sigterm(converted: Path, tmp_path: Path) -> None:
-    """`ttsd serve` sends READY=1 once listening, serves /healthz, and on SIGTERM sends STOPPING=1 and exits 0."""
-    notify_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(GATE_TIMEOUT_S)
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-    env.pop("JOURNAL_STREAM", None)
-    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--checkpoints", str(converted), "--port", "0",
-           "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        states: list[str] = []
-        while "READY=1" not in states:
-            states += notify.recv(4096).decode().splitlines()   # STATUS=loading ..., then READY=1
-        line = ""
-        assert proc.stderr is not None
-        while "ttsd ready" not in line:
-            line = proc.stderr.readline()
-            assert line, "daemon exited before logging its ready line"
-        fields = dict(kv.split("=", 1) for kv in line.split(": ", 1)[1].split() if "=" in kv)
-        assert {"url", "device", "dtype", "load_s"} <= fields.keys(), line
-        port = int(fields["url"].rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert s.recv(64).startswith(b"HTTP/1.1 200")
-        proc.send_signal(signal.SIGTERM)
-        while "STOPPING=1" not in states:
-            states += notify.recv(4096).decode().splitlines()
-        assert proc.wait(GATE_TIMEOUT_S) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-        notify.close()
-
-
-async def test_ttsd_serve_random_weights_answers_with_audio(speaker_wav: bytes) -> None:
-    """`ttsd serve --random-weights tiny` needs no checkpoints, warns that its weights are random, and speaks."""
-    env = {**os.environ}
-    env.pop("JOURNAL_STREAM", None)
-    env.pop("NOTIFY_SOCKET", None)
-    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--random-weights", "tiny", "--random-seed", "1",
-           "--port", "0", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        while not lines or "ttsd ready" not in lines[-1]:
-            lines.append(await asyncio.to_thread(proc.stderr.readline))
-            assert lines[-1], "daemon exited before logging its ready line: " + "".join(lines)
-        assert any(" WARNING " in line and "RANDOM weights" in line for line in lines), lines
-        url = lines[-1].split("url=", 1)[1].split()[0]
-        async with connect(url, compression=None, max_size=None) as ws:
-            c = Client(ws)
-            voice = await c.register(speaker_wav)
-            await c.send(p.Synthesize(id=1, text="Hello world.", voice=voice, **FAST))
-            messages = await c.until(1)
-        assert isinstance(last(messages), p.Done), last(messages)
-        assert len(pcm_of(messages, 1)) > 0
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, GATE_TIMEOUT_S) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 @pytest.mark.cuda

@@ -19,7 +19,7 @@ from ttsd.pipeline.voice import Voice
 
 from .conftest import FixtureSet, assert_close
 
-SHORT = dict(max_mel_tokens=24, diffusion_steps=4, max_text_tokens_per_segment=20)
+SHORT = dict(max_mel_tokens=16, diffusion_steps=2, max_text_tokens_per_segment=20)
 THREE = "One two. Three four. Five six."
 THREE_SEGMENTS = {**SHORT, "max_text_tokens_per_segment": 8}  # THREE is one segment per sentence
 

@@ -26,6 +26,7 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
+from websockets.asyncio.client import connect
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error as WyError
@@ -47,7 +48,18 @@ from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
 
 from .conftest import FixtureSet
-from .test_daemon import FAST, GATE_TIMEOUT_S, TWO_SENTENCES, Recorder, client, offline_pcm, running, until_true
+from .test_daemon import (
+    FAST,
+    GATE_TIMEOUT_S,
+    TWO_SENTENCES,
+    Client,
+    Recorder,
+    client,
+    offline_pcm,
+    pcm_of,
+    running,
+    until_true,
+)
 
 TOKEN = "interfaces-test-token-0123456789"
 READ_TIMEOUT_S = 120.0
@@ -556,28 +568,52 @@ def test_serve_refuses_a_missing_voices_dir_before_loading(tmp_path: Path) -> No
     assert "voices_dir" in proc.stderr and "not a directory" in proc.stderr
 
 
-async def test_ttsd_serve_speaks_on_every_port(voices_dir: Path) -> None:
-    """`ttsd serve` (uvloop) logs its HTTP and Wyoming URLs, serves speech on both, and exits 0 on SIGTERM."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
-    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--random-weights", "tiny", "--device", "cpu", "--port", "0",
-           "--http-port", "0", "--wyoming-port", "0", "--voices-dir", str(voices_dir)]
+async def test_ttsd_serve_speaks_on_every_port(voices_dir: Path, speaker_wav: bytes, tmp_path: Path) -> None:
+    """`ttsd serve --random-weights tiny` (uvloop, no checkpoints) warns that its weights are random, sends
+    READY=1 once listening, logs its URLs, answers /healthz, speaks on the WebSocket, HTTP and Wyoming ports,
+    and on SIGTERM sends STOPPING=1 and exits 0. One daemon process for all of it: each start loads a model."""
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(GATE_TIMEOUT_S)
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"} | {"NOTIFY_SOCKET": str(notify_path)}
+    cmd = [sys.executable, "-m", "ttsd.daemon", "serve", "--random-weights", "tiny", "--random-seed", "1",
+           "--device", "cpu", "--port", "0", "--http-port", "0", "--wyoming-port", "0", "--voices-dir", str(voices_dir)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
+        states: list[str] = []
+        while "READY=1" not in states:  # STATUS=loading ..., then READY=1
+            states += (await asyncio.to_thread(notify.recv, 4096)).decode().splitlines()
         assert proc.stderr is not None
         lines: list[str] = []
         while not lines or "ttsd ready" not in lines[-1]:
             lines.append(await asyncio.to_thread(proc.stderr.readline))
             assert lines[-1], "daemon exited before logging its ready line: " + "".join(lines)
+        assert any(" WARNING " in line and "RANDOM weights" in line for line in lines), lines
         fields = dict(kv.split("=", 1) for kv in lines[-1].split(": ", 1)[1].split() if "=" in kv)
+        assert {"url", "device", "dtype", "load_s"} <= fields.keys(), lines[-1]
         assert fields["presets"] == "1"
+        port = int(fields["url"].rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read(64)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        async with connect(fields["url"], compression=None, max_size=None) as ws:
+            c = Client(ws)
+            voice = await c.register(speaker_wav)
+            await c.send(p.Synthesize(id=1, text="Hello world.", voice=voice, **FAST))
+            messages = await c.until(1)
+        assert isinstance(messages[-1], p.Done) and pcm_of(messages, 1), messages[-1]
         async with aiohttp.ClientSession(base_url=fields["http"]) as h:
             async with h.post("/v1/audio/speech", json=speech("Hello.")) as r:
                 assert r.status == 200 and (await r.read()).startswith(b"RIFF")
-        host, port = fields["wyoming"].removeprefix("tcp://").rsplit(":", 1)
-        async with AsyncTcpClient(host, int(port)) as c:
-            await c.write_event(Synthesize(text="Hello.").event())
-            assert len(audio_of(await events_until(c, "audio-stop"))) > 0
+        host, wy_port = fields["wyoming"].removeprefix("tcp://").rsplit(":", 1)
+        async with AsyncTcpClient(host, int(wy_port)) as wy:
+            await wy.write_event(Synthesize(text="Hello.").event())
+            assert len(audio_of(await events_until(wy, "audio-stop"))) > 0
         proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in states:
+            states += (await asyncio.to_thread(notify.recv, 4096)).decode().splitlines()
         assert await asyncio.to_thread(proc.wait, GATE_TIMEOUT_S) == 0
     finally:
         if proc.poll() is None:
@@ -585,6 +621,7 @@ async def test_ttsd_serve_speaks_on_every_port(voices_dir: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+        notify.close()
 
 
 def test_openai_speed_maps_to_the_duration_factor_on_indextts25() -> None:
