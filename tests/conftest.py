@@ -28,22 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import yaml
+
+# OpenMP threads sleep when they run out of work instead of spinning, in the test process and in every
+# process it starts (daemons, CLIs, benchmarks). The suite often runs two torch processes at once (a
+# test and its `ttsd serve`), and a daemon runs its worker and voice threads side by side: with the
+# default spinning, their parallel regions keep 2 cores busy waiting for preempted threads. Measured
+# on the 2-core machine with another process busy, the 8 golden waveforms took 114 s spinning, 48 s
+# sleeping (and 48 s with one thread). It must be set before torch (and its OpenMP) is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the OpenMP setting above)
+import yaml  # noqa: E402
 
 from ttsd.pipeline.config import model_version
-
-# One intra-op thread in the test process and in every process it starts (daemons, CLIs, benches).
-# The suite often runs two torch processes at once (a test and its `ttsd serve`), and the daemon runs
-# its worker and voice threads side by side: with OpenMP's default of one thread per core, those
-# oversubscribe 2 cores and each parallel region waits on preempted threads. Measured on the 2-core
-# machine while another process was busy: the 8 golden waveforms took 318 s with 2 threads, 63 s with
-# 1. The tensors here are small, so one thread loses little when the machine is idle. Results stay
-# under the parity rule either way (the tests check that); benchmarks choose their own threads.
-TEST_THREADS = "1"
-os.environ["OMP_NUM_THREADS"] = TEST_THREADS
-os.environ["MKL_NUM_THREADS"] = TEST_THREADS
-torch.set_num_threads(int(TEST_THREADS))
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_FIXTURES = REPO / "tests" / "fixtures"
