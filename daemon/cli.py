@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Final
 
-from ttsd.pipeline.errors import missing_extra
+from ttsd.api.errors import missing_extra
 
 from .config import DaemonConfig, add_flags, from_args
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    from ttsd.pipeline.errors import ConfigError
+    from ttsd.api.errors import ConfigError
 
     try:
         config = from_args(args)

@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Final
 
 import msgpack
 
-from ttsd.pipeline.errors import BadOptions
+from ttsd.api import protocol as p
+from ttsd.api.errors import BadOptions
 
-from . import protocol as p
 from .session import synthesis_options
 from .worker import Job
 
 if TYPE_CHECKING:
-    from ttsd.pipeline import SynthesisOptions, Voice
+    from ttsd.api.options import SynthesisOptions
+    from ttsd.pipeline import Voice
 
     from .worker import Worker
 

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from websockets.exceptions import ConnectionClosed
 
-from ttsd.pipeline.errors import BadAudio, BadOptions, BadText, Busy, TextTooLong, TtsdError
-from ttsd.pipeline.options import SynthesisOptions
+from ttsd.api import protocol as p
+from ttsd.api.errors import BadAudio, BadOptions, BadText, Busy, TextTooLong, TtsdError
+from ttsd.api.options import SynthesisOptions
 from ttsd.pipeline.text.segment import SentenceBuffer
 
-from . import protocol as p
 from .metrics import DISCONNECTED, OK, Metrics
 from .worker import Job, VoiceResult, Worker
 

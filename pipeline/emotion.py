@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from .errors import ConfigError, TtsdError
-from .options import SynthesisOptions
+from ttsd.api.errors import ConfigError, TtsdError
+from ttsd.api.options import SynthesisOptions
+from ttsd.api.rules import MAX_TEXT_CHARS, check_text
+
 from .qwen_emo import DEFAULT_MAX_NEW_TOKENS, QWEN_EMO_DIR, REQUIRED_FILES, UPSTREAM_MAX_NEW_TOKENS, find_qwen_emo
-from .rules import MAX_TEXT_CHARS, check_text
 
 EXIT_FAILED: Final = 1  # the model could not be loaded, or its answer could not be read
 EXIT_USAGE: Final = 2  # an argument is wrong; nothing was loaded

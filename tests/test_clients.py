@@ -22,6 +22,7 @@ import soundfile
 import websockets
 from websockets.asyncio.server import ServerConnection
 
+from ttsd.api import protocol as p
 from ttsd.clients.client import (
     ERRORS,
     BadAudio,
@@ -33,7 +34,6 @@ from ttsd.clients.client import (
     SyncClient,
     UnknownVoice,
 )
-from ttsd.daemon import protocol as p
 from ttsd.tools.ports import free_port
 
 from .conftest import FixtureSet

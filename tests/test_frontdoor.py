@@ -24,13 +24,13 @@ import pytest
 import soundfile as sf
 import torch
 
+from ttsd.api.errors import ConfigError
 from ttsd.clients import say
 from ttsd.daemon.cli import build_parser as ttsd_parser
 from ttsd.daemon.config import RANDOM_WEIGHT_PRESETS, DaemonConfig
 from ttsd.pipeline import rules, synth
 from ttsd.pipeline.convert import convert, verify
 from ttsd.pipeline.device import CUDA_WHEEL_HINT, resolve_device
-from ttsd.pipeline.errors import ConfigError
 from ttsd.pipeline.pipeline import Pipeline, Segment
 from ttsd.pipeline.requests import SegmentAudio
 from ttsd.tools.ports import free_port

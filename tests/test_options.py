@@ -10,12 +10,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from ttsd.clients import say
-from ttsd.daemon import protocol as p
-from ttsd.daemon.session import synthesis_options
-from ttsd.pipeline import synth
-from ttsd.pipeline.errors import BadOptions
-from ttsd.pipeline.options import (
+from ttsd.api import protocol as p
+from ttsd.api.errors import BadOptions
+from ttsd.api.options import (
     OPTIONS,
     Option,
     SynthesisOptions,
@@ -25,6 +22,9 @@ from ttsd.pipeline.options import (
     option,
     options_of,
 )
+from ttsd.clients import say
+from ttsd.daemon.session import synthesis_options
+from ttsd.pipeline import synth
 
 from .conftest import REPO
 
@@ -181,7 +181,7 @@ def test_docs_options_table_matches_the_code() -> None:
     doc = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8").splitlines()
     names = {f"| `{o.name}` |" for o in OPTIONS}
     rows = [line for line in doc if any(line.startswith(n) for n in names)]
-    assert rows == markdown_rows(), "regenerate the rows with ttsd.pipeline.options.markdown_rows():\n" + "\n".join(
+    assert rows == markdown_rows(), "regenerate the rows with ttsd.api.options.markdown_rows():\n" + "\n".join(
         markdown_rows())
 
 

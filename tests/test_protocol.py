@@ -8,8 +8,8 @@ import sys
 import msgpack
 import pytest
 
-from ttsd.daemon import protocol as p
-from ttsd.pipeline.options import OPTIONS, Option
+from ttsd.api import protocol as p
+from ttsd.api.options import OPTIONS, Option
 
 CLIENT_MESSAGES: list[p.ClientMessage] = [
     p.Hello(client="test/1", version=p.PROTOCOL_VERSION),

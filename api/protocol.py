@@ -1,8 +1,8 @@
 """The ttsd wire protocol: typed messages carried as msgpack maps in binary WebSocket frames.
 
-Imports only the standard library, msgpack and two torch-free modules of `ttsd.pipeline`: `errors`
-(where the error codes are defined once) and `options` (the one table of synthesis options, whose
-names, types and ranges the `synthesize` decoder checks), so client programs can use it without torch.
+Imports only the standard library, msgpack and its neighbours `errors` (where the error codes are
+defined once) and `options` (the one table of synthesis options, whose one validator checks the
+`synthesize` fields), so client programs can use it without torch.
 Every frame is one msgpack map with a `type` key naming the message and one key per field.
 `encode(msg)` writes any message; `decode_client(frame)` (server side) and `decode_server(frame)`
 (client side) check every field's type and range, reject unknown types and unknown keys, and raise
@@ -21,8 +21,8 @@ from typing import ClassVar, Final, TypeVar, get_args
 
 import msgpack
 
+from ttsd.api.options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue  # stdlib only too
 from ttsd.pipeline.errors import ErrorCode  # standard library only, like this module
-from ttsd.pipeline.options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue  # stdlib only too
 
 PROTOCOL_VERSION: Final = 1
 SAMPLE_RATE_HZ: Final = 22_050          # the only output rate: BigVGAN's (config: s2mel.preprocess_params.sr)
@@ -92,7 +92,7 @@ class RegisterVoice:
 @dataclass(frozen=True, slots=True, init=False)
 class Synthesize:
     """Start a request. Synthesis options travel as flat keys beside the other fields, one per
-    `ttsd.pipeline.options.OPTIONS` entry (its name, type and range); an absent or nil option takes
+    `ttsd.api.options.OPTIONS` entry (its name, type and range); an absent or nil option takes
     the upstream IndexTTS2 default. Build it with keywords: `Synthesize(id=1, text="Hi.",
     voice=v, temperature=0.6)`; `options` holds the options that were set, in table order."""
 

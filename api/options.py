@@ -5,7 +5,7 @@ IndexTTS2's, from `IndexTTS2.infer` in infer_v2.py: sampling with 3 beams, top-k
 temperature 0.8, repetition penalty 10, 1500 codes at most, 25 Euler steps, CFG rate 0.7,
 segments of at most 120 text tokens, 200 ms of silence between segments), and the rest is in its
 `option(...)` metadata. `OPTIONS` reads them back, and everything else is generated from it: the
-protocol's validation of `synthesize` fields (ttsd.daemon.protocol), the flags of `ttsd synth`
+protocol's validation of `synthesize` fields (ttsd.api.protocol), the flags of `ttsd synth`
 and `ttsd-say` (`add_option_flags`), `SynthesisOptions.validated()`, and the options table of
 docs/protocol.md (`markdown_rows`, checked by a test). Adding an option is adding a field here.
 
