@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, fields
-from typing import ClassVar, Final, TypeVar, get_args
+from typing import ClassVar, Final, TypeVar, cast, get_args
 
 import msgpack
 
@@ -290,7 +290,6 @@ _MISSING: Final = object()
 _M = TypeVar("_M")
 _C = TypeVar("_C")
 _UNKNOWN_FIELDS_SHOWN: Final = 3
-_N = TypeVar("_N", int, float)
 
 
 class _Fields:
@@ -399,39 +398,25 @@ class _Fields:
         return value
 
     def option(self, o: Option) -> OptionValue | None:
-        """A synthesis option by its table entry: absent or nil → None, else its type and range checked."""
+        """A synthesis option by its table entry: absent or nil → None, else checked by `Option.problem`,
+        the one validator (`SynthesisOptions` uses it too)."""
         value = self._take(o.name, False)
         if value is _MISSING or value is None:
             return None
-        key = o.name
-        if o.kind is bool:
-            return self._check_bool(key, value)
-        if o.kind is str:
-            text = self._check_str(key, value, o.meta.max_chars)
-            if o.meta.choices is not None and text not in o.meta.choices:
-                raise self.fail(f"{key!r} must be one of {', '.join(o.meta.choices)}, got {text!r}")
-            return text
-        if o.kind is tuple:
-            if not isinstance(value, list) or len(value) != o.meta.length:
-                raise self.fail(f"{key!r} must be an array of {o.meta.length} numbers")
-            return tuple(self._in_range(o, f"{key}[{i}]", self._check_number(f"{key}[{i}]", v))
-                         for i, v in enumerate(value))
-        if o.kind is int:
-            if type(value) is not int:  # bool is an int subclass: msgpack true/false must not pass as 1/0
-                raise self.fail(f"{key!r} must be an integer, got {_kind_of(value)}")
-            return self._in_range(o, key, value)
-        return self._in_range(o, key, self._check_number(key, value))
+        problem = o.problem(value)
+        if problem is not None:
+            raise self.fail(problem)
+        if isinstance(value, list):
+            return tuple(float(v) for v in value)
+        if o.kind is float and isinstance(value, int):
+            return float(value)  # many msgpack encoders write 1.0 as 1
+        return cast(OptionValue, value)  # problem() accepted it: a bool, int, float or str of o.kind
 
     def _check_number(self, key: str, value: object) -> float:
         # Integers are accepted for float fields: many msgpack encoders write 1.0 as 1.
         if type(value) is not float and type(value) is not int:
             raise self.fail(f"{key!r} must be a number, got {_kind_of(value)}")
         return float(value)
-
-    def _in_range(self, o: Option, key: str, x: _N) -> _N:
-        if not o.contains(x):
-            raise self.fail(f"{key!r} must be in {o.interval}, got {x if isinstance(x, int) else format(x, 'g')}")
-        return x
 
     def opt_id(self, key: str) -> int | None:
         return self.opt_integer(key, 0, MAX_REQUEST_ID)

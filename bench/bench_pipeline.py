@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         num_beams=args.num_beams,
         diffusion_steps=args.diffusion_steps,
         max_mel_tokens=args.codes if args.codes is not None else defaults.max_mel_tokens,
-    ).validated()
+    )
     voice_src: Path | bytes = args.voice if args.voice is not None else synthetic_voice(args.voice_s)
     t0 = time.perf_counter()
     voice = pipe.prepare_voice(voice_src)

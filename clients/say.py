@@ -245,7 +245,7 @@ def check(args: argparse.Namespace) -> None:
     the reference files (present and readable as audio; their length limit is the daemon's to
     apply, it may differ from the default) and the output file (format, writable). Raises
     TtsdError with a one-line message."""
-    SynthesisOptions(**given_options(args)).validated()
+    SynthesisOptions(**given_options(args))  # BadOptions naming a value out of range
     for path, what in ((args.voice, "speaker reference audio"), (args.emo_audio, "emotion reference audio")):
         if path is not None:
             reference_audio_seconds(path, f"{what} {path}")

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Final
 import msgpack
 
 from ttsd.api import protocol as p
-from ttsd.api.errors import BadOptions
 
 from .session import synthesis_options
 from .worker import Job
@@ -76,12 +75,9 @@ def decode_options(values: Mapping[str, object]) -> Options:
     try:
         msg = p.decode_client(frame)
         assert isinstance(msg, p.Synthesize)  # the frame says so
-        opts = synthesis_options(msg).validated()
     except p.ProtocolError as e:
         raise OptionError(e.detail.removeprefix(f"{p.Synthesize.TYPE}: "), _blamed(e.detail, values)) from None
-    except BadOptions as e:
-        raise OptionError(str(e), _blamed(str(e), values)) from None
-    return Options(opts, msg.emo_voice)
+    return Options(synthesis_options(msg), msg.emo_voice)
 
 
 def _blamed(detail: str, values: Mapping[str, object]) -> str | None:

@@ -52,7 +52,7 @@ def check_args(args: argparse.Namespace) -> tuple[Path, str]:
     check_text(text, MAX_TEXT_CHARS)
     if not 1 <= args.max_new_tokens <= UPSTREAM_MAX_NEW_TOKENS:
         raise ConfigError(f"--max-new-tokens must be in [1, {UPSTREAM_MAX_NEW_TOKENS}], got {args.max_new_tokens}")
-    SynthesisOptions(emo_alpha=args.emo_alpha).validated()  # the range the daemon accepts
+    SynthesisOptions(emo_alpha=args.emo_alpha)  # BadOptions outside the range the daemon accepts
     if not args.checkpoints.is_dir():
         raise ConfigError(f"--checkpoints {args.checkpoints}: no such directory")
     folder = find_qwen_emo(args.checkpoints)

@@ -245,8 +245,7 @@ class Pipeline:
         return voice
 
     def check_options(self, opts: SynthesisOptions) -> SynthesisOptions:
-        """`opts` if valid for this model and server, else BadOptions naming the field."""
-        opts.validated()
+        """`opts` (checked when it was built) if valid for this model and server, else BadOptions naming the field."""
         if opts.num_beams > self.max_num_beams:
             raise BadOptions(f"num_beams must be <= {self.max_num_beams} on this server")
         # Quote duplication can add one piece to a segment; the GPT's text position table must hold it.

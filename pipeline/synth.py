@@ -87,7 +87,7 @@ def check(args: argparse.Namespace, text: str) -> Job:
     Raises a TtsdError with a one-line message."""
     from .device import resolve_device
 
-    opts = SynthesisOptions(**given_options(args)).validated()
+    opts = SynthesisOptions(**given_options(args))  # BadOptions naming a value out of range
     if args.max_text_chars < 1 or args.max_reference_audio_s <= 0:
         raise ConfigError("--max-text-chars must be >= 1 and --max-reference-audio-s > 0")
     if not text.strip():
