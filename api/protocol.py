@@ -21,8 +21,8 @@ from typing import ClassVar, Final, TypeVar, cast, get_args
 
 import msgpack
 
-from ttsd.api.options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue  # stdlib only too
-from ttsd.pipeline.errors import ErrorCode  # standard library only, like this module
+from .errors import ErrorCode
+from .options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue
 
 PROTOCOL_VERSION: Final = 1
 SAMPLE_RATE_HZ: Final = 22_050          # the only output rate: BigVGAN's (config: s2mel.preprocess_params.sr)
