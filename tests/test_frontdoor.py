@@ -24,11 +24,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from ttsd.api import rules
 from ttsd.api.errors import ConfigError
 from ttsd.clients import say
 from ttsd.daemon.cli import build_parser as ttsd_parser
 from ttsd.daemon.config import RANDOM_WEIGHT_PRESETS, DaemonConfig
-from ttsd.pipeline import rules, synth
+from ttsd.pipeline import synth
 from ttsd.pipeline.convert import convert, verify
 from ttsd.pipeline.device import CUDA_WHEEL_HINT, resolve_device
 from ttsd.pipeline.pipeline import Pipeline, Segment
