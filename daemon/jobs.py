@@ -76,7 +76,8 @@ def decode_options(values: Mapping[str, object]) -> Options:
         msg = p.decode_client(frame)
         assert isinstance(msg, p.Synthesize)  # the frame says so
     except p.ProtocolError as e:
-        raise OptionError(e.detail.removeprefix(f"{p.Synthesize.TYPE}: "), _blamed(e.detail, values)) from None
+        detail = e.detail.removeprefix(f"{p.Synthesize.TYPE}: ")
+        raise OptionError(detail, _blamed(detail, values)) from None
     return Options(synthesis_options(msg), msg.emo_voice)
 
 
