@@ -64,9 +64,9 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run_serve(config: DaemonConfig) -> int:
-    from .server import serve
-
     try:
+        from .server import serve
+
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(serve(config))
     except ModuleNotFoundError as e:
