@@ -373,7 +373,8 @@ def _imports(path: Path, package: str) -> set[str]:
     return found
 
 
-FOLDERS = {"pipeline": "ttsd.pipeline", "daemon": "ttsd.daemon", "clients": "ttsd.clients", "tools": "ttsd.tools"}
+FOLDERS = {"api": "ttsd.api", "pipeline": "ttsd.pipeline", "daemon": "ttsd.daemon", "clients": "ttsd.clients",
+           "tools": "ttsd.tools"}
 
 
 def _module_graph() -> dict[str, set[str]]:
