@@ -4,7 +4,8 @@
 every `TtsdError` subclass names its code from it. The daemon turns a `TtsdError` into a protocol
 `Error` message carrying `code`; anything else is a bug and ends only the request that hit it,
 with code `internal`. The errors that only loading a model can raise (checkpoints, the emotion
-model's answers, a failed accelerator) are in `ttsd.pipeline.errors`."""
+model's answers, a failed accelerator) are in `ttsd.pipeline.errors`. `missing_extra` names the
+pyproject extra that installs a module an installation lacks (`pip install ttsd` has no torch)."""
 
 from __future__ import annotations
 
