@@ -206,9 +206,11 @@ class Option:
         if self.kind is str:
             if not isinstance(value, str):
                 return f"{self.name} must be a string"
+            if len(value) > self.meta.max_chars:  # first: a client's 8 MiB string is never quoted
+                return f"{self.name} is longer than {self.meta.max_chars}"
             if self.meta.choices is not None and value not in self.meta.choices:
                 return f"{self.name} must be one of {', '.join(self.meta.choices)}, got {value!r}"
-            return None if len(value) <= self.meta.max_chars else f"{self.name} is longer than {self.meta.max_chars}"
+            return None
         if self.kind is tuple:
             if not isinstance(value, tuple | list) or len(value) != self.meta.length:
                 return f"{self.name} needs {self.meta.length} weights"
