@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ttsd.api.options import SynthesisOptions
+from ttsd.api.protocol import Audio, Done
 from ttsd.clients.client import Cancelled, Client
 from ttsd.daemon.config import DaemonConfig
-from ttsd.daemon.protocol import Audio, Done
-from ttsd.pipeline.options import SynthesisOptions
 from ttsd.tools.ports import free_port
 from ttsd.tools.tiny import synthetic_voice
 

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from ttsd.api.options import SynthesisOptions
 from ttsd.daemon.cli import simulated_cuda
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.decode import DecodeBatch
 from ttsd.pipeline.engine import AcousticInput
 from ttsd.pipeline.voice import Voice
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         num_beams=args.num_beams,
         diffusion_steps=args.diffusion_steps,
         max_mel_tokens=args.codes if args.codes is not None else defaults.max_mel_tokens,
-    ).validated()
+    )
     voice_src: Path | bytes = args.voice if args.voice is not None else synthetic_voice(args.voice_s)
     t0 = time.perf_counter()
     voice = pipe.prepare_voice(voice_src)

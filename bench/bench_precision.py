@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ttsd.api.options import SynthesisOptions
 from ttsd.daemon.cli import simulated_cuda
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.decode import DecodeParams, Generated, generate
 from ttsd.pipeline.engine import AcousticInput
 from ttsd.pipeline.gpt import UnifiedVoice, decode_copy

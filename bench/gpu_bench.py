@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from ttsd.api.options import SynthesisOptions
 from ttsd.daemon.cli import simulated_cuda
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.accel import graphed_step
 from ttsd.pipeline.decode import DecodeBatch
 from ttsd.pipeline.engine import AcousticInput, Engine, Request, RequestDone, RequestFailed, SegmentDone

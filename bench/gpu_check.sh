@@ -46,7 +46,7 @@ if [ -d .gpu/whl ]; then
         || log "wheel install failed"
 fi
 mkdir -p "$site/ttsd"
-for d in pipeline daemon clients tools; do ln -sfn "$PWD/$d" "$site/ttsd/$d"; done
+for d in api pipeline daemon clients tools; do ln -sfn "$PWD/$d" "$site/ttsd/$d"; done
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .gpu/fixtures ]; then
     TTSD_FIXTURES=$(find "$PWD/.gpu/fixtures" -mindepth 1 -maxdepth 1 -type d | sort | paste -sd:)

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault(simcuda.ENV_MEMORY, "64")
     simcuda.install(budget_gib=float(os.environ[simcuda.ENV_MEMORY]))
-    from ttsd.pipeline import Pipeline, SynthesisOptions
+    from ttsd.api.options import SynthesisOptions
+    from ttsd.pipeline import Pipeline
     from ttsd.pipeline.decode import Generated
     from ttsd.pipeline.engine import AcousticInput
     from ttsd.pipeline.pipeline import Segment

@@ -6,7 +6,7 @@
             if isinstance(event, Audio):
                 play(event.pcm)                  # s16le mono at c.sample_rate_hz
 
-Frames are encoded and decoded only with `ttsd.daemon.protocol` (no torch needed). One reader task
+Frames are encoded and decoded only with `ttsd.api.protocol` (no torch needed). One reader task
 routes each server frame to its request by id. A request's events are `SegmentStart`, `Audio`,
 `SegmentEnd` and finally `Done`; a server `Error` for it is raised from the iterator as the
 `ServerError` subclass for its code (`Cancelled` after `cancel()`). `SyncClient` wraps it all for
@@ -31,8 +31,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from ttsd.daemon import protocol as p
-from ttsd.daemon.protocol import Audio, Done, ErrorCode, SegmentEnd, SegmentStart
+from ttsd.api import protocol as p
+from ttsd.api.protocol import Audio, Done, ErrorCode, SegmentEnd, SegmentStart
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ class Client:
     def synthesize(self, text: str, *, voice: str, incremental: bool = False, **options: Any) -> Synthesis:
         """A synthesis request (sent when first iterated, started or appended to).
 
-        `options` are the synthesis options of `ttsd.pipeline.options.OPTIONS` by name (emo_alpha,
+        `options` are the synthesis options of `ttsd.api.options.OPTIONS` by name (emo_alpha,
         emo_vector as 8 floats, temperature, seed, ...), plus `emo_voice` (a voice id). None keeps
         the server's default, which is upstream's.
         With incremental=True, `text` is the first chunk; send more with `append_text`, end with `flush`."""

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from ttsd.api.protocol import SAMPLE_RATE_HZ
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE_HZ = 22_050     # the daemon's output rate (protocol Hello.sample_rate)
 JITTER_MS = 200             # audio queued again before resuming after an underrun
 BLOCK_FRAMES = 1024         # frames per PortAudio callback (~46 ms at 22.05 kHz)
 

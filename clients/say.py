@@ -7,9 +7,9 @@
 Text comes from the arguments, or from stdin when there are none (or the only one is "-"): each
 line is sent as soon as it is read, so the daemon speaks every sentence once it is complete, and
 end of input flushes the rest. Ctrl-C cancels the request on the daemon and exits with 130.
-The synthesis flags are generated from the one option table (ttsd.pipeline.options) and checked
+The synthesis flags are generated from the one option table (ttsd.api.options) and checked
 against it before connecting; flags left out take the daemon's defaults, which are upstream's.
-Output files follow the same rules as `ttsd synth --out` (ttsd.pipeline.rules).
+Output files follow the same rules as `ttsd synth --out` (ttsd.api.rules).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from ttsd.daemon.protocol import SAMPLE_RATE_HZ, Audio, Done, SegmentStart
-from ttsd.pipeline.errors import TtsdError
-from ttsd.pipeline.options import SynthesisOptions, add_option_flags, given_options
-from ttsd.pipeline.rules import check_writable, output_format, reference_audio_seconds
+from ttsd.api.errors import TtsdError
+from ttsd.api.options import SynthesisOptions, add_option_flags, given_options
+from ttsd.api.protocol import SAMPLE_RATE_HZ, Audio, Done, SegmentStart
+from ttsd.api.rules import check_writable, output_format, reference_audio_seconds
 
 from .client import DEFAULT_URL, Cancelled, Client, ClientError, Synthesis
 
@@ -245,7 +245,7 @@ def check(args: argparse.Namespace) -> None:
     the reference files (present and readable as audio; their length limit is the daemon's to
     apply, it may differ from the default) and the output file (format, writable). Raises
     TtsdError with a one-line message."""
-    SynthesisOptions(**given_options(args)).validated()
+    SynthesisOptions(**given_options(args))  # BadOptions naming a value out of range
     for path, what in ((args.voice, "speaker reference audio"), (args.emo_audio, "emotion reference audio")):
         if path is not None:
             reference_audio_seconds(path, f"{what} {path}")

@@ -1,1 +1,1 @@
-"""The ttsd daemon. Empty so that `ttsd.daemon.protocol` imports without torch."""
+"""The ttsd daemon: WebSocket, HTTP and Wyoming servers around one pipeline worker."""

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Final
 
-from ttsd.pipeline.errors import missing_extra
+from ttsd.api.errors import missing_extra
 
 from .config import DaemonConfig, add_flags, from_args
 
@@ -64,10 +64,17 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run_serve(config: DaemonConfig) -> int:
-    from .server import serve
+    try:
+        from .server import serve
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(serve(config))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(serve(config))
+    except ModuleNotFoundError as e:
+        # `pip install ttsd` is the torch-free client set: the daemon needs the server extra.
+        if (missing := missing_extra(e)) is None:
+            raise
+        print(f"ttsd serve: {missing}", file=sys.stderr)
+        return 2
 
 
 def version() -> str:
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATES:
         name = DELEGATES[argv[0]][0]
         try:
-            module = importlib.import_module(name)
+            # The command may import an extra's module only once it runs (synth: torch, after its checks).
+            return int(importlib.import_module(name).main(argv[1:]) or 0)
         except ModuleNotFoundError as e:
             missing = missing_extra(e)
             if missing is not None:  # an optional extra that is not installed
@@ -117,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise  # the module exists but lacks a dependency: show the real error
             print(f"ttsd {argv[0]}: not available in this installation ({name} is missing)", file=sys.stderr)
             return 2
-        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    from ttsd.pipeline.errors import ConfigError
+    from ttsd.api.errors import ConfigError
 
     try:
         config = from_args(args)

@@ -5,7 +5,7 @@ as the fields), `TTSD_TOKEN` from the environment (so a systemd EnvironmentFile 
 without it showing in `ps`), then command-line flags. Every field has a flag, generated from the
 field list so none can be forgotten, with the help line and choices its `setting(...)` declares.
 Every limit carries its unit in its name; the text and reference-audio limits default to the
-ones `ttsd synth` applies too (ttsd.pipeline.rules)."""
+ones `ttsd synth` applies too (ttsd.api.rules)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, get_type_hints
 
-from ttsd.pipeline.errors import ConfigError
-from ttsd.pipeline.rules import MAX_REFERENCE_AUDIO_S, MAX_TEXT_CHARS
+from ttsd.api.errors import ConfigError
+from ttsd.api.rules import MAX_REFERENCE_AUDIO_S, MAX_TEXT_CHARS
 
 DEFAULT_PORT: Final = 8765
 TOKEN_ENV: Final = "TTSD_TOKEN"

@@ -23,7 +23,7 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from .protocol import SAMPLE_RATE_HZ
+from ttsd.api.protocol import SAMPLE_RATE_HZ
 
 OPENAI_PCM_RATE_HZ: Final = 24_000      # OpenAI's `pcm` and the nearest rate Opus accepts
 WAV_UNKNOWN_SIZE: Final = 0xFFFF_FFFF   # RIFF and data sizes of a WAV whose length is not known yet

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from ttsd.pipeline.errors import Busy, ShuttingDown, TtsdError, UnknownVoice
+from ttsd.api import protocol as p
+from ttsd.api.errors import Busy, ShuttingDown, TtsdError, UnknownVoice
 
 from . import encoding
-from . import protocol as p
 from .jobs import (
     BODY_OVERHEAD_BYTES,
     SOCKET_SEND_BUFFER_BYTES,

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Final
 
 import msgpack
 
-from ttsd.pipeline.errors import BadOptions
+from ttsd.api import protocol as p
 
-from . import protocol as p
 from .session import synthesis_options
 from .worker import Job
 
 if TYPE_CHECKING:
-    from ttsd.pipeline import SynthesisOptions, Voice
+    from ttsd.api.options import SynthesisOptions
+    from ttsd.pipeline import Voice
 
     from .worker import Worker
 
@@ -75,12 +75,10 @@ def decode_options(values: Mapping[str, object]) -> Options:
     try:
         msg = p.decode_client(frame)
         assert isinstance(msg, p.Synthesize)  # the frame says so
-        opts = synthesis_options(msg).validated()
     except p.ProtocolError as e:
-        raise OptionError(e.detail.removeprefix(f"{p.Synthesize.TYPE}: "), _blamed(e.detail, values)) from None
-    except BadOptions as e:
-        raise OptionError(str(e), _blamed(str(e), values)) from None
-    return Options(opts, msg.emo_voice)
+        detail = e.detail.removeprefix(f"{p.Synthesize.TYPE}: ")
+        raise OptionError(detail, _blamed(detail, values)) from None
+    return Options(synthesis_options(msg), msg.emo_voice)
 
 
 def _blamed(detail: str, values: Mapping[str, object]) -> str | None:

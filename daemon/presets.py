@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from ttsd.pipeline.errors import BadAudio, ConfigError, TtsdError, UnknownVoice
+from ttsd.api import protocol as p
+from ttsd.api.errors import BadAudio, ConfigError, TtsdError, UnknownVoice
 
-from . import protocol as p
 from .jobs import OptionError, decode_options
 from .worker import VoiceResult
 

@@ -42,12 +42,13 @@ from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
+from ttsd.api.protocol import ErrorCode
+
 from . import systemd
 from .config import is_loopback
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GpuMemory, Metrics
 from .presets import Presets, load_presets
-from .protocol import ErrorCode
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
 from .worker import VoiceCache, Worker, WorkerObserver
 
@@ -381,8 +382,8 @@ async def serve(config: DaemonConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    from ttsd.api.errors import TtsdError, missing_extra
     from ttsd.pipeline.device import resolve_device
-    from ttsd.pipeline.errors import TtsdError, missing_extra
 
     try:
         device = resolve_device(config.device)

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from websockets.exceptions import ConnectionClosed
 
-from ttsd.pipeline.errors import BadAudio, BadOptions, BadText, Busy, TextTooLong, TtsdError
-from ttsd.pipeline.options import SynthesisOptions
+from ttsd.api import protocol as p
+from ttsd.api.errors import BadAudio, BadText, Busy, TextTooLong, TtsdError
+from ttsd.api.options import SynthesisOptions
 from ttsd.pipeline.text.segment import SentenceBuffer
 
-from . import protocol as p
 from .metrics import DISCONNECTED, OK, Metrics
 from .worker import Job, VoiceResult, Worker
 
@@ -168,7 +168,8 @@ class LiveRequest:
 
 def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
     """Protocol fields → SynthesisOptions; an option left unset keeps the upstream default."""
-    # Range-checked by the decoder; checked against the model and server limits by the worker.
+    # Checked by the decoder with the validator SynthesisOptions applies; against the model and the
+    # server's limits by the worker.
     values: dict[str, Any] = dict(msg.options)
     return SynthesisOptions(**values)
 
@@ -472,11 +473,9 @@ class Session:
             raise TextTooLong(f"text has {len(msg.text)} characters; the limit is {limit}")
         if not msg.incremental and not msg.text.strip():
             raise BadText("text is empty")
-        try:
-            # Ranges here; what depends on the model and server (beams, segment size) on the worker.
-            opts = synthesis_options(msg).validated()
-        except BadOptions as e:
-            raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, str(e), msg.id) from None
+        # The decoder checked the ranges; what depends on the model and server (beams, segment size)
+        # is checked on the worker.
+        opts = synthesis_options(msg)
         if opts.seed is None:
             # One seed per request, not per Pipeline.stream() call: an incremental request makes one
             # call per batch of sentences, and they must share the emotion mix and RNG lineage.

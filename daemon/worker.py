@@ -38,20 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ttsd.pipeline.errors import (
-    BadText,
-    Busy,
-    DeviceFault,
-    ErrorCode,
-    ShuttingDown,
-    TtsdError,
-    UnknownVoice,
-)
+from ttsd.api.errors import BadText, Busy, ErrorCode, ShuttingDown, TtsdError, UnknownVoice
+from ttsd.api.rules import check_reference_audio
+from ttsd.pipeline.errors import DeviceFault
 from ttsd.pipeline.requests import Request, RequestDone, RequestFailed, SegmentDone
-from ttsd.pipeline.rules import check_reference_audio
 
 if TYPE_CHECKING:
-    from ttsd.pipeline import Engine, Pipeline, Segment, SynthesisOptions, Voice
+    from ttsd.api.options import SynthesisOptions
+    from ttsd.pipeline import Engine, Pipeline, Segment, Voice
 
     from .config import DaemonConfig
 

@@ -43,10 +43,10 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from ttsd.pipeline.errors import TtsdError
+from ttsd.api import protocol as p
+from ttsd.api.errors import TtsdError
 from ttsd.pipeline.text.segment import SentenceBuffer
 
-from . import protocol as p
 from .jobs import (
     BODY_OVERHEAD_BYTES,
     SOCKET_SEND_BUFFER_BYTES,

@@ -1,7 +1,8 @@
 """IndexTTS2 inference in plain PyTorch: the public surface (what the daemon and the CLIs import).
 
-Names are imported lazily so that the torch-free parts (`errors`, `options`, `requests`, `pcm`,
-`text`) can be used without building, or even importing, the model modules."""
+Names are imported lazily so that the light parts (`errors`, `requests`, `text`) can be used without
+building, or even importing, the model modules. The synthesis options and the errors a client sees
+are in `ttsd.api`, which never imports torch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .errors import DeviceFault, TtsdError
-    from .options import EMOTIONS, SynthesisOptions
+    from .errors import DeviceFault
     from .pipeline import Pipeline, Segment
     from .requests import Event, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
     from .voice import Voice
@@ -19,9 +19,6 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "Engine": ".engine",
     "DeviceFault": ".errors",
-    "TtsdError": ".errors",
-    "EMOTIONS": ".options",
-    "SynthesisOptions": ".options",
     "Pipeline": ".pipeline",
     "Segment": ".pipeline",
     "Event": ".requests",
@@ -34,8 +31,8 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "DeviceFault", "EMOTIONS", "Engine", "Event", "Pipeline", "Request", "RequestDone", "RequestFailed",
-    "Segment", "SegmentAudio", "SegmentDone", "SynthesisOptions", "TtsdError", "Voice",
+    "DeviceFault", "Engine", "Event", "Pipeline", "Request", "RequestDone", "RequestFailed", "Segment",
+    "SegmentAudio", "SegmentDone", "Voice",
 ]
 
 

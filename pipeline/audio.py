@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import BadAudio
+from ttsd.api.errors import BadAudio
 
 SAMPLE_RATE_HZ = 22_050                    # s2mel / BigVGAN rate (config: s2mel.preprocess_params.sr)
 W2V_SAMPLE_RATE_HZ = 16_000                # w2v-BERT and CAMPPlus rate (preprocessor_config sampling_rate)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require
-from .errors import ConfigError
 from .layers import WNConv1d, WNConvTranspose1d, fold_weight_norm
 from .weights import load_module, read_shapes
 

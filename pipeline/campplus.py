@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ttsd.api.errors import ConfigError
+
 from .weights import load_module, read_shapes
 
 FEAT_DIM = 80                      # CAMPPlus(feat_dim=80) in infer_v2: kaldi fbank bins

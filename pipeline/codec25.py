@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require
-from .errors import ConfigError
 from .layers import fold_weight_norm
 from .length_regulator import MEL_FRAMES_PER_CODE
 from .semantic_codec import ResidualVQ, SemanticCodecConfig, VocosBackbone

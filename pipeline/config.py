@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ttsd.api.errors import ConfigError
 
 
 def require(raw: Mapping[str, Any], key: str, where: str = "", file: str = "config.yaml") -> Any:

@@ -50,8 +50,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ttsd.api.errors import ConfigError, TtsdError, missing_extra
+
 from .config import V2_5, load_yaml, model_version
-from .errors import CheckpointError, ConfigError, TtsdError, missing_extra
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ttsd.api.errors import Cancelled
+
 from .device import upload
-from .errors import Cancelled
 from .gpt import GPTConfig, LayerKV, UnifiedVoice
 
 STOP_CHECK_EVERY = 8  # decode steps between host syncs (finished requests)

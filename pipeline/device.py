@@ -12,7 +12,7 @@ from typing import Final
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from ttsd.api.errors import ConfigError
 
 # How a GPU host gets a CUDA build of torch (README "GPU hosts"); named in the error below.
 CUDA_WHEEL_HINT: Final = (

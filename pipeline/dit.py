@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require, shape
-from .errors import ConfigError
 from .layers import WNConv1d, WNLinear, fold_weight_norm
 
 ROPE_BASE = 10_000.0  # gpt-fast ModelArgs.rope_base (hard-coded upstream)

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CheckpointError, TtsdError, missing_extra
+from ttsd.api.errors import TtsdError, missing_extra
+
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from .errors import ConfigError, TtsdError
-from .options import SynthesisOptions
+from ttsd.api.errors import ConfigError, TtsdError
+from ttsd.api.options import SynthesisOptions
+from ttsd.api.rules import MAX_TEXT_CHARS, check_text
+
 from .qwen_emo import DEFAULT_MAX_NEW_TOKENS, QWEN_EMO_DIR, REQUIRED_FILES, UPSTREAM_MAX_NEW_TOKENS, find_qwen_emo
-from .rules import MAX_TEXT_CHARS, check_text
 
 EXIT_FAILED: Final = 1  # the model could not be loaded, or its answer could not be read
 EXIT_USAGE: Final = 2  # an argument is wrong; nothing was loaded
@@ -51,7 +52,7 @@ def check_args(args: argparse.Namespace) -> tuple[Path, str]:
     check_text(text, MAX_TEXT_CHARS)
     if not 1 <= args.max_new_tokens <= UPSTREAM_MAX_NEW_TOKENS:
         raise ConfigError(f"--max-new-tokens must be in [1, {UPSTREAM_MAX_NEW_TOKENS}], got {args.max_new_tokens}")
-    SynthesisOptions(emo_alpha=args.emo_alpha).validated()  # the range the daemon accepts
+    SynthesisOptions(emo_alpha=args.emo_alpha)  # BadOptions outside the range the daemon accepts
     if not args.checkpoints.is_dir():
         raise ConfigError(f"--checkpoints {args.checkpoints}: no such directory")
     folder = find_qwen_emo(args.checkpoints)

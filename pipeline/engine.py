@@ -42,12 +42,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttsd.api.errors import BadText, TtsdError
+
 from .decode import DecodeBatch, DecodeRequest, Generated, StepFn
-from .errors import BadText, TtsdError
 from .requests import Event, Observer, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
 
 if TYPE_CHECKING:
-    from .options import SynthesisOptions
+    from ttsd.api.options import SynthesisOptions
+
     from .pipeline import Pipeline, Segment
     from .voice import Voice
 
@@ -463,7 +465,7 @@ def run_to_end(engine: Engine, requests: Sequence[Request], cancel: Callable[[],
                ) -> Iterator[Event]:
     """Drive `engine` until every request in `requests` is done or failed, yielding events as they come.
     `cancel()` is polled between steps and cancels them all with `Cancelled` raised."""
-    from .errors import Cancelled
+    from ttsd.api.errors import Cancelled
 
     for r in requests:
         engine.add(r)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ttsd.api.errors import Cancelled
+
 from .dit import DiT, DiTConfig
-from .errors import Cancelled
 from .weights import load_module, read_shapes
 
 

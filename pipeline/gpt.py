@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import V2, V2_5, model_version, require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .device import upload
-from .errors import ConfigError
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import build_buffers, load_module, read_shapes
 

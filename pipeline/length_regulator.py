@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require
-from .errors import ConfigError
 from .weights import load_module, read_shapes
 
 MEL_FRAMES_PER_CODE = 1.72  # ≈ (22050 / 256) / 50: mel frames per 50 Hz semantic code (infer_v2)

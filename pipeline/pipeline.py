@@ -29,6 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttsd.api.errors import BadOptions, BadText, ConfigError, TtsdError
+from ttsd.api.options import LANGUAGES_25, SynthesisOptions
+
 from . import audio
 from .accel import ROW_BUCKETS, Streams, graphed_step
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
@@ -38,7 +41,7 @@ from .config import V2, V2_5, load_yaml, model_version
 from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
 from .device import resolve_device, upload
 from .engine import AcousticInput, Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
-from .errors import BadOptions, BadText, CheckpointError, ConfigError, DeviceFault, TtsdError
+from .errors import CheckpointError, DeviceFault
 from .flow import CFM, CFMRow, CFMSolve, load_cfm
 from .gpt import (
     EmotionMatrices,
@@ -50,7 +53,6 @@ from .gpt import (
     scale_emo_vector,
 )
 from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
-from .options import LANGUAGES_25, SynthesisOptions
 from .qwen_emo import QwenEmotion, load_qwen_emo
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
@@ -243,8 +245,7 @@ class Pipeline:
         return voice
 
     def check_options(self, opts: SynthesisOptions) -> SynthesisOptions:
-        """`opts` if valid for this model and server, else BadOptions naming the field."""
-        opts.validated()
+        """`opts` (checked when it was built) if valid for this model and server, else BadOptions naming the field."""
         if opts.num_beams > self.max_num_beams:
             raise BadOptions(f"num_beams must be <= {self.max_num_beams} on this server")
         # Quote duplication can add one piece to a segment; the GPT's text position table must hold it.

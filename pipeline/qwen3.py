@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require
-from .errors import ConfigError
 from .weights import load_module
 
 STOP_CHECK_EVERY = 8  # decode steps between host syncs (have all rows emitted an eos id?)

@@ -30,9 +30,11 @@ from typing import Any, Final
 import torch
 from torch import Tensor
 
+from ttsd.api.errors import ConfigError
+
 from .config import load_yaml
 from .device import resolve_device
-from .errors import CheckpointError, ConfigError, EmotionAnswerError, EmotionScoreError
+from .errors import CheckpointError, EmotionAnswerError, EmotionScoreError
 from .gpt import scale_emo_vector
 from .qwen3 import Qwen3Config, Qwen3ForCausalLM, expected_shapes, greedy, load_qwen3
 from .weights import read_shapes

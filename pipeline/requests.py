@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .options import SynthesisOptions
-from .pcm import to_s16le
+from ttsd.api.options import SynthesisOptions
+from ttsd.api.pcm import to_s16le
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require
-from .errors import ConfigError
 from .layers import WNConv1d, fold_weight_norm
 from .weights import load_module
 

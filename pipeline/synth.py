@@ -1,7 +1,7 @@
 """`ttsd synth`: offline synthesis of one text with one voice into an audio file.
 
 The same Pipeline the daemon serves, run once from the command line, under the daemon's rules
-(ttsd.pipeline.rules): the same text and reference-audio limits and output formats. Everything
+(ttsd.api.rules): the same text and reference-audio limits and output formats. Everything
 that can be checked without the model is checked before it is loaded: the options, the text, the
 reference files, the output path and format, the device. Every failure is one line on stderr.
 Progress is shown per segment (a tqdm bar on a terminal when tqdm is installed, log lines
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from .errors import BadText, ConfigError, TtsdError
-from .options import SynthesisOptions, add_option_flags, given_options
-from .pcm import to_int16
-from .rules import (
+from ttsd.api.errors import BadText, ConfigError, TtsdError
+from ttsd.api.options import SynthesisOptions, add_option_flags, given_options
+from ttsd.api.pcm import to_int16
+from ttsd.api.rules import (
     MAX_REFERENCE_AUDIO_S,
     MAX_TEXT_CHARS,
     check_reference_audio,
@@ -87,7 +87,7 @@ def check(args: argparse.Namespace, text: str) -> Job:
     Raises a TtsdError with a one-line message."""
     from .device import resolve_device
 
-    opts = SynthesisOptions(**given_options(args)).validated()
+    opts = SynthesisOptions(**given_options(args))  # BadOptions naming a value out of range
     if args.max_text_chars < 1 or args.max_reference_audio_s <= 0:
         raise ConfigError("--max-text-chars must be >= 1 and --max-reference-audio-s > 0")
     if not text.strip():

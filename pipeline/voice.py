@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
+from ttsd.api.errors import BadAudio
+
 from . import audio
-from .errors import BadAudio
 
 if TYPE_CHECKING:
     from .campplus import CAMPPlus

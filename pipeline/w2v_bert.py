@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttsd.api.errors import ConfigError
+
 from .config import require
-from .errors import ConfigError
 from .weights import load_module, read_shapes
 
 # infer_v2 `get_emb` reads hidden_states[17]: the output of encoder layer index 16, the layer

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install ttsd with the extras the README's commands and CI use: client (ttsd-say),
-# convert (ttsd-convert, ttsd fetch, ttsd make-tiny), http and wyoming (the other interfaces) and dev
-# (tests, linters).
+# Create .venv and install ttsd with the extras the README's commands and CI use: server (torch and
+# the model's runtime: ttsd serve, ttsd synth), client (ttsd-say), convert (ttsd-convert, ttsd fetch,
+# ttsd make-tiny), http and wyoming (the other interfaces) and dev (tests, linters). A machine that
+# only runs ttsd-say needs none of them: `pip install ttsd` is the torch-free client set.
 #
 # torch is installed first, pinned, from PyTorch's CPU wheel index: PyPI's Linux wheel of the same
 # version is the CUDA build and pulls several GB of nvidia-* packages. On a GPU host choose the
@@ -28,7 +29,7 @@ python -m pip install -q --retries 1 "${torch_index[@]}" "$TTSD_TORCH"
 # The text normaliser's graphs (read at run time, checked by SHA-256): WeTextProcessing 1.0.4.1, the version
 # upstream's uv.lock pins. pynini is not needed to run them; the dev extra adds it (pinned 2.1.6, as upstream).
 python -m pip install -q --no-deps "WeTextProcessing==1.0.4.1"
-python -m pip install -q -e '.[dev,client,convert,http,wyoming]'
+python -m pip install -q -e '.[server,dev,client,convert,http,wyoming]'
 python - <<'PY'
 import torch
 cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"

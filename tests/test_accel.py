@@ -14,10 +14,11 @@ import torch
 import yaml
 from torch._inductor.utils import run_and_get_code
 
+from ttsd.api.errors import BadText
 from ttsd.pipeline import pipeline as pipeline_module
 from ttsd.pipeline.accel import CompiledOrEager, graphed_step
 from ttsd.pipeline.decode import KVCache, decode_step
-from ttsd.pipeline.errors import BadText, DeviceFault
+from ttsd.pipeline.errors import DeviceFault
 from ttsd.pipeline.gpt import UnifiedVoice, load_unified_voice
 from ttsd.pipeline.pipeline import Pipeline
 

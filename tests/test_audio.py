@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from ttsd.api.errors import BadAudio
 from ttsd.pipeline import audio
-from ttsd.pipeline.errors import BadAudio
 
 from .conftest import FixtureSet, assert_close, assert_equal
 

@@ -22,6 +22,7 @@ import soundfile
 import websockets
 from websockets.asyncio.server import ServerConnection
 
+from ttsd.api import protocol as p
 from ttsd.clients.client import (
     ERRORS,
     BadAudio,
@@ -33,10 +34,10 @@ from ttsd.clients.client import (
     SyncClient,
     UnknownVoice,
 )
-from ttsd.daemon import protocol as p
 from ttsd.tools.ports import free_port
 
 from .conftest import FixtureSet
+from .test_api import say_blocked
 
 GUARD_S = 300.0  # upper bound on waiting for a subprocess line: a hang guard, not a timing assertion
 # Small enough for 2 shared CPU cores: random tiny weights rarely emit the stop token on their own.
@@ -146,7 +147,8 @@ def _short_wav(path: Path) -> None:
 
 
 def test_say_writes_wav_equal_to_the_stream(daemon: Daemon, fx: FixtureSet, tmp_path: Path) -> None:
-    """ttsd-say --out writes a 22050 Hz WAV whose samples equal the stream the library receives for the same seed."""
+    """ttsd-say --out, run with torch and the server packages unimportable, writes a 22050 Hz WAV whose samples
+    equal the stream the library receives for the same seed."""
     speaker = fx.input_path("speaker.wav")
 
     async def stream() -> bytes:
@@ -156,8 +158,9 @@ def test_say_writes_wav_equal_to_the_stream(daemon: Daemon, fx: FixtureSet, tmp_
 
     pcm = np.frombuffer(asyncio.run(stream()), dtype="<i2")
     out = tmp_path / "say.wav"
-    proc = _run_say("--url", daemon.url, "--voice", str(speaker), "--seed", "1234", *FAST_FLAGS,
-                    "--out", str(out), TEXT)
+    argv = say_blocked("--url", daemon.url, "--voice", str(speaker), "--seed", "1234", *FAST_FLAGS, "--out", str(out),
+                       TEXT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=GUARD_S, env=_clean_env())
     assert proc.returncode == 0, proc.stderr
     data, rate = soundfile.read(out, dtype="int16")
     assert rate == p.SAMPLE_RATE_HZ

@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
+from ttsd.api.errors import ConfigError
 from ttsd.pipeline.campplus import CAMPPlus, load_campplus
 from ttsd.pipeline.codec25 import EnhancedCodec, EnhancedCodecConfig, load_codec25
-from ttsd.pipeline.errors import CheckpointMismatch, ConfigError
+from ttsd.pipeline.errors import CheckpointMismatch
 from ttsd.pipeline.semantic_codec import SemanticCodec, SemanticCodecConfig, load_semantic_codec
 from ttsd.pipeline.w2v_bert import HIDDEN_STATE_LAYER, W2VBert, W2VStats, load_w2v_bert
 from ttsd.pipeline.weights import load_module

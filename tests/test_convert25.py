@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ttsd.api.errors import ConfigError
 from ttsd.pipeline import download
 from ttsd.pipeline.config import V2, V2_5
 from ttsd.pipeline.convert import SourceLayout, main, source_version, tiktoken_source
@@ -26,7 +27,7 @@ from ttsd.pipeline.download import (
     RemoteFile,
     release_files,
 )
-from ttsd.pipeline.errors import CheckpointError, ConfigError
+from ttsd.pipeline.errors import CheckpointError
 
 from .conftest import FixtureSet
 

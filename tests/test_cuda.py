@@ -29,11 +29,12 @@ import numpy as np
 import pytest
 import torch
 
-from ttsd.daemon import protocol as p
+from ttsd.api import protocol as p
+from ttsd.api.options import SynthesisOptions
 from ttsd.daemon.config import DaemonConfig
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.accel import graphed_step
 from ttsd.pipeline.engine import Engine, Request
 from ttsd.pipeline.pipeline import probe_device

@@ -25,8 +25,9 @@ import soundfile as sf
 import torch
 from websockets.asyncio.client import connect
 
-from ttsd.daemon import protocol as p
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.api import protocol as p
+from ttsd.api.options import SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline import decode as decode_module
 from ttsd.pipeline.accel import graphed_step
 from ttsd.pipeline.decode import STOP_CHECK_EVERY, DecodeBatch, decode_step
@@ -105,7 +106,7 @@ def test_synth_cli_on_simulated_cuda(fx: FixtureSet, converted: Path, sim: dict[
     golden test above, so the command runs for IndexTTS-2 only)."""
     from safetensors.torch import save_file
 
-    from ttsd.pipeline.pcm import to_int16
+    from ttsd.api.pcm import to_int16
     from ttsd.pipeline.synth import main
 
     variant = fx.variants[0]

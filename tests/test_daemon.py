@@ -23,12 +23,12 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ttsd.daemon import protocol as p
+from ttsd.api import protocol as p
+from ttsd.api.options import SynthesisOptions
+from ttsd.api.pcm import to_s16le
 from ttsd.daemon.config import DaemonConfig
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
-from ttsd.pipeline.options import SynthesisOptions
-from ttsd.pipeline.pcm import to_s16le
 from ttsd.pipeline.pipeline import Pipeline
 from ttsd.pipeline.voice import Voice
 
@@ -702,9 +702,9 @@ async def test_cuda_overlapped_stream_equals_offline_synthesis(converted: Path, 
 
 def test_config_file_and_flags(tmp_path: Path) -> None:
     """TOML keys set fields, flags override the file, and unknown keys or wrong types name themselves."""
+    from ttsd.api.errors import ConfigError
     from ttsd.daemon.cli import build_parser
     from ttsd.daemon.config import from_args
-    from ttsd.pipeline.errors import ConfigError
 
     path = tmp_path / "ttsd.toml"
     path.write_text('port = 9000\nmax_text_chars = 50\nstall_timeout_s = 2\ncheckpoints = "/srv/ckpt"\n')
@@ -722,9 +722,9 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
 
 def test_random_weights_config(tmp_path: Path) -> None:
     """random_weights takes a known preset and replaces checkpoints; an unknown preset or both at once is an error."""
+    from ttsd.api.errors import ConfigError
     from ttsd.daemon.cli import build_parser
     from ttsd.daemon.config import RANDOM_WEIGHT_PRESETS, from_args
-    from ttsd.pipeline.errors import ConfigError
     from ttsd.tools.tiny import PRESETS
 
     assert set(RANDOM_WEIGHT_PRESETS) == set(PRESETS)
@@ -744,9 +744,9 @@ def test_random_weights_config(tmp_path: Path) -> None:
 
 def test_bool_config_field_from_toml_and_flags(tmp_path: Path) -> None:
     """cuda_graphs reads a TOML boolean, a flag overrides it either way, and a non-boolean is an error."""
+    from ttsd.api.errors import ConfigError
     from ttsd.daemon.cli import build_parser
     from ttsd.daemon.config import from_args
-    from ttsd.pipeline.errors import ConfigError
 
     parse = build_parser().parse_args
     assert from_args(parse(["serve", "--random-weights", "tiny"])).cuda_graphs is True
@@ -762,9 +762,9 @@ def test_bool_config_field_from_toml_and_flags(tmp_path: Path) -> None:
 
 def test_non_loopback_bind_requires_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """Binding beyond loopback without a bearer token is a config error; with one (flag or env) it is allowed."""
+    from ttsd.api.errors import ConfigError
     from ttsd.daemon.cli import build_parser
     from ttsd.daemon.config import TOKEN_ENV, from_args
-    from ttsd.pipeline.errors import ConfigError
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with pytest.raises(ConfigError, match="token"):

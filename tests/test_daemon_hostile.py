@@ -30,7 +30,7 @@ import soundfile
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ttsd.daemon import protocol as p
+from ttsd.api import protocol as p
 from ttsd.daemon import server as server_module
 from ttsd.daemon import session as session_module
 from ttsd.daemon.server import Server

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.api.errors import BadText
+from ttsd.api.options import SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.engine import AcousticInput, Engine, Event, Request, RequestDone, RequestFailed, SegmentDone
-from ttsd.pipeline.errors import BadText
 from ttsd.pipeline.voice import Voice
 
 from .conftest import FixtureSet, assert_close

@@ -24,13 +24,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from ttsd.api import rules
+from ttsd.api.errors import ConfigError
 from ttsd.clients import say
 from ttsd.daemon.cli import build_parser as ttsd_parser
 from ttsd.daemon.config import RANDOM_WEIGHT_PRESETS, DaemonConfig
-from ttsd.pipeline import rules, synth
+from ttsd.pipeline import synth
 from ttsd.pipeline.convert import convert, verify
 from ttsd.pipeline.device import CUDA_WHEEL_HINT, resolve_device
-from ttsd.pipeline.errors import ConfigError
 from ttsd.pipeline.pipeline import Pipeline, Segment
 from ttsd.pipeline.requests import SegmentAudio
 from ttsd.tools.ports import free_port
@@ -372,7 +373,8 @@ def _imports(path: Path, package: str) -> set[str]:
     return found
 
 
-FOLDERS = {"pipeline": "ttsd.pipeline", "daemon": "ttsd.daemon", "clients": "ttsd.clients", "tools": "ttsd.tools"}
+FOLDERS = {"api": "ttsd.api", "pipeline": "ttsd.pipeline", "daemon": "ttsd.daemon", "clients": "ttsd.clients",
+           "tools": "ttsd.tools"}
 
 
 def _module_graph() -> dict[str, set[str]]:

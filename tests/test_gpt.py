@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ttsd.api.errors import Cancelled
 from ttsd.pipeline.decode import (
     DecodeBatch,
     DecodeParams,
@@ -26,7 +27,7 @@ from ttsd.pipeline.decode import (
     prefill,
     sampling_key,
 )
-from ttsd.pipeline.errors import Cancelled, CheckpointMismatch
+from ttsd.pipeline.errors import CheckpointMismatch
 from ttsd.pipeline.gpt import (
     EmotionMatrices,
     UnifiedVoice,

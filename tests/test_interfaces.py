@@ -41,8 +41,8 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
+from ttsd.api import protocol as p
 from ttsd.daemon import encoding
-from ttsd.daemon import protocol as p
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
@@ -541,9 +541,9 @@ async def test_metrics_scraped_during_and_after_requests(daemon: Any) -> None:
 
 def test_interface_config_from_toml_and_flags(tmp_path: Path) -> None:
     """http_port, wyoming_port, wyoming_host and voices_dir come from TOML and flags; a bad port names itself."""
+    from ttsd.api.errors import ConfigError
     from ttsd.daemon.cli import build_parser
     from ttsd.daemon.config import DaemonConfig, from_args
-    from ttsd.pipeline.errors import ConfigError
 
     path = tmp_path / "ttsd.toml"
     path.write_text('http_port = 8000\nwyoming_port = 10200\nvoices_dir = "/srv/voices"\n')

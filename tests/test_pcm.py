@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttsd.pipeline.pcm import to_int16, to_s16le
+from ttsd.api.pcm import to_int16, to_s16le
 
 
 def test_truncates_toward_zero_and_clamps_like_upstream() -> None:

@@ -10,9 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from ttsd.pipeline import Pipeline, SynthesisOptions
+from ttsd.api.errors import BadAudio, BadOptions, BadText, Cancelled
+from ttsd.api.options import SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.engine import Engine
-from ttsd.pipeline.errors import BadAudio, BadOptions, BadText, Cancelled
 
 from .conftest import FixtureSet, assert_close
 
@@ -79,7 +80,7 @@ def _noise_file(fx: FixtureSet, variant: str, tmp_path: Path) -> Path:
 
 
 def _golden_int16(fx: FixtureSet, variant: str) -> torch.Tensor:
-    from ttsd.pipeline.pcm import to_int16
+    from ttsd.api.pcm import to_int16
 
     golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
     return torch.from_numpy(to_int16(golden).astype(np.float32))[None]
@@ -217,7 +218,7 @@ def test_emo_alpha_applies_only_with_an_emotion_reference(fx: FixtureSet, pipe: 
 def test_bfloat16_acoustic_mode_stays_close_to_float32(fx: FixtureSet, converted: Path, pipe: Pipeline) -> None:
     """acoustic_dtype=bfloat16 (the DiT/CFM under autocast) gives float32 audio of the same length from
     the same codes and noise, within 20 dB SNR of the float32 path; float16 on CPU is refused at load."""
-    from ttsd.pipeline.errors import ConfigError
+    from ttsd.api.errors import ConfigError
 
     half = Pipeline.load(converted, device="cpu", acoustic_dtype="bfloat16")
     assert half.acoustic_autocast == torch.bfloat16 and pipe.acoustic_autocast is None

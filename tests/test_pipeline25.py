@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
-from ttsd.pipeline import Pipeline, SynthesisOptions
-from ttsd.pipeline.errors import BadOptions, ConfigError
+from ttsd.api.errors import BadOptions, ConfigError
+from ttsd.api.options import SynthesisOptions
+from ttsd.pipeline import Pipeline
 from ttsd.pipeline.gpt import load_unified_voice
 from ttsd.pipeline.voice import Voice
 

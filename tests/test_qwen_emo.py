@@ -21,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ttsd.api.errors import ConfigError
 from ttsd.pipeline import qwen_emo
-from ttsd.pipeline.errors import CheckpointError, CheckpointMismatch, ConfigError, EmotionTextError
+from ttsd.pipeline.errors import CheckpointError, CheckpointMismatch, EmotionTextError
 from ttsd.pipeline.qwen3 import load_qwen3
 from ttsd.pipeline.qwen_emo import (
     QWEN_EMO_DIR,

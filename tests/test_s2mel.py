@@ -14,9 +14,10 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ttsd.api.errors import Cancelled, ConfigError
 from ttsd.pipeline.codec25 import load_codec25
 from ttsd.pipeline.config import V2, model_version
-from ttsd.pipeline.errors import Cancelled, CheckpointMismatch, ConfigError
+from ttsd.pipeline.errors import CheckpointMismatch
 from ttsd.pipeline.flow import CFM, load_cfm
 from ttsd.pipeline.length_regulator import (
     InterpolateRegulator,

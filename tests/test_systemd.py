@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from ttsd.api.errors import ConfigError
 from ttsd.pipeline import download
 from ttsd.pipeline.download import RELEASE, FetchError, RemoteFile
-from ttsd.pipeline.errors import ConfigError
 
 from .conftest import REPO, FixtureSet
 

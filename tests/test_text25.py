@@ -12,7 +12,8 @@ import tiktoken
 import torch
 import yaml
 
-from ttsd.pipeline.errors import BadText, CheckpointError
+from ttsd.api.errors import BadText
+from ttsd.pipeline.errors import CheckpointError
 from ttsd.pipeline.text import TextNormalizer
 from ttsd.pipeline.text.front25 import (
     PAD_ID,

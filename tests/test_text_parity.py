@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ttsd.pipeline.errors import ConfigError
+from ttsd.api.errors import ConfigError
 from ttsd.pipeline.text import TextNormalizer, tn, use_chinese
 from ttsd.pipeline.text import normalize as normalize_mod
 from ttsd.pipeline.text.tn import EN_TN_ORDERS, TN_ORDERS, NormalizationFailed, parse_tokens, reorder

@@ -197,7 +197,8 @@ def test_generated_directory_converts_and_loads_strictly(generated: Path) -> Non
 
 def test_generated_model_synthesises_finite_audio_of_the_expected_length(generated: Path, fx: FixtureSet) -> None:
     """One segment gives finite PCM of 256·floor(1.72·M) samples for its M codes."""
-    from ttsd.pipeline import Pipeline, SynthesisOptions
+    from ttsd.api.options import SynthesisOptions
+    from ttsd.pipeline import Pipeline
 
     pipe = Pipeline.load(generated, device="cpu")
     voice = pipe.prepare_voice(fx.root / "inputs" / "speaker.wav")
@@ -316,7 +317,8 @@ def test_tiny25_has_the_fixture_files_keys_shapes_and_config(fx: FixtureSet, off
 def test_tiny25_converts_loads_and_synthesises(generated25: Path) -> None:
     """A made 2.5 model converts and verifies, loads as IndexTTS-2.5 and speaks zh and en: finite PCM of
     256·int(2M·1.72·duration_factor) samples for M codes."""
-    from ttsd.pipeline import Pipeline, SynthesisOptions
+    from ttsd.api.options import SynthesisOptions
+    from ttsd.pipeline import Pipeline
 
     verify(generated25)
     pipe = Pipeline.load(generated25, device="cpu")

@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voice", type=Path, metavar="WAV", help="also write a synthetic 6 s reference voice here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ttsd.pipeline.errors import TtsdError
+    from ttsd.api.errors import TtsdError
 
     try:
         write_official(args.out, args.preset, args.seed, model=args.model, progress=True)

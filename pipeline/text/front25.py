@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadText, ConfigError
+from ttsd.api.errors import BadText, ConfigError
+
 from .normalize import CHAR_REP_MAP, G2P_ANNOTATION_PATTERN, TextNormalizer, apply_char_rep_map
 from .tiktoken_tokenizer import TiktokenTokenizer, lang_index
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ttsd.api.errors import ConfigError
 
 WETEXTPROCESSING_VERSION = "1.0.4.1"
 NEEDS = f"text normalisation needs WeTextProcessing {WETEXTPROCESSING_VERSION}"

@@ -1,8 +1,8 @@
 """The ttsd wire protocol: typed messages carried as msgpack maps in binary WebSocket frames.
 
-Imports only the standard library, msgpack and two torch-free modules of `ttsd.pipeline`: `errors`
-(where the error codes are defined once) and `options` (the one table of synthesis options, whose
-names, types and ranges the `synthesize` decoder checks), so client programs can use it without torch.
+Imports only the standard library, msgpack and its neighbours `errors` (where the error codes are
+defined once) and `options` (the one table of synthesis options, whose one validator checks the
+`synthesize` fields), so client programs can use it without torch.
 Every frame is one msgpack map with a `type` key naming the message and one key per field.
 `encode(msg)` writes any message; `decode_client(frame)` (server side) and `decode_server(frame)`
 (client side) check every field's type and range, reject unknown types and unknown keys, and raise
@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, fields
-from typing import ClassVar, Final, TypeVar, get_args
+from typing import ClassVar, Final, TypeVar, cast, get_args
 
 import msgpack
 
-from ttsd.pipeline.errors import ErrorCode  # standard library only, like this module
-from ttsd.pipeline.options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue  # stdlib only too
+from .errors import ErrorCode
+from .options import EMOTIONS, OPTION_NAMES, OPTIONS, Option, OptionValue
 
 PROTOCOL_VERSION: Final = 1
 SAMPLE_RATE_HZ: Final = 22_050          # the only output rate: BigVGAN's (config: s2mel.preprocess_params.sr)
@@ -92,7 +92,7 @@ class RegisterVoice:
 @dataclass(frozen=True, slots=True, init=False)
 class Synthesize:
     """Start a request. Synthesis options travel as flat keys beside the other fields, one per
-    `ttsd.pipeline.options.OPTIONS` entry (its name, type and range); an absent or nil option takes
+    `ttsd.api.options.OPTIONS` entry (its name, type and range); an absent or nil option takes
     the upstream IndexTTS2 default. Build it with keywords: `Synthesize(id=1, text="Hi.",
     voice=v, temperature=0.6)`; `options` holds the options that were set, in table order."""
 
@@ -290,7 +290,6 @@ _MISSING: Final = object()
 _M = TypeVar("_M")
 _C = TypeVar("_C")
 _UNKNOWN_FIELDS_SHOWN: Final = 3
-_N = TypeVar("_N", int, float)
 
 
 class _Fields:
@@ -399,39 +398,25 @@ class _Fields:
         return value
 
     def option(self, o: Option) -> OptionValue | None:
-        """A synthesis option by its table entry: absent or nil → None, else its type and range checked."""
+        """A synthesis option by its table entry: absent or nil → None, else checked by `Option.problem`,
+        the one validator (`SynthesisOptions` uses it too)."""
         value = self._take(o.name, False)
         if value is _MISSING or value is None:
             return None
-        key = o.name
-        if o.kind is bool:
-            return self._check_bool(key, value)
-        if o.kind is str:
-            text = self._check_str(key, value, o.meta.max_chars)
-            if o.meta.choices is not None and text not in o.meta.choices:
-                raise self.fail(f"{key!r} must be one of {', '.join(o.meta.choices)}, got {text!r}")
-            return text
-        if o.kind is tuple:
-            if not isinstance(value, list) or len(value) != o.meta.length:
-                raise self.fail(f"{key!r} must be an array of {o.meta.length} numbers")
-            return tuple(self._in_range(o, f"{key}[{i}]", self._check_number(f"{key}[{i}]", v))
-                         for i, v in enumerate(value))
-        if o.kind is int:
-            if type(value) is not int:  # bool is an int subclass: msgpack true/false must not pass as 1/0
-                raise self.fail(f"{key!r} must be an integer, got {_kind_of(value)}")
-            return self._in_range(o, key, value)
-        return self._in_range(o, key, self._check_number(key, value))
+        problem = o.problem(value)
+        if problem is not None:
+            raise self.fail(problem)
+        if isinstance(value, list):
+            return tuple(float(v) for v in value)
+        if o.kind is float and isinstance(value, int):
+            return float(value)  # many msgpack encoders write 1.0 as 1
+        return cast(OptionValue, value)  # problem() accepted it: a bool, int, float or str of o.kind
 
     def _check_number(self, key: str, value: object) -> float:
         # Integers are accepted for float fields: many msgpack encoders write 1.0 as 1.
         if type(value) is not float and type(value) is not int:
             raise self.fail(f"{key!r} must be a number, got {_kind_of(value)}")
         return float(value)
-
-    def _in_range(self, o: Option, key: str, x: _N) -> _N:
-        if not o.contains(x):
-            raise self.fail(f"{key!r} must be in {o.interval}, got {x if isinstance(x, int) else format(x, 'g')}")
-        return x
 
     def opt_id(self, key: str) -> int | None:
         return self.opt_integer(key, 0, MAX_REQUEST_ID)

@@ -5,9 +5,14 @@ IndexTTS2's, from `IndexTTS2.infer` in infer_v2.py: sampling with 3 beams, top-k
 temperature 0.8, repetition penalty 10, 1500 codes at most, 25 Euler steps, CFG rate 0.7,
 segments of at most 120 text tokens, 200 ms of silence between segments), and the rest is in its
 `option(...)` metadata. `OPTIONS` reads them back, and everything else is generated from it: the
-protocol's validation of `synthesize` fields (ttsd.daemon.protocol), the flags of `ttsd synth`
-and `ttsd-say` (`add_option_flags`), `SynthesisOptions.validated()`, and the options table of
-docs/protocol.md (`markdown_rows`, checked by a test). Adding an option is adding a field here.
+one validator (`Option.problem`), the flags of `ttsd synth` and `ttsd-say` (`add_option_flags`),
+and the options table of docs/protocol.md (`markdown_rows`, checked by a test). Adding an option is
+adding a field here.
+
+Validation happens once, at the boundary: the protocol decoder (ttsd.api.protocol) checks each
+`synthesize` field with `Option.problem`, and a `SynthesisOptions` cannot be built from values it
+refuses (BadOptions), so code that receives one (the daemon's session, the pipeline) holds checked
+options and does not check them again.
 
 Limits that depend on the server or the model (num_beams <= the daemon's max_num_beams, a
 segment no longer than the model's text table) are checked by `Pipeline.check_options`.
@@ -59,7 +64,8 @@ def option(default: Any, **meta: Any) -> Any:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SynthesisOptions:
-    """One request's synthesis options; every field's range and help are in its `option(...)`."""
+    """One request's synthesis options, checked: building one with a value outside its `option(...)`
+    type or range raises BadOptions naming the field (the first one, in table order)."""
 
     # emotion
     emo_alpha: float = option(
@@ -124,13 +130,11 @@ class SynthesisOptions:
         help="IndexTTS-2.5: speech duration scale, above 1 slower (IndexTTS-2: 1 only)",
     )
 
-    def validated(self) -> Self:
-        """Return self if every field has its type and is in its range, else raise BadOptions naming it."""
+    def __post_init__(self) -> None:
         for spec in OPTIONS:
             problem = spec.problem(getattr(self, spec.name))
             if problem is not None:
                 raise BadOptions(problem)
-        return self
 
     def with_seed(self, seed: int) -> Self:
         return replace(self, seed=seed)
@@ -202,9 +206,11 @@ class Option:
         if self.kind is str:
             if not isinstance(value, str):
                 return f"{self.name} must be a string"
+            if len(value) > self.meta.max_chars:  # first: a client's 8 MiB string is never quoted
+                return f"{self.name} is longer than {self.meta.max_chars}"
             if self.meta.choices is not None and value not in self.meta.choices:
                 return f"{self.name} must be one of {', '.join(self.meta.choices)}, got {value!r}"
-            return None if len(value) <= self.meta.max_chars else f"{self.name} is longer than {self.meta.max_chars}"
+            return None
         if self.kind is tuple:
             if not isinstance(value, tuple | list) or len(value) != self.meta.length:
                 return f"{self.name} needs {self.meta.length} weights"
@@ -277,7 +283,7 @@ GROUP_TITLES: Final = {
 
 
 def parse_emo_vector(text: str) -> tuple[float, ...]:
-    """`--emo-vector` text → 8 floats: comma- and/or space-separated. Range is checked by validated()."""
+    """`--emo-vector` text → 8 floats: comma- and/or space-separated. Range is checked by SynthesisOptions."""
     try:
         values = tuple(float(v) for v in text.replace(",", " ").split())
     except ValueError:
