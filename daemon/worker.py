@@ -175,9 +175,49 @@ class VoiceCache:
             return evicted
 
 
-# Operations queued for the worker thread: (kind, job, payload). Payloads: "text" ops carry
-# (segments split ahead of time, input closed); "fail" ops the error that ends the job.
-_Op = tuple[str, Job, "tuple[list[tuple[Segment, ...]], bool] | TtsdError | None"]
+# The worker thread's inbox: commands queued by the loop and the text threads, applied by the worker
+# between engine steps (never while one runs), in the order they were queued.
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """An admitted job enters the queue for an engine slot."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class AddText:
+    """Segments split ahead of time on a text thread; `close` ends the job's input."""
+
+    job: Job
+    pieces: list[tuple[Segment, ...]]
+    close: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The job's text could not be split: it ends with this error."""
+
+    job: Job
+    error: TtsdError
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The client took its audio: the job may be given its next segment."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The job was stopped (cancel, disconnect, shutdown): it leaves the engine and the queue."""
+
+    job: Job
+
+
+Command = Submit | AddText | Fail | Credit | Stop
 
 
 class Worker:
@@ -199,7 +239,7 @@ class Worker:
         lock = threading.RLock()
         self._cond = threading.Condition(lock)        # the worker thread waits on this one ...
         self._voice_cond = threading.Condition(lock)  # ... the voice thread on this one
-        self._ops: deque[_Op] = deque()         # queued by the loop, applied by the worker between steps
+        self._inbox: deque[Command] = deque()   # queued by the loop, applied by the worker between steps
         self._active: list[Job] = []            # in the engine (worker thread owns membership)
         self._waiting: deque[Job] = deque()     # admitted, waiting for an active slot
         self._live = 0                          # admitted jobs not yet stopped (what admission counts)
@@ -267,8 +307,8 @@ class Worker:
             self._unfinished += 1
             self._idle.clear()
             texts, close = list(job.texts), job.input_closed
-            job.input_closed = False  # closed again by the "text" op that brings its segments
-            self._ops.append(("submit", job, None))
+            job.input_closed = False  # closed again by the AddText that brings its segments
+            self._inbox.append(Submit(job))
             self._cond.notify()
         self._split(job, texts, close)
 
@@ -297,7 +337,7 @@ class Worker:
 
     def return_credit(self, job: Job) -> None:
         with self._cond:
-            self._ops.append(("credit", job, None))
+            self._inbox.append(Credit(job))
             self._cond.notify()
 
     def register_voice(
@@ -339,9 +379,9 @@ class Worker:
 
     def cancel_all(self, code: str) -> None:
         with self._cond:
-            for kind, job, _ in self._ops:
-                if kind == "submit":
-                    self._stop(job, code, True)
+            for command in self._inbox:
+                if isinstance(command, Submit):
+                    self._stop(command.job, code, True)
             for job in (*self._active, *self._waiting):
                 self._stop(job, code, True)
             self._cond.notify()
@@ -370,7 +410,7 @@ class Worker:
         if job.stop_code is None and not job.ended:
             job.stop(code, message if message is not None else _STOP_MESSAGES.get(code, code), notify)
             self._live -= 1
-            self._ops.append(("stop", job, None))
+            self._inbox.append(Stop(job))
 
     # ---------------------------------------------------------------------------------------
     # Text thread
@@ -389,7 +429,7 @@ class Worker:
     def _split_now(self, job: Job, texts: list[str], close: bool) -> None:
         """Split `texts` into segments for `job` and queue them for the worker (or queue its failure)."""
         pieces: list[tuple[Segment, ...]] = []
-        op: _Op | None = None
+        failed: Fail | None = None
         for text in texts:
             if job.stop_code is not None:
                 return  # its stop op takes it out; splitting more is wasted work
@@ -399,17 +439,17 @@ class Worker:
                 if job.incremental:
                     log.debug("skipped unspeakable text key=%d chars=%d", job.key, len(text))  # "**", "..."
                     continue
-                op = ("fail", job, e)
+                failed = Fail(job, e)
                 break
             except TtsdError as e:
-                op = ("fail", job, e)
+                failed = Fail(job, e)
                 break
             except Exception as e:  # a bug in the front end: this job fails, the daemon serves on
                 log.exception("text split failed key=%d", job.key)
-                op = ("fail", job, TtsdError(f"internal error: {type(e).__name__}"))
+                failed = Fail(job, TtsdError(f"internal error: {type(e).__name__}"))
                 break
         with self._cond:
-            self._ops.append(op if op is not None else ("text", job, (pieces, close)))
+            self._inbox.append(failed if failed is not None else AddText(job, pieces, close))
             self._cond.notify()
 
     # ---------------------------------------------------------------------------------------
@@ -451,15 +491,15 @@ class Worker:
         engine = self._engine
         assert engine is not None  # made at the top of _run
         with self._cond:
-            while not (self._ops or engine.busy or self._stopping):
+            while not (self._inbox or engine.busy or self._stopping):
                 self._cond.wait(self._park_timeout())
                 self._check_stalls()
-            ops = list(self._ops)
-            self._ops.clear()
-            if self._stopping and not ops and not self._active and not self._waiting:
+            commands = list(self._inbox)
+            self._inbox.clear()
+            if self._stopping and not commands and not self._active and not self._waiting:
                 return False
-        for kind, job, payload in ops:
-            self._apply(kind, job, payload)
+        for command in commands:
+            self._apply(command)
         self._promote()
         self.busy_since = time.monotonic()
         if engine.busy:
@@ -468,40 +508,41 @@ class Worker:
         self._mark_parked()
         return True
 
-    def _apply(self, kind: str, job: Job, payload: tuple[list[tuple[Segment, ...]], bool] | TtsdError | None) -> None:
+    def _apply(self, command: Command) -> None:
         engine = self._engine
         assert engine is not None
-        if kind == "submit":
-            if job.stop_code is None:
-                self._waiting.append(job)
-            else:
-                self._finish(job)  # stopped before it ever started
-        elif kind == "fail" and isinstance(payload, TtsdError):
-            if not job.ended:
-                self._fail(job, payload.code, str(payload))
-        elif kind == "text" and isinstance(payload, tuple):
-            if job.ended:
-                return
-            pieces, close = payload
-            job.pending.extend(pieces)
-            job.input_closed = job.input_closed or close
-            if job.request is not None:
-                engine.feed(job.request, job.pending, job.input_closed)
-                job.pending.clear()
-        elif kind == "credit":
-            job.parked_since = None
-            if job.request is not None:
-                engine.grant(job.request)
-        elif kind == "stop":
-            if job.ended:
-                return
-            if job.request is not None:
-                engine.cancel(job.request)
-            if job in self._active:
-                self._active.remove(job)
-            if job in self._waiting:
-                self._waiting.remove(job)
-            self._finish(job)
+        job = command.job
+        match command:
+            case Submit():
+                if job.stop_code is None:
+                    self._waiting.append(job)
+                else:
+                    self._finish(job)  # stopped before it ever started
+            case Fail(error=error):
+                if not job.ended:
+                    self._fail(job, error.code, str(error))
+            case AddText(pieces=pieces, close=close):
+                if job.ended:
+                    return
+                job.pending.extend(pieces)
+                job.input_closed = job.input_closed or close
+                if job.request is not None:
+                    engine.feed(job.request, job.pending, job.input_closed)
+                    job.pending.clear()
+            case Credit():
+                job.parked_since = None
+                if job.request is not None:
+                    engine.grant(job.request)
+            case Stop():
+                if job.ended:
+                    return
+                if job.request is not None:
+                    engine.cancel(job.request)
+                if job in self._active:
+                    self._active.remove(job)
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                self._finish(job)
 
     def _promote(self) -> None:
         """Fill free engine slots from the queue, oldest first; options are checked here, on the worker."""
@@ -640,8 +681,8 @@ class Worker:
     def _drain_after_fault(self) -> None:
         """After a device fault nothing more can run: fail every job and answer queued registrations."""
         with self._cond:
-            jobs = [*self._active, *self._waiting, *(j for k, j, _ in self._ops if k == "submit")]
-            self._ops.clear()
+            jobs = [*self._active, *self._waiting, *(c.job for c in self._inbox if isinstance(c, Submit))]
+            self._inbox.clear()
             for vj in self._voice_jobs:
                 self._post(vj.done, TtsdError("internal error: device fault"))
             self._voice_jobs.clear()
