@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import V2, V2_5, model_version, require, shape
+from .config import require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .device import upload
 from .errors import ConfigError
@@ -78,11 +78,6 @@ class GPTConfig:
     perceiver_depth: int  # perceiver layers (2); the emotion perceiver's in campplus mode
 
     @property
-    def version(self) -> str:
-        """The model version this GPT belongs to (config.V2 or config.V2_5)."""
-        return V2 if self.campplus is None else V2_5
-
-    @property
     def head_dim(self) -> int:
         return self.model_dim // self.heads
 
@@ -128,14 +123,10 @@ class GPTConfig:
     def from_yaml(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> GPTConfig:
         """Build from the parsed config.yaml and `weights.read_shapes(gpt.safetensors)`.
 
-        The speaker mode comes from the checkpoint: `spk_emb_proj` means campplus (IndexTTS-2.5),
-        and it must agree with the config's `version`."""
+        The speaker mode comes from the checkpoint: `spk_emb_proj` means campplus (IndexTTS-2.5);
+        the model's family (family.py) checks that it is the one its version expects."""
         g = require(config, "gpt", "")
-        version = model_version(config)
         campplus = "spk_emb_proj.weight" in shapes
-        if campplus != (version == V2_5):
-            have = "has" if campplus else "lacks"
-            raise ConfigError(f"config.yaml says version {version} but gpt.safetensors {have} spk_emb_proj")
         # 2.5 configs keep condition_type, but campplus mode never reads it.
         if not campplus and require(g, "condition_type", "gpt") != "conformer_perceiver":
             raise ConfigError("gpt.condition_type: only conformer_perceiver (IndexTTS2) is supported")
