@@ -48,13 +48,66 @@ class Codec(Protocol):
 class ModelFamily(Protocol):
     """One model version's answers. Parts typed `object` are the family's own (built by it)."""
 
-    name: str  # "2", "2.5": clients are told the model is f"IndexTTS-{name}"
-    version: float  # config.yaml `version`
-    model_id: str  # `ttsd fetch --model` / `ttsd make-tiny --model` name
-    languages: tuple[str, ...]  # `lang` codes it speaks (reported in the protocol's hello)
-    second_pass: bool  # s2mel reads a second GPT pass (gpt_layer); False: the codec decodes codes alone
-    duration_control: bool  # duration_factor stretches the target (the OpenAI `speed` maps to it)
-    s2mel_parts: tuple[str, ...]  # the `net` entries of s2mel.pth it reads (convert and tiny write these)
+    # Read-only data (a frozen dataclass's fields satisfy these properties).
+    @property
+    def name(self) -> str:
+        """ "2", "2.5": clients are told the model is f"IndexTTS-{name}"."""
+        ...
+
+    @property
+    def version(self) -> float:
+        """config.yaml's `version`."""
+        ...
+
+    @property
+    def model_id(self) -> str:
+        """The `ttsd fetch --model` / `ttsd make-tiny --model` name."""
+        ...
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """The `lang` codes it speaks (reported in the protocol's hello)."""
+        ...
+
+    @property
+    def second_pass(self) -> bool:
+        """s2mel reads a second GPT pass through gpt_layer; False: the codec decodes the codes alone."""
+        ...
+
+    @property
+    def duration_control(self) -> bool:
+        """duration_factor stretches the target (the OpenAI `speed` maps to it)."""
+        ...
+
+    @property
+    def s2mel_parts(self) -> tuple[str, ...]:
+        """The `net` entries of s2mel.pth it reads (what convert and make-tiny write)."""
+        ...
+
+    @property
+    def gpt_class(self) -> type[UnifiedVoice]:
+        """The GPT with this family's speaker conditioning (gpt.py)."""
+        ...
+
+    @property
+    def official_tokenizer(self) -> str:
+        """The release's vocabulary file (what make-tiny writes for it)."""
+        ...
+
+    @property
+    def official_codec(self) -> str:
+        """The release's semantic codec file, relative to the official directory."""
+        ...
+
+    @property
+    def tokenizer_file(self) -> str:
+        """The vocabulary's name in the converted directory."""
+        ...
+
+    @property
+    def codec_file(self) -> str:
+        """The semantic codec's name in the converted directory."""
+        ...
 
     # --- convert time ---------------------------------------------------------------------------
     def looks_like(self, root: Path) -> bool:

@@ -15,14 +15,12 @@ from torch import Tensor, nn
 from . import convert
 from .errors import BadOptions, BadText, ConfigError
 from .family import Codec, Plan, register
-from .gpt import GPTConfig, UnifiedVoice
+from .gpt import GPTConfig, PerceiverVoice, UnifiedVoice
 from .length_regulator import load_gpt_layer, mel_lengths
 from .options import SynthesisOptions
 from .requests import Segment
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
-
-TOKENIZER = "tokenizer.json"  # ttsd-convert's name for the BPE vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +32,11 @@ class IndexTTS2:
     second_pass: bool = True
     duration_control: bool = False
     s2mel_parts: tuple[str, ...] = convert.S2MEL_PARTS
+    official_tokenizer: str = "bpe.model"
+    official_codec: str = "hf_cache/semantic_codec_model.safetensors"  # MaskGCT's, an auxiliary model
+    tokenizer_file: str = "tokenizer.json"  # converted from bpe.model
+    codec_file: str = "semantic_codec.safetensors"
+    gpt_class: type[UnifiedVoice] = PerceiverVoice
 
     def looks_like(self, root: Path) -> bool:
         return (root / "bpe.model").is_file()
@@ -46,7 +49,7 @@ class IndexTTS2:
             raise ConfigError(f"config.yaml says version {self.name} but gpt.safetensors has spk_emb_proj")
 
     def load_front_end(self, ckpt: Path, normalizer: TextNormalizer, gpt_cfg: GPTConfig) -> TextTokenizer:
-        return TextTokenizer.from_file(ckpt / TOKENIZER, normalizer)
+        return TextTokenizer.from_file(ckpt / self.tokenizer_file, normalizer)
 
     def load_codec(self, ckpt: Path, config: Mapping[str, Any], device: torch.device) -> SemanticCodec:
         return load_semantic_codec(ckpt, device)

@@ -17,14 +17,12 @@ from . import convert
 from .codec25 import EnhancedCodec, load_codec25
 from .errors import BadOptions, ConfigError
 from .family import Codec, Plan, register
-from .gpt import GPTConfig, UnifiedVoice
+from .gpt import CampplusVoice, GPTConfig, UnifiedVoice
 from .options import LANGUAGES_25, SynthesisOptions
 from .requests import Segment
 from .text import TextNormalizer
 from .text.front25 import TextFrontEnd25, detect_language
 from .text.tiktoken_tokenizer import TiktokenTokenizer
-
-TOKENIZER = "tokenizer.tiktoken"  # ttsd-convert's name for the 2.5 vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +34,11 @@ class IndexTTS25:
     second_pass: bool = False
     duration_control: bool = True
     s2mel_parts: tuple[str, ...] = convert.S2MEL_PARTS_V25
+    official_tokenizer: str = convert.TIKTOKEN_NAME
+    official_codec: str = "codec.pth"  # its own quantizer: MaskGCT's codec is not downloaded
+    tokenizer_file: str = "tokenizer.tiktoken"  # the release's vocabulary, copied
+    codec_file: str = "codec.safetensors"
+    gpt_class: type[UnifiedVoice] = CampplusVoice
 
     def looks_like(self, root: Path) -> bool:
         return (root / "codec.pth").is_file() and any(root.glob("*.tiktoken")) and not (root / "bpe.model").is_file()
@@ -48,11 +51,12 @@ class IndexTTS25:
             raise ConfigError(f"config.yaml says version {self.name} but gpt.safetensors lacks spk_emb_proj")
 
     def load_front_end(self, ckpt: Path, normalizer: TextNormalizer, gpt_cfg: GPTConfig) -> TextFrontEnd25:
-        front = TextFrontEnd25(tokenizer=TiktokenTokenizer.from_file(ckpt / TOKENIZER), normalizer=normalizer,
+        path = ckpt / self.tokenizer_file
+        front = TextFrontEnd25(tokenizer=TiktokenTokenizer.from_file(path), normalizer=normalizer,
                                max_text_tokens=gpt_cfg.max_text_tokens)
         vocab = front.tokenizer.vocab_size
         if vocab != gpt_cfg.number_text_tokens:
-            raise ConfigError(f"{ckpt / TOKENIZER}: {vocab} tokens but gpt.number_text_tokens is "
+            raise ConfigError(f"{path}: {vocab} tokens but gpt.number_text_tokens is "
                               f"{gpt_cfg.number_text_tokens}")
         return front
 

@@ -170,8 +170,7 @@ class Pipeline:
         config = load_yaml(cfg_path)
         family = family_for(config)  # the one place the model version is read
         normalizer = TextNormalizer(glossary_path=_glossary(ckpt))
-        gpt = load_unified_voice(ckpt, config, dev)
-        family.check_gpt(gpt.cfg)
+        gpt = load_unified_voice(ckpt, config, dev, family)  # the family's GPT class, its speaker mode checked
         s2mel = ckpt / "s2mel.safetensors"
         tokenizer = family.load_front_end(ckpt, normalizer, gpt.cfg)
         codec, gpt_layer = family.load_codec(ckpt, config, dev), family.load_gpt_layer(s2mel, dev)
