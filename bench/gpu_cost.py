@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = pipe.check_options(SynthesisOptions(do_sample=False, num_beams=1, max_mel_tokens=64,
                                                diffusion_steps=args.diffusion_steps, seed=1))
     emovec = pipe.request_emovec(voice, opts, None)
-    prefix_rows = cfg.prefix_conds - 2 if cfg.campplus is not None else cfg.prefix_conds  # conds before text
+    prefix_rows = cfg.prefix_conds  # conds before text
     text_len = max(1, args.live_slots - prefix_rows - 2 - 1 - 2)  # + start/stop text, start code, 2 steps
     text_ids = [(7 * i) % (cfg.number_text_tokens - 10) + 5 for i in range(text_len)]
 

@@ -285,7 +285,7 @@ def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
     speed = float(raw_speed)
     options = {k: v for k, v in body.items() if k not in SPEECH_FIELDS}
     if speed != 1.0:
-        if server.pipeline.version != "2.5":
+        if not server.pipeline.family.duration_control:
             raise ApiError(400, "unsupported", "speed other than 1.0 needs IndexTTS-2.5 (IndexTTS-2 has no duration "
                            "control)", "speed")
         if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:

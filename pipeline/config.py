@@ -41,19 +41,3 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw
 
-
-V2 = "2"  # IndexTTS-2 (config `version: 2.0`)
-V2_5 = "2.5"  # IndexTTS-2.5 (config `version: 2.5`)
-_VERSIONS = {2.0: V2, 2.5: V2_5}
-
-
-def model_version(config: Mapping[str, Any], file: str = "config.yaml") -> str:
-    """The model version a config.yaml describes: V2 or V2_5 (its `version` key, a number upstream
-    stores but never reads). A config without the key is IndexTTS-2; any other value is a ConfigError."""
-    raw = config.get("version")
-    if raw is None:
-        return V2
-    try:
-        return _VERSIONS[float(raw)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{file}: version {raw!r} is not supported (IndexTTS 2.0 or 2.5)") from e

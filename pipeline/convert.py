@@ -52,8 +52,9 @@ from safetensors.torch import save_file
 
 from ttsd.api.errors import ConfigError, TtsdError, missing_extra
 
-from .config import V2_5, load_yaml, model_version
+from .config import load_yaml
 from .errors import CheckpointError
+from .family import source_family
 
 log = logging.getLogger(__name__)
 
@@ -252,16 +253,6 @@ def plan(src: SourceLayout) -> dict[str, Callable[[Path], None]]:
 TIKTOKEN_NAME = "multilingual_zh_ja_yue_char_del.tiktoken"  # get_tokenizer(multilingual=True) reads this name
 
 
-def source_version(src: SourceLayout) -> str:
-    """The model version of an official directory: the config's `version` when it has one, else
-    IndexTTS-2.5 if codec.pth and a `*.tiktoken` are present and bpe.model is not, else IndexTTS-2."""
-    if "version" in src.config:
-        return model_version(src.config, str(src.root / "config.yaml"))
-    root = src.root
-    v25 = (root / "codec.pth").is_file() and any(root.glob("*.tiktoken")) and not (root / "bpe.model").is_file()
-    return V2_5 if v25 else model_version(src.config)
-
-
 def tiktoken_source(src: SourceLayout) -> Path:
     """The 2.5 vocabulary: upstream's fixed file name, else the directory's only `*.tiktoken`."""
     named = src.root / TIKTOKEN_NAME
@@ -366,7 +357,7 @@ def convert(src_dir: Path, dst_dir: Path, progress: bool = True, *, force: bool 
     check_destination(src_dir, dst_dir, force=force)
     config = load_yaml(cfg_path)
     src = SourceLayout(root=src_dir, config=config)
-    steps = plan_v25(src) if source_version(src) == V2_5 else plan(src)
+    steps = source_family(src.root, src.config).convert_plan(src)
     with staged(dst_dir, force=force) as tmp:
         bar = tqdm(steps.items(), desc="convert", unit="file", disable=not progress, file=sys.stderr)
         for name, write in bar:

@@ -5,7 +5,8 @@ IndexTTS-2 uses, and in `campplus` mode, which IndexTTS-2.5's infer_v2_5 uses: c
 emotion vectors, `prepare_gpt_inputs`, the second-pass latent), the HF GPT-2 stack it wraps
 (transformers 4.52 `GPT2Model` with `wpe` zeroed and `wte` unused) and the emotion-matrix mixing
 of indextts/infer_v2.py. Module names match gpt.pth key for key, so loading is a strict
-`load_state_dict`; which speaker mode a checkpoint uses is read from its tensors (`spk_emb_proj`).
+`load_state_dict`. Each speaker mode is a subclass (`PerceiverVoice`, `CampplusVoice`); the model's
+family picks one and checks that the tensors have its mode (`spk_emb_proj` means campplus).
 Per-request state (the KV cache, owned by decode.py) is passed in as per-layer tensors.
 Shapes: B batch (beams), T w2v-BERT frames, W w2v-BERT width, L text tokens, N semantic codes,
 S sequence positions, S_max cache capacity, D model_dim, H heads, Dh head dim, V vocabulary."""
@@ -16,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,14 @@ from torch import Tensor, nn
 
 from ttsd.api.errors import ConfigError
 
-from .config import V2, V2_5, model_version, require, shape
+from .config import require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .device import upload
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import build_buffers, load_module, read_shapes
+
+if TYPE_CHECKING:
+    from .family import ModelFamily
 
 LayerKV = tuple[Tensor, Tensor]  # one layer's (K, V) cache, each [B, H, S_cap, Dh]
 
@@ -79,11 +83,6 @@ class GPTConfig:
     perceiver_depth: int  # perceiver layers (2); the emotion perceiver's in campplus mode
 
     @property
-    def version(self) -> str:
-        """The model version this GPT belongs to (config.V2 or config.V2_5)."""
-        return V2 if self.campplus is None else V2_5
-
-    @property
     def head_dim(self) -> int:
         return self.model_dim // self.heads
 
@@ -113,6 +112,12 @@ class GPTConfig:
             depth=self.perceiver_depth,
         )
 
+    def speaker_projection(self) -> CampplusConditioning:
+        c = self.campplus
+        if c is None:
+            raise ConfigError("conformer_perceiver speaker conditioning has no spk_emb_proj")
+        return c
+
     def emo_perceiver(self) -> PerceiverConfig:
         c = self.emo_condition_module
         return PerceiverConfig(
@@ -129,14 +134,10 @@ class GPTConfig:
     def from_yaml(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> GPTConfig:
         """Build from the parsed config.yaml and `weights.read_shapes(gpt.safetensors)`.
 
-        The speaker mode comes from the checkpoint: `spk_emb_proj` means campplus (IndexTTS-2.5),
-        and it must agree with the config's `version`."""
+        The speaker mode comes from the checkpoint: `spk_emb_proj` means campplus (IndexTTS-2.5);
+        the model's family (family.py) checks that it is the one its version expects."""
         g = require(config, "gpt", "")
-        version = model_version(config)
         campplus = "spk_emb_proj.weight" in shapes
-        if campplus != (version == V2_5):
-            have = "has" if campplus else "lacks"
-            raise ConfigError(f"config.yaml says version {version} but gpt.safetensors {have} spk_emb_proj")
         # 2.5 configs keep condition_type, but campplus mode never reads it.
         if not campplus and require(g, "condition_type", "gpt") != "conformer_perceiver":
             raise ConfigError("gpt.condition_type: only conformer_perceiver (IndexTTS2) is supported")
@@ -327,23 +328,21 @@ def interpolate_emovec(base: Tensor, emo: Tensor, alpha: float) -> Tensor:
 
 
 class UnifiedVoice(nn.Module):
+    """The GPT both speaker modes share. `PerceiverVoice` (IndexTTS-2) and `CampplusVoice` (2.5) add
+    their speaker conditioning and text rows; which one a checkpoint builds is its family's
+    `gpt_class` (family.py). Modules are declared in upstream's order: make-tiny draws its random
+    weights in this order."""
+
+    text_embedding: nn.Embedding  # declared by declare_text, where the speaker mode puts it
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.model_dim
-        if cfg.campplus is None:
-            assert cfg.condition_module is not None  # GPTConfig.from_yaml sets both or neither
-            self.conditioning_encoder = ConformerEncoder(cfg.condition_module)
-            self.perceiver_encoder = PerceiverResampler(cfg.perceiver())
-        else:
-            self.spk_emb_proj = nn.Linear(cfg.campplus.style_dim, d)  # CAMPPlus style → one conditioning row
+        self.declare_speaker(cfg)
         self.emo_conditioning_encoder = ConformerEncoder(cfg.emo_condition_module)
         self.emo_perceiver_encoder = PerceiverResampler(cfg.emo_perceiver())
-        if cfg.campplus is None:
-            self.speed_emb = nn.Embedding(SPEED_TOKENS, d)
-        self.text_embedding = nn.Embedding(cfg.number_text_tokens + 1, d)
-        if cfg.campplus is not None:
-            self.lang_embedding = nn.Embedding(cfg.campplus.num_languages, d)  # added to every text position
+        self.declare_text(cfg)
         self.emo_layer = nn.Linear(d, d)
         self.emovec_layer = nn.Linear(cfg.w2v_dim, d)
         self.mel_embedding = nn.Embedding(cfg.number_mel_codes, d)
@@ -353,6 +352,14 @@ class UnifiedVoice(nn.Module):
         self.final_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.text_head = nn.Linear(d, cfg.number_text_tokens + 1)  # in gpt.pth, unused at inference
         self.mel_head = nn.Linear(d, cfg.number_mel_codes)
+
+    def declare_speaker(self, cfg: GPTConfig) -> None:
+        """The speaker-conditioning modules, declared before the emotion encoder."""
+        raise NotImplementedError
+
+    def declare_text(self, cfg: GPTConfig) -> None:
+        """text_embedding and the speaker mode's rows around it."""
+        raise NotImplementedError
 
     # --- conditioning -------------------------------------------------------------------------
 
@@ -365,14 +372,7 @@ class UnifiedVoice(nn.Module):
         """The speaker rows of the prefix (what emovec is added to), per speaker mode:
         IndexTTS-2: w2v-BERT features [B, T, W] → conformer → perceiver → [B, 32, D];
         IndexTTS-2.5: spk_emb_proj(CAMPPlus style [B, 192]) → [B, 1, D]. The other input is unused."""
-        if self.cfg.campplus is None:
-            return self.conditioning_latent(spk_cond_emb)
-        return self.spk_emb_proj(style).unsqueeze(1)
-
-    def conditioning_latent(self, spk_cond_emb: Tensor) -> Tensor:
-        """Speaker latents: [B, T, W] w2v-BERT features → conformer → perceiver → [B, 32, D]."""
-        h, mask = self.conditioning_encoder(spk_cond_emb, self.quirk_lengths(spk_cond_emb))
-        return self.perceiver_encoder(h, self.perceiver_encoder.latent_mask(mask))
+        raise NotImplementedError
 
     def get_emovec(self, emo_cond_emb: Tensor) -> Tensor:
         """Emotion vector: [B, T, W] → emo conformer → emo perceiver → emovec_layer → emo_layer → [B, D]."""
@@ -387,12 +387,11 @@ class UnifiedVoice(nn.Module):
     def conds_latent(self, speech_latent: Tensor, emovec: Tensor) -> Tensor:
         """IndexTTS-2: [latent + emovec (32) | speed_emb[1] | speed_emb[0]] → [B, 34, D];
         IndexTTS-2.5: [latent + emovec | 0 | 0] → [B, 3, D]. emovec skips the last two rows."""
-        b = speech_latent.size(0)
-        if self.cfg.campplus is None:
-            tail = self.speed_emb.weight[[1, 0]].unsqueeze(0).expand(b, -1, -1)  # [B, 2, D]
-        else:
-            tail = speech_latent.new_zeros(b, SPEED_TOKENS, speech_latent.size(2))  # [B, 2, D]
-        return torch.cat((speech_latent + emovec.unsqueeze(1), tail), dim=1)
+        return torch.cat((speech_latent + emovec.unsqueeze(1), self.speed_rows(speech_latent)), dim=1)
+
+    def speed_rows(self, speech_latent: Tensor) -> Tensor:
+        """The two rows after the speaker latents → [B, 2, D]."""
+        raise NotImplementedError
 
     def embed_text(self, text_ids: Tensor, lang: int | Tensor | None = None) -> Tensor:
         """[B, L] ids → [B, L + 2, D]: start/stop text tokens added, text positions 0..L+1.
@@ -402,17 +401,11 @@ class UnifiedVoice(nn.Module):
         c = self.cfg
         ids = F.pad(F.pad(text_ids.long(), (1, 0), value=c.start_text_token), (0, 1), value=c.stop_text_token)
         pos = torch.arange(ids.size(1), device=ids.device)
-        emb = self.text_embedding(ids) + self.text_pos_embedding.emb(pos)
-        if c.campplus is None:
-            if lang is not None:
-                raise ValueError("IndexTTS-2 has no language embedding: lang must be None")
-            return emb
-        if lang is None:
-            raise ValueError("IndexTTS-2.5 needs the language: pass its lang_embedding row")
-        if isinstance(lang, int):  # a host index selects its row without a host→device copy
-            return emb + self.lang_embedding.weight[lang]  # [B, L + 2, D]
-        rows = lang.to(device=ids.device, dtype=torch.long).reshape(-1, 1)  # [B or 1, 1]
-        return emb + self.lang_embedding(rows)  # [B, L + 2, D]
+        return self.add_language(self.text_embedding(ids) + self.text_pos_embedding.emb(pos), lang)  # [B, L + 2, D]
+
+    def add_language(self, emb: Tensor, lang: int | Tensor | None) -> Tensor:
+        """Text embeddings [B, L + 2, D] with the language row added where the speaker mode has one."""
+        raise NotImplementedError
 
     def build_prefix(
         self, speech_latent: Tensor, emovec: Tensor, text_ids: Sequence[int] | Tensor, lang: int | Tensor | None = None
@@ -493,12 +486,76 @@ class UnifiedVoice(nn.Module):
         return h[:, -(codes.size(1) + 2) : -2]  # drop the two tokens the pass added at the end
 
 
-def load_unified_voice(ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str) -> UnifiedVoice:
-    """Build UnifiedVoice from config.yaml + gpt.safetensors shapes, load it strictly, and on CPU lay
+class PerceiverVoice(UnifiedVoice):
+    """IndexTTS-2 (`conformer_perceiver`): 32 perceiver latents of the w2v-BERT features, then speed_emb."""
+
+    def declare_speaker(self, cfg: GPTConfig) -> None:
+        perceiver = cfg.perceiver()  # a ConfigError without the speaker conformer
+        assert cfg.condition_module is not None  # perceiver() needs it
+        self.conditioning_encoder = ConformerEncoder(cfg.condition_module)
+        self.perceiver_encoder = PerceiverResampler(perceiver)
+
+    def declare_text(self, cfg: GPTConfig) -> None:
+        self.speed_emb = nn.Embedding(SPEED_TOKENS, cfg.model_dim)
+        self.text_embedding = nn.Embedding(cfg.number_text_tokens + 1, cfg.model_dim)
+
+    def speaker_latent(self, spk_cond_emb: Tensor, style: Tensor) -> Tensor:
+        return self.conditioning_latent(spk_cond_emb)
+
+    def conditioning_latent(self, spk_cond_emb: Tensor) -> Tensor:
+        """Speaker latents: [B, T, W] w2v-BERT features → conformer → perceiver → [B, 32, D]."""
+        h, mask = self.conditioning_encoder(spk_cond_emb, self.quirk_lengths(spk_cond_emb))
+        return self.perceiver_encoder(h, self.perceiver_encoder.latent_mask(mask))
+
+    def speed_rows(self, speech_latent: Tensor) -> Tensor:
+        return self.speed_emb.weight[[1, 0]].unsqueeze(0).expand(speech_latent.size(0), -1, -1)  # [B, 2, D]
+
+    def add_language(self, emb: Tensor, lang: int | Tensor | None) -> Tensor:
+        if lang is not None:
+            raise ValueError("IndexTTS-2 has no language embedding: lang must be None")
+        return emb
+
+
+class CampplusVoice(UnifiedVoice):
+    """IndexTTS-2.5 (`campplus`): one spk_emb_proj row of the CAMPPlus style, two zero rows, and a
+    language row added to every text position."""
+
+    def declare_speaker(self, cfg: GPTConfig) -> None:
+        self.spk_emb_proj = nn.Linear(cfg.speaker_projection().style_dim, cfg.model_dim)  # style → one row
+
+    def declare_text(self, cfg: GPTConfig) -> None:
+        self.text_embedding = nn.Embedding(cfg.number_text_tokens + 1, cfg.model_dim)
+        # added to every text position
+        self.lang_embedding = nn.Embedding(cfg.speaker_projection().num_languages, cfg.model_dim)
+
+    def speaker_latent(self, spk_cond_emb: Tensor, style: Tensor) -> Tensor:
+        return self.spk_emb_proj(style).unsqueeze(1)
+
+    def speed_rows(self, speech_latent: Tensor) -> Tensor:
+        return speech_latent.new_zeros(speech_latent.size(0), SPEED_TOKENS, speech_latent.size(2))  # [B, 2, D]
+
+    def add_language(self, emb: Tensor, lang: int | Tensor | None) -> Tensor:
+        if lang is None:
+            raise ValueError("IndexTTS-2.5 needs the language: pass its lang_embedding row")
+        if isinstance(lang, int):  # a host index selects its row without a host→device copy
+            return emb + self.lang_embedding.weight[lang]  # [B, L + 2, D]
+        rows = lang.to(device=emb.device, dtype=torch.long).reshape(-1, 1)  # [B or 1, 1]
+        return emb + self.lang_embedding(rows)  # [B, L + 2, D]
+
+
+def load_unified_voice(
+    ckpt_dir: Path, config: Mapping[str, Any], device: torch.device | str, family: ModelFamily | None = None
+) -> UnifiedVoice:
+    """Build the GPT of the model family (by default config.yaml's) from its config + gpt.safetensors
+    shapes (the family checks the speaker mode the tensors have), load it strictly, and on CPU lay
     mel_head out for the decode step's GEMV (`UnifiedVoice.gemv_layout`)."""
+    from .family import family_for  # the families import this module
+
     path = Path(ckpt_dir) / "gpt.safetensors"
     cfg = GPTConfig.from_yaml(config, read_shapes(path))
-    gpt = load_module(lambda: UnifiedVoice(cfg), path, device)
+    family = family or family_for(config)
+    family.check_gpt(cfg)
+    gpt = load_module(lambda: family.gpt_class(cfg), path, device)
     if torch.device(device).type == "cpu":
         gpt.gemv_layout()
     return gpt
@@ -508,7 +565,7 @@ def decode_copy(gpt: UnifiedVoice, dtype: torch.dtype) -> UnifiedVoice:
     """The same weights in `dtype`, for a half-precision decode loop beside the float32 model (which
     keeps the conditioning and the second pass). Built tensor by tensor: no second float32 copy."""
     with torch.device("meta"):
-        twin = UnifiedVoice(gpt.cfg)
+        twin = type(gpt)(gpt.cfg)
     twin.load_state_dict({k: v.to(dtype) for k, v in gpt.state_dict().items()}, assign=True)
     device = next(gpt.parameters()).device
     build_buffers(twin, device)

@@ -3,10 +3,11 @@ the daemon and the command line use.
 
 Ports the per-segment half of `IndexTTS2.infer_generator` (indextts/infer_v2.py): text →
 segments → GPT codes and latent → s2mel (gpt_layer + vq2emb, length regulator, CFM) → BigVGAN.
-IndexTTS-2.5 (infer_v2_5.py) differs in three per-segment steps, each a branch on `version` here:
-its text front end (tiktoken, a `<|lang|> ` prefix, a language row per text position), no second
-GPT pass (the 2.5 codec decodes the codes alone into S_infer at twice their length), and
-`duration_factor` stretching the target length. Everything else is shared.
+IndexTTS-2.5 (infer_v2_5.py) differs in three per-segment steps, each answered by the model's
+family (family.py, picked once in `load`): its text front end (tiktoken, a `<|lang|> ` prefix, a
+language row per text position), no second GPT pass (the 2.5 codec decodes the codes alone into
+S_infer at twice their length), and `duration_factor` stretching the target length. Everything
+else is shared.
 Each step exists once, as a method on one segment (or on a list of segments where batching pays):
 `run_gpt` / `run_acoustic` chain them for one segment alone (the plain reference path), and the
 engine (engine.py) runs the same methods for many requests at once. `stream()` and `synthesize()`
@@ -29,19 +30,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ttsd.api.errors import BadOptions, BadText, ConfigError, TtsdError
-from ttsd.api.options import LANGUAGES_25, SynthesisOptions
+from ttsd.api.errors import BadOptions, ConfigError, TtsdError
+from ttsd.api.options import SynthesisOptions
 
 from . import audio
 from .accel import ROW_BUCKETS, Streams, graphed_step
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
-from .codec25 import EnhancedCodec, load_codec25
-from .config import V2, V2_5, load_yaml, model_version
+from .config import load_yaml
 from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
 from .device import resolve_device, upload
 from .engine import AcousticInput, Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
 from .errors import CheckpointError, DeviceFault
+from .family import Codec, ModelFamily, family_for
 from .flow import CFM, CFMRow, CFMSolve, load_cfm
 from .gpt import (
     EmotionMatrices,
@@ -52,12 +53,10 @@ from .gpt import (
     load_unified_voice,
     scale_emo_vector,
 )
-from .length_regulator import InterpolateRegulator, load_gpt_layer, load_length_regulator, mel_lengths
+from .length_regulator import InterpolateRegulator, load_length_regulator
 from .qwen_emo import QwenEmotion, load_qwen_emo
-from .semantic_codec import SemanticCodec, load_semantic_codec
-from .text import TextNormalizer, TextTokenizer, split_segments
-from .text.front25 import TextFrontEnd25, detect_language
-from .text.tiktoken_tokenizer import TiktokenTokenizer
+from .requests import Segment
+from .text import TextNormalizer
 from .voice import AudioSource, Voice, prepare_voice
 from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
 
@@ -65,20 +64,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WARM_UP_TEXT = "Warm up."
-TOKENIZER_25 = "tokenizer.tiktoken"  # ttsd-convert's name for the IndexTTS-2.5 vocabulary
-LANGUAGES_2 = ("zh", "en")  # what IndexTTS-2 speaks (its text front end has no language option)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Segment:
-    index: int  # 0, 1, 2, ... within one request
-    text_ids: list[int]  # ids fed to the GPT
-    text: str  # the pieces decoded back to readable text
-    lang_index: int | None = None  # IndexTTS-2.5: the lang_embedding row of the segment's language
-
-    def with_index(self, index: int) -> Segment:
-        return replace(self, index=index)
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GptOutput:
@@ -101,10 +86,11 @@ class Pipeline:
     def __init__(
         self,
         *,
-        tokenizer: TextTokenizer | TextFrontEnd25,
+        family: ModelFamily,
+        tokenizer: object,
         w2v: W2VBert,
         w2v_stats: W2VStats,
-        codec: SemanticCodec | EnhancedCodec,
+        codec: Codec,
         campplus: CAMPPlus,
         gpt: UnifiedVoice,
         gpt_layer: torch.nn.Module | None,
@@ -119,15 +105,14 @@ class Pipeline:
         compile: bool | None = None,
         max_num_beams: int = 4,
         max_batch_rows: int = 16,
-        version: str = V2,
         qwen_emo: QwenEmotion | None = None,
     ) -> None:
-        if (version == V2_5) != isinstance(tokenizer, TextFrontEnd25) or (version == V2_5) != (gpt_layer is None):
-            raise ConfigError(f"parts of another model version given to an IndexTTS-{version} pipeline")
-        self.version = version
+        family.check_parts(tokenizer, codec, gpt_layer)
+        self.family = family  # what differs between model versions; nothing here compares them
+        self.version = family.name
         self.qwen_emo = qwen_emo  # emotion from text; None when the checkpoint has no QwenEmotion folder
-        self.languages: tuple[str, ...] = LANGUAGES_25 if version == V2_5 else LANGUAGES_2
-        self.tokenizer = tokenizer
+        self.languages = family.languages
+        self.tokenizer = tokenizer  # the family's text front end
         self.w2v, self.w2v_stats, self.codec, self.campplus = w2v, w2v_stats, codec, campplus
         # `gpt` (float32) conditions, builds prefixes and runs the second pass; `decode_gpt`, the same
         # weights in the decode dtype (or `gpt` itself), runs the decode loop.
@@ -185,25 +170,15 @@ class Pipeline:
         if not cfg_path.is_file():
             raise CheckpointError(f"{ckpt}: no config.yaml (convert the official checkpoint with ttsd-convert)")
         config = load_yaml(cfg_path)
-        version = model_version(config)
+        family = family_for(config)  # the one place the model version is read
         normalizer = TextNormalizer(glossary_path=_glossary(ckpt))
-        gpt = load_unified_voice(ckpt, config, dev)  # checks the GPT's parts against `version`
+        gpt = load_unified_voice(ckpt, config, dev, family)  # the family's GPT class, its speaker mode checked
         s2mel = ckpt / "s2mel.safetensors"
-        tokenizer: TextTokenizer | TextFrontEnd25
-        codec: SemanticCodec | EnhancedCodec
-        if version == V2_5:
-            tokenizer = TextFrontEnd25(tokenizer=TiktokenTokenizer.from_file(ckpt / TOKENIZER_25),
-                                       normalizer=normalizer, max_text_tokens=gpt.cfg.max_text_tokens)
-            vocab = tokenizer.tokenizer.vocab_size
-            if vocab != gpt.cfg.number_text_tokens:
-                raise ConfigError(f"{ckpt / TOKENIZER_25}: {vocab} tokens but gpt.number_text_tokens is "
-                                  f"{gpt.cfg.number_text_tokens}")
-            codec, gpt_layer = load_codec25(ckpt, config, dev), None
-        else:
-            tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", normalizer)
-            codec, gpt_layer = load_semantic_codec(ckpt, dev), load_gpt_layer(s2mel, dev)
+        tokenizer = family.load_front_end(ckpt, normalizer, gpt.cfg)
+        codec, gpt_layer = family.load_codec(ckpt, config, dev), family.load_gpt_layer(s2mel, dev)
         w2v, w2v_stats = load_w2v_bert(ckpt, dev)
         return cls(
+            family=family,
             tokenizer=tokenizer,
             w2v=w2v,
             w2v_stats=w2v_stats,
@@ -222,7 +197,6 @@ class Pipeline:
             compile=compile,
             max_num_beams=max_num_beams,
             max_batch_rows=max_batch_rows,
-            version=version,
             qwen_emo=load_qwen_emo(ckpt, dev) if emo_text else None,
         )
 
@@ -252,37 +226,13 @@ class Pipeline:
         limit = self.gpt.cfg.max_text_tokens - 1
         if opts.max_text_tokens_per_segment > limit:
             raise BadOptions(f"max_text_tokens_per_segment must be <= {limit} for this model")
-        if self.version == V2_5:
-            if opts.quick_streaming_tokens:
-                raise BadOptions("quick_streaming_tokens is an IndexTTS-2 option; this daemon serves IndexTTS-2.5")
-            if opts.lang is not None and opts.lang not in self.languages:
-                raise BadOptions(f"lang must be one of {', '.join(self.languages)}, got {opts.lang!r}")
-        else:
-            # Refused rather than ignored: the client would otherwise believe it had been applied.
-            if opts.lang is not None:
-                raise BadOptions("lang is an IndexTTS-2.5 option; this daemon serves IndexTTS-2 (zh and en, detected)")
-            if opts.duration_factor != 1.0:
-                raise BadOptions("duration_factor is an IndexTTS-2.5 option; this daemon serves IndexTTS-2")
+        self.family.check_options(opts)
         return opts
 
     def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
         """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText, BadOptions."""
         self.check_options(opts)
-        if isinstance(self.tokenizer, TextFrontEnd25):
-            plan = self.tokenizer.plan(text, opts.lang or detect_language(text), opts.max_text_tokens_per_segment)
-            return [
-                Segment(index=i, text_ids=list(ids), text=seg, lang_index=plan.lang_index)
-                for i, (seg, ids) in enumerate(zip(plan.segments, plan.segment_ids, strict=True))
-            ]
-        pieces = self.tokenizer.tokenize(text)
-        groups = split_segments(pieces, opts.max_text_tokens_per_segment, opts.quick_streaming_tokens)
-        segments = [
-            Segment(index=i, text_ids=self.tokenizer.convert_tokens_to_ids(g), text=self.tokenizer.decode(g))
-            for i, g in enumerate(g for g in groups if g)
-        ]
-        if not segments:
-            raise BadText("nothing to speak: the text is empty after normalisation")
-        return segments
+        return self.family.split_text(self.tokenizer, text, opts)
 
     # ------------------------------------------------------------------ emotion
 
@@ -317,9 +267,7 @@ class Pipeline:
         params = DecodeParams.from_options(opts)
         if params.max_mel_tokens > self.max_mel_tokens:
             params = replace(params, max_mel_tokens=self.max_mel_tokens)
-        # [1, 34 + L' + 2, D] (IndexTTS-2.5: [1, 3 + L' + 2, D], the language row added to the text)
-        prefix = self.gpt.build_prefix(voice.speech_latent, emovec, segment.text_ids, segment.lang_index
-                                       ).to(self.gpt_dtype)
+        prefix = self.family.prefix(self.gpt, voice.speech_latent, emovec, segment).to(self.gpt_dtype)  # [1, P, D]
         seed = 0 if opts.seed is None else opts.seed
         return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
 
@@ -349,7 +297,7 @@ class Pipeline:
         """One segment alone: its codes, then the second pass that yields the latent (the reference path)."""
         req = self.decode_request(voice, segment, opts, emovec)
         codes = generate(self.decode_gpt, req.prefix, req.params, key=req.key).codes  # [1, M]
-        latent = self.latents([(voice, emovec, segment, codes)])[0] if self.gpt_layer is not None else None
+        latent = self.latents([(voice, emovec, segment, codes)])[0] if self.family.second_pass else None
         return GptOutput(codes=codes, latent=latent)
 
     # ------------------------------------------------------------------ the acoustic stage
@@ -357,10 +305,7 @@ class Pipeline:
     def acoustic_frames(self, voice: Voice, codes: Generated, opts: SynthesisOptions) -> int:
         """Frames a segment's CFM sequence will have, without touching the device: prompt + floor(1.72 M)
         (IndexTTS-2.5: prompt + int(2M · 1.72 · duration_factor))."""
-        m = codes.codes_host.size(1)
-        if isinstance(self.codec, EnhancedCodec):
-            return voice.ref_mel.size(2) + self.codec.frames(m, opts.duration_factor)
-        return voice.ref_mel.size(2) + int(mel_lengths(torch.tensor([m]))[0])
+        return voice.ref_mel.size(2) + self.family.mel_frames(self.codec, codes.codes_host.size(1), opts)
 
     def cfm_rows(self, items: Sequence[AcousticInput]) -> list[CFMRow]:
         """Segments with codes → their CFM inputs: gpt_layer + vq2emb, the length regulator and the start noise."""
@@ -370,20 +315,14 @@ class Pipeline:
             if bad.numel() and (int(bad.max()) >= k or int(bad.min()) < 0):
                 # A code outside the codebook would index past it (a device-side assert on CUDA).
                 raise RuntimeError(f"segment {it.segment.index}: a code outside [0, {k}) reached the codec")
-        if self.gpt_layer is None:  # IndexTTS-2.5: no second GPT pass
+        if not self.family.second_pass:
             return [self._cfm_row(it, None) for it in items]
         lat = self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in items])
         return [self._cfm_row(it, latent) for it, latent in zip(items, lat, strict=True)]
 
     def _cfm_row(self, it: AcousticInput, latent: Tensor | None) -> CFMRow:
         voice, codes, opts = it.voice, it.codes.codes, it.opts
-        if isinstance(self.codec, EnhancedCodec):
-            s_infer, frames = self.codec.content(codes, opts.duration_factor)  # [1, 2M, Cw], [1] on the host
-            target = frames.tolist()
-        else:
-            assert latent is not None and self.gpt_layer is not None  # IndexTTS-2 always has the second pass
-            s_infer = self.codec.vq2emb(codes).transpose(1, 2) + self.gpt_layer(latent)  # [1, M, Cw]
-            target = mel_lengths(torch.tensor([codes.size(1)])).tolist()  # floor(1.72 M) in float32 as upstream
+        s_infer, target = self.family.content(self.codec, self.gpt_layer, codes, latent, opts)  # [1, M', Cw]
         cond = self.length_regulator(s_infer, target)  # [1, T, C]
         mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
         shape = (1, self.cfm.in_channels, mu.size(1))

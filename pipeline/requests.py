@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,8 +18,18 @@ from ttsd.api.pcm import to_s16le
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .pipeline import Segment
     from .voice import Voice
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Segment:
+    index: int  # 0, 1, 2, ... within one request
+    text_ids: list[int]  # ids fed to the GPT
+    text: str  # the pieces decoded back to readable text
+    lang_index: int | None = None  # IndexTTS-2.5: the lang_embedding row of the segment's language
+
+    def with_index(self, index: int) -> Segment:
+        return replace(self, index=index)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting above)
 import yaml  # noqa: E402
 
-from ttsd.pipeline.config import model_version
+from ttsd.pipeline.family import family_for
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_FIXTURES = REPO / "tests" / "fixtures"
@@ -105,8 +105,8 @@ class FixtureSet:
 
     @cached_property
     def version(self) -> str:
-        """The model version of the set's checkpoint (config.V2 or config.V2_5)."""
-        return model_version(yaml.safe_load((self.ckpt / "config.yaml").read_text(encoding="utf-8")))
+        """The model version of the set's checkpoint ("2" or "2.5": its family's name)."""
+        return family_for(yaml.safe_load((self.ckpt / "config.yaml").read_text(encoding="utf-8"))).name
 
     @property
     def variants(self) -> tuple[str, ...]:

@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 from ttsd.api.errors import ConfigError
 from ttsd.pipeline import download
-from ttsd.pipeline.config import V2, V2_5
-from ttsd.pipeline.convert import SourceLayout, main, source_version, tiktoken_source
+from ttsd.pipeline.convert import SourceLayout, main, tiktoken_source
 from ttsd.pipeline.download import (
     INDEXTTS25_REPO,
     QWEN_EMO,
@@ -28,6 +27,7 @@ from ttsd.pipeline.download import (
     release_files,
 )
 from ttsd.pipeline.errors import CheckpointError
+from ttsd.pipeline.family import source_family
 
 from .conftest import FixtureSet
 
@@ -72,13 +72,18 @@ def _layout(root: Path, config: dict[str, object], files: list[str]) -> SourceLa
     return SourceLayout(root=root, config=config)
 
 
+def source_version(src: SourceLayout) -> str:
+    return source_family(src.root, src.config).name
+
+
 def test_source_version_from_config_or_files(tmp_path: Path) -> None:
     """The config's version decides; without one, codec.pth + *.tiktoken and no bpe.model mean 2.5."""
-    assert source_version(_layout(tmp_path / "a", {"version": 2.5}, [])) == V2_5
-    assert source_version(_layout(tmp_path / "b", {"version": 2.0}, ["codec.pth", "v.tiktoken"])) == V2
-    assert source_version(_layout(tmp_path / "c", {}, ["codec.pth", "v.tiktoken"])) == V2_5
-    assert source_version(_layout(tmp_path / "d", {}, ["codec.pth", "v.tiktoken", "bpe.model"])) == V2
-    assert source_version(_layout(tmp_path / "e", {}, ["bpe.model"])) == V2
+    assert source_version(_layout(tmp_path / "a", {"version": 2.5}, [])) == "2.5"
+    assert source_version(_layout(tmp_path / "b", {"version": 2.0}, ["codec.pth", "v.tiktoken"])) == "2"
+    assert source_version(_layout(tmp_path / "c", {}, ["codec.pth", "v.tiktoken"])) == "2.5"
+    assert source_version(_layout(tmp_path / "d", {}, ["codec.pth", "v.tiktoken", "bpe.model"])) == "2"
+    assert source_version(_layout(tmp_path / "e", {}, ["bpe.model"])) == "2"
+    assert source_version(_layout(tmp_path / "g", {}, [])) == "2"
     with pytest.raises(ConfigError, match="version 3.0 is not supported"):
         source_version(_layout(tmp_path / "f", {"version": 3.0}, []))
 

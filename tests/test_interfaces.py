@@ -631,9 +631,11 @@ def test_openai_speed_maps_to_the_duration_factor_on_indextts25() -> None:
 
     from ttsd.daemon.config import DaemonConfig
     from ttsd.daemon.http import ApiError, _parse_speech
+    from ttsd.pipeline.family import family_for
 
     def server(version: str) -> Any:
-        return SimpleNamespace(pipeline=SimpleNamespace(version=version), config=DaemonConfig())
+        family = family_for({"version": float(version)})
+        return SimpleNamespace(pipeline=SimpleNamespace(family=family), config=DaemonConfig())
 
     body = {"model": "tts-1", "input": "Hi.", "voice": "alice", "speed": 1.25}
     assert _parse_speech(dict(body), server("2.5")).options == {"duration_factor": 0.8}

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ttsd.api.errors import Cancelled, ConfigError
 from ttsd.pipeline.codec25 import load_codec25
-from ttsd.pipeline.config import V2, model_version
 from ttsd.pipeline.errors import CheckpointMismatch
+from ttsd.pipeline.family import family_for
 from ttsd.pipeline.flow import CFM, load_cfm
 from ttsd.pipeline.length_regulator import (
     InterpolateRegulator,
@@ -52,7 +52,7 @@ def _config(ckpt: Path) -> dict[str, Any]:
 def s2mel(converted: Path) -> S2Mel:
     config = _config(converted)
     path = converted / "s2mel.safetensors"
-    v2 = model_version(config) == V2
+    v2 = family_for(config).second_pass  # IndexTTS-2's parts: gpt_layer and the MaskGCT codec
     return S2Mel(
         config=config,
         length_regulator=load_length_regulator(path, config, "cpu"),

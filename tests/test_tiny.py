@@ -289,7 +289,7 @@ def test_make_tiny_cli_writes_and_converts(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def official25(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-preset official IndexTTS-2.5 directory, seed 0 (written once per module)."""
-    return tiny.write_official(tmp_path_factory.mktemp("tiny25-src"), "tiny", seed=0, model=tiny.V25)
+    return tiny.write_official(tmp_path_factory.mktemp("tiny25-src"), "tiny", seed=0, model="indextts-2.5")
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def test_tiny25_has_the_fixture_files_keys_shapes_and_config(fx: FixtureSet, off
     config.yaml (the oracle-only section aside)."""
     theirs = yaml.safe_load((fx.ckpt / "config.yaml").read_text(encoding="utf-8"))
     theirs.pop("oracle_tiny_overrides", None)
-    if theirs != tiny.preset_config(tiny.get_preset("tiny"), tiny.V25):
+    if theirs != tiny.preset_config(tiny.get_preset("tiny"), "indextts-2.5"):
         pytest.skip(f"fixture set {fx.root.name} is not tiny-sized")
     assert yaml.safe_load((official25 / "config.yaml").read_text(encoding="utf-8")) == theirs
     assert files(official25) == files(fx.ckpt)
@@ -338,7 +338,7 @@ def test_tiny25_converts_loads_and_synthesises(generated25: Path) -> None:
 
 def test_tiny25_direct_converted_layout_equals_the_converted_official_files(generated25: Path, tmp_path: Path) -> None:
     """write_converted(model=2.5) writes byte for byte what ttsd-convert makes of the 2.5 official files."""
-    manifest = tiny.write_converted(tmp_path / "direct", "tiny", seed=0, model=tiny.V25)
+    manifest = tiny.write_converted(tmp_path / "direct", "tiny", seed=0, model="indextts-2.5")
     assert json.loads(manifest.read_text())["files"] == json.loads((generated25 / "manifest.json").read_text())["files"]
 
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ttsd.pipeline.config import V2
 from ttsd.pipeline.convert import S2MEL_PARTS, S2MEL_PARTS_V25, convert, sha256_file, verify
 from ttsd.pipeline.errors import CheckpointError, CheckpointMismatch
 from ttsd.pipeline.weights import load_module, read_shapes
@@ -107,7 +106,7 @@ def test_convert_keeps_every_tensor(fx: FixtureSet, converted: Path) -> None:
         assert torch.equal(mine[k], v), k
     s2 = torch.load(fx.ckpt / "s2mel.pth", map_location="cpu", weights_only=True)["net"]
     mine_s2 = load_file(str(converted / "s2mel.safetensors"))
-    parts = S2MEL_PARTS if fx.version == V2 else S2MEL_PARTS_V25  # 2.5's s2mel has no gpt_layer
+    parts = S2MEL_PARTS if fx.version == "2" else S2MEL_PARTS_V25  # 2.5's s2mel has no gpt_layer
     want = {f"{part}.{k}" for part in parts for k in s2[part]}
     assert mine_s2.keys() == want
     big = torch.load(fx.ckpt / "hf_cache" / "bigvgan" / "bigvgan_generator.pt", map_location="cpu", weights_only=True)

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from ttsd.pipeline.bigvgan import BigVGAN, BigVGANConfig
 from ttsd.pipeline.campplus import CAMPPlus, CAMPPlusConfig
 from ttsd.pipeline.codec25 import EnhancedCodec, EnhancedCodecConfig
+from ttsd.pipeline.family import ModelFamily, families, family_for, family_named
 from ttsd.pipeline.flow import CFM, CFMConfig
 from ttsd.pipeline.gpt import GPTConfig, UnifiedVoice
 from ttsd.pipeline.length_regulator import (
@@ -95,8 +96,8 @@ CAMPPLUS_BLOCK_LAYERS = (12, 24, 16)  # CAMDenseTDNNBlock layers
 CAMPPLUS_EMBEDDING = 192  # CAMPPlus(embedding_size=192) in infer_v2
 CAM_REDUCTION = 2  # CAMLayer reduction
 
-V2, V25 = "indextts-2", "indextts-2.5"  # the models, named as `ttsd fetch --model` names them
-MODELS = (V2, V25)
+DEFAULT_MODEL = "indextts-2"  # the default model, named as `ttsd fetch --model` names it
+MODELS = tuple(f.model_id for f in families())
 TIKTOKEN_MERGES = 283  # learnt pieces of the 2.5 vocabulary: 539 ranks, as indextts25-tiny-s1's
 TIKTOKEN_FILE = "multilingual_zh_ja_yue_char_del.tiktoken"  # upstream's file name (get_tokenizer reads it)
 
@@ -148,15 +149,39 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def check_model(model: str) -> str:
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    return model
+def check_model(model: str) -> ModelFamily:
+    return family_named(model)
 
 
-def preset_config(p: Preset, model: str = V2) -> dict[str, Any]:
-    """The config.yaml document of a preset: the release config with the preset's dims (IndexTTS-2.5:
-    version 2.5, no bpe_model, the vocabulary's size, and the codec's downsampling and quantizers)."""
+def _tiktoken_config(config: dict[str, Any]) -> None:
+    del config["dataset"]["bpe_model"]
+    config["gpt"]["number_text_tokens"] = 256 + TIKTOKEN_MERGES + len(special_tokens())
+
+
+def _codec25_config(config: dict[str, Any]) -> None:
+    config["semantic_codec"].update(downsample_scale=2, num_quantizers=1)
+
+
+def _unchanged(config: dict[str, Any]) -> None:
+    pass
+
+
+# The release config's changes for a family's vocabulary and codec, by their official file names
+# (ModelFamily.official_tokenizer / official_codec): the release config is IndexTTS-2's.
+VOCABULARY_CONFIG: dict[str, Callable[[dict[str, Any]], None]] = {
+    "bpe.model": _unchanged,
+    TIKTOKEN_FILE: _tiktoken_config,
+}
+CODEC_CONFIG: dict[str, Callable[[dict[str, Any]], None]] = {
+    "hf_cache/semantic_codec_model.safetensors": _unchanged,
+    "codec.pth": _codec25_config,
+}
+
+
+def preset_config(p: Preset, model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """The config.yaml document of a preset: the release config with the preset's dims, then the
+    model's (IndexTTS-2.5: version 2.5, no bpe_model, the vocabulary's size, and the codec's
+    downsampling and quantizers)."""
     config: dict[str, Any] = yaml.safe_load(CONFIG_YAML)
     for dotted, value in p.config.items():
         *parents, leaf = dotted.split(".")
@@ -166,11 +191,11 @@ def preset_config(p: Preset, model: str = V2) -> dict[str, Any]:
         if leaf not in node:
             raise KeyError(f"preset {p.name}: {dotted} is not a key of the release config")
         node[leaf] = copy.deepcopy(value)
-    if check_model(model) == V25:
-        config["version"] = 2.5
-        del config["dataset"]["bpe_model"]
-        config["gpt"]["number_text_tokens"] = 256 + TIKTOKEN_MERGES + len(special_tokens())
-        config["semantic_codec"].update(downsample_scale=2, num_quantizers=1)
+    family = check_model(model)
+    if family_for(config) is not family:  # the release config's own version names another model
+        config["version"] = family.version
+    VOCABULARY_CONFIG[family.official_tokenizer](config)
+    CODEC_CONFIG[family.official_codec](config)
     return config
 
 
@@ -227,12 +252,12 @@ def _s2mel_shapes(config: Mapping[str, Any], w2v_dim: int) -> dict[str, tuple[in
     }
 
 
-def make_gpt(p: Preset, model: str = V2) -> UnifiedVoice:
+def make_gpt(p: Preset, model: str = DEFAULT_MODEL) -> UnifiedVoice:
     config = preset_config(p, model)
-    return UnifiedVoice(GPTConfig.from_yaml(config, _gpt_shapes(config, p.w2v["hidden_size"])))
+    return check_model(model).gpt_class(GPTConfig.from_yaml(config, _gpt_shapes(config, p.w2v["hidden_size"])))
 
 
-def make_s2mel(p: Preset, model: str = V2) -> dict[str, nn.Module]:
+def make_s2mel(p: Preset, model: str = DEFAULT_MODEL) -> dict[str, nn.Module]:
     """s2mel.pth's `net` parts in file order: cfm, length_regulator and (IndexTTS-2 only) gpt_layer."""
     config = preset_config(p, model)
     shapes = _s2mel_shapes(config, p.w2v["hidden_size"])
@@ -240,7 +265,7 @@ def make_s2mel(p: Preset, model: str = V2) -> dict[str, nn.Module]:
         "cfm": CFM(CFMConfig.from_yaml(config, shapes)),
         "length_regulator": InterpolateRegulator(LengthRegulatorConfig.from_yaml(config)),
     }
-    if model == V2:  # infer_v2_5 builds MyModel without gpt_layer
+    if "gpt_layer" in check_model(model).s2mel_parts:  # infer_v2_5 builds MyModel without gpt_layer
         parts["gpt_layer"] = build_gpt_layer(GptLayerConfig.from_shapes(shapes))
     return parts
 
@@ -259,7 +284,9 @@ def make_codec(p: Preset) -> SemanticCodec:
 
 
 def make_codec25(p: Preset) -> EnhancedCodec:
-    return EnhancedCodec(EnhancedCodecConfig.from_yaml(preset_config(p, V25)))
+    config = preset_config(p)
+    _codec25_config(config)
+    return EnhancedCodec(EnhancedCodecConfig.from_yaml(config))
 
 
 def campplus_config(p: Preset) -> CAMPPlusConfig:
@@ -284,11 +311,11 @@ def make_bigvgan(p: Preset) -> BigVGAN:
     return BigVGAN(BigVGANConfig.from_json(bigvgan_config(p)))
 
 
-def build_gpt(p: Preset, seed: int, model: str = V2) -> UnifiedVoice:
+def build_gpt(p: Preset, seed: int, model: str = DEFAULT_MODEL) -> UnifiedVoice:
     return initialised(make_gpt(p, model), file_generator(seed, "gpt.pth"))
 
 
-def build_s2mel(p: Preset, seed: int, model: str = V2) -> dict[str, nn.Module]:
+def build_s2mel(p: Preset, seed: int, model: str = DEFAULT_MODEL) -> dict[str, nn.Module]:
     gen = file_generator(seed, "s2mel.pth")  # one stream for the file, in its key order
     return {name: initialised(m, gen) for name, m in make_s2mel(p, model).items()}
 
@@ -313,7 +340,7 @@ def build_codec(p: Preset, seed: int) -> SemanticCodec:
 
 def build_codec25(p: Preset, seed: int) -> EnhancedCodec:
     codec = make_codec25(p)
-    layer_scale = 1.0 / int(preset_config(p, V25)["semantic_codec"]["vocos_num_layers"])
+    layer_scale = 1.0 / int(preset_config(p)["semantic_codec"]["vocos_num_layers"])  # the 2.5 codec's depth too
     return initialised(codec, file_generator(seed, "codec.pth"), layer_scale=layer_scale)
 
 
@@ -358,9 +385,10 @@ def _json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[[Path], None]]:
+def plan(p: Preset, seed: int, model: str = DEFAULT_MODEL) -> dict[str, Callable[[Path], None]]:
     """Relative path in the official layout → writer. Each writer builds only its own component."""
     config = preset_config(p, model)
+    family = check_model(model)
 
     def write_config(path: Path) -> None:
         path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -378,16 +406,19 @@ def plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[[Path], No
     def write_tiktoken(path: Path) -> None:
         path.write_bytes(train_tiktoken(TIKTOKEN_MERGES))
 
-    vocabulary: dict[str, Callable[[Path], None]] = {"bpe.model": write_bpe}
-    if model == V25:
-        vocabulary = {
-            TIKTOKEN_FILE: write_tiktoken,
-            # EnhancedCodec.load_checkpoint reads checkpoint["model"].
-            "codec.pth": lambda path: _torch_save({"model": _state(build_codec25(p, seed))}, path),
-        }
+    # By the official file names a family's release has (ModelFamily.official_tokenizer / official_codec).
+    vocabularies: dict[str, Callable[[Path], None]] = {"bpe.model": write_bpe, TIKTOKEN_FILE: write_tiktoken}
+    codecs: dict[str, Callable[[Path], None]] = {
+        # MaskGCT's file was written by accelerate's save_model: no metadata.
+        "hf_cache/semantic_codec_model.safetensors": lambda path: _safetensors(
+            _state(build_codec(p, seed)), path, None
+        ),
+        # EnhancedCodec.load_checkpoint reads checkpoint["model"].
+        "codec.pth": lambda path: _torch_save({"model": _state(build_codec25(p, seed))}, path),
+    }
     steps = {
         "config.yaml": write_config,
-        **vocabulary,
+        family.official_tokenizer: vocabularies[family.official_tokenizer],
         "gpt.pth": lambda path: _torch_save(_state(build_gpt(p, seed, model)), path),
         "s2mel.pth": write_s2mel,
         "wav2vec2bert_stats.pt": lambda path: _torch_save(build_w2v_stats(p, seed), path),
@@ -398,22 +429,17 @@ def plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[[Path], No
         "hf_cache/w2v-bert-2.0/model.safetensors": lambda path: _safetensors(
             _state(build_w2v(p, seed)), path, {"format": "pt"}
         ),
-        # MaskGCT's file was written by accelerate's save_model: no metadata.
-        "hf_cache/semantic_codec_model.safetensors": lambda path: _safetensors(
-            _state(build_codec(p, seed)), path, None
-        ),
+        family.official_codec: codecs[family.official_codec],
         "hf_cache/campplus_cn_common.bin": lambda path: _torch_save(_state(build_campplus(p, seed)), path),
         "hf_cache/bigvgan/config.json": lambda path: _json(bigvgan_config(p), path),
         "hf_cache/bigvgan/bigvgan_generator.pt": lambda path: _torch_save(
             {"generator": _state(build_bigvgan(p, seed))}, path
         ),
     }
-    if model == V25:  # the 2.5 quantizer is its own codec.pth: MaskGCT's codec is not downloaded
-        del steps["hf_cache/semantic_codec_model.safetensors"]
     return steps
 
 
-def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, model: str = V2,
+def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, model: str = DEFAULT_MODEL,
                    progress: bool = False) -> Path:
     """Write a complete official-format IndexTTS-2 (or 2.5) source directory with seeded random weights.
 
@@ -439,11 +465,12 @@ def write_official(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, 
 # The converted layout directly (what ttsd-convert makes of write_official's output)
 
 
-def converted_plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[[Path], None]]:
+def converted_plan(p: Preset, seed: int, model: str = DEFAULT_MODEL) -> dict[str, Callable[[Path], None]]:
     """Converted file name → writer, in convert.plan's order. Each state dict is written with the
     keys and safetensors metadata conversion gives it: nesting as dotted prefixes, `format: pt`
     except for the two files conversion copies as they are (MaskGCT's has no metadata)."""
     official = plan(p, seed, model)
+    family = check_model(model)
     pt = {"format": "pt"}
 
     def write_tokenizer(path: Path) -> None:
@@ -462,28 +489,33 @@ def converted_plan(p: Preset, seed: int, model: str = V2) -> dict[str, Callable[
         spk, emo = build_emotion(p, seed)
         _safetensors({"spk_matrix": spk.contiguous(), "emo_matrix": emo.contiguous()}, path, pt)
 
+    # By converted file name (ModelFamily.tokenizer_file / codec_file), as convert's plans write them.
+    vocabularies: dict[str, Callable[[Path], None]] = {
+        "tokenizer.json": write_tokenizer,
+        "tokenizer.tiktoken": lambda path: official[TIKTOKEN_FILE](path),
+    }
+    codecs: dict[str, Callable[[Path], None]] = {
+        "semantic_codec.safetensors": lambda path: official["hf_cache/semantic_codec_model.safetensors"](path),
+        "codec.safetensors": lambda path: _safetensors(_state(build_codec25(p, seed)), path, pt),
+    }
     steps = {
         "config.yaml": official["config.yaml"],
-        "tokenizer.json": write_tokenizer,
+        family.tokenizer_file: vocabularies[family.tokenizer_file],
         "gpt.safetensors": lambda path: _safetensors(_state(build_gpt(p, seed, model)), path, pt),
         "s2mel.safetensors": write_s2mel,
         "w2v_bert.json": official["hf_cache/w2v-bert-2.0/config.json"],
         "w2v_bert.safetensors": official["hf_cache/w2v-bert-2.0/model.safetensors"],
         "w2v_stats.safetensors": lambda path: _safetensors(build_w2v_stats(p, seed), path, pt),
-        "semantic_codec.safetensors": lambda path: official["hf_cache/semantic_codec_model.safetensors"](path),
+        family.codec_file: codecs[family.codec_file],
         "campplus.safetensors": lambda path: _safetensors(_state(build_campplus(p, seed)), path, pt),
         "bigvgan.json": official["hf_cache/bigvgan/config.json"],
         "bigvgan.safetensors": lambda path: _safetensors(_state(build_bigvgan(p, seed)), path, pt),
         "emotion.safetensors": write_emotion,
     }
-    if model == V25:  # convert.plan_v25's changes to the set
-        del steps["tokenizer.json"], steps["semantic_codec.safetensors"]
-        steps["tokenizer.tiktoken"] = official[TIKTOKEN_FILE]
-        steps["codec.safetensors"] = lambda path: _safetensors(_state(build_codec25(p, seed)), path, pt)
     return steps
 
 
-def write_converted(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, model: str = V2,
+def write_converted(out_dir: Path | str, preset: str = "tiny", seed: int = 0, *, model: str = DEFAULT_MODEL,
                     force: bool = False, progress: bool = False) -> Path:
     """Write the converted checkpoint directory of `write_official(preset, seed)` without the official
     files, with a manifest, under ttsd-convert's rules (a temporary directory renamed on success; a
@@ -509,7 +541,7 @@ def random_pipeline(
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     *,
-    model: str = V2,
+    model: str = DEFAULT_MODEL,
     **load: Any,
 ) -> Pipeline:
     """A Pipeline over the weights of `write_official(preset, seed)`: written as a converted checkpoint
@@ -552,7 +584,8 @@ def synthetic_voice(seconds: float, seed: int = 0) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ttsd make-tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="output directory (official layout of the model)")
-    ap.add_argument("--model", choices=MODELS, default=V2, help="model version to write (default %(default)s)")
+    ap.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL,
+                    help="model version to write (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default %(default)s)")
     ap.add_argument("--convert", type=Path, metavar="DST", help="also run ttsd-convert into DST")
