@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ttsd.api.errors import ConfigError
 from ttsd.pipeline import family as family_mod
-from ttsd.pipeline.errors import ConfigError
 from ttsd.pipeline.family import family_for, family_named, source_family
 
 ROOT = Path(__file__).resolve().parent.parent
