@@ -19,9 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from websockets.asyncio.client import connect
 
@@ -38,7 +36,15 @@ from ttsd.tools import simcuda
 from .conftest import FixtureSet, assert_close
 from .test_daemon import FAST, GATE_TIMEOUT_S, Client, last, pcm_of
 from .test_daemon import speaker_wav as speaker_wav  # the fixture, used by the serve test
-from .test_pipeline import golden_noise, golden_options, golden_text, synth_flags
+from .test_pipeline import (
+    golden_int16,
+    golden_noise,
+    golden_options,
+    golden_text,
+    noise_file,
+    read_wav,
+    synth_flags,
+)
 
 SHORT = dict(max_mel_tokens=20, diffusion_steps=2, max_text_tokens_per_segment=20)
 
@@ -104,22 +110,14 @@ def test_synth_cli_on_simulated_cuda(fx: FixtureSet, converted: Path, sim: dict[
     """`ttsd synth --device cuda --noise ...` on the simulated device writes the golden waveform of the
     set's first variant (the CLI route of the CUDA branch; both versions' device paths are covered by the
     golden test above, so the command runs for IndexTTS-2 only)."""
-    from safetensors.torch import save_file
-
-    from ttsd.api.pcm import to_int16
     from ttsd.pipeline.synth import main
 
     variant = fx.variants[0]
-    noise = tmp_path / "noise.safetensors"
-    save_file({k: v.contiguous() for k, v in fx.golden(variant, "14_cfm").items() if k.endswith(".noise")}, str(noise))
     out = tmp_path / "out.wav"
     argv = ["--checkpoints", str(converted), "--device", "cuda", *synth_flags(fx, variant), "--out", str(out),
-            "--noise", str(noise)]
+            "--noise", str(noise_file(fx, variant, tmp_path))]
     assert main(argv) == 0
-    mine, _ = sf.read(str(out), dtype="int16")
-    golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
-    want = torch.from_numpy(to_int16(golden).astype(np.float32))[None]
-    assert_close(torch.from_numpy(mine.astype(np.float32))[None], want, f"{variant} synth wav")
+    assert_close(read_wav(out), golden_int16(fx, variant), f"{variant} synth wav")
 
 
 def test_warm_up_records_every_row_bucket_and_serving_records_none(gpu: Pipeline, voice: Voice) -> None:

@@ -863,6 +863,23 @@ async def test_watchdog_reports_a_wedged_worker_as_a_device_fault(daemon: Daemon
     assert response.startswith(b"HTTP/1.1 503") and b"watchdog" in response
 
 
+def hold_voice_preparation(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Make `pipeline.prepare_voice` wait until the test sets the returned gate: (gate, entered), `entered`
+    set once a registration is inside it. The caller sets the gate in a `finally`."""
+    gate, entered = threading.Event(), threading.Event()
+    real = pipeline.prepare_voice
+
+    def held(*args: Any, **kwargs: Any) -> Voice:
+        entered.set()
+        assert gate.wait(GATE_TIMEOUT_S), "the test never released the registration"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_voice", held)
+    return gate, entered
+
+
 async def test_voice_registration_never_stalls_synthesis(
     pipeline: Pipeline, daemon: Daemon, speaker_wav: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -872,15 +889,7 @@ async def test_voice_registration_never_stalls_synthesis(
     async with daemon() as server:
         async with client(server) as c:
             ready = await c.register(speaker_wav)
-        gate, entered = threading.Event(), threading.Event()
-        real = pipeline.prepare_voice
-
-        def held(*args: Any, **kwargs: Any) -> Voice:
-            entered.set()
-            assert gate.wait(GATE_TIMEOUT_S), "the test never released the registration"
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(pipeline, "prepare_voice", held)
+        gate, entered = hold_voice_preparation(pipeline, monkeypatch)
         try:
             async with client(server) as slow, client(server) as fast:
                 await slow.send(p.RegisterVoice(id=7, audio=speaker_wav + b"\0" * 64))  # a new voice id

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -36,10 +35,20 @@ from ttsd.daemon import session as session_module
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
-from ttsd.pipeline.voice import Voice
 
 from .conftest import FixtureSet
-from .test_daemon import FAST, GATE_TIMEOUT_S, Client, Daemon, Recorder, client, last, running, until_true
+from .test_daemon import (
+    FAST,
+    GATE_TIMEOUT_S,
+    Client,
+    Daemon,
+    Recorder,
+    client,
+    hold_voice_preparation,
+    last,
+    running,
+    until_true,
+)
 
 MANY_SENTENCES = " ".join(f"Sentence number {n} is here." for n in range(1, 13))
 # 10 s of silence before every segment after the first: a few segments fill every buffer on the way.
@@ -499,15 +508,7 @@ async def test_one_connection_cannot_fill_the_registration_queue(
     share = max(1, max_queued // session_module.REGISTRATION_SHARE)
     # Registrations run on the voice thread: hold it inside prepare_voice so they stay in flight (holding
     # the synthesis worker does not, and a quick voice thread would finish them before the test counts).
-    gate, entered = threading.Event(), threading.Event()
-    real = pipeline.prepare_voice
-
-    def held(*args: Any, **kwargs: Any) -> Voice:
-        entered.set()
-        assert gate.wait(GATE_TIMEOUT_S), "the test never released the registration"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "prepare_voice", held)
+    gate, entered = hold_voice_preparation(pipeline, monkeypatch)
     audio = speaker_wav + b"\0" * 96  # a voice id no other test registered: the cache cannot answer it
     try:
         async with daemon(max_queued_requests=max_queued) as server:

@@ -71,7 +71,8 @@ def synth_flags(fx: FixtureSet, variant: str) -> list[str]:
     return flags
 
 
-def _noise_file(fx: FixtureSet, variant: str, tmp_path: Path) -> Path:
+def noise_file(fx: FixtureSet, variant: str, tmp_path: Path) -> Path:
+    """The variant's golden CFM noise as the safetensors file `ttsd synth --noise` reads."""
     from safetensors.torch import save_file
 
     noise = tmp_path / "noise.safetensors"
@@ -79,14 +80,16 @@ def _noise_file(fx: FixtureSet, variant: str, tmp_path: Path) -> Path:
     return noise
 
 
-def _golden_int16(fx: FixtureSet, variant: str) -> torch.Tensor:
+def golden_int16(fx: FixtureSet, variant: str) -> torch.Tensor:
+    """Upstream's waveform as the 16-bit samples a WAV holds, [1, N] float."""
     from ttsd.api.pcm import to_int16
 
     golden = fx.golden(variant, "16_output")["wav_pcm"][0].numpy()
     return torch.from_numpy(to_int16(golden).astype(np.float32))[None]
 
 
-def _read_wav(path: Path) -> torch.Tensor:
+def read_wav(path: Path) -> torch.Tensor:
+    """A `ttsd synth` WAV (22050 Hz mono 16-bit, checked) as [1, N] float samples."""
     info = sf.info(str(path))
     assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
     mine, _ = sf.read(str(path), dtype="int16")
@@ -107,7 +110,7 @@ def test_every_variant_through_synth_matches_golden_waveform(
 
     out = tmp_path / "out.wav"
     args = build_parser().parse_args(["--checkpoints", str(converted), *synth_flags(fx, variant), "--out", str(out),
-                                      "--noise", str(_noise_file(fx, variant, tmp_path))])
+                                      "--noise", str(noise_file(fx, variant, tmp_path))])
     caplog.set_level(logging.INFO, logger="ttsd.pipeline.synth")
     job = check(args, args.text)
     pcm = synthesize(pipe, job, args)
@@ -116,8 +119,8 @@ def test_every_variant_through_synth_matches_golden_waveform(
     done = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("segment ")]
     assert done == [f"{i}/{total}" for i in range(1, total + 1)]
     write(job.out, pcm, pipe.sample_rate_hz, job.out_format)
-    written = _read_wav(out)
-    assert_close(written, _golden_int16(fx, variant), f"{variant} wav")
+    written = read_wav(out)
+    assert_close(written, golden_int16(fx, variant), f"{variant} wav")
     upstream_wav = fx.golden_dir / f"{variant}_output.wav"  # the WAV upstream itself wrote, where the set has it
     if upstream_wav.is_file():
         ref, _ = sf.read(str(upstream_wav), dtype="int16")
@@ -133,9 +136,9 @@ def test_synth_cli_loads_and_writes_golden_wav(fx: FixtureSet, converted: Path, 
     variant = fx.variants[0]
     out = tmp_path / "out.wav"
     argv = ["--checkpoints", str(converted), *synth_flags(fx, variant), "--out", str(out),
-            "--noise", str(_noise_file(fx, variant, tmp_path))]
+            "--noise", str(noise_file(fx, variant, tmp_path))]
     assert main(argv) == 0
-    assert_close(_read_wav(out), _golden_int16(fx, variant), f"{variant} wav")
+    assert_close(read_wav(out), golden_int16(fx, variant), f"{variant} wav")
 
 
 def test_sampling_is_seeded(fx: FixtureSet, pipe: Pipeline) -> None:
