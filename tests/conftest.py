@@ -40,6 +40,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting above)
 import yaml  # noqa: E402
 
+# Under pytest-xdist (the suite's default, see pyproject's addopts) the workers share the cores: one
+# torch thread each, so two workers on two cores do not fight over them. Processes a test starts
+# (daemons, CLIs) keep their own default.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 from ttsd.pipeline.family import family_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,7 +293,44 @@ def all_sets() -> list[FixtureSet]:
     return list(_SETS)
 
 
+# Tensors that record a call argument rather than a result; the tests pass them in (or index with
+# them) and compare what they produce instead.
+INPUT_ONLY = {
+    "inference_cfg_rate": "the CFG rate handed to the CFM sampler",
+    "temperature": "the noise scale; the seeded-noise test multiplies by it",
+    "est_steps": "which Euler steps the est_* tensors hold; the DiT tests index with it",
+    "use_speed": "IndexTTS-2's `use_speed` forward argument (always zero)",
+}
+
+
+def missing_golden(compared: set[tuple[str, str, str, str]]) -> list[str]:
+    """`set/variant/stage:tensor` of every golden tensor of every set that `compared` lacks."""
+    return [
+        f"{s.root.name}/{variant}/{fname}:{key}"
+        for s in all_sets()
+        for variant, v in s.manifest["variants"].items()
+        for fname, tensors in v["files"].items()
+        for key in tensors
+        if (s.root.name, variant, fname.removesuffix(".safetensors"), key) not in compared
+        and key.rsplit(".", 1)[-1] not in INPUT_ONLY
+    ]
+
+
+def coverage_unjudged(testsfailed: int, deselected: bool, collected: set[str]) -> str | None:
+    """Why a run cannot judge golden coverage (it only judges a whole, passing run), or None."""
+    if testsfailed:
+        return "other tests failed, so their comparisons are incomplete"
+    if deselected:
+        return "tests were deselected: coverage is judged on the whole suite only"
+    wanted = {p.name for p in Path(__file__).parent.glob("test_*.py")}
+    if not wanted <= collected:
+        return f"run the whole suite to check coverage (not collected: {sorted(wanted - collected)})"
+    return None
+
+
 DESELECTED = pytest.StashKey[bool]()
+COLLECTED_FILES = pytest.StashKey[set[str]]()
+WORKER_RESULTS: list[dict[str, Any]] = []  # xdist controller: what each worker compared
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -295,13 +338,65 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
         items[0].config.stash[DESELECTED] = True
 
 
+def _xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return not _xdist_worker(config) and bool(getattr(config.option, "numprocesses", None)) \
+        and getattr(config.option, "dist", "no") != "no"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The golden coverage check reads what every other test recorded: it runs last.
+    config.stash[COLLECTED_FILES] = {item.path.name for item in items}
+    # The golden coverage check reads what every other test recorded: it runs last. Under xdist no
+    # worker sees every comparison, so the controller judges coverage at the end of the session
+    # (pytest_sessionfinish below) from what each worker reports, and the workers drop the test.
     last = [item for item in items if item.get_closest_marker("after_all")]
-    items[:] = [item for item in items if item not in last] + last
+    items[:] = [item for item in items if item not in last] + ([] if _xdist_worker(config) else last)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (no CUDA device on this machine)")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook sends workeroutput to the controller
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if _xdist_worker(config):
+        out = config.workeroutput  # type: ignore[attr-defined]
+        out["ttsd_compared"] = sorted(COMPARED)
+        out["ttsd_deselected"] = config.stash.get(DESELECTED, False)
+        out["ttsd_collected"] = sorted(config.stash.get(COLLECTED_FILES, set()))
+        return
+    if not _xdist_controller(config) or session.shouldstop or session.shouldfail:
+        return
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    compared = {tuple(c) for r in WORKER_RESULTS for c in r.get("ttsd_compared", [])}
+    why = coverage_unjudged(
+        session.testsfailed,
+        any(r.get("ttsd_deselected") for r in WORKER_RESULTS),
+        {f for r in WORKER_RESULTS for f in r.get("ttsd_collected", [])},
+    )
+    if why is not None:
+        if terminal:
+            terminal.ensure_newline()
+            terminal.write_line(f"golden coverage: not judged ({why})")
+        return
+    missing = missing_golden(compared)  # type: ignore[arg-type]
+    if missing:
+        if terminal:
+            terminal.ensure_newline()
+            terminal.write_line(f"golden coverage FAILED: {len(missing)} golden tensors compared by no test: "
+                                f"{missing[:40]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif terminal:
+        terminal.ensure_newline()
+        terminal.write_line(f"golden coverage: every golden tensor compared ({len(compared)} comparisons)")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller collects each worker's record
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    WORKER_RESULTS.append(dict(getattr(node, "workeroutput", {}) or {}))

@@ -2,43 +2,49 @@
 
 The assert_* helpers of conftest record each golden tensor they compare; this test walks the
 manifests and lists any tensor no test compared, for every version and variant. It only judges a
-whole run: with tests deselected, files left out or earlier failures it skips, saying why."""
+whole run: with tests deselected, files left out or earlier failures it skips, saying why. Under
+pytest-xdist (the suite's default) the same check runs in the controller at the end of the session
+(conftest.pytest_sessionfinish) over what every worker compared, and fails the run."""
 
 from __future__ import annotations
 
 import pytest
 
-from .conftest import COMPARED, DESELECTED, all_sets
-
-# Tensors that record a call argument rather than a result; the tests pass them in (or index with
-# them) and compare what they produce instead.
-INPUT_ONLY = {
-    "inference_cfg_rate": "the CFG rate handed to the CFM sampler",
-    "temperature": "the noise scale; the seeded-noise test multiplies by it",
-    "est_steps": "which Euler steps the est_* tensors hold; the DiT tests index with it",
-    "use_speed": "IndexTTS-2's `use_speed` forward argument (always zero)",
-}
+from .conftest import COMPARED, DESELECTED, INPUT_ONLY, all_sets, coverage_unjudged, missing_golden
 
 
 @pytest.mark.after_all
 def test_every_golden_tensor_is_compared(request: pytest.FixtureRequest) -> None:
     """No tensor of any variant of any fixture set goes unchecked (call arguments aside)."""
     session = request.session
-    if session.testsfailed:
-        pytest.skip("other tests failed, so their comparisons are incomplete")
-    if session.config.stash.get(DESELECTED, False):
-        pytest.skip("tests were deselected: coverage is judged on the whole suite only")
-    collected = {item.path.name for item in session.items}
-    wanted = {p.name for p in request.path.parent.glob("test_*.py")}
-    if not wanted <= collected:
-        pytest.skip(f"run the whole suite to check coverage (not collected: {sorted(wanted - collected)})")
-    missing = [
-        f"{s.root.name}/{variant}/{fname}:{key}"
+    why = coverage_unjudged(
+        session.testsfailed,
+        session.config.stash.get(DESELECTED, False),
+        {item.path.name for item in session.items},
+    )
+    if why is not None:
+        pytest.skip(why)
+    missing = missing_golden(COMPARED)
+    assert not missing, f"{len(missing)} golden tensors compared by no test: {missing[:40]}"
+
+
+def test_the_coverage_check_names_what_was_not_compared() -> None:
+    """The check the controller and the serial run share: nothing compared → every tensor listed but
+    call arguments; every tensor compared → nothing; one left out → exactly that one."""
+    every = {
+        (s.root.name, variant, fname.removesuffix(".safetensors"), key)
         for s in all_sets()
         for variant, v in s.manifest["variants"].items()
         for fname, tensors in v["files"].items()
         for key in tensors
-        if (s.root.name, variant, fname.removesuffix(".safetensors"), key) not in COMPARED
-        and key.rsplit(".", 1)[-1] not in INPUT_ONLY
-    ]
-    assert not missing, f"{len(missing)} golden tensors compared by no test: {missing[:40]}"
+    }
+    assert every, "no fixture set has golden tensors"
+    assert missing_golden(every) == []
+    results = sorted(e for e in every if e[3].rsplit(".", 1)[-1] not in INPUT_ONLY)
+    left_out = results[len(results) // 2]
+    name = f"{left_out[0]}/{left_out[1]}/{left_out[2]}.safetensors:{left_out[3]}"
+    assert missing_golden(every - {left_out}) == [name]
+    assert len(missing_golden(set())) > len(every) // 2
+    assert coverage_unjudged(1, False, set()) is not None
+    assert coverage_unjudged(0, True, set()) is not None
+    assert "test_golden_coverage.py" in (coverage_unjudged(0, False, set()) or "")
