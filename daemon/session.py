@@ -498,7 +498,7 @@ class WebSocketListener:
     """The WebSocket port: the handshake (with /healthz and /metrics answered before it), then one
     Session per connection."""
 
-    interface: Final = "websocket"
+    interface: Final = WEBSOCKET.name
 
     def __init__(self, server: Server) -> None:
         self.server = server
