@@ -7,7 +7,8 @@ worker, voices, limits and bearer token. docs/interfaces.md is the client's view
     GET  /metrics           Prometheus text format (daemon/metrics.py)
     GET  /healthz           200 ok, 503 while draining or after a device fault (no token needed)
 
-A speech request is one worker job. The response headers wait for the first segment, so a
+A speech request is one RequestRun (daemon/core.py: limits, admission, seed, credits, first-audio
+time, metrics, the log lines); this file only translates. The response headers wait for the first segment, so a
 request that fails before any audio (text that normalises to nothing, say) still gets its JSON
 error and status; afterwards it is chunked transfer of the encoded audio, one write per segment,
 and the worker's credit for a segment is returned once its bytes are written. A client that stops
@@ -27,8 +28,6 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
-import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
@@ -39,26 +38,27 @@ from ttsd.api import protocol as p
 from ttsd.api.errors import Busy, ShuttingDown, TtsdError, UnknownVoice
 
 from . import encoding
-from .jobs import (
+from .core import (
     BODY_OVERHEAD_BYTES,
-    SOCKET_SEND_BUFFER_BYTES,
     Ended,
+    Interface,
     OptionError,
     QueueSink,
+    RequestRun,
     SegmentAudio,
-    decode_options,
-    submit,
+    limit_send_buffer,
+    options_from,
+    peer_name,
 )
 from .metrics import CONTENT_TYPE, DISCONNECTED, OK
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME
-from .worker import Job
 
 if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger(__name__)
 
-INTERFACE: Final = "http"
+HTTP: Final = Interface("http", "http ")
 # Model names accepted in `model`: ours, and OpenAI's speech models so that clients with those
 # names built in work unchanged. All of them are the loaded IndexTTS-2 with the same defaults.
 MODEL: Final = "indextts-2"
@@ -98,7 +98,9 @@ def _from_ttsd(e: TtsdError, param: str | None = None) -> ApiError:
 
 
 class HttpApi:
-    """The aiohttp application and its listener; `start` binds, `close` ends it (bounded)."""
+    """The aiohttp application and its listener (a core.Listener); `start` binds, `close` ends it (bounded)."""
+
+    interface: Final = HTTP.name
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -118,9 +120,9 @@ class HttpApi:
         )
         self._site: web.TCPSite | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self) -> None:
         await self.runner.setup()
-        self._site = web.TCPSite(self.runner, host, port)
+        self._site = web.TCPSite(self.runner, self.server.config.host, self.server.config.http_port)
         try:
             await self._site.start()
         except BaseException:
@@ -215,17 +217,19 @@ class HttpApi:
     # POST /v1/audio/speech
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
-        t0 = time.perf_counter()
         if self.server.draining:
             raise ApiError(503, p.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        run = self.server.core.run(HTTP, _peer(request))
         try:
             body = await self._start(request)
+            try:
+                run.check_text(body.text)
+            except TtsdError as e:
+                raise _from_ttsd(e, "input") from None
         except ApiError as e:
-            self.server.metrics.request_end(INTERFACE, e.code)
-            log.info("http request rejected peer=%s status=%d code=%s error=%r", _peer(request), e.status, e.code,
-                     e.message)
+            run.refuse(e.code, e.message, f"status={e.status} ")
             raise
-        return await _Speech(self, request, body, t0).run()
+        return await _Speech(self, request, body, run).speak()
 
     async def _start(self, request: web.Request) -> _SpeechBody:
         raw = await request.read()
@@ -253,7 +257,9 @@ class _SpeechBody:
 
 
 def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
-    """OpenAI's fields checked one by one; every other key must be a ttsd synthesis option."""
+    """The translation of OpenAI's request: its fields checked one by one and mapped to ttsd's (speed
+    to duration_factor); every other key must be a ttsd synthesis option (checked by options_from).
+    The text's limits are the request core's (RequestRun.check_text)."""
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "'model' is required and must be a string", "model")
@@ -262,12 +268,6 @@ def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
     text = body.get("input")
     if not isinstance(text, str):
         raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "'input' is required and must be a string", "input")
-    limit = server.config.max_text_chars
-    if len(text) > limit:
-        raise ApiError(400, p.ErrorCode.TEXT_TOO_LONG, f"input has {len(text)} characters; the limit is {limit}",
-                       "input")
-    if not text.strip():
-        raise ApiError(400, p.ErrorCode.BAD_TEXT, "input is empty", "input")
     voice = body.get("voice")
     if isinstance(voice, dict) and set(voice) == {"id"}:
         voice = voice["id"]  # OpenAI's custom-voice form {"id": "..."}
@@ -307,17 +307,13 @@ def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
 class _Speech:
     """One POST /v1/audio/speech from admission to the end of its body."""
 
-    def __init__(self, api: HttpApi, request: web.Request, body: _SpeechBody, t0: float) -> None:
-        self.api, self.request, self.body, self.t0 = api, request, body, t0
+    def __init__(self, api: HttpApi, request: web.Request, body: _SpeechBody, run: RequestRun) -> None:
+        self.api, self.request, self.body, self.run = api, request, body, run
         self.server = api.server
-        self.peer = _peer(request)
         self.response: web.StreamResponse | None = None
         self.stopped: str | None = None         # the worker's stop code, once it ended the job early
-        self.first_audio_s: float | None = None
-        self.samples = 0
-        self.segments = 0
 
-    async def run(self) -> web.StreamResponse:
+    async def speak(self) -> web.StreamResponse:
         server, worker = self.server, self.server.worker
         assert worker is not None  # the API starts after the worker
         try:
@@ -325,7 +321,7 @@ class _Speech:
         except UnknownVoice as e:
             raise self._rejected(_from_ttsd(e, "voice")) from None
         try:
-            options = decode_options({**preset_options, **self.body.options})
+            options = options_from({**preset_options, **self.body.options})
             emo_voice = None
             if options.emo_voice is not None:
                 emo_voice = server.presets.resolve(worker, options.emo_voice)[0]
@@ -335,27 +331,23 @@ class _Speech:
             raise self._rejected(_from_ttsd(e, "emo_voice")) from None
         sink = QueueSink(on_stop=self._on_stop)
         try:
-            job = submit(worker, sink, voice, options.opts, [self.body.text], emo_voice=emo_voice)
+            self.run.submit(sink, voice, options.opts, self.body.text, emo_voice=emo_voice,
+                            detail=f" voice={p.quote(self.body.voice_name)} format={self.body.response_format}")
         except (Busy, ShuttingDown) as e:
             raise self._rejected(_from_ttsd(e)) from None
-        log.info("http request start peer=%s key=%d chars=%d voice=%s format=%s", self.peer, job.key,
-                 len(self.body.text), p.quote(self.body.voice_name), self.body.response_format)
         code = DISCONNECTED
         try:
-            code = await self._stream(sink, job)
+            code = await self._stream(sink)
         finally:
             if code == DISCONNECTED and self.stopped is not None:
                 code = self.stopped  # _on_stop dropped the connection, which cancelled this handler
-            if code == DISCONNECTED:
-                worker.cancel(job, p.ErrorCode.CANCELLED, notify=False)
-            self._log_end(code, job.key)
+            self.run.end(code)
         if self.response is None:
             raise AssertionError("_stream returns only once a response exists")
         return self.response
 
     def _rejected(self, e: ApiError) -> ApiError:
-        self.server.metrics.request_end(INTERFACE, e.code)
-        log.info("http request rejected peer=%s status=%d code=%s error=%r", self.peer, e.status, e.code, e.message)
+        self.run.refuse(e.code, e.message, f"status={e.status} ")
         return e
 
     def _on_stop(self, code: str) -> None:
@@ -363,16 +355,13 @@ class _Speech:
         connection itself; and a writer blocked on an unread socket (slow_consumer) only wakes up this way."""
         self.stopped = code
         if self.response is not None and self.response.prepared and self.request.transport is not None:
-            log.info("http response aborted peer=%s code=%s", self.peer, code)
+            log.info("http response aborted peer=%s code=%s", self.run.peer, code)
             self.request.transport.abort()
 
-    async def _stream(self, sink: QueueSink, job: Job) -> str:
+    async def _stream(self, sink: QueueSink) -> str:
         """Write the job's audio; returns the result code (OK, an ErrorCode, or DISCONNECTED)."""
-        worker = self.server.worker
-        assert worker is not None
         encoder = encoding.new_encoder(self.body.response_format)
         cheap = encoding.is_cheap(self.body.response_format)
-        metrics = self.server.metrics
         try:
             while True:
                 item = await sink.queue.get()
@@ -390,25 +379,14 @@ class _Speech:
                 response = await self._prepare()
                 if data:
                     await response.write(data)
-                if self.first_audio_s is None:
-                    self.first_audio_s = time.perf_counter() - self.t0
-                self.samples += len(item.pcm) // 2
-                self.segments += 1
-                metrics.segment(INTERFACE, len(item.pcm) / 2 / p.SAMPLE_RATE_HZ)
-                worker.return_credit(job)
+                samples = len(item.pcm) // 2
+                self.run.audio_sent(samples)
+                self.run.segment_sent(samples / p.SAMPLE_RATE_HZ)
         except ConnectionError:
             # Written to a connection the client closed, or that _on_stop aborted.
-            return self._stop_code(sink)
+            return sink.stop_code()
         except asyncio.CancelledError:
-            raise  # the client disconnected (handler_cancellation); run() cancels the job
-
-    def _stop_code(self, sink: QueueSink) -> str:
-        """Why the connection broke: the worker's stop if one is queued, else the client left."""
-        while not sink.queue.empty():
-            item = sink.queue.get_nowait()
-            if isinstance(item, Ended):
-                return item.code or OK
-        return DISCONNECTED
+            raise  # the client disconnected (handler_cancellation); speak() ends the request
 
     def _failed(self, item: Ended) -> str:
         code = item.code or p.ErrorCode.INTERNAL
@@ -431,32 +409,11 @@ class _Speech:
         response.enable_chunked_encoding()
         self.response = response
         transport = self.request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
-            except OSError as e:
-                log.debug("cannot set SO_SNDBUF error=%s", e)
+        limit_send_buffer(transport.get_extra_info("socket") if transport is not None else None)
         await response.prepare(self.request)
         return response
-
-    def _log_end(self, code: str, key: int) -> None:
-        total_s = time.perf_counter() - self.t0
-        audio_s = self.samples / p.SAMPLE_RATE_HZ
-        self.server.metrics.request_end(INTERFACE, code, first_audio_s=self.first_audio_s, total_s=total_s,
-                                        audio_s=audio_s)
-        rtf = f"{total_s / audio_s:.3f}" if audio_s > 0 else "-"
-        first = "-" if self.first_audio_s is None else f"{self.first_audio_s * 1000:.0f}"
-        log.info(
-            "http request end peer=%s key=%d code=%s segments=%d audio_s=%.2f first_audio_ms=%s total_ms=%.0f rtf=%s",
-            self.peer, key, code, self.segments, audio_s, first, total_s * 1000, rtf,
-        )
 
 
 def _peer(request: web.Request) -> str:
     transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    try:
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
-    except (TypeError, IndexError):
-        return "?"
+    return peer_name(transport.get_extra_info("peername") if transport is not None else None)

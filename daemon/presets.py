@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 from ttsd.api import protocol as p
 from ttsd.api.errors import BadAudio, ConfigError, TtsdError, UnknownVoice
 
-from .jobs import OptionError, decode_options
+from .core import OptionError, options_from
 from .worker import VoiceResult
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ async def _load(path: Path, worker: Worker, max_file_bytes: int) -> Preset:
     options_path = path.with_suffix(OPTIONS_SUFFIX)
     if options_path.is_file():
         options = tomllib.loads(options_path.read_text(encoding="utf-8"))
-        decode_options(options)  # checked now, so a typo shows at start rather than at each request
+        options_from(options)  # checked now, so a typo shows at start rather than at each request
     audio = path.read_bytes()
     loop = asyncio.get_running_loop()
     done: asyncio.Future[VoiceResult | TtsdError] = loop.create_future()

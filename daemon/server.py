@@ -1,55 +1,49 @@
-"""The daemon: a websockets server in front of one worker thread, with a staged shutdown.
+"""The daemon: one worker thread, the listeners of every interface in front of it, and a staged
+shutdown.
 
 `Server` is the embeddable part (tests run it on port 0 with an already loaded Pipeline); `serve`
 is `ttsd serve`: load the weights, listen, tell systemd READY=1, and on SIGTERM or SIGINT
 
-  1. stop accepting work, STOPPING=1: the listener stays open so that /healthz answers 503 (and
+  1. stop accepting work, STOPPING=1: the listeners stay open so that /healthz answers 503 (and
      new handshakes are refused with 503) until the process exits;
   2. give in-flight requests drain_timeout_s to finish, then cancel the rest (`shutting_down`),
      each stopping at its next decode step (at most CANCEL_GRACE_S);
-  3. send what is queued (at most FLUSH_ON_CLOSE_S), close every connection with 1001 (going
-     away; a client that does not take the close within CLOSE_TIMEOUT_S has its transport
-     aborted), close the listener, join the worker (at most CANCEL_GRACE_S: a step wedged in the
-     device is left behind), exit 0.
+  3. close every listener (Listener.close): the WebSocket sends what is queued (at most
+     FLUSH_ON_CLOSE_S) and closes each connection with 1001 (going away; a client that does not
+     take the close within CLOSE_TIMEOUT_S has its transport aborted), the others close their
+     connections within CLOSE_TIMEOUT_S; join the worker (at most CANCEL_GRACE_S: a step wedged in
+     the device is left behind), exit 0.
 
 So a SIGTERM ends within drain_timeout_s + 2 × CANCEL_GRACE_S + FLUSH_ON_CLOSE_S + 2 × CLOSE_TIMEOUT_S
 whatever clients do and whatever the device does (systemd's TimeoutStopSec must be larger).
 
-A GET of /healthz on the same port is answered in `process_request`, before any WebSocket
-handshake, so load balancers and systemd checks need no WebSocket client; so is /metrics
-(Prometheus, daemon/metrics.py), behind the token like the WebSocket itself.
-
-With `http_port` and `wyoming_port` the same process also serves the OpenAI-compatible HTTP API
-(daemon/http.py) and Wyoming (daemon/wyoming.py), on the same worker, voices and limits; the
-voice presets of `voices_dir` (daemon/presets.py) are registered before any port listens. The
-drain covers their requests too; their listeners close after the WebSocket connections."""
+The listeners are the WebSocket port (daemon/session.py; it answers GET /healthz and, behind the
+token, /metrics before any handshake, so load balancers and systemd checks need no WebSocket
+client) and, with `http_port` and `wyoming_port`, the OpenAI-compatible HTTP API (daemon/http.py)
+and Wyoming (daemon/wyoming.py). All of them hand their requests to the one request core
+(daemon/core.py), so they share the worker, the voices, the limits and the metrics. The voice
+presets of `voices_dir` (daemon/presets.py) are registered before any port listens."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import importlib.util
 import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
-
-from websockets.asyncio.server import Server as WsServer
-from websockets.asyncio.server import ServerConnection
-from websockets.asyncio.server import serve as ws_serve
-from websockets.http11 import Request, Response
 
 from ttsd.api.protocol import ErrorCode
 
 from . import systemd
 from .config import is_loopback
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import GpuMemory, Metrics
+from .core import Core, Listener
+from .metrics import INTERFACES, GpuMemory, Metrics
 from .presets import Presets, load_presets
-from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
+from .session import Session, WebSocketListener
 from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
@@ -63,21 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Client frames buffered per connection before reading pauses (TCP then pushes back). websockets
-# counts frames, not bytes, and one frame may be max_frame_bytes, so reading pauses as soon as one
-# complete frame waits: with the one the reader handles, a connection holds about
-# 2 × max_frame_bytes of input at most.
-MAX_QUEUE_FRAMES: Final = 0
-WRITE_LIMIT_BYTES: Final = 64 * 1024  # per-connection write buffer high-water mark; send() waits above it
-# Kernel send buffer per connection. Linux autotunes it up to tcp_wmem's max (4 MiB, ~95 s of audio,
-# already at the start on loopback), which would let a client that stops reading absorb minutes of
-# audio before credits park its requests. 256 KiB is ~6 s of audio and still ~2.5 MB/s at 100 ms
-# RTT, far above the 44 kB/s real-time rate.
-SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
-PING_INTERVAL_S: Final = 20.0         # keepalive: a peer that stops answering is dropped ...
-PING_TIMEOUT_S: Final = 20.0          # ... this long after an unanswered ping
 CANCEL_GRACE_S: Final = 10.0          # shutdown: cancelled requests stop at their next decode step
-CLOSE_GOING_AWAY: Final = 1001
 
 
 class StartFailed(Exception):
@@ -85,7 +65,8 @@ class StartFailed(Exception):
 
 
 class Server:
-    """One listening socket, one worker, many sessions. Use `async with Server(...)` or start/shutdown."""
+    """One worker and the listeners of every configured interface (the WebSocket first). Use
+    `async with Server(...)` or start/shutdown."""
 
     def __init__(
         self,
@@ -99,12 +80,10 @@ class Server:
         self.observer = observer
         self.voices = voices
         self.worker: Worker | None = None
-        self.sessions: set[Session] = set()
         self.metrics = Metrics()
         self.presets = Presets()
-        self.http: HttpApi | None = None
-        self.wyoming: WyomingServer | None = None
-        self._ws: WsServer | None = None
+        self.websocket = WebSocketListener(self)
+        self.listeners: list[Listener] = []          # listening now, in the order they started
         self._draining = False
         self._shutdown: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -114,11 +93,11 @@ class Server:
         thread), register the voice presets, and listen on every configured port. Returns once all are ready."""
         c = self.config
         self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
+        self.core = Core(self.worker, c, self.metrics)
         self.worker.start(warm_up=self.pipeline.warm_up if warm_up else None)
         self.metrics.watch(
             self.worker, c.max_batch_rows, presets=lambda: len(self.presets),
-            connections={"websocket": lambda: len(self.sessions), "http": lambda: self.http.connections if self.http
-                         else 0, "wyoming": lambda: len(self.wyoming.connections) if self.wyoming else 0},
+            connections={name: self._connections_counter(name) for name in INTERFACES},
             gpu_memory=_gpu_memory(self.pipeline),
         )
         try:
@@ -127,13 +106,13 @@ class Server:
                 raise StartFailed(self.worker.start_error)
             if c.voices_dir is not None:
                 self.presets = await load_presets(c.voices_dir, self.worker, c.max_frame_bytes)
-            self._ws = await self._listen()
-            await self._listen_more()
+            for listener in self._configured_listeners():
+                await listener.start()
+                self.listeners.append(listener)
         except BaseException:
             # e.g. a port is taken: do not leave the thread or another listener behind
-            await self._close_more()
-            if self._ws is not None:
-                self._ws.close()
+            await asyncio.gather(*(listener.close() for listener in self.listeners))
+            self.listeners.clear()
             await self.worker.stop()
             raise
         if c.watchdog_s > 0:
@@ -150,40 +129,23 @@ class Server:
                 self.worker.report_fault(f"watchdog: one worker step has run for over {limit_s:g} s")
                 return
 
-    async def _listen_more(self) -> None:
-        """The HTTP API and the Wyoming server, where configured (their packages are optional extras)."""
+    def _configured_listeners(self) -> list[Listener]:
+        """The WebSocket port, then the HTTP API and the Wyoming server where configured (their
+        packages are optional extras, imported only then)."""
         c = self.config
+        listeners: list[Listener] = [self.websocket]
         if c.http_port is not None:
             from .http import HttpApi
 
-            self.http = HttpApi(self)
-            await self.http.start(c.host, c.http_port)
+            listeners.append(HttpApi(self))
         if c.wyoming_port is not None:
             from .wyoming import WyomingServer
 
-            self.wyoming = WyomingServer(self)
-            await self.wyoming.start(c.wyoming_host, c.wyoming_port)
+            listeners.append(WyomingServer(self))
+        return listeners
 
-    async def _close_more(self) -> None:
-        """Close the HTTP and Wyoming listeners and their connections (each within about CLOSE_TIMEOUT_S)."""
-        await asyncio.gather(*(api.close() for api in (self.http, self.wyoming) if api is not None))
-
-    async def _listen(self) -> WsServer:
-        c = self.config
-        return await ws_serve(
-            self._handle,
-            c.host,
-            c.port,
-            process_request=self._process_request,
-            compression=None,                 # PCM does not deflate; deflate costs CPU per frame
-            max_size=c.max_frame_bytes,       # larger frames close the connection with 1009
-            max_queue=MAX_QUEUE_FRAMES,
-            write_limit=WRITE_LIMIT_BYTES,
-            ping_interval=PING_INTERVAL_S,
-            ping_timeout=PING_TIMEOUT_S,
-            close_timeout=CLOSE_TIMEOUT_S,
-            server_header=SERVER_NAME,
-        )
+    def _connections_counter(self, interface: str) -> Callable[[], int]:
+        return lambda: sum(listener.connections for listener in self.listeners if listener.interface == interface)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -199,34 +161,33 @@ class Server:
 
     @property
     def port(self) -> int:
-        return int(self._listener_address()[1])
+        return self.websocket.address[1]
 
     @property
     def url(self) -> str:
-        host, port = self._listener_address()[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"ws://{host}:{port}"
+        return self.websocket.url
 
-    def _listener_address(self) -> tuple[str, int]:
-        if self._ws is None:
-            raise RuntimeError("server not started")
-        name = next(iter(self._ws.sockets)).getsockname()
-        return str(name[0]), int(name[1])
+    @property
+    def sessions(self) -> set[Session]:
+        return self.websocket.sessions
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert self.worker is not None  # set in start() before the listener exists
-        sock = ws.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
-            except OSError as e:
-                log.debug("cannot set SO_SNDBUF error=%s", e)
-        session = Session(ws, self.worker, self.config, self.metrics)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
+    @property
+    def http(self) -> HttpApi | None:
+        from .http import HttpApi
+
+        for listener in self.listeners:
+            if isinstance(listener, HttpApi):
+                return listener
+        return None
+
+    @property
+    def wyoming(self) -> WyomingServer | None:
+        from .wyoming import WyomingServer
+
+        for listener in self.listeners:
+            if isinstance(listener, WyomingServer):
+                return listener
+        return None
 
     def health(self) -> tuple[HTTPStatus, str]:
         """What GET /healthz answers: 503 after a device fault or while draining, else 200 ok."""
@@ -235,31 +196,6 @@ class Server:
         if self._draining:
             return HTTPStatus.SERVICE_UNAVAILABLE, "draining\n"
         return HTTPStatus.OK, "ok\n"
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path == "/healthz":
-            return connection.respond(*self.health())
-        token = self.config.token
-        if token is not None:
-            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-            # compare_digest: the time taken must not reveal how much of the token matched.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
-                # No path or headers in the log: a client may have put its token in the URL.
-                log.info("unauthorized peer=%s", _peer(connection))
-                response = connection.respond(
-                    HTTPStatus.UNAUTHORIZED, f"{ErrorCode.UNAUTHORIZED}: missing or wrong bearer token\n"
-                )
-                response.headers["WWW-Authenticate"] = 'Bearer realm="ttsd"'
-                return response
-        if path == "/metrics":
-            response = connection.respond(HTTPStatus.OK, self.metrics.render().decode())
-            del response.headers["Content-Type"]  # websockets' Headers append on assignment
-            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
-            return response
-        if self._draining:
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{ErrorCode.SHUTTING_DOWN}\n")
-        return None
 
     async def shutdown(self) -> None:
         """The staged shutdown (module docstring). Idempotent; concurrent callers wait for the first."""
@@ -272,9 +208,9 @@ class Server:
         systemd.notify_stopping()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._ws is None or self.worker is None:
+        if not self.listeners or self.worker is None:
             return
-        worker, ws = self.worker, self._ws
+        worker = self.worker
         worker.stop_accepting()
         live = worker.live_jobs
         log.info("shutdown draining requests=%d drain_timeout_s=%g", live, self.config.drain_timeout_s)
@@ -289,25 +225,9 @@ class Server:
                     await worker.wait_idle()
             except TimeoutError:
                 log.error("shutdown: requests did not stop within %g s", CANCEL_GRACE_S)
-        # Each close is bounded (Session.close). A handshake that began before the drain may turn
-        # into a session while the first ones close: the loop closes those too.
-        async def close_sessions() -> None:
-            closed: set[Session] = set()
-            while pending := self.sessions - closed:
-                closed |= pending
-                await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in pending))
-
-        # The HTTP and Wyoming listeners close meanwhile, within CLOSE_TIMEOUT_S: the bound above holds.
-        await asyncio.gather(close_sessions(), self._close_more())
-        ws.close(close_connections=False)
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await ws.wait_closed()
-        except TimeoutError:
-            left = list(ws.connections)
-            log.warning("shutdown: aborting connections=%d that did not close", len(left))
-            for connection in left:
-                connection.transport.abort()
+        # Every listener closes its connections at once, each close bounded (the WebSocket's by
+        # FLUSH_ON_CLOSE_S + 2 × CLOSE_TIMEOUT_S, the others' by CLOSE_TIMEOUT_S): the bound above holds.
+        await asyncio.gather(*(listener.close() for listener in self.listeners))
         await worker.stop(CANCEL_GRACE_S)
         log.info("shutdown complete")
 
@@ -320,14 +240,6 @@ def _gpu_memory(pipeline: Pipeline) -> GpuMemory | None:
     import torch
 
     return lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
-
-
-def _peer(connection: ServerConnection) -> str:
-    try:
-        host, port = connection.remote_address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError):
-        return "?"
 
 
 def load_pipeline(config: DaemonConfig, device: torch.device) -> Pipeline:

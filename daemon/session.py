@@ -1,8 +1,10 @@
-"""One WebSocket connection: its live requests, its outbound queue, and the reader and writer tasks.
+"""The WebSocket adapter: the listener, and per connection its live requests, its outbound queue,
+and the reader and writer tasks.
 
-The reader decodes client frames, validates them against the limits, and turns them into worker
-jobs; it never waits on the model. The writer sends the outbound queue in order and, after each
-segment's last frame, returns that request's credit to the worker (see worker.py).
+The reader decodes client frames and turns each `synthesize` into a RequestRun (core.py: limits,
+admission, seed, metrics, logging); it never waits on the model. The writer sends the outbound
+queue in order and tells each request's run what reached the socket: its audio (first-audio time)
+and, after each segment's last frame, the segment (its credit goes back to the worker).
 
 Memory per connection is bounded in bytes. The queue holds at most SEGMENT_CREDITS segments per
 live request plus a backlog of other replies: once those hold more than MAX_CONTROL_BACKLOG_BYTES
@@ -22,28 +24,32 @@ CLOSE_TIMEOUT_S has its transport aborted."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-import secrets
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from ttsd.api import protocol as p
-from ttsd.api.errors import BadAudio, BadText, Busy, TextTooLong, TtsdError
+from ttsd.api.errors import BadAudio, Busy, TextTooLong, TtsdError
 from ttsd.api.options import SynthesisOptions
-from ttsd.pipeline.text.segment import SentenceBuffer
 
-from .metrics import DISCONNECTED, OK, Metrics
-from .worker import Job, VoiceResult, Worker
+from .core import Core, Interface, RequestRun, limit_send_buffer, peer_name
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import DISCONNECTED, OK
+from .worker import VoiceResult
 
 if TYPE_CHECKING:
-    from websockets.asyncio.server import ServerConnection
-
-    from .config import DaemonConfig
+    from .server import Server
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,17 @@ CLOSE_SLOW_CONSUMER: Final = 1008    # policy violation: the client stopped read
 REGISTRATION_SHARE: Final = 4        # one connection may hold 1/4 of the voice-registration queue
 LOGGED_BAD_FRAMES: Final = 10        # bad frames per connection logged at INFO; later ones at DEBUG
 SERVER_NAME: Final = "ttsd/0.1"
-INTERFACE: Final = "websocket"          # the metrics label of this interface
+CLOSE_GOING_AWAY: Final = 1001
+# Client frames buffered per connection before reading pauses (TCP then pushes back). websockets
+# counts frames, not bytes, and one frame may be max_frame_bytes, so reading pauses as soon as one
+# complete frame waits: with the one the reader handles, a connection holds about
+# 2 × max_frame_bytes of input at most.
+MAX_QUEUE_FRAMES: Final = 0
+WRITE_LIMIT_BYTES: Final = 64 * 1024  # per-connection write buffer high-water mark; send() waits above it
+PING_INTERVAL_S: Final = 20.0         # keepalive: a peer that stops answering is dropped ...
+PING_TIMEOUT_S: Final = 20.0          # ... this long after an unanswered ping
+# "request done" when every segment was sent, "request ended" otherwise, as the WebSocket always logged.
+WEBSOCKET: Final = Interface("websocket", "", done_word="done", ended_word="ended")
 
 
 
@@ -67,7 +83,7 @@ class _Outgoing:
     request: LiveRequest | None = None
     build: Callable[[], bytes] | None = None
     audio_samples: int = 0                  # > 0 for Audio frames
-    returns_credit: bool = False            # the last frame of a segment
+    segment_s: float | None = None          # the last frame of a segment (its seconds of audio): credit back
 
     @property
     def backlog_bytes(self) -> int:
@@ -76,25 +92,19 @@ class _Outgoing:
 
 
 class LiveRequest:
-    """A synthesis request between its Synthesize and its Done/Error. The worker's JobSink."""
+    """A synthesis request between its Synthesize and its Done/Error: the worker's JobSink, turning its
+    segments into frames in the connection's outbox. Its RequestRun (core.py) keeps the books."""
 
-    def __init__(self, session: Session, request_id: int, text_chars: int, incremental: bool) -> None:
+    def __init__(self, session: Session, request_id: int, run: RequestRun) -> None:
         self.session = session
         self.id = request_id
-        self.job: Job | None = None
-        self.t0 = time.perf_counter()
-        self.first_audio_t: float | None = None
-        self.text_chars = text_chars
-        self.sentences = SentenceBuffer() if incremental else None
-        self.flushed = not incremental
+        self.run = run
         self.seq = 0
-        self.segments = 0
-        self.audio_samples = 0
         self.finished = False
 
     @property
     def awaiting_text(self) -> bool:
-        return not self.flushed
+        return not self.run.input_closed
 
     # JobSink: called on the loop thread by the worker's call_soon_threadsafe.
 
@@ -110,10 +120,8 @@ class LiveRequest:
             s.enqueue(_Outgoing(frame, self, audio_samples=len(chunk) // 2))
             self.seq += 1
         audio_s = len(pcm) / 2 / p.SAMPLE_RATE_HZ
-        s.metrics.segment(INTERFACE, audio_s)
         end = p.SegmentEnd(id=self.id, index=index, audio_s=audio_s)
-        s.enqueue(_Outgoing(p.encode(end), self, returns_credit=True))
-        self.segments += 1
+        s.enqueue(_Outgoing(p.encode(end), self, segment_s=audio_s))
 
     def on_done(self) -> None:
         if self.finished:
@@ -131,37 +139,27 @@ class LiveRequest:
             self.fail(code, message)
 
     def fail(self, code: str, message: str) -> None:
-        """End the request now with an Error; its unsent audio is dropped."""
+        """End the request now with an Error; its unsent audio is dropped and its job cancelled silently
+        (the Error below is the one reply, whatever the worker is doing)."""
         if self.finished:
             return
         self.finished = True
         s = self.session
         s.forget(self)
         s.purge(self)
-        if self.job is not None:
-            # notify=False: the Error below is the one reply, whatever the worker is doing.
-            s.worker.cancel(self.job, code, notify=False)
-        s.metrics.request_end(INTERFACE, code)
+        self.run.end(code)
         s.enqueue(_Outgoing(p.encode(p.Error(id=self.id, code=code, message=p.clip(message)))))
-        log.info("request ended peer=%s id=%d code=%s segments=%d", s.peer, self.id, code, self.segments)
 
     def _done_frame(self) -> bytes:
         # Built when it is sent, so first_audio_ms and total_ms are what the client experienced.
-        total_s = time.perf_counter() - self.t0
-        audio_s = self.audio_samples / p.SAMPLE_RATE_HZ
-        first_ms = None if self.first_audio_t is None else (self.first_audio_t - self.t0) * 1000
-        rtf = total_s / audio_s if audio_s > 0 else None
-        first_s = None if self.first_audio_t is None else self.first_audio_t - self.t0
-        self.session.metrics.request_end(INTERFACE, OK, first_audio_s=first_s, total_s=total_s, audio_s=audio_s)
-        log.info(
-            "request done peer=%s id=%d chars=%d segments=%d audio_s=%.2f first_audio_ms=%s total_ms=%.0f "
-            "rtf=%s",
-            self.session.peer, self.id, self.text_chars, self.segments, audio_s,
-            _ms_or_dash(first_ms), total_s * 1000, "-" if rtf is None else f"{rtf:.3f}",
-        )
+        run = self.run
+        run.end(OK)
+        assert run.total_s is not None  # set by end()
+        audio_s = run.audio_s
+        first_ms = None if run.first_audio_s is None else run.first_audio_s * 1000
         done = p.Done(
-            id=self.id, segments=self.segments, first_audio_ms=first_ms, total_ms=total_s * 1000,
-            audio_s=audio_s, rtf=rtf,
+            id=self.id, segments=run.segments, first_audio_ms=first_ms, total_ms=run.total_s * 1000,
+            audio_s=audio_s, rtf=run.total_s / audio_s if audio_s > 0 else None,
         )
         return p.encode(done)
 
@@ -175,14 +173,12 @@ def synthesis_options(msg: p.Synthesize) -> SynthesisOptions:
 
 
 class Session:
-    def __init__(
-        self, ws: ServerConnection, worker: Worker, config: DaemonConfig, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, ws: ServerConnection, core: Core) -> None:
         self.ws = ws
-        self.worker = worker
-        self.config = config
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.peer = _peer(ws)
+        self.core = core
+        self.worker = core.worker
+        self.config = core.config
+        self.peer = peer_name(ws.remote_address)
         self.requests: dict[int, LiveRequest] = {}
         self.registrations: set[int] = set()  # ids of this connection's voice registrations in flight
         self._outbox: deque[_Outgoing] = deque()
@@ -225,9 +221,7 @@ class Session:
             # Disconnect: stop every request at its next decode step, silently (nobody to tell).
             for req in list(self.requests.values()):
                 req.finished = True
-                self.metrics.request_end(INTERFACE, DISCONNECTED)
-                if req.job is not None:
-                    self.worker.cancel(req.job, p.ErrorCode.CANCELLED, notify=False)
+                req.run.end(DISCONNECTED)
             self.requests.clear()
             self._outbox.clear()
             self.backlog_bytes = 0
@@ -319,11 +313,9 @@ class Session:
                 req = item.request
                 if req is not None:
                     if item.audio_samples:
-                        req.audio_samples += item.audio_samples
-                        if req.first_audio_t is None:
-                            req.first_audio_t = time.perf_counter()
-                    if item.returns_credit and req.job is not None:
-                        self.worker.return_credit(req.job)
+                        req.run.audio_sent(item.audio_samples)
+                    if item.segment_s is not None:
+                        req.run.segment_sent(item.segment_s)
         except ConnectionClosed:
             pass
         finally:
@@ -373,12 +365,15 @@ class Session:
             self._dispatch(msg)
         except (p.ProtocolError, TtsdError) as e:
             detail = e.detail if isinstance(e, p.ProtocolError) else p.clip(str(e))
-            log.info(
-                "request rejected peer=%s type=%s id=%s code=%s error=%r", self.peer, msg.TYPE, request_id, e.code,
-                detail,
-            )
             if isinstance(msg, p.Synthesize) and request_id not in self.requests:
-                self.metrics.request_end(INTERFACE, e.code)
+                # A synthesis request that never began: the core counts and logs it.
+                run = self.core.run(WEBSOCKET, self.peer, f"id={request_id} ")
+                run.refuse(e.code, detail, f"type={msg.TYPE} ")
+            else:
+                log.info(
+                    "request rejected peer=%s type=%s id=%s code=%s error=%r", self.peer, msg.TYPE, request_id,
+                    e.code, detail,
+                )
             self._refuse(msg.TYPE, request_id, e.code, detail)
         except Exception as e:
             log.exception("request failed peer=%s type=%s id=%s", self.peer, msg.TYPE, request_id)
@@ -468,41 +463,21 @@ class Session:
             # One connection must not take every slot and the whole queue from everyone else.
             limit = self.config.max_requests_per_connection
             raise Busy(f"this connection already has {limit} live requests (max_requests_per_connection)")
-        if len(msg.text) > self.config.max_text_chars:
-            limit = self.config.max_text_chars
-            raise TextTooLong(f"text has {len(msg.text)} characters; the limit is {limit}")
-        if not msg.incremental and not msg.text.strip():
-            raise BadText("text is empty")
+        run = self.core.run(WEBSOCKET, self.peer, f"id={msg.id} ")
+        run.check_text(msg.text, allow_empty=msg.incremental)
         # The decoder checked the ranges; what depends on the model and server (beams, segment size)
         # is checked on the worker.
         opts = synthesis_options(msg)
-        if opts.seed is None:
-            # One seed per request, not per Pipeline.stream() call: an incremental request makes one
-            # call per batch of sentences, and they must share the emotion mix and RNG lineage.
-            opts = opts.with_seed(secrets.randbits(62))
         voice = self.worker.voice(msg.voice)
         emo_voice = None if msg.emo_voice is None else self.worker.voice(msg.emo_voice)
-        req = LiveRequest(self, msg.id, len(msg.text), msg.incremental)
-        job = Job(
-            key=self.worker.new_key(), voice=voice, emo_voice=emo_voice, opts=opts, sink=req,
-            incremental=msg.incremental,
-        )
-        if req.sentences is None:
-            job.texts.append(msg.text)
-        else:
-            job.texts.extend(req.sentences.feed(msg.text))
-            job.input_closed = False
-        self.worker.submit(job)  # Busy / ShuttingDown propagate before the request exists
-        req.job = job
+        req = LiveRequest(self, msg.id, run)
+        run.submit(req, voice, opts, msg.text, emo_voice=emo_voice, incremental=msg.incremental,
+                   detail=f" incremental={msg.incremental}")
         self.requests[msg.id] = req
-        log.info(
-            "request start peer=%s id=%d key=%d chars=%d incremental=%s", self.peer, msg.id, job.key,
-            len(msg.text), msg.incremental,
-        )
 
     def _incremental(self, request_id: int, what: str) -> LiveRequest:
         req = self.requests.get(request_id)
-        if req is None or req.sentences is None or req.flushed:
+        if req is None or req.run.input_closed:
             # The Error carries nil (error_id): a request with this id, if live, goes on.
             detail = f"{what}: no incremental request with id {request_id} awaits text"
             raise p.ProtocolError(p.ErrorCode.BAD_MESSAGE, detail, request_id)
@@ -510,30 +485,113 @@ class Session:
 
     def _append_text(self, msg: p.AppendText) -> None:
         req = self._incremental(msg.id, "append_text")
-        req.text_chars += len(msg.text)
-        if req.text_chars > self.config.max_text_chars:
-            req.fail(p.ErrorCode.TEXT_TOO_LONG, f"text exceeds {self.config.max_text_chars} characters")
-            return
-        assert req.sentences is not None and req.job is not None  # checked by _incremental / set at submit
-        sentences = req.sentences.feed(msg.text)
-        if sentences:
-            self.worker.add_text(req.job, sentences, close=False)
+        try:
+            req.run.add_text(msg.text)
+        except TextTooLong as e:
+            req.fail(e.code, str(e))
 
     def _flush(self, msg: p.Flush) -> None:
-        req = self._incremental(msg.id, "flush")
-        assert req.sentences is not None and req.job is not None  # checked by _incremental / set at submit
-        rest = req.sentences.flush()
-        req.flushed = True
-        self.worker.add_text(req.job, [rest] if rest else [], close=True)
+        self._incremental(msg.id, "flush").run.close_input()
 
 
-def _ms_or_dash(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.0f}"
+class WebSocketListener:
+    """The WebSocket port: the handshake (with /healthz and /metrics answered before it), then one
+    Session per connection."""
 
+    interface: Final = WEBSOCKET.name
 
-def _peer(ws: ServerConnection) -> str:
-    try:
-        host, port = ws.remote_address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError):
-        return "?"
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.sessions: set[Session] = set()
+        self._ws: WsServer | None = None
+
+    async def start(self) -> None:
+        c = self.server.config
+        self._ws = await ws_serve(
+            self._handle,
+            c.host,
+            c.port,
+            process_request=self._process_request,
+            compression=None,                 # PCM does not deflate; deflate costs CPU per frame
+            max_size=c.max_frame_bytes,       # larger frames close the connection with 1009
+            max_queue=MAX_QUEUE_FRAMES,
+            write_limit=WRITE_LIMIT_BYTES,
+            ping_interval=PING_INTERVAL_S,
+            ping_timeout=PING_TIMEOUT_S,
+            close_timeout=CLOSE_TIMEOUT_S,
+            server_header=SERVER_NAME,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._ws is None:
+            raise RuntimeError("server not started")
+        name = next(iter(self._ws.sockets)).getsockname()
+        return str(name[0]), int(name[1])
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self.sessions)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        limit_send_buffer(ws.transport.get_extra_info("socket"))
+        session = Session(ws, self.server.core)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        server = self.server
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return connection.respond(*server.health())
+        token = server.config.token
+        if token is not None:
+            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the time taken must not reveal how much of the token matched.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
+                # No path or headers in the log: a client may have put its token in the URL.
+                log.info("unauthorized peer=%s", peer_name(connection.remote_address))
+                response = connection.respond(
+                    HTTPStatus.UNAUTHORIZED, f"{p.ErrorCode.UNAUTHORIZED}: missing or wrong bearer token\n"
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="ttsd"'
+                return response
+        if path == "/metrics":
+            response = connection.respond(HTTPStatus.OK, server.metrics.render().decode())
+            del response.headers["Content-Type"]  # websockets' Headers append on assignment
+            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+            return response
+        if server.draining:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{p.ErrorCode.SHUTTING_DOWN}\n")
+        return None
+
+    async def close(self) -> None:
+        """Close every session with 1001 (each bounded: Session.close), then the listener; connections
+        that still have not closed CLOSE_TIMEOUT_S later are aborted."""
+        ws = self._ws
+        if ws is None:
+            return
+        # A handshake that began before the drain may turn into a session while the first ones
+        # close: the loop closes those too.
+        closed: set[Session] = set()
+        while pending := self.sessions - closed:
+            closed |= pending
+            await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in pending))
+        ws.close(close_connections=False)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await ws.wait_closed()
+        except TimeoutError:
+            left = list(ws.connections)
+            log.warning("shutdown: aborting connections=%d that did not close", len(left))
+            for connection in left:
+                connection.transport.abort()

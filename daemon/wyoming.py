@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import time
 from typing import TYPE_CHECKING, Final
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -44,29 +42,29 @@ from wyoming.tts import (
 )
 
 from ttsd.api import protocol as p
-from ttsd.api.errors import TtsdError
-from ttsd.pipeline.text.segment import SentenceBuffer
+from ttsd.api.errors import TextTooLong, TtsdError
 
-from .jobs import (
+from .core import (
     BODY_OVERHEAD_BYTES,
-    SOCKET_SEND_BUFFER_BYTES,
     Ended,
+    Interface,
     OptionError,
     QueueSink,
+    RequestRun,
     SegmentAudio,
-    decode_options,
-    submit,
+    limit_send_buffer,
+    options_from,
+    peer_name,
 )
 from .metrics import DISCONNECTED, OK
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME
 
 if TYPE_CHECKING:
     from .server import Server
-    from .worker import Job
 
 log = logging.getLogger(__name__)
 
-INTERFACE: Final = "wyoming"
+WYOMING: Final = Interface("wyoming", "wyoming ")
 MAX_HEADER_BYTES: Final = 64 * 1024     # one event's JSON header line
 MAX_PAYLOAD_BYTES: Final = 64 * 1024    # a payload sent to a TTS server is read and dropped
 CHUNK_SAMPLES: Final = 2_048            # ≈ 93 ms per audio-chunk event
@@ -80,16 +78,27 @@ class BadEvent(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(p.clip(message))
         self.code = code
+        self.logged = False     # a refused request: its RequestRun logged it already
 
 
 class WyomingServer:
+    """The Wyoming listener (a core.Listener)."""
+
+    interface: Final = WYOMING.name
+
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.connections: set[_Connection] = set()
+        self.open: set[_Connection] = set()
         self._listener: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self._listener = await asyncio.start_server(self._connect, host, port, limit=MAX_HEADER_BYTES)
+    async def start(self) -> None:
+        c = self.server.config
+        self._listener = await asyncio.start_server(self._connect, c.wyoming_host, c.wyoming_port,
+                                                    limit=MAX_HEADER_BYTES)
+
+    @property
+    def connections(self) -> int:
+        return len(self.open)
 
     @property
     def url(self) -> str:
@@ -116,35 +125,32 @@ class WyomingServer:
 
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = _Connection(self, reader, writer)
-        self.connections.add(connection)
+        self.open.add(connection)
         try:
             await connection.run()
         finally:
-            self.connections.discard(connection)
+            self.open.discard(connection)
 
     async def close(self) -> None:
         """Stop listening, end every connection (their requests are cancelled), bounded by CLOSE_TIMEOUT_S."""
         if self._listener is None:
             return
         self._listener.close()
-        for connection in list(self.connections):
+        for connection in list(self.open):
             connection.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._listener.wait_closed()
         except TimeoutError:
-            for connection in list(self.connections):
+            for connection in list(self.open):
                 connection.writer.transport.abort()
 
 
 class _Request:
-    """The connection's one live synthesis request."""
+    """The connection's one live synthesis request: its run, and the task that writes its audio."""
 
-    def __init__(self, job: Job, sink: QueueSink, streaming: bool, t0: float) -> None:
-        self.job, self.sink, self.streaming, self.t0 = job, sink, streaming, t0
-        self.sentences = SentenceBuffer() if streaming else None
-        self.text_chars = 0
-        self.input_closed = not streaming
+    def __init__(self, run: RequestRun, sink: QueueSink, streaming: bool) -> None:
+        self.run, self.sink, self.streaming = run, sink, streaming
         self.task: asyncio.Task[None] | None = None
 
 
@@ -152,16 +158,10 @@ class _Connection:
     def __init__(self, owner: WyomingServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.owner, self.reader, self.writer = owner, reader, writer
         self.server = owner.server
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.peer = peer_name(writer.get_extra_info("peername"))
         self.request: _Request | None = None
         self.closing = False
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER_BYTES)
-            except OSError as e:
-                log.debug("cannot set SO_SNDBUF error=%s", e)
+        limit_send_buffer(writer.get_extra_info("socket"))
 
     async def run(self) -> None:
         log.info("wyoming connection open peer=%s", self.peer)
@@ -172,7 +172,8 @@ class _Connection:
                     break
                 await self._handle(event)
         except BadEvent as e:
-            log.info("wyoming bad event peer=%s code=%s error=%r", self.peer, e.code, str(e))
+            if not e.logged:
+                log.info("wyoming bad event peer=%s code=%s error=%r", self.peer, e.code, str(e))
             await self._send_error(e.code, str(e))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -180,13 +181,13 @@ class _Connection:
             self.closing = True
             req = self.request
             if req is not None:
-                # The client left (or is being closed): stop its job silently; nobody is listening.
+                # The client left (or is being closed): its writer task ends the request, as
+                # disconnected, and the core cancels its job silently; nobody is listening.
                 self.request = None
-                assert self.server.worker is not None
-                self.server.worker.cancel(req.job, p.ErrorCode.CANCELLED, notify=False)
                 if req.task is not None:
                     req.task.cancel()
                     await asyncio.gather(req.task, return_exceptions=True)
+                req.run.end(DISCONNECTED)
             self.writer.close()
             log.info("wyoming connection closed peer=%s", self.peer)
 
@@ -207,7 +208,7 @@ class _Connection:
                     return await self._read_event()
             except TimeoutError:
                 req = self.request
-                if req is not None and req.input_closed:
+                if req is not None and req.run.input_closed:
                     continue  # audio is still being produced for this client
                 log.info("wyoming idle timeout peer=%s idle_timeout_s=%g", self.peer, timeout_s)
                 return None
@@ -265,66 +266,56 @@ class _Connection:
             raise BadEvent(p.ErrorCode.BAD_MESSAGE, f"malformed {p.quote(kind)} event") from None
 
     async def _start(self, voice_name: str | None, text: str, streaming: bool) -> None:
-        t0 = time.perf_counter()
         worker, presets = self.server.worker, self.server.presets
         assert worker is not None
+        run = self.server.core.run(WYOMING, self.peer)
         try:
             if self.request is not None:
                 raise BadEvent(p.ErrorCode.BUSY, "this connection already has a synthesis request in progress")
-            if len(text) > self.server.config.max_text_chars:
-                limit = self.server.config.max_text_chars
-                raise BadEvent(p.ErrorCode.TEXT_TOO_LONG, f"text has {len(text)} characters; the limit is {limit}")
+            run.check_text(text, allow_empty=True)
             if voice_name is None:
                 if not presets.names:
                     raise BadEvent(p.ErrorCode.UNKNOWN_VOICE, "no voice presets are loaded (voices_dir)")
                 voice_name = presets.names[0]
             voice, preset_options = presets.resolve(worker, voice_name)
-            options = decode_options(preset_options)
+            options = options_from(preset_options)
             emo_voice = None if options.emo_voice is None else presets.resolve(worker, options.emo_voice)[0]
             if not streaming and not text.strip():
                 # Nothing to say: an empty answer, as wyoming-piper gives.
-                self.server.metrics.request_end(INTERFACE, OK)
+                run.end(OK)
                 await self._write(AudioStop().event())
                 return
             sink = QueueSink(on_stop=self._on_stop)
-            texts = [text] if not streaming else []
-            job = submit(worker, sink, voice, options.opts, texts, emo_voice=emo_voice, incremental=streaming)
+            run.submit(sink, voice, options.opts, text, emo_voice=emo_voice, incremental=streaming,
+                       detail=f" voice={p.quote(voice_name)} streaming={streaming}")
         except TtsdError as e:
-            raise self._refused(BadEvent(e.code, str(e))) from None
+            raise self._refused(run, BadEvent(e.code, str(e))) from None
         except OptionError as e:
-            raise self._refused(BadEvent(p.ErrorCode.BAD_MESSAGE, f"preset options: {e}")) from None
+            raise self._refused(run, BadEvent(p.ErrorCode.BAD_MESSAGE, f"preset options: {e}")) from None
         except BadEvent as e:
-            raise self._refused(e) from None
-        req = self.request = _Request(job, sink, streaming, t0)
-        req.text_chars = len(text)
+            raise self._refused(run, e) from None
+        req = self.request = _Request(run, sink, streaming)
         req.task = asyncio.create_task(self._speak(req))
-        log.info("wyoming request start peer=%s key=%d chars=%d voice=%s streaming=%s", self.peer, job.key,
-                 len(text), p.quote(voice_name), streaming)
 
-    def _refused(self, e: BadEvent) -> BadEvent:
-        self.server.metrics.request_end(INTERFACE, e.code)
+    def _refused(self, run: RequestRun, e: BadEvent) -> BadEvent:
+        run.refuse(e.code, str(e))
+        e.logged = True
         return e
 
     def _append(self, text: str) -> None:
         req = self.request
-        if req is None or req.sentences is None or req.input_closed:
+        if req is None or req.run.input_closed:
             raise BadEvent(p.ErrorCode.BAD_MESSAGE, "synthesize-chunk outside a streaming request")
-        req.text_chars += len(text)
-        if req.text_chars > self.server.config.max_text_chars:
-            raise BadEvent(p.ErrorCode.TEXT_TOO_LONG, f"text exceeds {self.server.config.max_text_chars} characters")
-        sentences = req.sentences.feed(text)
-        if sentences:
-            assert self.server.worker is not None
-            self.server.worker.add_text(req.job, sentences, close=False)
+        try:
+            req.run.add_text(text)  # past max_text_chars it ends the request with text_too_long
+        except TextTooLong as e:
+            raise BadEvent(e.code, str(e)) from None
 
     def _stop_input(self) -> None:
         req = self.request
-        if req is None or req.sentences is None or req.input_closed:
+        if req is None or req.run.input_closed:
             raise BadEvent(p.ErrorCode.BAD_MESSAGE, "synthesize-stop outside a streaming request")
-        rest = req.sentences.flush()
-        req.input_closed = True
-        assert self.server.worker is not None
-        self.server.worker.add_text(req.job, [rest] if rest else [], close=True)
+        req.run.close_input()
 
     def _on_stop(self, code: str) -> None:
         if code == p.ErrorCode.SLOW_CONSUMER:
@@ -348,11 +339,8 @@ class _Connection:
 
     async def _speak(self, req: _Request) -> None:
         """Write the request's audio; then end the request (and, if it failed, the connection)."""
-        worker = self.server.worker
-        assert worker is not None
         fmt = {"rate": p.SAMPLE_RATE_HZ, "width": SAMPLE_WIDTH_BYTES, "channels": 1}
-        first_audio_s: float | None = None
-        samples = segments = 0
+        run = req.run
         code = DISCONNECTED
         try:
             while True:
@@ -360,56 +348,33 @@ class _Connection:
                 if isinstance(item, Ended):
                     code = item.code or OK
                     if item.code is not None:
-                        log.info("wyoming request failed peer=%s key=%d code=%s", self.peer, req.job.key, item.code)
                         await self._send_error(item.code, item.message)
                         self.close()
                     elif req.streaming:
                         await self._write(SynthesizeStopped().event())
                     else:
-                        if segments == 0:
+                        if run.segments == 0:
                             await self._write(AudioStart(**fmt).event())
                         await self._write(AudioStop().event())
                     break
                 assert isinstance(item, SegmentAudio)
-                if req.streaming or segments == 0:
+                if req.streaming or run.segments == 0:
                     await self._write(AudioStart(**fmt).event())
                 step = CHUNK_SAMPLES * SAMPLE_WIDTH_BYTES
                 for start in range(0, len(item.pcm), step):
                     await self._write(AudioChunk(audio=item.pcm[start : start + step], **fmt).event())
                 if req.streaming:
                     await self._write(AudioStop().event())
-                if first_audio_s is None:
-                    first_audio_s = time.perf_counter() - req.t0
-                samples += len(item.pcm) // 2
-                segments += 1
-                self.server.metrics.segment(INTERFACE, len(item.pcm) / 2 / p.SAMPLE_RATE_HZ)
-                worker.return_credit(req.job)
+                samples = len(item.pcm) // 2
+                run.audio_sent(samples)
+                run.segment_sent(samples / p.SAMPLE_RATE_HZ)
         except ConnectionError:
-            code = _queued_stop(req.sink)
+            code = req.sink.stop_code()
             self.close()
         finally:
             if self.request is req:
                 self.request = None
-            if code == DISCONNECTED:
-                worker.cancel(req.job, p.ErrorCode.CANCELLED, notify=False)
-            total_s = time.perf_counter() - req.t0
-            audio_s = samples / p.SAMPLE_RATE_HZ
-            self.server.metrics.request_end(INTERFACE, code, first_audio_s=first_audio_s, total_s=total_s,
-                                            audio_s=audio_s)
-            log.info(
-                "wyoming request end peer=%s key=%d code=%s segments=%d audio_s=%.2f first_audio_ms=%s total_ms=%.0f",
-                self.peer, req.job.key, code, segments, audio_s,
-                "-" if first_audio_s is None else f"{first_audio_s * 1000:.0f}", total_s * 1000,
-            )
-
-
-def _queued_stop(sink: QueueSink) -> str:
-    """Why writing failed: the worker's stop if one is queued, else the client left."""
-    while not sink.queue.empty():
-        item = sink.queue.get_nowait()
-        if isinstance(item, Ended):
-            return item.code or OK
-    return DISCONNECTED
+            run.end(code)
 
 
 def _string(value: object) -> str:

@@ -168,7 +168,6 @@ async def test_shutdown_is_bounded_when_a_client_never_reads(
     flush_s, close_s, cancel_grace_s = 0.5, 0.5, 1.0
     monkeypatch.setattr(session_module, "FLUSH_ON_CLOSE_S", flush_s)
     monkeypatch.setattr(session_module, "CLOSE_TIMEOUT_S", close_s)
-    monkeypatch.setattr(server_module, "CLOSE_TIMEOUT_S", close_s)
     monkeypatch.setattr(server_module, "CANCEL_GRACE_S", cancel_grace_s)
     rec = Recorder()
     drain_timeout_s = 0.5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -43,6 +45,7 @@ from wyoming.tts import (
 
 from ttsd.api import protocol as p
 from ttsd.daemon import encoding
+from ttsd.daemon.metrics import INTERFACES
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
@@ -533,6 +536,60 @@ async def test_metrics_scraped_during_and_after_requests(daemon: Any) -> None:
     assert after['ttsd_rtf_count{interface="http"}'] == 1
     assert after['ttsd_voice_cache_lookups_total{result="miss"}'] >= 1
     assert "ttsd_gpu_memory_allocated_bytes" not in after   # CPU
+
+
+# ------------------------------------------------------------------------------------------------
+# One request core
+
+
+async def test_every_interface_shares_the_request_core(daemon: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Text over max_text_chars gets the same code and message on the WebSocket, HTTP and Wyoming, and every
+    request, refused or served, is counted once and logged once, whatever door it came in by."""
+    caplog.set_level(logging.INFO, logger="ttsd")
+    long = "x" * 101
+    async with daemon(max_text_chars=100) as server:
+        voice = server.presets.by_name["alice"].voice_id
+        async with client(server) as ws:
+            await ws.send(p.Synthesize(id=1, text=long, voice=voice))
+            ws_error = (await ws.until(1))[-1]
+            await ws.send(p.Synthesize(id=2, text="Hello.", voice=voice, **FAST))
+            assert isinstance((await ws.until(2))[-1], p.Done)
+        async with http(server) as h:
+            async with h.post("/v1/audio/speech", json=speech(long)) as r:
+                http_error = await error_of(r)
+            async with h.post("/v1/audio/speech", json=speech("Hello.")) as r:
+                assert r.status == 200 and len(await r.read()) > 44
+        wy = await wyoming_client(server)
+        await wy.write_event(Synthesize(text=long).event())
+        wy_error = WyError.from_event((await events_until(wy, "error"))[-1])
+        await wy.disconnect()
+        wy = await wyoming_client(server)
+        await wy.write_event(Synthesize(text="Hello.").event())
+        assert len(audio_of(await events_until(wy, "audio-stop"))) > 0
+        await wy.disconnect()
+    # After the shutdown: every request has ended and been counted.
+    assert isinstance(ws_error, p.Error)
+    want = (p.ErrorCode.TEXT_TOO_LONG, "text has 101 characters; the limit is 100")
+    assert (ws_error.code, ws_error.message) == want
+    assert (http_error["code"], http_error["message"]) == want and http_error["param"] == "input"
+    assert (wy_error.code, wy_error.text) == want
+    counts: dict[tuple[str, str], float] = {}
+    first_audio: dict[str, float] = {}
+    for family in text_string_to_metric_families(server.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "ttsd_requests_total":
+                counts[sample.labels["interface"], sample.labels["code"]] = sample.value
+            elif sample.name == "ttsd_time_to_first_audio_seconds_count":
+                first_audio[sample.labels["interface"]] = sample.value
+    assert counts == {(i, code): 1.0 for i in INTERFACES for code in ("ok", p.ErrorCode.TEXT_TOO_LONG)}
+    assert first_audio == dict.fromkeys(INTERFACES, 1.0)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("ttsd")]
+    for prefix in ("", "http ", "wyoming "):
+        rejected = [line for line in lines if line.startswith(f"{prefix}request rejected ")]
+        ended = [line for line in lines if line.startswith((f"{prefix}request end ", f"{prefix}request done ",
+                                                            f"{prefix}request ended "))]
+        assert len(rejected) == 1 and " code=text_too_long " in rejected[0], (prefix, rejected)
+        assert len(ended) == 1 and " code=ok " in ended[0] and " rtf=" in ended[0], (prefix, ended)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ttsd.api.options import (
     options_of,
 )
 from ttsd.clients import say
+from ttsd.daemon.core import OptionError, options_from
 from ttsd.daemon.session import synthesis_options
 from ttsd.pipeline import synth
 
@@ -132,6 +133,35 @@ def test_absent_options_take_the_defaults_and_set_ones_arrive() -> None:
     msg = p.decode_client(p.encode(p.Synthesize(id=1, text="x", voice="v", **values)))
     assert isinstance(msg, p.Synthesize)
     assert synthesis_options(msg) == SynthesisOptions(**values)
+
+
+@pytest.mark.parametrize("o", OPTIONS, ids=lambda o: o.name)
+def test_plain_maps_and_frames_are_checked_alike(o: Option) -> None:
+    """A JSON or TOML map (HTTP body, preset file) gives the options a synthesize frame with the same value
+    gives, and is refused with the decoder's message, blaming the option, where the frame is refused."""
+    as_json: Any = list(sample_value(o)) if o.kind is tuple else sample_value(o)
+    msg = p.decode_client(frame(**{o.name: as_json}))
+    assert isinstance(msg, p.Synthesize)
+    assert options_from({o.name: as_json}).opts == synthesis_options(msg) != SynthesisOptions()
+    bad = 1.5 if o.kind is int else "nope"
+    with pytest.raises(p.ProtocolError) as refused:
+        p.decode_client(frame(**{o.name: bad}))
+    with pytest.raises(OptionError) as e:
+        options_from({o.name: bad})
+    assert (str(e.value), e.value.param) == (refused.value.detail.removeprefix("synthesize: "), o.name)
+
+
+def test_plain_maps_refuse_unknown_keys_and_carry_the_emotion_voice() -> None:
+    """A key that is no option is refused by name; emo_voice travels beside the options; None means unset."""
+    with pytest.raises(OptionError) as e:
+        options_from({"colour": "blue"})
+    assert e.value.param == "colour" and "colour" in str(e.value)
+    checked = options_from({"emo_voice": "calm", "top_k": None, "temperature": 1})
+    assert checked.emo_voice == "calm" and checked.opts == SynthesisOptions(temperature=1.0)
+    assert isinstance(checked.opts.temperature, float)
+    with pytest.raises(OptionError) as e:
+        options_from({"emo_voice": 7})
+    assert e.value.param == "emo_voice"
 
 
 def test_wire_keys_are_flat_and_unset_options_are_left_out() -> None:

@@ -195,7 +195,7 @@ def test_daemon_and_clients_import_without_torch() -> None:
     """ttsd.api, every daemon module and the clients import without torch: clients need no torch, and
     the daemon meets the model only through the Pipeline it is handed (tests/test_api.py blocks torch outright)."""
     modules = ["ttsd.api." + m for m in ("errors", "options", "protocol", "rules", "pcm")]
-    modules += ["ttsd.daemon." + m for m in ("server", "session", "worker", "jobs", "http", "wyoming",
+    modules += ["ttsd.daemon." + m for m in ("server", "session", "worker", "core", "http", "wyoming",
                                             "metrics", "presets", "config", "cli", "encoding", "systemd")]
     modules += ["ttsd.clients.client", "ttsd.clients.say"]
     code = f"import sys, {', '.join(modules)}; assert 'torch' not in sys.modules, 'torch imported'"
