@@ -13,8 +13,12 @@ Shapes: N samples, M codes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 FADE_OUT_SAMPLES = 512  # upstream _fade_out_tail: a linear ramp to 0 over the last 512 samples of a stream
 
@@ -62,6 +66,27 @@ class ChunkPlan:
             out.append((s, e, False))
             k += 1
         return out
+
+
+@dataclass(eq=False)
+class SecondPass:
+    """The second GPT pass of one chunked segment, extended as its codes are committed
+    (Pipeline.chunk_latent). The pass is causal: the latent of a code depends only on the inputs before
+    it, so rows computed for an earlier chunk stay valid and later chunks feed only the new codes."""
+
+    kv: Tensor | None = None  # [L, 2, 1, H, S_cap, Dh] keys and values of every position fed
+    fed: int = 0  # cache slots written: conditioning + text, then one per latent row
+    rows: Tensor | None = None  # [1, n, D] float32 latent rows computed so far
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInput:
+    """What the acoustic stage needs to render chunk `index` of a segment instead of the whole of it."""
+
+    index: int  # chunk number within its segment (0 = first)
+    start: int  # its first code within the segment
+    prefix_codes: Tensor  # [1, end] every code of the segment up to the chunk's end, on the device
+    second_pass: SecondPass  # the segment's incremental latent (unused without a second pass)
 
 
 def overlap_samples(overlap_frames: int, hop_length: int) -> int:
