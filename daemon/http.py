@@ -315,6 +315,7 @@ class _Speech:
         self.stopped: str | None = None         # the worker's stop code, once it ended the job early
         self.first_audio_s: float | None = None
         self.samples = 0
+        self.segment_samples = 0  # of the segment being written, all its pieces
         self.segments = 0
 
     async def run(self) -> web.StreamResponse:
@@ -393,9 +394,11 @@ class _Speech:
                 if self.first_audio_s is None:
                     self.first_audio_s = time.perf_counter() - self.t0
                 self.samples += len(item.pcm) // 2
-                self.segments += 1
-                metrics.segment(INTERFACE, len(item.pcm) / 2 / p.SAMPLE_RATE_HZ)
-                worker.return_credit(job)
+                self.segment_samples = (0 if item.first else self.segment_samples) + len(item.pcm) // 2
+                if item.last:  # credits and counts are per segment; a chunked one comes in pieces
+                    self.segments += 1
+                    metrics.segment(INTERFACE, self.segment_samples / p.SAMPLE_RATE_HZ)
+                    worker.return_credit(job)
         except ConnectionError:
             # Written to a connection the client closed, or that _on_stop aborted.
             return self._stop_code(sink)

@@ -92,6 +92,8 @@ class SegmentAudio:
     index: int
     text: str
     pcm: bytes                  # s16le mono at protocol.SAMPLE_RATE_HZ
+    first: bool = True          # the segment's first piece (chunk_codes > 0 splits a segment into pieces)
+    last: bool = True           # its last piece: the segment is complete and its credit goes back
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,8 @@ class QueueSink:
         self.queue: asyncio.Queue[SegmentAudio | Ended] = asyncio.Queue()
         self.on_stop = on_stop  # called at once with the code when the worker ends the job early
 
-    def on_segment(self, index: int, text: str, pcm: bytes) -> None:
-        self.queue.put_nowait(SegmentAudio(index, text, pcm))
+    def on_segment(self, index: int, text: str, pcm: bytes, first: bool = True, last: bool = True) -> None:
+        self.queue.put_nowait(SegmentAudio(index, text, pcm, first, last))
 
     def on_done(self) -> None:
         self.queue.put_nowait(Ended(None))

@@ -352,7 +352,7 @@ class _Connection:
         assert worker is not None
         fmt = {"rate": p.SAMPLE_RATE_HZ, "width": SAMPLE_WIDTH_BYTES, "channels": 1}
         first_audio_s: float | None = None
-        samples = segments = 0
+        samples = segments = segment_samples = 0
         code = DISCONNECTED
         try:
             while True:
@@ -371,19 +371,21 @@ class _Connection:
                         await self._write(AudioStop().event())
                     break
                 assert isinstance(item, SegmentAudio)
-                if req.streaming or segments == 0:
+                if item.first and (req.streaming or segments == 0):
                     await self._write(AudioStart(**fmt).event())
                 step = CHUNK_SAMPLES * SAMPLE_WIDTH_BYTES
                 for start in range(0, len(item.pcm), step):
                     await self._write(AudioChunk(audio=item.pcm[start : start + step], **fmt).event())
-                if req.streaming:
+                if req.streaming and item.last:
                     await self._write(AudioStop().event())
                 if first_audio_s is None:
                     first_audio_s = time.perf_counter() - req.t0
                 samples += len(item.pcm) // 2
-                segments += 1
-                self.server.metrics.segment(INTERFACE, len(item.pcm) / 2 / p.SAMPLE_RATE_HZ)
-                worker.return_credit(req.job)
+                segment_samples = (0 if item.first else segment_samples) + len(item.pcm) // 2
+                if item.last:  # credits and counts are per segment; a chunked one comes in pieces
+                    segments += 1
+                    self.server.metrics.segment(INTERFACE, segment_samples / p.SAMPLE_RATE_HZ)
+                    worker.return_credit(req.job)
         except ConnectionError:
             code = _queued_stop(req.sink)
             self.close()
