@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="codes each chunk repeats of the one before")
     ap.add_argument("--first-chunk-codes", type=int, default=SynthesisOptions().first_chunk_codes,
                     help="codes in a segment's first chunk (0: --chunk-codes)")
+    ap.add_argument("--versus-whole", action="store_true",
+                    help="with --chunk-codes: alternate every run with one of whole segments (row 'TEXT whole'), "
+                    "so both see the same machine load")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each text first")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per text (the table shows medians)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -392,10 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     rss_voice_mb = _peak_rss_mb()
 
     rows = []
+    whole = replace(opts, chunk_codes=0) if args.versus_whole and opts.chunk_codes else None
     for name in names:
         for _ in range(args.warmup):
             run_stream(pipe, voice, TEXTS[name], opts)
-        rows.append(median_row([measure(pipe, voice, name, TEXTS[name], opts) for _ in range(args.repeat)]))
+        if whole is None:
+            rows.append(median_row([measure(pipe, voice, name, TEXTS[name], opts) for _ in range(args.repeat)]))
+            continue
+        runs = [(measure(pipe, voice, name, TEXTS[name], opts),
+                 replace(measure(pipe, voice, name, TEXTS[name], whole), text=f"{name} whole"))
+                for _ in range(args.repeat)]
+        rows += [median_row([r[0] for r in runs]), median_row([r[1] for r in runs])]
     rss_synth_mb = _peak_rss_mb()
     counts = [int(c) for c in args.concurrency.split(",") if c]
     steps = args.codes if args.codes is not None else 64

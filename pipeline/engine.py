@@ -24,6 +24,16 @@ first (time to first audio), then by arrival — as rows free up. A request runs
 ahead of its audio on CUDA (none on CPU, where running ahead only delays the segment before) and
 never more than its flow-control credits allow. Every request's audio is delivered in order.
 
+Chunks (chunk_codes > 0, chunking.py): a segment's audio need not wait for its last code. With
+every stop check (STOP_CHECK_EVERY steps, the host reads the batch then anyway) the engine reads the
+codes of each chunked segment that can no longer change (one row: all of them; beams: the common
+prefix of every live beam and finished hypothesis) and sends each chunk whose codes are all there
+to the acoustic stage, where it batches with segments and other chunks; IndexTTS-2's second-pass
+latent is extended chunk by chunk (Pipeline.chunk_latent). Chunk audio is joined in order by the
+segment's ChunkJoiner and delivered as pieces of that segment (SegmentAudio.part / last); flow
+control, ordering and the "audio" observer event stay per segment. A segment that ends inside its
+first chunk is rendered whole, exactly as with chunk_codes 0.
+
 Robustness: an exception in a shared decode step or acoustic job does not fail its neighbours:
 the segments involved are retried alone, and only a segment that fails alone fails its request."""
 

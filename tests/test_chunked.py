@@ -215,3 +215,29 @@ def test_incremental_second_pass_equals_the_whole_pass(pipeline: Pipeline, voice
         part = pipeline.chunk_latent(voice, emovec, segment, ChunkInput(k, start, codes[:, :end], sp))
         assert_close(part, whole[:, start:end], f"chunk {k}")
     assert sp.rows is not None and sp.rows.size(1) == m  # every row computed once
+
+
+def test_incremental_text_is_chunked_segment_by_segment(pipeline: Pipeline, voice: Voice) -> None:
+    """Text fed while the request runs is segmented and chunked as it comes; every segment still ends once."""
+    engine = Engine(pipeline, max_batch_rows=4)
+    o = opts(pipeline, **CHUNKS, max_text_tokens_per_segment=8)
+    req = Request(voice=voice, opts=o, texts=deque(["Hello world."]), input_closed=False, incremental=True)
+    engine.add(req)
+    pieces: list[SegmentAudio] = []
+    done = False
+    for step in range(5000):
+        if step == 40:
+            engine.feed(req, ["This is a test."], close=True)
+        for ev in engine.step():
+            if isinstance(ev, SegmentDone):
+                pieces.append(ev.audio)
+            else:
+                assert isinstance(ev, RequestDone), ev
+                done = True
+        if done:
+            break
+    segs = by_segment(pieces)
+    assert done and sorted(segs) == list(range(len(segs))) and len(segs) >= 2
+    for parts in segs.values():
+        assert [p.last for p in parts].count(True) == 1 and parts[-1].last
+    assert max(len(v) for v in segs.values()) >= 2
