@@ -398,8 +398,13 @@ class Engine:
                 s.chunking = None
                 self._put(s, np.zeros(0, dtype=np.float32), last=True)
                 continue
-            if s.chunking is not None and self._cut_final(s, d.result):
-                continue
+            if s.chunking is not None:
+                try:
+                    if self._cut_final(s, d.result):
+                        continue
+                except Exception as e:  # this request's bug (its final codes disagree with its chunks)
+                    self._crash(s.req, e, events)
+                    continue
             # The acoustic stream reads these after the GPT stream wrote them.
             self.lanes.hand_over(self.lanes.gpt, self.lanes.acoustic, d.result.codes, s.req.emovec)
             self._ready.append(s)
@@ -416,14 +421,15 @@ class Engine:
     # ------------------------------------------------------------------ chunks (chunk_codes > 0)
 
     def _commit(self, s: _Seg, codes: Tensor) -> None:
-        """Record `codes` [n] (host) as the segment's committed codes: they extend the ones before."""
+        """Record `codes` [n] (host) as the segment's committed codes when they extend the ones before."""
         ch = s.chunking
         assert ch is not None
-        n = ch.committed.numel()
-        if codes.numel() < n or not torch.equal(codes[:n], ch.committed):
+        n = min(ch.committed.numel(), codes.numel())  # a decode retried alone catches up from its start
+        if not torch.equal(codes[:n], ch.committed[:n]):
             # Audio of the old codes may have gone out already; it cannot be taken back.
             raise RuntimeError(f"segment {s.segment.index}: committed codes changed while decoding")
-        ch.committed = codes
+        if codes.numel() > ch.committed.numel():
+            ch.committed = codes
 
     def _cut(self, s: _Seg, total: int | None) -> None:
         """Send every chunk whose codes are committed (with `total`: the rest of the segment) to the acoustic stage."""
@@ -451,6 +457,8 @@ class Engine:
         if ch.taken == 0 and ch.plan.spans(codes.numel(), codes.numel(), 0) == [(0, codes.numel(), True)]:
             s.chunking = None
             return False
+        if codes.numel() < ch.committed.numel():
+            raise RuntimeError(f"segment {s.segment.index}: decoding ended before codes it had committed")
         self._commit(s, codes)
         self._cut(s, codes.numel())
         return True
