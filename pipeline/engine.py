@@ -81,7 +81,7 @@ class AcousticInput:
     segment: Segment
     codes: Generated
     opts: SynthesisOptions
-    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T); drawn from the seed otherwise
+    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T), whole segments only; else from the seed
     chunk: ChunkInput | None = None  # render only this chunk of the segment (codes: the chunk's own)
 
 
