@@ -241,3 +241,46 @@ def test_incremental_text_is_chunked_segment_by_segment(pipeline: Pipeline, voic
     for parts in segs.values():
         assert [p.last for p in parts].count(True) == 1 and parts[-1].last
     assert max(len(v) for v in segs.values()) >= 2
+
+
+def test_a_failed_decode_step_resumes_chunked_segments(pipeline: Pipeline, voice: Voice) -> None:
+    """A decode step that raises after chunks went out retries the segments alone; they re-commit the
+    same codes, carry on from the chunks already cut, and deliver exactly the pieces of a clean run."""
+    from ttsd.pipeline.decode import decode_step
+
+    calls = 0
+
+    def flaky(*args: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 60:  # two rows: step 30, after the first chunks were committed
+            raise RuntimeError("injected decode failure")
+        return decode_step(*args)
+
+    def run(step_fn: Any) -> list[list[SegmentAudio]]:
+        engine = Engine(pipeline, max_batch_rows=4, step_fn=step_fn)
+        reqs = [Request(voice=voice, opts=opts(pipeline, seed=s, **CHUNKS), texts=deque([TEXT]), tag=i)
+                for i, s in enumerate((6, 7))]
+        for r in reqs:
+            engine.add(r)
+        out: list[list[SegmentAudio]] = [[], []]
+        done = 0
+        for _ in range(5000):
+            for ev in engine.step():
+                if isinstance(ev, SegmentDone):
+                    out[ev.request.tag].append(ev.audio)
+                else:
+                    assert isinstance(ev, RequestDone), ev
+                    done += 1
+            if done == 2:
+                return out
+        raise AssertionError("no progress")
+
+    clean = run(None)
+    retried = run(flaky)
+    assert calls > 60
+    for got, want in zip(retried, clean, strict=True):
+        assert len(want) >= 3
+        assert [(p.segment.index, p.part, p.last) for p in got] == [(p.segment.index, p.part, p.last) for p in want]
+        for a, b in zip(got, want, strict=True):
+            assert_close(torch.from_numpy(a.samples)[None], torch.from_numpy(b.samples)[None], "retried")
