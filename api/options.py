@@ -120,6 +120,20 @@ class SynthesisOptions:
     interval_silence_ms: int = option(
         200, group="acoustic", lo=0, hi=10_000, unit="ms", help="silence before every segment but the first"
     )
+    # chunked streaming inside a segment (issue 24); chunk_codes 0 is the parity mode
+    chunk_codes: int = option(
+        0, group="chunking", lo=0, hi=100_000, unit="codes",
+        help="render a segment's codes in chunks of this many while it decodes, joined by a Hann "
+        "crossfade (0: whole segments, the parity mode)",
+    )
+    chunk_overlap: int = option(
+        20, group="chunking", lo=0, hi=100_000, unit="codes",
+        help="codes each chunk repeats of the one before, crossfaded; less than chunk_codes and first_chunk_codes",
+    )
+    first_chunk_codes: int = option(
+        0, group="chunking", lo=0, hi=100_000, unit="codes",
+        help="codes in a segment's first chunk, for earlier first audio (0: chunk_codes)",
+    )
     # IndexTTS-2.5 only (an IndexTTS-2 daemon refuses them: Pipeline.check_options)
     lang: str | None = option(
         None, group="IndexTTS-2.5", choices=LANGUAGES_25, max_chars=8,
@@ -135,6 +149,9 @@ class SynthesisOptions:
             problem = spec.problem(getattr(self, spec.name))
             if problem is not None:
                 raise BadOptions(problem)
+        problem = chunking_problem(self.chunk_codes, self.chunk_overlap, self.first_chunk_codes)
+        if problem is not None:
+            raise BadOptions(problem)
 
     def with_seed(self, seed: int) -> Self:
         return replace(self, seed=seed)
@@ -226,6 +243,19 @@ class Option:
         return None if self.contains(value) else f"{self.name} must be in {self.interval}, got {shown}"
 
 
+def chunking_problem(chunk_codes: int, chunk_overlap: int, first_chunk_codes: int) -> str | None:
+    """Why the three chunking options do not fit together, in one line; None if they do. Each chunk
+    after the first starts `chunk_overlap` codes before the end of the one before, so the overlap must
+    leave every chunk at least one new code. With chunk_codes 0 (off) the other two are not used."""
+    if chunk_codes == 0:
+        return None
+    first = first_chunk_codes or chunk_codes
+    if chunk_overlap >= min(chunk_codes, first):
+        return (f"chunk_overlap must be less than chunk_codes and first_chunk_codes, got {chunk_overlap} "
+                f"with chunks of {chunk_codes} (first {first})")
+    return None
+
+
 def _is_number(value: object) -> bool:
     # bool is an int subclass; True must not pass as 1.
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -279,6 +309,7 @@ GROUP_TITLES: Final = {
     "emotion": "emotion",
     "sampling": "sampling (GPT)",
     "acoustic": "acoustic model and segmentation",
+    "chunking": "chunked streaming inside a segment",
 }
 
 

@@ -123,7 +123,7 @@ async def one_round(args: argparse.Namespace, url: str, audio: bytes, options: d
 async def bench(args: argparse.Namespace, url: str) -> None:
     audio = args.voice.read_bytes() if args.voice is not None else synthetic_voice(args.voice_s)
     options: dict[str, Any] = {"seed": 0}
-    for name in ("max_mel_tokens", "num_beams", "diffusion_steps"):
+    for name in ("max_mel_tokens", "num_beams", "diffusion_steps", "chunk_codes", "chunk_overlap", "first_chunk_codes"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     rounds = [(n, *await one_round(args, url, audio, options, n)) for n in args.clients]
@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"codes per segment (server default otherwise; {RANDOM_MAX_MEL_TOKENS} for --random models)")
     ap.add_argument("--num-beams", type=int)
     ap.add_argument("--diffusion-steps", type=int)
+    ap.add_argument("--chunk-codes", type=int, help="render segments in chunks of this many codes (default 0: off)")
+    ap.add_argument("--chunk-overlap", type=int, help="codes each chunk repeats of the one before")
+    ap.add_argument("--first-chunk-codes", type=int, help="codes in a segment's first chunk")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="--spawn: compile the decode step on CUDA (--no-compile: graphs of the eager step)")
     ap.add_argument("--max-batch-rows", type=int,

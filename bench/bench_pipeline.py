@@ -63,7 +63,8 @@ class Row:
     segments: int
     codes: int  # semantic codes over all segments (50 per audio second)
     audio_s: float  # speech samples produced (no inter-segment silence)
-    first_audio_s: float  # stream start → first segment's PCM on the host
+    first_audio_s: float  # stream start → first segment's PCM on the host (chunked: its first chunk's)
+    pieces: int  # audio pieces delivered: segments, or with --chunk-codes every segment's chunks
     total_s: float
     rtf: float  # total_s / audio_s
     gpt_prefill_ms: float  # summed over segments
@@ -152,17 +153,18 @@ def timed(out: dict[str, float], key: str, device: torch.device) -> Iterator[Non
     out[key] = out.get(key, 0.0) + time.perf_counter() - t0
 
 
-def run_stream(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions) -> tuple[float, float, int]:
-    """(first audio s, total s, samples) of one streamed synthesis through the engine."""
+def run_stream(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions) -> tuple[float, float, int, int]:
+    """(first audio s, total s, samples, pieces) of one streamed synthesis through the engine."""
     t0 = time.perf_counter()
     first = None
-    samples = 0
+    samples = pieces = 0
     for seg in pipe.stream(voice, text, opts):
-        if first is None:
+        if first is None and len(seg.samples):
             first = time.perf_counter() - t0
         samples += len(seg.samples)
+        pieces += 1
     total = time.perf_counter() - t0
-    return (first if first is not None else total), total, samples
+    return (first if first is not None else total), total, samples, pieces
 
 
 @torch.inference_mode()
@@ -197,7 +199,7 @@ def stage_times(pipe: Pipeline, voice: Voice, text: str, opts: SynthesisOptions)
 def measure(pipe: Pipeline, voice: Voice, name: str, text: str, opts: SynthesisOptions) -> Row:
     segments = pipe.split_text(text, opts)
     with peak_memory(pipe.device) as peak:
-        first, total, samples = run_stream(pipe, voice, text, opts)
+        first, total, samples, pieces = run_stream(pipe, voice, text, opts)
     t = stage_times(pipe, voice, text, opts)
     codes = int(t.get("codes", 0))
     audio_s = samples / pipe.sample_rate_hz
@@ -208,6 +210,7 @@ def measure(pipe: Pipeline, voice: Voice, name: str, text: str, opts: SynthesisO
         codes=codes,
         audio_s=audio_s,
         first_audio_s=first,
+        pieces=pieces,
         total_s=total,
         rtf=total / audio_s if audio_s else float("nan"),
         gpt_prefill_ms=1000 * t.get("prefill_s", 0.0),
@@ -278,6 +281,7 @@ COLUMNS = [
     ("codes", "{}"),
     ("audio_s", "{:.2f}"),
     ("first_audio_s", "{:.3f}"),
+    ("pieces", "{}"),
     ("total_s", "{:.3f}"),
     ("rtf", "{:.3f}"),
     ("gpt_prefill_ms", "{:.1f}"),
@@ -330,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-beams", type=int, default=SynthesisOptions().num_beams)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample off) instead of sampling")
     ap.add_argument("--diffusion-steps", type=int, default=SynthesisOptions().diffusion_steps)
+    ap.add_argument("--chunk-codes", type=int, default=SynthesisOptions().chunk_codes,
+                    help="render segments in chunks of this many codes while they decode (0: whole segments)")
+    ap.add_argument("--chunk-overlap", type=int, default=SynthesisOptions().chunk_overlap,
+                    help="codes each chunk repeats of the one before")
+    ap.add_argument("--first-chunk-codes", type=int, default=SynthesisOptions().first_chunk_codes,
+                    help="codes in a segment's first chunk (0: --chunk-codes)")
+    ap.add_argument("--versus-whole", action="store_true",
+                    help="with --chunk-codes: alternate every run with one of whole segments (row 'TEXT whole'), "
+                    "so both see the same machine load")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each text first")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per text (the table shows medians)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -370,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         num_beams=args.num_beams,
         diffusion_steps=args.diffusion_steps,
         max_mel_tokens=args.codes if args.codes is not None else defaults.max_mel_tokens,
+        chunk_codes=args.chunk_codes,
+        chunk_overlap=args.chunk_overlap,
+        first_chunk_codes=args.first_chunk_codes,
     )
     voice_src: Path | bytes = args.voice if args.voice is not None else synthetic_voice(args.voice_s)
     t0 = time.perf_counter()
@@ -379,10 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     rss_voice_mb = _peak_rss_mb()
 
     rows = []
+    whole = replace(opts, chunk_codes=0) if args.versus_whole and opts.chunk_codes else None
     for name in names:
         for _ in range(args.warmup):
             run_stream(pipe, voice, TEXTS[name], opts)
-        rows.append(median_row([measure(pipe, voice, name, TEXTS[name], opts) for _ in range(args.repeat)]))
+        if whole is None:
+            rows.append(median_row([measure(pipe, voice, name, TEXTS[name], opts) for _ in range(args.repeat)]))
+            continue
+        runs = [(measure(pipe, voice, name, TEXTS[name], opts),
+                 replace(measure(pipe, voice, name, TEXTS[name], whole), text=f"{name} whole"))
+                for _ in range(args.repeat)]
+        rows += [median_row([r[0] for r in runs]), median_row([r[1] for r in runs])]
     rss_synth_mb = _peak_rss_mb()
     counts = [int(c) for c in args.concurrency.split(",") if c]
     steps = args.codes if args.codes is not None else 64
@@ -397,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": round(load_s, 2),
         "voice": f"{voice.audio_s:.2f} s reference, prepare_voice {voice_ms:.0f} ms",
         "options": f"do_sample={opts.do_sample} num_beams={opts.num_beams} diffusion_steps={opts.diffusion_steps} "
-        f"max_mel_tokens={opts.max_mel_tokens} warmup={args.warmup} repeat={args.repeat}",
+        f"max_mel_tokens={opts.max_mel_tokens} chunk_codes={opts.chunk_codes} chunk_overlap={opts.chunk_overlap} "
+        f"first_chunk_codes={opts.first_chunk_codes} warmup={args.warmup} repeat={args.repeat}",
         # Process peak RSS so far, read after each stage (ru_maxrss never decreases).
         "peak_rss_mb": f"after load {rss_load_mb:.0f}, after prepare_voice {rss_voice_mb:.0f}, "
         f"after synthesis {rss_synth_mb:.0f}",

@@ -160,6 +160,8 @@ class SegmentAudio:
     index: int
     text: str
     pcm: bytes                  # s16le mono at protocol.SAMPLE_RATE_HZ
+    first: bool = True          # the segment's first piece (chunk_codes > 0 splits a segment into pieces)
+    last: bool = True           # its last piece: the segment is complete and its credit goes back
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +177,8 @@ class QueueSink:
         self.queue: asyncio.Queue[SegmentAudio | Ended] = asyncio.Queue()
         self.on_stop = on_stop  # called at once with the code when the worker ends the job early
 
-    def on_segment(self, index: int, text: str, pcm: bytes) -> None:
-        self.queue.put_nowait(SegmentAudio(index, text, pcm))
+    def on_segment(self, index: int, text: str, pcm: bytes, first: bool = True, last: bool = True) -> None:
+        self.queue.put_nowait(SegmentAudio(index, text, pcm, first, last))
 
     def on_done(self) -> None:
         self.queue.put_nowait(Ended(None))
@@ -236,6 +238,7 @@ class RequestRun:
         self.sentences: SentenceBuffer | None = None  # incremental: text not yet a complete sentence
         self.segments = 0                             # segments written to the client
         self.samples = 0                              # samples written to the client
+        self.piece_samples = 0                        # of the segment being written, its pieces so far
         self.first_audio_s: float | None = None       # from arrival to the first audio written
         self.total_s: float | None = None             # from arrival to `end`
         self.code: str | None = None                  # set once the request is over
@@ -334,6 +337,14 @@ class RequestRun:
         self.core.metrics.segment(self.interface.name, audio_s)
         if self.job is not None:
             self.core.worker.return_credit(self.job)
+
+    def piece_sent(self, samples: int, *, first: bool, last: bool) -> None:
+        """A piece of a segment (the whole of it unless chunked) was written: timed and counted as audio;
+        the segment itself counts, and returns its credit, with its last piece."""
+        self.audio_sent(samples)
+        self.piece_samples = (0 if first else self.piece_samples) + samples
+        if last:
+            self.segment_sent(self.piece_samples / p.SAMPLE_RATE_HZ)
 
     def end(self, code: str) -> None:
         """The request is over for its client with `code`: OK, an ErrorCode, or DISCONNECTED. Counted

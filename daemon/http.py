@@ -379,9 +379,7 @@ class _Speech:
                 response = await self._prepare()
                 if data:
                     await response.write(data)
-                samples = len(item.pcm) // 2
-                self.run.audio_sent(samples)
-                self.run.segment_sent(samples / p.SAMPLE_RATE_HZ)
+                self.run.piece_sent(len(item.pcm) // 2, first=item.first, last=item.last)
         except ConnectionError:
             # Written to a connection the client closed, or that _on_stop aborted.
             return sink.stop_code()

@@ -100,6 +100,7 @@ class LiveRequest:
         self.id = request_id
         self.run = run
         self.seq = 0
+        self.segment_bytes = 0  # PCM bytes of the segment being sent (all its pieces)
         self.finished = False
 
     @property
@@ -108,18 +109,23 @@ class LiveRequest:
 
     # JobSink: called on the loop thread by the worker's call_soon_threadsafe.
 
-    def on_segment(self, index: int, text: str, pcm: bytes) -> None:
+    def on_segment(self, index: int, text: str, pcm: bytes, first: bool = True, last: bool = True) -> None:
         if self.finished:
             return  # cancelled after the worker produced it
         s = self.session
-        s.enqueue(_Outgoing(p.encode(p.SegmentStart(id=self.id, index=index, text=text)), self))
+        if first:
+            self.segment_bytes = 0
+            s.enqueue(_Outgoing(p.encode(p.SegmentStart(id=self.id, index=index, text=text)), self))
         step = 2 * AUDIO_FRAME_SAMPLES
         for start in range(0, len(pcm), step):
             chunk = pcm[start : start + step]
             frame = p.encode(p.Audio(id=self.id, seq=self.seq, pcm=chunk))
             s.enqueue(_Outgoing(frame, self, audio_samples=len(chunk) // 2))
             self.seq += 1
-        audio_s = len(pcm) / 2 / p.SAMPLE_RATE_HZ
+        self.segment_bytes += len(pcm)
+        if not last:
+            return  # a chunked segment: more pieces of it follow, then its segment_end
+        audio_s = self.segment_bytes / 2 / p.SAMPLE_RATE_HZ
         end = p.SegmentEnd(id=self.id, index=index, audio_s=audio_s)
         s.enqueue(_Outgoing(p.encode(end), self, segment_s=audio_s))
 

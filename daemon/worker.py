@@ -59,8 +59,9 @@ TEXT_THREADS: Final = 4      # requests whose text is normalised at once (the no
 class JobSink(Protocol):
     """Where a request's results go; every method is called on the event loop thread."""
 
-    def on_segment(self, index: int, text: str, pcm: bytes) -> None:
-        """One segment's audio: s16le mono at the pipeline's rate, leading interval silence included."""
+    def on_segment(self, index: int, text: str, pcm: bytes, first: bool = True, last: bool = True) -> None:
+        """A segment's audio, or with chunk_codes > 0 one piece of it (`first`: its first piece, with the
+        leading interval silence; `last`: its audio is complete): s16le mono at the pipeline's rate."""
 
     def on_done(self) -> None:
         """The request produced all its segments."""
@@ -578,9 +579,10 @@ class Worker:
             if not isinstance(job, _JOB_TYPE):
                 continue
             if isinstance(ev, SegmentDone):
-                job.delivered += 1
+                a = ev.audio
+                job.delivered += a.last  # segments, not pieces: credits are per segment
                 if job.stop_code is None:
-                    self._post(job.sink.on_segment, ev.audio.segment.index, ev.audio.segment.text, ev.audio.pcm)
+                    self._post(job.sink.on_segment, a.segment.index, a.segment.text, a.pcm, a.part == 0, a.last)
             elif isinstance(ev, RequestDone):
                 self._leave(job)
                 if job.stop_code is None:

@@ -358,16 +358,14 @@ class _Connection:
                         await self._write(AudioStop().event())
                     break
                 assert isinstance(item, SegmentAudio)
-                if req.streaming or run.segments == 0:
+                if item.first and (req.streaming or run.segments == 0):
                     await self._write(AudioStart(**fmt).event())
                 step = CHUNK_SAMPLES * SAMPLE_WIDTH_BYTES
                 for start in range(0, len(item.pcm), step):
                     await self._write(AudioChunk(audio=item.pcm[start : start + step], **fmt).event())
-                if req.streaming:
+                if req.streaming and item.last:
                     await self._write(AudioStop().event())
-                samples = len(item.pcm) // 2
-                run.audio_sent(samples)
-                run.segment_sent(samples / p.SAMPLE_RATE_HZ)
+                run.piece_sent(len(item.pcm) // 2, first=item.first, last=item.last)
         except ConnectionError:
             code = req.sink.stop_code()
             self.close()

@@ -758,6 +758,36 @@ class DecodeBatch:
 
     # --------------------------------------------------------------------------- results
 
+    def committed(self, req: DecodeRequest) -> Tensor:
+        """The codes of `req` that can no longer change, on the host [n] (a host sync: callers read it
+        with the stop check, every STOP_CHECK_EVERY steps). One row: every code selected before the
+        first stop code. Beams: the common prefix of every live beam and every finished hypothesis
+        (any of them may still be the final choice), so with 3 beams the committed codes lag the
+        newest by however far back the beams last diverged."""
+        if req.rows == 1:
+            seq = self.s.seqs[req.row, : req.steps].cpu()
+            stops = (seq == self.cfg.stop_mel_token).nonzero()
+            return seq[: int(stops[0, 0])] if stops.numel() else seq
+        g = req.group
+        assert g is not None and g.hyp_tok is not None and g.hyp_len is not None and g.hyp_count is not None
+        i = g.members.index(req)
+        seqs = self.s.seqs[req.row : req.row + req.rows, : req.steps]  # [nb, steps]
+        count = g.hyp_count[i]
+        lens = g.hyp_len[i]  # [nb]
+        hyps = g.hyp_tok[i, :, : req.steps]  # [nb, steps]
+        host = torch.cat((seqs, hyps, lens[:, None], count.view(1, 1).expand(hyps.size(0), 1)), dim=1).cpu()  # sync
+        steps = req.steps
+        seqs, hyps = host[:, :steps], host[:, steps : 2 * steps]  # [nb, steps] each
+        lens_host, n_hyp = host[:, 2 * steps], int(host[0, 2 * steps + 1])
+        agree = (seqs == seqs[:1]).all(dim=0)  # [steps]
+        for h in range(n_hyp):
+            length = int(lens_host[h])
+            agree[length:] = False
+            agree[:length] &= hyps[h, :length] == seqs[0, :length]
+        agree &= seqs[0] != self.cfg.stop_mel_token
+        n = int(agree.logical_not().nonzero()[0, 0]) if not bool(agree.all()) else agree.numel()
+        return seqs[0, :n].clone()
+
     def _check_done(self, finished: list[DecodeRequest]) -> list[DecodeRequest]:
         order = [m for g in self.groups.values() for m in g.members]
         flags = torch.cat([g.done for g in self.groups.values() if g.done is not None]).tolist()  # host sync

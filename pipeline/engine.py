@@ -24,6 +24,16 @@ first (time to first audio), then by arrival — as rows free up. A request runs
 ahead of its audio on CUDA (none on CPU, where running ahead only delays the segment before) and
 never more than its flow-control credits allow. Every request's audio is delivered in order.
 
+Chunks (chunk_codes > 0, chunking.py): a segment's audio need not wait for its last code. With
+every stop check (STOP_CHECK_EVERY steps, the host reads the batch then anyway) the engine reads the
+codes of each chunked segment that can no longer change (one row: all of them; beams: the common
+prefix of every live beam and finished hypothesis) and sends each chunk whose codes are all there
+to the acoustic stage, where it batches with segments and other chunks; IndexTTS-2's second-pass
+latent is extended chunk by chunk (Pipeline.chunk_latent). Chunk audio is joined in order by the
+segment's ChunkJoiner and delivered as pieces of that segment (SegmentAudio.part / last); flow
+control, ordering and the "audio" observer event stay per segment. A segment that ends inside its
+first chunk is rendered whole, exactly as with chunk_codes 0.
+
 Robustness: an exception in a shared decode step or acoustic job does not fail its neighbours:
 the segments involved are retried alone, and only a segment that fails alone fails its request."""
 
@@ -35,7 +45,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,7 +54,10 @@ from torch import Tensor
 
 from ttsd.api.errors import BadText, TtsdError
 
-from .decode import DecodeBatch, DecodeRequest, Generated, StepFn
+from .audio import HOP_LENGTH
+from .chunking import ChunkInput, ChunkJoiner, ChunkPlan, SecondPass, overlap_samples
+from .decode import STOP_CHECK_EVERY, DecodeBatch, DecodeRequest, Generated, StepFn
+from .device import upload
 from .requests import Event, Observer, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
 
 if TYPE_CHECKING:
@@ -68,8 +81,23 @@ class AcousticInput:
     segment: Segment
     codes: Generated
     opts: SynthesisOptions
-    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T); drawn from the seed otherwise
+    noise: Tensor | None = None  # injected CFM start noise (1, 80, P + T), whole segments only; else from the seed
+    chunk: ChunkInput | None = None  # render only this chunk of the segment (codes: the chunk's own)
 
+
+
+@dataclass(eq=False)
+class _Chunking:
+    """A chunked segment's progress (chunk_codes > 0): chunks cut so far, their audio awaiting the join."""
+
+    plan: ChunkPlan
+    joiner: ChunkJoiner
+    committed: Tensor  # [n] host codes no candidate can change any more
+    second_pass: SecondPass = field(default_factory=SecondPass)
+    taken: int = 0  # chunks cut (sent to the acoustic stage)
+    total: int | None = None  # chunks the segment has, once its decoding finished
+    joined: int = 0  # chunks whose audio went through the joiner
+    pcm: dict[int, tuple[np.ndarray, bool]] = field(default_factory=dict)  # rendered (PCM, last), awaiting earlier ones
 
 
 @dataclass(eq=False)
@@ -82,6 +110,9 @@ class _Seg:
     decode: DecodeRequest | None = None
     codes: Generated | None = None
     dropped: bool = False  # its request went away; finish quietly
+    chunking: _Chunking | None = None  # rendered chunk by chunk while it decodes (None: whole)
+    pieces: int = 0  # pieces of its audio queued for delivery
+    ended: bool = False  # its last piece is queued
 
     def acoustic_input(self) -> AcousticInput:
         r = self.req
@@ -90,14 +121,61 @@ class _Seg:
         return AcousticInput(r.voice, r.emovec, self.segment, self.codes, r.opts, noise)
 
 
+@dataclass(eq=False)
+class _Chunk:
+    """One chunk of a chunked segment on its way through the acoustic stage (it batches like a segment)."""
+
+    seg: _Seg
+    index: int
+    start: int
+    prefix: Tensor  # [end] host codes of the segment up to the chunk's end
+    last: bool  # the segment's final chunk
+    solo: bool = False
+
+    @property
+    def req(self) -> Request:
+        return self.seg.req
+
+    @property
+    def segment(self) -> Segment:
+        return self.seg.segment
+
+    @property
+    def dropped(self) -> bool:
+        return self.seg.dropped
+
+    @dropped.setter
+    def dropped(self, value: bool) -> None:
+        self.seg.dropped = value
+
+    @property
+    def codes(self) -> Generated:
+        c = self.prefix[self.start :].unsqueeze(0)  # [1, M_c] on the host
+        return Generated(c, c, self.last, c)
+
+    def acoustic_input(self) -> AcousticInput:
+        r, ch = self.req, self.seg.chunking
+        assert r.emovec is not None and ch is not None  # chunks exist only for chunked segments
+        dev = r.emovec.device
+        # Uploaded on the acoustic stream that reads them (pinned, non-blocking), inside the job's first unit.
+        prefix = upload([self.prefix.tolist()], dev)  # [1, end]
+        host = self.prefix[self.start :].unsqueeze(0)
+        codes = Generated(prefix[:, self.start :], prefix[:, self.start :], self.last, host)
+        return AcousticInput(r.voice, r.emovec, self.segment, codes, r.opts,
+                             chunk=ChunkInput(self.index, self.start, prefix, ch.second_pass))
+
+
+_Work = _Seg | _Chunk  # what an acoustic job renders: a whole segment or one chunk of one
+
+
 class _AcousticJob:
     """Several ready segments rendered together, as a generator of units (see `run`)."""
 
-    def __init__(self, engine: Engine, segs: list[_Seg]) -> None:
+    def __init__(self, engine: Engine, segs: list[_Work]) -> None:
         self.engine = engine
         self.segs = segs
         self.units = self.run()
-        self.results: list[tuple[_Seg, Tensor]] = []  # (segment, PCM on the host, maybe still copying)
+        self.results: list[tuple[_Work, Tensor]] = []  # (segment or chunk, PCM on the host, maybe still copying)
         self.event: torch.cuda.Event | None = None
         self.issued = False  # every unit has run (on CUDA the device may still be working)
 
@@ -160,9 +238,9 @@ class Engine:
         self.requests: list[Request] = []
         self._arrivals = itertools.count()
         self._decoding: dict[int, _Seg] = {}  # id(DecodeRequest) → segment
-        self._ready: deque[_Seg] = deque()  # codes done, waiting for an acoustic job
+        self._ready: deque[_Work] = deque()  # codes done (a segment's or a chunk's), waiting for an acoustic job
         self._jobs: deque[_AcousticJob] = deque()
-        self._solo: deque[_Seg] = deque()  # retried alone after a shared failure
+        self._solo: deque[_Seg] = deque()  # decodes retried alone after a shared failure
         self.stats: dict[str, float] = {"decode_steps": 0, "codes": 0, "acoustic_units": 0}
 
     # ------------------------------------------------------------------ control (driving thread)
@@ -277,6 +355,11 @@ class Engine:
 
     def _start_decode(self, s: _Seg, events: list[Event]) -> None:
         req = s.req
+        plan = ChunkPlan.from_options(req.opts.chunk_codes, req.opts.chunk_overlap, req.opts.first_chunk_codes)
+        if plan is not None and s.chunking is None:
+            frames = self.pipe.family.overlap_frames(plan.overlap, req.opts)
+            joiner = ChunkJoiner(overlap_samples(frames, HOP_LENGTH))
+            s.chunking = _Chunking(plan, joiner, torch.zeros(0, dtype=torch.long))
         try:
             with self.lanes.on(self.lanes.gpt):
                 self.lanes.start(self.lanes.gpt)
@@ -310,13 +393,86 @@ class Engine:
             if s.dropped:
                 continue
             self._notify("codes", s.req, s.segment.index)
-            if d.result.codes.size(1) == 0:
+            if d.result.codes.size(1) == 0 and (s.chunking is None or s.chunking.taken == 0):
                 # The GPT stopped at once: nothing to render (a length regulator over 0 frames fails).
-                s.req.ready[s.segment.index] = self._segment_audio(s, np.zeros(0, dtype=np.float32))
+                s.chunking = None
+                self._put(s, np.zeros(0, dtype=np.float32), last=True)
                 continue
+            if s.chunking is not None:
+                try:
+                    if self._cut_final(s, d.result):
+                        continue
+                except Exception as e:  # this request's bug (its final codes disagree with its chunks)
+                    self._crash(s.req, e, events)
+                    continue
             # The acoustic stream reads these after the GPT stream wrote them.
             self.lanes.hand_over(self.lanes.gpt, self.lanes.acoustic, d.result.codes, s.req.emovec)
             self._ready.append(s)
+        if self.batch.step_count % STOP_CHECK_EVERY == 0:  # the batch read the device for its stop check too
+            for s in list(self._decoding.values()):
+                if s.chunking is not None and not s.dropped and s.decode is not None:
+                    try:
+                        with self.lanes.on(self.lanes.gpt):
+                            self._commit(s, self.batch.committed(s.decode))  # host sync
+                        self._cut(s, None)
+                    except Exception as e:  # this request's bug (a retried decode that disagrees): it alone fails
+                        self._crash(s.req, e, events)
+
+    # ------------------------------------------------------------------ chunks (chunk_codes > 0)
+
+    def _commit(self, s: _Seg, codes: Tensor) -> None:
+        """Record `codes` [n] (host) as the segment's committed codes when they extend the ones before."""
+        ch = s.chunking
+        assert ch is not None
+        n = min(ch.committed.numel(), codes.numel())  # a decode retried alone catches up from its start
+        if not torch.equal(codes[:n], ch.committed[:n]):
+            # Audio of the old codes may have gone out already; it cannot be taken back.
+            raise RuntimeError(f"segment {s.segment.index}: committed codes changed while decoding")
+        if codes.numel() > ch.committed.numel():
+            ch.committed = codes
+
+    def _cut(self, s: _Seg, total: int | None) -> None:
+        """Send every chunk whose codes are committed (with `total`: the rest of the segment) to the acoustic stage."""
+        ch = s.chunking
+        assert ch is not None
+        spans = ch.plan.spans(ch.committed.numel(), total, ch.taken)
+        if spans and ch.taken == 0:
+            assert s.req.emovec is not None  # computed when the segment started decoding
+            # The acoustic stream reads the emotion vector after the GPT stream wrote it.
+            self.lanes.hand_over(self.lanes.gpt, self.lanes.acoustic, s.req.emovec)
+        for start, end, last in spans:
+            self._ready.append(_Chunk(s, ch.taken, start, ch.committed[:end], last))
+            ch.taken += 1
+            self.stats["chunks"] = self.stats.get("chunks", 0) + 1
+        if total is not None:
+            ch.total = ch.taken
+            self._join(s)  # ended exactly with a chunk already cut: only the held-back tail is left
+
+    def _cut_final(self, s: _Seg, result: Generated) -> bool:
+        """Decoding of a chunked segment finished. False when it never left its first chunk: it is then
+        rendered whole, exactly as without chunking (the parity path); True when its chunks take over."""
+        ch = s.chunking
+        assert ch is not None
+        codes = result.codes_host[0]
+        if ch.taken == 0 and ch.plan.spans(codes.numel(), codes.numel(), 0) == [(0, codes.numel(), True)]:
+            s.chunking = None
+            return False
+        if codes.numel() < ch.committed.numel():
+            raise RuntimeError(f"segment {s.segment.index}: decoding ended before codes it had committed")
+        self._commit(s, codes)
+        self._cut(s, codes.numel())
+        return True
+
+    def _join(self, s: _Seg) -> None:
+        """Push the segment's rendered chunks, in order, through its joiner; queue what comes out."""
+        ch = s.chunking
+        assert ch is not None
+        while ch.joined in ch.pcm:
+            pcm, last = ch.pcm.pop(ch.joined)
+            ch.joined += 1
+            self._put(s, ch.joiner.push(pcm, last), last)
+        if ch.total is not None and ch.joined == ch.total and not s.ended:
+            self._put(s, ch.joiner.finish(), last=True)  # the last chunk was cut before the segment ended
 
     def _decode_failed(self, e: Exception, events: list[Event]) -> None:
         """A shared decode step raised: nobody can tell whose input caused it, so every segment in the
@@ -332,7 +488,10 @@ class Engine:
         log.error("decode step failed; retrying its segments=%d alone error=%r", len(victims), e)
         for s in victims:
             if not s.dropped:
-                self._solo.append(_Seg(s.req, s.segment, solo=True))
+                # The same segment decodes again from its start; a chunked one keeps its progress (chunks
+                # already cut point at it), and a seeded decode commits the same codes again.
+                s.solo, s.decode, s.codes = True, None, None
+                self._solo.append(s)
 
     # ------------------------------------------------------------------ acoustic
 
@@ -356,7 +515,7 @@ class Engine:
             return
         self.stats["acoustic_units"] += 1
 
-    def _take_batch(self) -> list[_Seg]:
+    def _take_batch(self) -> list[_Work]:
         """The ready segments to render together: same acoustic settings, first segments first, and
         padding kept small so one long segment does not inflate everyone's work."""
         first = sorted(self._ready, key=lambda s: (s.segment.index > 0, s.req.seq))[0]
@@ -365,7 +524,7 @@ class Engine:
         same.sort(key=lambda s: (s.segment.index > 0, s.req.seq))
         if first.solo or first not in same:
             same = [first]
-        picked: list[_Seg] = []
+        picked: list[_Work] = []
         longest = total = 0
         for s in same:
             assert s.codes is not None  # ready segments have codes
@@ -383,7 +542,7 @@ class Engine:
         return picked
 
     @staticmethod
-    def _acoustic_key(s: _Seg) -> tuple[int, bool]:
+    def _acoustic_key(s: _Work) -> tuple[int, bool]:
         o = s.req.opts
         return o.diffusion_steps, o.inference_cfg_rate > 0
 
@@ -404,27 +563,38 @@ class Engine:
         done = [j for j in self._jobs if j.finished]
         for job in done:
             self._jobs.remove(job)
-            for s, pcm in job.results:
-                if s.dropped or s.req.finished:
+            for w, pcm in job.results:
+                if w.dropped or w.req.finished:
                     continue
-                s.req.ready[s.segment.index] = self._segment_audio(s, pcm.numpy())
+                if isinstance(w, _Chunk):
+                    assert w.seg.chunking is not None  # chunks come from chunked segments
+                    w.seg.chunking.pcm[w.index] = (pcm.numpy(), w.last)
+                    self._join(w.seg)
+                else:
+                    self._put(w, pcm.numpy(), last=True)
         for req in list(self.requests):
-            while not req.finished and req.delivered in req.ready:
-                audio = req.ready.pop(req.delivered)
-                req.delivered += 1
-                self._notify("audio", req, audio.segment.index)
+            while not req.finished and (queue := req.ready.get(req.delivered)):
+                audio = queue.popleft()
+                if audio.last:
+                    del req.ready[req.delivered]
+                    req.delivered += 1
+                    self._notify("audio", req, audio.segment.index)
                 events.append(SegmentDone(req, audio))
             if not req.finished and req.exhausted:
                 req.finished = True
                 self.requests.remove(req)
                 events.append(RequestDone(req))
 
-    def _segment_audio(self, s: _Seg, samples: np.ndarray) -> SegmentAudio:
+    def _put(self, s: _Seg, samples: np.ndarray, last: bool) -> None:
+        """Queue the next piece of a segment's audio for in-order delivery (a whole segment: one piece)."""
+        queue = s.req.ready.setdefault(s.segment.index, deque())
         silence = 0
-        if s.segment.index > 0:
+        if s.segment.index > 0 and s.pieces == 0:
             # Upstream joins segments with int(sr * ms / 1000) zeros; streaming sends them up front.
             silence = int(self.pipe.sample_rate_hz * s.req.opts.interval_silence_ms / 1000)
-        return SegmentAudio(s.segment, samples, silence)
+        queue.append(SegmentAudio(s.segment, samples, silence, part=s.pieces, last=last))
+        s.pieces += 1
+        s.ended = last
 
     def _notify(self, what: str, req: Request, index: int) -> None:
         if self.observer is not None:
@@ -443,10 +613,10 @@ class Engine:
                 with self.lanes.on(self.lanes.gpt):  # ordered after the steps that still use its rows
                     self.batch.remove(s.decode)
                 del self._decoding[key]
-        for s in itertools.chain(self._ready, self._solo, (s for j in self._jobs for s in j.segs)):
-            if s.req is req:
-                s.dropped = True
-        self._ready = deque(s for s in self._ready if not s.dropped)
+        for w in itertools.chain(self._ready, self._solo, (w for j in self._jobs for w in j.segs)):
+            if w.req is req:
+                w.dropped = True
+        self._ready = deque(w for w in self._ready if not w.dropped)
         self._solo = deque(s for s in self._solo if not s.dropped)
 
     def _fail(self, req: Request, error: BaseException, events: list[Event]) -> None:

@@ -76,6 +76,11 @@ class ModelFamily(Protocol):
         ...
 
     @property
+    def code_rate_hz(self) -> float:
+        """GPT codes per second of speech (50 for IndexTTS-2, 25 for IndexTTS-2.5)."""
+        ...
+
+    @property
     def duration_control(self) -> bool:
         """duration_factor stretches the target (the OpenAI `speed` maps to it)."""
         ...
@@ -151,6 +156,11 @@ class ModelFamily(Protocol):
 
     def mel_frames(self, codec: Codec, codes: int, opts: SynthesisOptions) -> int:
         """Target mel frames of `codes` GPT codes (host arithmetic, no device access)."""
+        ...
+
+    def overlap_frames(self, codes: int, opts: SynthesisOptions) -> int:
+        """Mel frames a chunk crossfade spans for `codes` overlapping codes (upstream's streaming
+        recipe: int(codes × 1.72) at 50 codes/s; IndexTTS-2.5 from its 25 codes/s)."""
         ...
 
     def content(

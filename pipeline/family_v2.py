@@ -18,7 +18,7 @@ from ttsd.api.options import SynthesisOptions
 from . import convert
 from .family import Codec, Plan, register
 from .gpt import GPTConfig, PerceiverVoice, UnifiedVoice
-from .length_regulator import load_gpt_layer, mel_lengths
+from .length_regulator import MEL_FRAMES_PER_CODE, load_gpt_layer, mel_lengths
 from .requests import Segment
 from .semantic_codec import SemanticCodec, load_semantic_codec
 from .text import TextNormalizer, TextTokenizer, split_segments
@@ -31,6 +31,7 @@ class IndexTTS2:
     model_id: str = "indextts-2"
     languages: tuple[str, ...] = ("zh", "en")  # detected by the text front end, not chosen
     second_pass: bool = True
+    code_rate_hz: float = 50.0
     duration_control: bool = False
     s2mel_parts: tuple[str, ...] = convert.S2MEL_PARTS
     official_tokenizer: str = "bpe.model"
@@ -86,6 +87,9 @@ class IndexTTS2:
 
     def mel_frames(self, codec: Codec, codes: int, opts: SynthesisOptions) -> int:
         return int(mel_lengths(torch.tensor([codes]))[0])  # floor(1.72 M) in float32 as upstream
+
+    def overlap_frames(self, codes: int, opts: SynthesisOptions) -> int:
+        return int(codes * MEL_FRAMES_PER_CODE)  # upstream streaming.py: Python float, truncated
 
     def content(
         self, codec: Codec, gpt_layer: nn.Module | None, codes: Tensor, latent: Tensor | None, opts: SynthesisOptions

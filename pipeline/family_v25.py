@@ -17,7 +17,7 @@ from ttsd.api.errors import BadOptions, ConfigError
 from ttsd.api.options import LANGUAGES_25, SynthesisOptions
 
 from . import convert
-from .codec25 import EnhancedCodec, load_codec25
+from .codec25 import UPSAMPLE, EnhancedCodec, load_codec25, target_lengths
 from .family import Codec, Plan, register
 from .gpt import CampplusVoice, GPTConfig, UnifiedVoice
 from .requests import Segment
@@ -33,6 +33,7 @@ class IndexTTS25:
     model_id: str = "indextts-2.5"
     languages: tuple[str, ...] = LANGUAGES_25
     second_pass: bool = False
+    code_rate_hz: float = 25.0
     duration_control: bool = True
     s2mel_parts: tuple[str, ...] = convert.S2MEL_PARTS_V25
     official_tokenizer: str = convert.TIKTOKEN_NAME
@@ -91,6 +92,11 @@ class IndexTTS25:
 
     def mel_frames(self, codec: Codec, codes: int, opts: SynthesisOptions) -> int:
         return _codec(codec).frames(codes, opts.duration_factor)  # int(2M · 1.72 · duration_factor)
+
+    def overlap_frames(self, codes: int, opts: SynthesisOptions) -> int:
+        # The frames these codes' content becomes: two per code, then 1.72 mel frames each (and the
+        # duration stretch), the same count `mel_frames` gives a segment of this many codes.
+        return target_lengths(UPSAMPLE * codes, opts.duration_factor)
 
     def content(
         self, codec: Codec, gpt_layer: nn.Module | None, codes: Tensor, latent: Tensor | None, opts: SynthesisOptions

@@ -37,6 +37,7 @@ from . import audio
 from .accel import ROW_BUCKETS, Streams, graphed_step
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
+from .chunking import ChunkInput
 from .config import load_yaml
 from .decode import DecodeParams, DecodeRequest, Generated, generate, sampling_key
 from .device import resolve_device, upload
@@ -317,8 +318,47 @@ class Pipeline:
                 raise RuntimeError(f"segment {it.segment.index}: a code outside [0, {k}) reached the codec")
         if not self.family.second_pass:
             return [self._cfm_row(it, None) for it in items]
-        lat = self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in items])
-        return [self._cfm_row(it, latent) for it, latent in zip(items, lat, strict=True)]
+        whole = [it for it in items if it.chunk is None]
+        lat = iter(self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in whole]) if whole else [])
+        return [
+            self._cfm_row(it, next(lat) if it.chunk is None else self.chunk_latent(it.voice, it.emovec, it.segment,
+                                                                                   it.chunk))
+            for it in items
+        ]
+
+    def chunk_latent(self, voice: Voice, emovec: Tensor, segment: Segment, chunk: ChunkInput) -> Tensor:
+        """The second-pass latent (1, M_c, D) float32 of one chunk's codes, computed incrementally: only
+        positions its segment's earlier chunks have not fed yet go through the GPT, against the keys and
+        values they left (chunk.second_pass). Row j is the state at mel token j of [start, c_0, c_1, ...],
+        as in `latents`, which runs the same pass at once over a whole segment."""
+        sp, codes = chunk.second_pass, chunk.prefix_codes  # codes [1, end]
+        end, done = codes.size(1), 0 if sp.rows is None else sp.rows.size(1)
+        if end > done:
+            gpt = self.gpt
+            cfg = gpt.cfg
+            mel = torch.nn.functional.pad(codes[:, : end - 1].long(), (1, 0), value=cfg.start_mel_token)  # [1, end]
+            x = gpt.embed_mel(mel[:, done:end], torch.arange(done, end, device=self.device))  # [1, new, D]
+            if sp.fed == 0:
+                cond = gpt.conds_latent(voice.speech_latent, emovec)
+                text = gpt.embed_text(upload([segment.text_ids], self.device))
+                x = torch.cat((cond, text, x), dim=1)
+            need = sp.fed + x.size(1)
+            if sp.kv is None or sp.kv.size(4) < need:
+                # Grown by doubling (aligned), so a long segment copies its keys and values a few times only.
+                cap = max(need, 2 * (0 if sp.kv is None else sp.kv.size(4)))
+                cap = -(-cap // 64) * 64
+                kv = torch.zeros((cfg.layers, 2, 1, cfg.heads, cap, cfg.head_dim), device=self.device,
+                                 dtype=x.dtype)  # [L, 2, 1, H, S_cap, Dh]
+                if sp.kv is not None:
+                    kv[..., : sp.fed, :] = sp.kv[..., : sp.fed, :]
+                sp.kv = kv
+            layers = [(sp.kv[i, 0], sp.kv[i, 1]) for i in range(cfg.layers)]
+            pos = torch.arange(sp.fed, need, device=self.device).unsqueeze(0)  # [1, new]
+            h = gpt.final_norm(gpt(x, pos, layers, need))[:, -(end - done) :].float()  # [1, end - done, D]
+            sp.rows = h if sp.rows is None else torch.cat((sp.rows, h), dim=1)
+            sp.fed = need
+        assert sp.rows is not None  # end > 0: a chunk has codes
+        return sp.rows[:, chunk.start : end]
 
     def _cfm_row(self, it: AcousticInput, latent: Tensor | None) -> CFMRow:
         voice, codes, opts = it.voice, it.codes.codes, it.opts
@@ -326,11 +366,14 @@ class Pipeline:
         cond = self.length_regulator(s_infer, target)  # [1, T, C]
         mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
         shape = (1, self.cfm.in_channels, mu.size(1))
-        if it.noise is not None:
+        if it.noise is not None and it.chunk is None:
             noise = it.noise.to(self.device)
         else:
             seed = 0 if opts.seed is None else opts.seed
-            gen = torch.Generator(device=self.device).manual_seed(seed_for(seed, it.segment.index))
+            # A chunk after the first draws its own noise: chunk k of segment i from seed_for(...) + k·2^40.
+            k = 0 if it.chunk is None else it.chunk.index
+            gen = torch.Generator(device=self.device).manual_seed((seed_for(seed, it.segment.index) + (k << 40))
+                                                                   % (2**63))
             noise = torch.randn(shape, generator=gen, device=self.device, dtype=mu.dtype)
         return CFMRow(mu, voice.ref_mel, voice.style, noise, opts.inference_cfg_rate)
 

@@ -34,11 +34,14 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class SegmentAudio:
-    """One segment's audio: float samples at ±32767 scale, and the silence that precedes it."""
+    """A segment's audio, or with chunk_codes > 0 one piece of it: float samples at ±32767 scale, and
+    the silence that precedes it. A whole segment is one piece (part 0, last)."""
 
     segment: Segment
     samples: np.ndarray  # float32 (N,), the exact model output (parity tests compare these)
-    silence_samples: int  # interval_silence_ms of zeros before every segment but a request's first
+    silence_samples: int  # interval_silence_ms of zeros before every segment but a request's first (part 0 only)
+    part: int = 0  # 0, 1, 2, ... pieces of this segment, delivered in order
+    last: bool = True  # the segment's final piece: its audio is complete
 
     @property
     def pcm(self) -> bytes:
@@ -69,10 +72,12 @@ class Request:
     delivered: int = 0  # segments handed out
     emovec: Tensor | None = None  # (1, D), computed once at the first segment
     finished: bool = False  # done, failed or cancelled: no more events
-    ready: dict[int, SegmentAudio] = field(default_factory=dict)  # finished out of order, awaiting predecessors
+    # Audio pieces per segment index, queued in order, delivered once every earlier segment is complete.
+    ready: dict[int, deque[SegmentAudio]] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> int:
+        """Segments started and not yet completely delivered."""
         return self.started - self.delivered
 
     @property

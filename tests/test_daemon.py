@@ -268,6 +268,33 @@ async def test_incremental_text_speaks_each_sentence(daemon: Daemon, speaker_wav
     assert texts[0].replace(" ", "").upper() == "HELLOWORLD." and "FOX" in texts[1].upper()
 
 
+@pytest.mark.model_versions("2", "2.5")
+async def test_chunked_segments_keep_one_start_and_one_end(
+    pipeline: Pipeline, voices: VoiceCache, daemon: Daemon, speaker_wav: bytes
+) -> None:
+    """With chunk_codes, each segment's chunks arrive between its one segment_start and one segment_end,
+    whose audio_s counts them all, and the audio is what offline synthesis with the same options gives."""
+    opts: dict[str, Any] = {**FAST, "max_mel_tokens": 24, "chunk_codes": 6, "chunk_overlap": 2, "first_chunk_codes": 4}
+    async with daemon() as server, client(server) as c:
+        voice = await c.register(speaker_wav)
+        await c.send(p.Synthesize(id=4, text=TWO_SENTENCES, voice=voice, **opts))
+        messages = await c.until(4)
+    done = last(messages)
+    segments = len(pipeline.split_text(TWO_SENTENCES, SynthesisOptions(**opts)))
+    assert isinstance(done, p.Done) and done.segments == segments >= 2
+    kinds = [type(m) for m in messages if isinstance(m, p.SegmentStart | p.SegmentEnd)]
+    assert kinds == [p.SegmentStart, p.SegmentEnd] * segments
+    per_segment: list[int] = []
+    for m in messages:
+        if isinstance(m, p.SegmentStart):
+            per_segment.append(0)
+        elif isinstance(m, p.Audio):
+            per_segment[-1] += len(m.pcm)
+        elif isinstance(m, p.SegmentEnd):
+            assert m.audio_s == pytest.approx(per_segment[-1] / 2 / p.SAMPLE_RATE_HZ)
+    assert_pcm_close(pcm_of(messages, 4), offline_pcm(pipeline, voices.get(voice), TWO_SENTENCES, **opts), "chunked")
+
+
 # ------------------------------------------------------------------------------------------------
 # Concurrency, cancellation, backpressure
 

@@ -236,6 +236,18 @@ async def test_speech_streams_each_segment_and_equals_offline(pipeline: Pipeline
     assert samples.tobytes() == expected
 
 
+async def test_speech_with_chunked_segments_equals_offline(pipeline: Pipeline, daemon: Any) -> None:
+    """chunk_codes in a speech request streams each segment's chunks and the WAV is the offline chunked audio."""
+    chunked = dict(max_mel_tokens=24, chunk_codes=6, chunk_overlap=2, first_chunk_codes=4)
+    async with daemon() as server, http(server) as h:
+        async with h.post("/v1/audio/speech", json=speech(TWO_SENTENCES, **chunked)) as r:
+            assert r.status == 200
+            body = await r.read()
+        expected = offline_pcm(pipeline, server.presets.by_name["alice"].voice, TWO_SENTENCES, **{**FAST, **chunked})
+    samples, _ = soundfile.read(io.BytesIO(body), dtype="int16")
+    assert samples.tobytes() == expected
+
+
 async def test_every_response_format_decodes(pipeline: Pipeline, daemon: Any) -> None:
     """wav, pcm (24 kHz), flac, mp3 and opus bodies are well-formed streams of the request's length of audio."""
     text = "Hello world."

@@ -36,7 +36,12 @@ UPSTREAM_DEFAULTS = {
     "seed": None, "diffusion_steps": 25, "inference_cfg_rate": 0.7, "max_text_tokens_per_segment": 120,
     "quick_streaming_tokens": 0, "interval_silence_ms": 200,
     "lang": None, "duration_factor": 1.0,  # infer_v2_5: lang is required there; ttsd detects zh/en when absent
+    # Off, as upstream's infer; the overlap is its TensorRT StreamingDecoder's default.
+    "chunk_codes": 0, "chunk_overlap": 20, "first_chunk_codes": 0,
 }
+# Options whose valid values depend on each other (chunking_problem): a consistent set, not different
+# from the defaults one by one.
+RELATED_SAMPLES = {"chunk_codes": 60, "chunk_overlap": 10, "first_chunk_codes": 25}
 PARSERS = {"ttsd synth": synth.build_parser, "ttsd-say": say.build_parser}
 REQUIRED = {"ttsd synth": ["--checkpoints", "c", "--voice", "v.wav", "--text", "t", "--out", "o.wav"],
             "ttsd-say": ["--voice", "v.wav"]}
@@ -61,6 +66,8 @@ def probes(o: Option) -> list[tuple[Any, bool]]:
 
 def sample_value(o: Option) -> Any:
     """A valid value different from the default, for round trips."""
+    if o.name in RELATED_SAMPLES:
+        return RELATED_SAMPLES[o.name]
     if o.kind is bool:
         return not o.default
     if o.kind is tuple:
@@ -256,3 +263,22 @@ def test_emo_vector_flag_accepts_commas_or_spaces() -> None:
     assert args.emo_vector == (0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
     with pytest.raises(SystemExit):
         ap.parse_args(["--voice", "v.wav", "--emo-vector", "1,2,3"])
+
+
+@pytest.mark.parametrize(("chunk", "overlap", "first", "ok"), [
+    (0, 500, 0, True),      # off: the other two are not used
+    (100, 20, 0, True),     # first chunk as long as the others
+    (100, 20, 25, True),
+    (100, 99, 0, True),
+    (100, 100, 0, False),   # a chunk with no new code
+    (100, 20, 20, False),   # the first chunk no longer than the overlap
+    (10, 20, 0, False),     # the default overlap with short chunks
+])
+def test_chunking_options_are_checked_together(chunk: int, overlap: int, first: int, ok: bool) -> None:
+    """chunk_overlap must leave every chunk (the first included) a new code, whenever chunk_codes is on."""
+    build = lambda: SynthesisOptions(chunk_codes=chunk, chunk_overlap=overlap, first_chunk_codes=first)  # noqa: E731
+    if ok:
+        assert build().chunk_codes == chunk
+    else:
+        with pytest.raises(BadOptions, match="chunk_overlap must be less than"):
+            build()
