@@ -25,6 +25,7 @@ from ttsd.api import protocol as p
 from ttsd.api.errors import BadOptions
 from ttsd.api.options import SynthesisOptions
 from ttsd.daemon.worker import VoiceCache
+from ttsd.pipeline.errors import EmotionScoreError
 from ttsd.pipeline.pipeline import Pipeline
 from ttsd.pipeline.qwen_emo import QWEN_EMO_DIR
 
@@ -274,9 +275,12 @@ async def test_daemon_reads_waiting_texts_in_one_batch_without_stalling_others(
     assert pcm_of(plain, 3) == offline(emo_pipeline, speaker, SPOKEN)
 
 
-async def test_daemon_refuses_what_it_cannot_read(pipeline: Pipeline, emo_pipeline: Pipeline, speaker: Path) -> None:
+async def test_daemon_refuses_what_it_cannot_read(
+    pipeline: Pipeline, emo_pipeline: Pipeline, speaker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bad_message, naming the cause: emotion text on a daemon without QwenEmotion, and use_emo_text on an
-    incremental request (its whole text is not there before the first segment); the daemon serves on."""
+    incremental request (its whole text is not there before the first segment); an answer that cannot be
+    read ends its request with bad_text; the daemon serves on."""
     wav = speaker.read_bytes()
     async with running(pipeline, VoiceCache(8), None) as server, client(server) as c:
         voice = await c.register(wav)
@@ -290,8 +294,13 @@ async def test_daemon_refuses_what_it_cannot_read(pipeline: Pipeline, emo_pipeli
         await c.send(p.Synthesize(id=1, text="", voice=voice, incremental=True, use_emo_text=True, **FAST))
         reply = (await c.until(1))[-1]
         assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.BAD_MESSAGE and "emo_text" in reply.message
-        await c.send(p.Synthesize(id=2, text=SPOKEN, voice=voice, **FAST))
-        assert isinstance((await c.until(2))[-1], p.Done)
+        unreadable = EmotionScoreError("could not convert string to float: '1.2.3'")
+        monkeypatch.setattr(emo_pipeline, "read_emotion_texts", lambda requests: [unreadable] * len(requests))
+        await c.send(p.Synthesize(id=2, text=SPOKEN, voice=voice, emo_text="odd", **FAST))
+        reply = (await c.until(2))[-1]
+        assert isinstance(reply, p.Error) and (reply.code, reply.message) == (p.ErrorCode.BAD_TEXT, str(unreadable))
+        await c.send(p.Synthesize(id=3, text=SPOKEN, voice=voice, **FAST))
+        assert isinstance((await c.until(3))[-1], p.Done)
 
 
 async def test_http_instructions_are_emo_text(emo_pipeline: Pipeline, speaker: Path, tmp_path: Path) -> None:
