@@ -14,6 +14,15 @@ Validation happens once, at the boundary: the protocol decoder (ttsd.api.protoco
 refuses (BadOptions), so code that receives one (the daemon's session, the pipeline) holds checked
 options and does not check them again.
 
+The emotion comes from one source, chosen as upstream's `IndexTTS2.infer` chooses it: emotion from
+text (`emo_text`, or `use_emo_text` for the request's own text) wins over `emo_vector`, which wins
+over an emotion reference clip, which wins over the speaker clip itself. Text is read by the
+model's QwenEmotion once per request, before its first segment (upstream reads it once per
+`infer` call), and its 8 scores then act exactly as an `emo_vector` would: `emo_alpha` scales them
+(clamped to [0, 1]) and the emotion clip is ignored. One deliberate difference: upstream reads
+`emo_text` only when `use_emo_text` is also true; here setting `emo_text` asks for it by itself
+(OpenAI's `instructions` maps to it), rather than being silently ignored.
+
 Limits that depend on the server or the model (num_beams <= the daemon's max_num_beams, a
 segment no longer than the model's text table) are checked by `Pipeline.check_options`.
 Standard library only: clients import this module without torch."""
@@ -31,6 +40,10 @@ from .errors import BadOptions
 
 # Upstream category order of the 8-dim emotion vector (infer_v2.py, QwenEmotion.cn_key_to_en).
 EMOTIONS: Final = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
+
+# Longest emo_text: a description, not a script (an OpenAI `instructions` paragraph fits). Each
+# character is at least one prompt token of QwenEmotion, whose KV cache the prompt sizes.
+EMO_TEXT_MAX_CHARS: Final = 1000
 
 # The languages IndexTTS-2.5 was trained on (upstream README), as its `lang` codes.
 LANGUAGES_25: Final = ("zh", "en", "ja", "es", "ar")
@@ -70,11 +83,20 @@ class SynthesisOptions:
     # emotion
     emo_alpha: float = option(
         1.0, group="emotion", lo=0.0, hi=2.0,
-        help="emotion strength (emotion audio: interpolation weight; emo_vector: scale)",
+        help="emotion strength (emotion audio: interpolation weight; emo_vector or emotion text: scale, at most 1)",
     )
     emo_vector: tuple[float, ...] | None = option(
         None, group="emotion", lo=0.0, hi=1.2, length=len(EMOTIONS),
         help=f"emotion weights in the order {', '.join(EMOTIONS)} (default: emotion from the reference audio)",
+    )
+    emo_text: str | None = option(
+        None, group="emotion", max_chars=EMO_TEXT_MAX_CHARS,
+        help="emotion described in words (e.g. \"angry, shouting\"), read into emotion weights by the model's "
+             "QwenEmotion once per request; wins over emo_vector and the emotion audio",
+    )
+    use_emo_text: bool = option(
+        False, group="emotion",
+        help="emotion read by QwenEmotion from the request's own text (emo_text, when set, is read instead)",
     )
     use_random: bool = option(
         False, group="emotion", aliases=("--emo-random",),
@@ -156,6 +178,24 @@ class SynthesisOptions:
     def with_seed(self, seed: int) -> Self:
         return replace(self, seed=seed)
 
+    @property
+    def wants_emotion_text(self) -> bool:
+        """Whether the emotion comes from text (emo_text, or use_emo_text: the request's own text)."""
+        return self.emo_text is not None or self.use_emo_text
+
+    def emotion_text(self, text: str) -> str | None:
+        """What QwenEmotion reads for a request speaking `text`: emo_text when set, else `text` itself
+        with use_emo_text (upstream: `if emo_text is None: emo_text = text`), else None."""
+        if self.emo_text is not None:
+            return self.emo_text
+        return text if self.use_emo_text else None
+
+    def with_emotion_vector(self, weights: Sequence[float]) -> Self:
+        """These options with the emotion read from text in place: `weights` (QwenEmotion's 8 scores,
+        before emo_alpha) become emo_vector and the text fields are cleared, so the rest of the request
+        runs exactly as a request that sent that emo_vector (emo_alpha scales it there, as upstream)."""
+        return replace(self, emo_vector=tuple(float(w) for w in weights), emo_text=None, use_emo_text=False)
+
 
 # --------------------------------------------------------------------------------------------
 # The table, read back from the dataclass
@@ -191,6 +231,8 @@ class Option:
             return f"{self.meta.length} floats {self.interval}"
         if self.kind is str and self.meta.choices:
             return f"str ({', '.join(self.meta.choices)})"
+        if self.kind is str:
+            return f"str, at most {self.meta.max_chars} characters"
         return f"{name} {self.interval}".strip()
 
     @property

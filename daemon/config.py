@@ -58,6 +58,10 @@ class DaemonConfig:
     torch_compile: bool = setting(
         True, "CUDA: compile the decode step with inductor before graphing it (off: faster start-up, slower steps)"
     )
+    emo_text: bool = setting(
+        True, "load the checkpoint's emotion-from-text model (QwenEmotion, 0.6B parameters) when it has one; "
+              "--no-emo-text saves the memory, and requests asking for emotion text get bad_message"
+    )
     max_frame_bytes: int = setting(16 * 2**20, "largest client frame in bytes; reference audio travels in one frame")
     max_text_chars: int = setting(MAX_TEXT_CHARS, "characters per request (incremental: all chunks together)")
     max_reference_audio_s: float = setting(MAX_REFERENCE_AUDIO_S, "seconds per reference audio file")

@@ -294,10 +294,10 @@ def _parse_speech(body: dict[str, object], server: Server) -> _SpeechBody:
         if "duration_factor" in options:
             raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "give speed or duration_factor, not both", "speed")
         options["duration_factor"] = 1.0 / speed  # faster speech is a shorter duration
-    instructions = body.get("instructions", "")
-    if not isinstance(instructions, str) or instructions.strip():
-        raise ApiError(400, "unsupported", "instructions are not supported; set emotion with emo_vector or "
-                       "emo_alpha, or a preset's options", "instructions")
+    if body.get("instructions", "") != "":  # OpenAI's "how to speak" is QwenEmotion's emotion text
+        if "emo_text" in options:
+            raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "give instructions or emo_text, not both", "instructions")
+        options["emo_text"] = body["instructions"]
     if body.get("stream_format", "audio") != "audio":
         raise ApiError(400, "unsupported", "only stream_format 'audio' is supported (no server-sent events)",
                        "stream_format")

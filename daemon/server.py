@@ -254,6 +254,7 @@ def load_pipeline(config: DaemonConfig, device: torch.device) -> Pipeline:
         compile=None if config.torch_compile else False,
         max_num_beams=config.max_num_beams,
         max_batch_rows=config.max_batch_rows,
+        emo_text=config.emo_text,
     )
     if config.random_weights is not None:
         from ttsd.tools.tiny import random_pipeline

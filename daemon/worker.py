@@ -4,7 +4,10 @@ request at once (continuous batching: their segments share each GPT decode step 
 Text is normalised and split into segments on a few text threads, a request's pieces in order, so
 that a long text (seconds in the normaliser) holds up neither the decode steps nor other requests.
 Voices are prepared on a voice thread of their own (on CUDA, on the pipeline's voice stream), so a
-registration never stalls anyone's decoding.
+registration never stalls anyone's decoding. The same thread reads emotion from text (QwenEmotion,
+a 0.6B language model): a request asking for it waits in the queue until its emotion vector is
+read, the texts of every such request waiting at that moment decoded as one batch, while the engine
+goes on stepping everyone else.
 
 The event loop never runs model code. It hands the worker work through the thread-safe methods
 below (`submit`, `add_text`, `cancel`, `return_credit`, `register_voice`), which only queue an
@@ -38,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ttsd.api.errors import BadText, Busy, ErrorCode, ShuttingDown, TtsdError, UnknownVoice
+from ttsd.api.errors import BadOptions, BadText, Busy, ErrorCode, ShuttingDown, TtsdError, UnknownVoice
 from ttsd.api.rules import check_reference_audio
 from ttsd.pipeline.errors import DeviceFault
 from ttsd.pipeline.requests import Request, RequestDone, RequestFailed, SegmentDone
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 SEGMENT_CREDITS: Final = 2   # segments started but not yet sent, per request: one on the wire, one in work
 VOICE_ID_BYTES: Final = 16   # blake2b digest size; the id is its hex (32 characters)
 TEXT_THREADS: Final = 4      # requests whose text is normalised at once (the normaliser releases the GIL)
+# Emotion texts read in one QwenEmotion batch, as rows × the longest text in characters (about one
+# token each for Chinese): bounds the batch's KV cache, ~230 KB a token for the released model in float32.
+EMOTION_BATCH_CHARS: Final = 16_000
 
 
 class JobSink(Protocol):
@@ -90,6 +96,7 @@ class Job:
     request: Request | None = None              # the engine's request, once admitted to the engine
     pending: list[tuple[Segment, ...]] = field(default_factory=list)  # split, not yet in the engine
     parked_since: float | None = None           # time.monotonic() when it ran out of credit with work left
+    emotion_pending: bool = False               # its emotion text is being read: it waits, out of the engine
     delivered: int = 0                          # segments handed to the sink
     ended: bool = False                         # it has left the worker (its sink heard the end)
     # Text threads (under the worker lock):
@@ -205,6 +212,14 @@ class Fail:
 
 
 @dataclass(frozen=True, slots=True)
+class EmotionRead:
+    """The job's emotion text was read: its options with the emotion vector, or the error it gave."""
+
+    job: Job
+    result: SynthesisOptions | TtsdError
+
+
+@dataclass(frozen=True, slots=True)
 class Credit:
     """The client took its audio: the job may be given its next segment."""
 
@@ -218,7 +233,7 @@ class Stop:
     job: Job
 
 
-Command = Submit | AddText | Fail | Credit | Stop
+Command = Submit | AddText | Fail | EmotionRead | Credit | Stop
 
 
 class Worker:
@@ -246,6 +261,7 @@ class Worker:
         self._live = 0                          # admitted jobs not yet stopped (what admission counts)
         self._unfinished = 0                    # admitted jobs that have not left the worker
         self._voice_jobs: deque[_VoiceJob] = deque()  # run by the voice thread, one at a time
+        self._emotion_jobs: deque[tuple[Job, str]] = deque()  # (job, its text) to read, by the voice thread
         self._next_key = 0
         self._accepting = True
         self._stopping = False
@@ -294,7 +310,9 @@ class Worker:
         return self.voices.get(voice_id)
 
     def submit(self, job: Job) -> None:
-        """Admit a job: an active slot if one is free, else the queue, else Busy."""
+        """Admit a job: an active slot if one is free, else the queue, else Busy. A job asking for
+        emotion from text is read on the voice thread first (or ends with bad_message when it cannot be)."""
+        refusal = self._emotion_refusal(job) if job.opts.wants_emotion_text else None
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the daemon is shutting down")
@@ -311,7 +329,27 @@ class Worker:
             job.input_closed = False  # closed again by the AddText that brings its segments
             self._inbox.append(Submit(job))
             self._cond.notify()
+            if refusal is not None:
+                # Ends on the worker like any failure, so every interface reports it the same way.
+                self._inbox.append(Fail(job, refusal))
+                return
+            if job.opts.wants_emotion_text:
+                job.emotion_pending = True
+                self._emotion_jobs.append((job, "".join(texts)))
+                self._voice_cond.notify()
         self._split(job, texts, close)
+
+    def _emotion_refusal(self, job: Job) -> TtsdError | None:
+        """Why a job asking for emotion from text cannot have it (no QwenEmotion; use_emo_text without
+        the whole text), or None."""
+        if job.incremental and job.opts.emo_text is None:
+            return BadOptions("use_emo_text reads the whole text before the first segment, and an incremental "
+                              "request has only its first piece then; give the emotion text as emo_text")
+        try:
+            self.pipeline.check_options(job.opts)
+        except TtsdError as e:
+            return e
+        return None
 
     def add_text(self, job: Job, texts: list[str], close: bool) -> None:
         """More text for an incremental job; `close` ends its input."""
@@ -530,6 +568,13 @@ class Worker:
                 if job.request is not None:
                     engine.feed(job.request, job.pending, job.input_closed)
                     job.pending.clear()
+            case EmotionRead(result=result):
+                if job.ended:
+                    return
+                if isinstance(result, TtsdError):
+                    self._fail(job, result.code, str(result))
+                else:
+                    job.opts, job.emotion_pending = result, False
             case Credit():
                 job.parked_since = None
                 if job.request is not None:
@@ -546,11 +591,16 @@ class Worker:
                 self._finish(job)
 
     def _promote(self) -> None:
-        """Fill free engine slots from the queue, oldest first; options are checked here, on the worker."""
+        """Fill free engine slots from the queue, oldest first, passing over jobs whose emotion text is
+        still being read; options are checked here, on the worker."""
         engine = self._engine
         assert engine is not None
-        while self._waiting and len(self._active) < self.config.max_concurrent_requests:
-            job = self._waiting.popleft()
+        for job in list(self._waiting):
+            if len(self._active) >= self.config.max_concurrent_requests:
+                break
+            if job.emotion_pending:
+                continue
+            self._waiting.remove(job)
             try:
                 opts = self.pipeline.check_options(job.opts)
             except TtsdError as e:
@@ -688,6 +738,7 @@ class Worker:
             for vj in self._voice_jobs:
                 self._post(vj.done, TtsdError("internal error: device fault"))
             self._voice_jobs.clear()
+            self._emotion_jobs.clear()  # their jobs are in the lists below
         for job in jobs:
             with self._cond:
                 self._stop(job, ErrorCode.INTERNAL, True)
@@ -721,21 +772,67 @@ class Worker:
         self.warmed.set()
 
     def _voice_loop(self) -> None:
-        """The voice thread: registrations one at a time, until the worker stops."""
+        """The voice thread: each turn, one batch of emotion texts and one registration, until the worker stops."""
         while True:
             with self._cond:
-                while not (self._voice_jobs or self._stopping):
+                while not (self._voice_jobs or self._emotion_jobs or self._stopping):
                     self._voice_cond.wait()
                 if self._stopping:
                     for vj in self._voice_jobs:  # still queued: an answer instead of silence
                         self._post(vj.done, ShuttingDown("the daemon is shutting down"))
                     self._voice_jobs.clear()
+                    self._emotion_jobs.clear()  # their jobs are stopped by the shutdown itself
                     return
-                vj = self._voice_jobs.popleft()
+                batch = self._take_emotion_batch()
+                registration = self._voice_jobs.popleft() if self._voice_jobs else None
             try:
-                self._run_voice(vj)
+                if batch:
+                    self._read_emotions(batch)
+                if registration is not None:
+                    self._run_voice(registration)
             except DeviceFault as e:
                 self._device_fault(str(e))
+
+    def _take_emotion_batch(self) -> list[tuple[Job, str]]:
+        """Under the lock: the oldest queued emotion texts that fit one batch (EMOTION_BATCH_CHARS;
+        always at least one), leaving out jobs stopped meanwhile."""
+        batch: list[tuple[Job, str]] = []
+        longest = 0
+        while self._emotion_jobs:
+            job, text = self._emotion_jobs[0]
+            if job.stop_code is not None:
+                self._emotion_jobs.popleft()
+                continue
+            chars = max(longest, len(job.opts.emotion_text(text) or ""))
+            if batch and (len(batch) + 1) * chars > EMOTION_BATCH_CHARS:
+                break
+            batch.append(self._emotion_jobs.popleft())
+            longest = chars
+        return batch
+
+    def _read_emotions(self, batch: list[tuple[Job, str]]) -> None:
+        """QwenEmotion on the batch's texts; each job gets its options with the vector, or its error."""
+        results: list[SynthesisOptions | TtsdError]
+        fault: DeviceFault | None = None
+        try:
+            results = self.pipeline.read_emotion_texts([(job.opts, text) for job, text in batch])
+        except DeviceFault as e:
+            fault, results = e, [TtsdError("internal error: device fault")] * len(batch)
+        except TtsdError as e:
+            results = [e] * len(batch)
+        except Exception as e:
+            log.exception("emotion text failed")
+            results = [TtsdError(f"internal error: {type(e).__name__}")] * len(batch)
+            try:
+                self.pipeline.check_device(e)
+            except DeviceFault as f:
+                fault = f
+        with self._cond:
+            for (job, _), result in zip(batch, results, strict=True):
+                self._inbox.append(EmotionRead(job, result))
+            self._cond.notify()
+        if fault is not None:
+            raise fault
 
     def _run_voice(self, vj: _VoiceJob) -> None:
         result: VoiceResult | TtsdError

@@ -55,7 +55,7 @@ from .gpt import (
     scale_emo_vector,
 )
 from .length_regulator import InterpolateRegulator, load_length_regulator
-from .qwen_emo import QwenEmotion, load_qwen_emo
+from .qwen_emo import DEFAULT_MAX_NEW_TOKENS, QWEN_EMO_DIR, QwenEmotion, load_qwen_emo
 from .requests import Segment
 from .text import TextNormalizer
 from .voice import AudioSource, Voice, prepare_voice
@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WARM_UP_TEXT = "Warm up."
+NO_EMO_TEXT = (f"emotion from text (emo_text, use_emo_text) needs the checkpoint's QwenEmotion model, which "
+               f"this server has not loaded (the checkpoint has no {QWEN_EMO_DIR}/, or it was started with "
+               "--no-emo-text); set the emotion with emo_vector or an emotion voice instead")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GptOutput:
@@ -228,6 +231,8 @@ class Pipeline:
         if opts.max_text_tokens_per_segment > limit:
             raise BadOptions(f"max_text_tokens_per_segment must be <= {limit} for this model")
         self.family.check_options(opts)
+        if opts.wants_emotion_text and self.qwen_emo is None:
+            raise BadOptions(NO_EMO_TEXT)
         return opts
 
     def split_text(self, text: str, opts: SynthesisOptions) -> list[Segment]:
@@ -244,7 +249,9 @@ class Pipeline:
         emo_voice: Voice | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """The (1, D) emotion vector added to the speaker latents (infer_v2 + UnifiedVoice.merge_emovec)."""
+        """The (1, D) emotion vector added to the speaker latents (infer_v2 + UnifiedVoice.merge_emovec).
+        Emotion from text must have been read into emo_vector first (read_emotion_texts)."""
+        assert not opts.wants_emotion_text, "emotion text not read before the request ran"
         if opts.emo_vector is None:
             emo = voice.emovec_emo if emo_voice is None else emo_voice.emovec_self
             # Upstream sets emo_alpha to 1 when no emotion clip is given (the speaker clip stands in).
@@ -254,6 +261,38 @@ class Pipeline:
         rows = self.emotion.random_rows(generator) if opts.use_random else self.emotion.nearest_rows(voice.style)
         # Vector mode: the audio term is the speaker clip itself at merge alpha 1 (emovec_self).
         return self.emotion.mix(weights, rows, voice.emovec_self)
+
+    def read_emotion_texts(self, requests: Sequence[tuple[SynthesisOptions, str]],
+                           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[SynthesisOptions | TtsdError]:
+        """Emotion from text for several requests at once: (options asking for it, the request's text)
+        → the options with QwenEmotion's scores as emo_vector (`with_emotion_vector`), or the error
+        that request's answer gave (EmotionTextError). All prompts decode as one greedy batch (each
+        answer as it would be alone); a text asked for twice decodes once. On CUDA it runs on the
+        voice stream, so a daemon's decode steps never queue behind it. Raises BadOptions without the
+        model."""
+        qwen = self.qwen_emo
+        if qwen is None:
+            raise BadOptions(NO_EMO_TEXT)
+        texts: list[str] = []
+        for opts, text in requests:
+            wanted = opts.emotion_text(text)
+            assert wanted is not None, "read_emotion_texts got options that do not ask for emotion from text"
+            texts.append(wanted)
+        unique = list(dict.fromkeys(texts))
+        lanes = self.lanes
+        t0 = time.perf_counter()
+        with lanes.on(lanes.voice):
+            lanes.start(lanes.voice)
+            answers = dict(zip(unique, qwen.generate(unique, max_new_tokens), strict=True))
+        log.info("emotion text read requests=%d prompts=%d read_ms=%.0f", len(requests), len(unique),
+                 (time.perf_counter() - t0) * 1000)
+        out: list[SynthesisOptions | TtsdError] = []
+        for (opts, _), text in zip(requests, texts, strict=True):
+            try:
+                out.append(opts.with_emotion_vector(answers[text].vector()))
+            except TtsdError as e:
+                out.append(e)
+        return out
 
     def request_emovec(self, voice: Voice, opts: SynthesisOptions, emo_voice: Voice | None) -> Tensor:
         """The request's emotion vector (float32); `use_random` rows come from its seed."""
@@ -435,6 +474,11 @@ class Pipeline:
         of its own. Raises BadText, BadOptions, Cancelled (polled between steps) and what the request
         failed with."""
         opts = self.check_options(opts or SynthesisOptions())
+        if opts.wants_emotion_text:
+            read = self.read_emotion_texts([(opts, text)])[0]
+            if isinstance(read, TtsdError):
+                raise read
+            opts = read
         req = Request(voice=voice, opts=opts, emo_voice=emo_voice, texts=deque([text]), noise=noise)
         if engine is None:
             engine = self.engine(max_batch_rows=max(4, opts.num_beams))

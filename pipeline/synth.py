@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from ttsd.api.errors import BadText, ConfigError, TtsdError
+from ttsd.api.errors import BadOptions, BadText, ConfigError, TtsdError
 from ttsd.api.options import SynthesisOptions, add_option_flags, given_options
 from ttsd.api.pcm import to_int16
 from ttsd.api.rules import (
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-reference-audio-s", type=float, default=MAX_REFERENCE_AUDIO_S,
                     help="longest reference audio accepted, in seconds (default %(default)s, as the daemon)")
     ap.add_argument("--noise", type=Path, help="safetensors with CFM starting noise per segment (seg{i}.noise)")
+    ap.add_argument("--no-emo-text", action="store_true",
+                    help="never load the checkpoint's QwenEmotion model (it is loaded only for --emo-text or "
+                         "--use-emo-text; with this flag they are refused)")
     add_option_flags(ap)
     return ap
 
@@ -102,6 +105,16 @@ def check(args: argparse.Namespace, text: str) -> Job:
         raise ConfigError(f"no such checkpoint directory: {args.checkpoints}")
     if args.noise is not None and not args.noise.is_file():
         raise ConfigError(f"no such file: {args.noise}")
+    if opts.wants_emotion_text:
+        from .qwen_emo import QWEN_EMO_DIR, find_qwen_emo
+
+        if args.no_emo_text:
+            raise BadOptions("--emo-text and --use-emo-text need the checkpoint's QwenEmotion model, which "
+                             "--no-emo-text leaves out")
+        if find_qwen_emo(args.checkpoints) is None:
+            raise BadOptions(f"--emo-text and --use-emo-text need the checkpoint's QwenEmotion model, and "
+                             f"{args.checkpoints} has no {QWEN_EMO_DIR}/ (ttsd fetch without --no-emo-text "
+                             "brings it); set the emotion with --emo-vector or --emo-audio instead")
     return Job(text=text, opts=opts, out=args.out, out_format=out_format, device=resolve_device(args.device))
 
 
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         pipe = Pipeline.load(args.checkpoints, device=job.device, dtype=args.dtype, acoustic_dtype=args.acoustic_dtype,
-                             cuda_graphs=not args.no_cuda_graphs, max_num_beams=job.opts.num_beams)
+                             cuda_graphs=not args.no_cuda_graphs, max_num_beams=job.opts.num_beams,
+                             emo_text=job.opts.wants_emotion_text)  # one request: only when it asks
         t1 = time.perf_counter()
         pcm = synthesize(pipe, job, args)
         t2 = time.perf_counter()

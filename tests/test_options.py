@@ -31,7 +31,8 @@ from .conftest import REPO
 
 # IndexTTS2.infer's defaults (indextts/infer_v2.py, generation_kwargs and the s2mel call): the oracle.
 UPSTREAM_DEFAULTS = {
-    "emo_alpha": 1.0, "emo_vector": None, "use_random": False, "do_sample": True, "temperature": 0.8,
+    "emo_alpha": 1.0, "emo_vector": None, "emo_text": None, "use_emo_text": False, "use_random": False,
+    "do_sample": True, "temperature": 0.8,
     "top_k": 30, "top_p": 0.8, "num_beams": 3, "repetition_penalty": 10.0, "max_mel_tokens": 1500,
     "seed": None, "diffusion_steps": 25, "inference_cfg_rate": 0.7, "max_text_tokens_per_segment": 120,
     "quick_streaming_tokens": 0, "interval_silence_ms": 200,
@@ -73,8 +74,7 @@ def sample_value(o: Option) -> Any:
     if o.kind is tuple:
         return tuple(0.1 * i for i in range(o.meta.length or 0))
     if o.kind is str:
-        assert o.meta.choices, o.name
-        return o.meta.choices[-1]
+        return o.meta.choices[-1] if o.meta.choices else "angry, shouting"
     assert o.meta.lo is not None and o.meta.hi is not None
     if o.kind is int:
         return int(o.meta.lo) + 1 if o.default != int(o.meta.lo) + 1 else int(o.meta.lo) + 2
