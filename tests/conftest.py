@@ -324,7 +324,8 @@ def coverage_unjudged(testsfailed: int, deselected: bool, collected: set[str]) -
         return "tests were deselected: coverage is judged on the whole suite only"
     wanted = {p.name for p in Path(__file__).parent.glob("test_*.py")}
     if not wanted <= collected:
-        return f"run the whole suite to check coverage (not collected: {sorted(wanted - collected)})"
+        missing = sorted(wanted - collected)
+        return f"coverage is judged on the whole suite; test files not collected: {len(missing)}"
     return None
 
 
@@ -369,7 +370,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         out = config.workeroutput  # type: ignore[attr-defined]
         out["ttsd_compared"] = sorted(COMPARED)
         out["ttsd_deselected"] = config.stash.get(DESELECTED, False)
-        out["ttsd_collected"] = sorted(config.stash.get(COLLECTED_FILES, set()))
+        out["ttsd_collected"] = sorted(config.stash[COLLECTED_FILES] if COLLECTED_FILES in config.stash else ())
         return
     if not _xdist_controller(config) or session.shouldstop or session.shouldfail:
         return
@@ -385,7 +386,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             terminal.ensure_newline()
             terminal.write_line(f"golden coverage: not judged ({why})")
         return
-    missing = missing_golden(compared)  # type: ignore[arg-type]
+    missing = missing_golden(compared)
     if missing:
         if terminal:
             terminal.ensure_newline()

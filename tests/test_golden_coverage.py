@@ -8,6 +8,8 @@ pytest-xdist (the suite's default) the same check runs in the controller at the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .conftest import COMPARED, DESELECTED, INPUT_ONLY, all_sets, coverage_unjudged, missing_golden
@@ -47,4 +49,7 @@ def test_the_coverage_check_names_what_was_not_compared() -> None:
     assert len(missing_golden(set())) > len(every) // 2
     assert coverage_unjudged(1, False, set()) is not None
     assert coverage_unjudged(0, True, set()) is not None
-    assert "test_golden_coverage.py" in (coverage_unjudged(0, False, set()) or "")
+    files = {f.name for f in Path(__file__).parent.glob("test_*.py")}
+    assert f"not collected: {len(files)}" in (coverage_unjudged(0, False, set()) or "")
+    assert "not collected: 1" in (coverage_unjudged(0, False, files - {"test_pcm.py"}) or "")
+    assert coverage_unjudged(0, False, files) is None
