@@ -21,7 +21,8 @@ handshake, so load balancers and systemd checks need no WebSocket client; so is 
 
 With `http_port` and `wyoming_port` the same process also serves the OpenAI-compatible HTTP API
 (daemon/http.py) and Wyoming (daemon/wyoming.py), on the same worker, voices and limits; the
-voice presets of `voices_dir` (daemon/presets.py) are registered before any port listens. The
+voice presets of `voices_dir` (daemon/presets.py) are registered before any port listens, and with
+`voices_store` registered voices persist in a library shared with other daemons (daemon/voice_store.py). The
 drain covers their requests too; their listeners close after the WebSocket connections."""
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GpuMemory, Metrics
 from .presets import Presets, load_presets
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
+from .voice_store import VoiceStore
 from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
@@ -113,7 +115,8 @@ class Server:
         """Start the worker (with `warm_up`, its first job is Pipeline.warm_up on its own engine and
         thread), register the voice presets, and listen on every configured port. Returns once all are ready."""
         c = self.config
-        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
+        store = VoiceStore.open(c, self.pipeline)  # ConfigError before anything starts
+        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices, store)
         self.worker.start(warm_up=self.pipeline.warm_up if warm_up else None)
         self.metrics.watch(
             self.worker, c.max_batch_rows, presets=lambda: len(self.presets),

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from websockets.exceptions import ConnectionClosed
 
 from ttsd.api import protocol as p
-from ttsd.api.errors import BadAudio, BadText, Busy, TextTooLong, TtsdError
+from ttsd.api.errors import BadAudio, BadText, Busy, TextTooLong, TtsdError, UnknownVoice
 from ttsd.api.options import SynthesisOptions
 from ttsd.pipeline.text.segment import SentenceBuffer
 
@@ -416,6 +416,9 @@ class Session:
                     req.fail(p.ErrorCode.CANCELLED, "cancelled by the client")
             case p.Ping():
                 self.send(p.Pong(nonce=msg.nonce))
+            case p.ListVoices() | p.DeleteVoice():
+                self._check_new_id(msg.id)
+                self.send(voice_library_reply(self.worker, msg))
 
     def _hello(self, msg: p.Hello) -> None:
         if msg.version != p.PROTOCOL_VERSION:
@@ -525,6 +528,16 @@ class Session:
         rest = req.sentences.flush()
         req.flushed = True
         self.worker.add_text(req.job, [rest] if rest else [], close=True)
+
+
+def voice_library_reply(worker: Worker, msg: p.ListVoices | p.DeleteVoice) -> p.VoiceList | p.VoiceDeleted:
+    """The answer to a voice listing or deletion (UnknownVoice when there is nothing to delete)."""
+    if isinstance(msg, p.ListVoices):
+        ids = [v.voice_id for v in worker.list_voices()]
+        return p.VoiceList(id=msg.id, voices=tuple(ids[: p.MAX_LISTED_VOICES]), total=len(ids))
+    if not worker.delete_voice(msg.voice):
+        raise UnknownVoice(f"voice {p.quote(msg.voice)} is not registered")
+    return p.VoiceDeleted(id=msg.id, voice=msg.voice)
 
 
 def _ms_or_dash(ms: float | None) -> str:
