@@ -5,18 +5,21 @@ offline). HAProxy is a Debian package that .ci/run installs: without it the test
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,3 +245,95 @@ async def test_haproxy_spreads_clients_and_survives_a_replica_stopping(
     assert "shutdown complete" in log
     in_flight = re.search(r"shutdown draining requests=(\d+)", log)
     assert in_flight is not None and int(in_flight.group(1)) > 0, "nothing was in flight on the stopped daemon"
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+
+K8S_VERSION = "1.33.0"   # schemas bundled with kubernetes-validate: no cluster, no network
+
+
+def _manifests() -> dict[str, dict[str, Any]]:
+    import yaml
+
+    docs = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def test_k8s_manifests_validate_against_the_schemas() -> None:
+    """Every manifest validates strictly (unknown fields refused); a misspelled field is caught."""
+    import kubernetes_validate
+
+    manifests = _manifests()
+    assert set(manifests) == {
+        "ConfigMap/ttsd-config", "Deployment/ttsd", "Service/ttsd", "HorizontalPodAutoscaler/ttsd",
+        "PersistentVolumeClaim/ttsd-checkpoints", "PersistentVolumeClaim/ttsd-voice-store",
+    }
+    for doc in manifests.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    broken = copy.deepcopy(manifests["Deployment/ttsd"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/healthz"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_k8s_deployment_matches_the_daemon() -> None:
+    """One GPU per pod; readiness on /healthz; weights and voice library on the claimed volumes; the
+    grace period covers preStop plus the daemon's worst drain; the config loads; the Service selects
+    the pods; the HPA scales the Deployment on a metric the daemon exports."""
+    from dataclasses import replace
+
+    from ttsd.daemon.config import DaemonConfig, load_toml
+    from ttsd.daemon.metrics import Metrics
+    from ttsd.daemon.server import CANCEL_GRACE_S
+    from ttsd.daemon.session import CLOSE_TIMEOUT_S, FLUSH_ON_CLOSE_S
+
+    m = _manifests()
+    deployment = m["Deployment/ttsd"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+    config_map = m["ConfigMap/ttsd-config"]["data"]["ttsd.toml"]
+    toml = Path(tempfile.mkdtemp()) / "ttsd.toml"
+    toml.write_text(config_map)
+    config = replace(DaemonConfig(), **load_toml(toml), token="x" * 16).validated()  # the token: a Secret
+    assert config.device == "cuda:0" and config.voices_store is not None and config.checkpoints is not None
+    mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert claims[mounts[str(config.checkpoints)]] == "ttsd-checkpoints"
+    assert claims[mounts[str(config.voices_store)]] == "ttsd-voice-store"
+    assert "ReadWriteMany" in m["PersistentVolumeClaim/ttsd-voice-store"]["spec"]["accessModes"]
+    assert mounts["/etc/ttsd"] == "config" and container["args"][-1] == "/etc/ttsd/ttsd.toml"
+
+    worst_drain_s = config.drain_timeout_s + 2 * CANCEL_GRACE_S + FLUSH_ON_CLOSE_S + 2 * CLOSE_TIMEOUT_S
+    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + worst_drain_s
+
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == config.port
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = m["Service/ttsd"]["spec"]
+    assert service["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["ports"]} <= {p["name"] for p in container["ports"]}
+
+    hpa = m["HorizontalPodAutoscaler/ttsd"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ttsd"}
+    (metric,) = hpa["metrics"]
+    assert f"# TYPE {metric['pods']['metric']['name']} gauge" in _exported_metrics(Metrics)
+
+
+def _exported_metrics(metrics_type: Any) -> str:
+    """The /metrics text of a daemon's Metrics watching an idle worker stand-in (gauges included)."""
+    from ttsd.daemon.worker import VoiceCache
+
+    class IdleWorker:
+        live_jobs = running_jobs = batch_rows_in_use = 0
+        voices = VoiceCache(1)
+        store = None
+
+    metrics = metrics_type()
+    metrics.watch(IdleWorker(), 16)
+    return str(metrics.render().decode())
