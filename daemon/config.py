@@ -94,7 +94,7 @@ class DaemonConfig:
     )
     voices_store_max_voices: int = setting(10_000, "voices kept in voices_store (the least recently used is removed)")
     voices_store_max_bytes: int = setting(
-        16 * 2**30, "bytes of voices kept in voices_store (a real-model voice is about 7 MB)"
+        16 * 2**30, "bytes of voices kept in voices_store (a real-model voice is about 6 MB)"
     )
 
     def validated(self) -> DaemonConfig:
