@@ -222,6 +222,7 @@ async def test_a_corrupt_entry_is_refused_logged_and_removed(
         assert "corrupt" in caplog.records[-1].getMessage()
         assert not path.exists()
         assert store_of(b).refused == 1
+        assert 'ttsd_voice_store_reads_total{result="corrupt"} 1.0' in b.metrics.render().decode()
         async with Client(b.url) as c:
             assert await c.register_voice(speaker_wav) == voice
         assert path.exists()
