@@ -337,3 +337,58 @@ async def test_client_does_not_retry_voices_it_did_not_register(pipeline: Pipeli
     async with Server(config, pipeline, voices=VoiceCache(2)) as server, Client(server.url) as c:
         with pytest.raises(UnknownVoice):
             await c.synthesize("Hi.", voice="f" * 32, **FAST).read_pcm()
+
+
+async def test_ttsd_say_registers_again_when_the_daemon_forgot_its_voice(tmp_path: Path) -> None:
+    """ttsd-say (torch unimportable) against a daemon that answers its first synthesize with
+    unknown_voice: it registers the same audio again, resends, and writes the audio that follows."""
+    import asyncio
+    import subprocess
+
+    import numpy as np
+    import soundfile
+    import websockets
+    from websockets.asyncio.server import ServerConnection
+
+    from .test_api import say_blocked
+
+    pcm = np.arange(-300, 300, dtype="<i2").tobytes()
+    registrations: list[bytes] = []
+    synthesizes: list[str] = []
+
+    async def forgetful(ws: ServerConnection) -> None:
+        async for frame in ws:
+            msg = p.decode_client(frame)
+            reply: list[p.ServerMessage] = []
+            if isinstance(msg, p.Hello):
+                reply = [p.ServerHello(
+                    version=p.PROTOCOL_VERSION, server="forgetful", sample_rate_hz=p.SAMPLE_RATE_HZ,
+                    max_frame_bytes=1 << 20, max_text_chars=100, max_reference_audio_s=30.0, max_voices=1,
+                    max_concurrent_requests=1, max_queued_requests=0, model="IndexTTS-2", languages=("en",))]
+            elif isinstance(msg, p.RegisterVoice):
+                registrations.append(msg.audio)
+                reply = [p.VoiceRegistered(id=msg.id, voice="ab" * 16, audio_s=1.5)]
+            elif isinstance(msg, p.Synthesize):
+                synthesizes.append(msg.voice)
+                if len(synthesizes) == 1:
+                    reply = [p.Error(id=msg.id, code=p.ErrorCode.UNKNOWN_VOICE, message="evicted")]
+                else:
+                    reply = [p.SegmentStart(id=msg.id, index=0, text="HELLO."), p.Audio(id=msg.id, seq=0, pcm=pcm),
+                             p.SegmentEnd(id=msg.id, index=0, audio_s=0.03),
+                             p.Done(id=msg.id, segments=1, first_audio_ms=1.0, total_ms=2.0, audio_s=0.03, rtf=0.1)]
+            for m in reply:
+                await ws.send(p.encode(m))
+
+    wav = tmp_path / "ref.wav"
+    wav.write_bytes(synthetic_voice(1.5, seed=5))
+    out = tmp_path / "out.wav"
+    async with websockets.serve(forgetful, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        argv = say_blocked("--url", f"ws://127.0.0.1:{port}", "--voice", str(wav), "--out", str(out), "Hello.")
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert registrations == [wav.read_bytes()] * 2
+    assert synthesizes == ["ab" * 16] * 2
+    data, rate = soundfile.read(out, dtype="int16")
+    assert rate == p.SAMPLE_RATE_HZ and data.tobytes() == pcm
