@@ -43,6 +43,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
+from ttsd.api.errors import ConfigError
 from ttsd.api.protocol import ErrorCode
 
 from . import systemd
@@ -51,7 +52,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GpuMemory, Metrics
 from .presets import Presets, load_presets
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME, Session
-from .voice_store import VoiceStore
+from .voice_store import VoiceStore, model_key
 from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
@@ -380,6 +381,12 @@ async def serve(config: DaemonConfig) -> int:
     if config.voices_dir is not None and not config.voices_dir.is_dir():
         log.error("voices_dir=%s is not a directory", config.voices_dir)
         return 2
+    if config.voices_store is not None:
+        try:
+            model_key(config)  # before minutes of loading: a checkpoint without manifest.json cannot share voices
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
