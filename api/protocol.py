@@ -32,6 +32,7 @@ MAX_REQUEST_ID: Final = 2**32 - 1
 MAX_VOICE_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 256             # client name in Hello, server name, error code
 MAX_LANGUAGES: Final = 32               # entries of ServerHello.languages
+MAX_LISTED_VOICES: Final = 1024         # voice ids in one VoiceList (the most recently used)
 # Error text is bounded whatever a client sends: a reply or log line quoting a client's 8 MiB field
 # name must not cost 8 MiB per frame. Client strings are quoted at QUOTE_CHARS, a whole message
 # is cut at MAX_ERROR_CHARS.
@@ -167,6 +168,24 @@ class Cancel:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ListVoices:
+    """Ask for the registered voices (answer: `VoiceList`)."""
+
+    TYPE: ClassVar[str] = "list_voices"
+    id: int                     # request id, echoed in the reply
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeleteVoice:
+    """Remove a registered voice from this daemon and from the voice library (answer: `VoiceDeleted`,
+    or `Error(code="unknown_voice")`). Requests already using it finish."""
+
+    TYPE: ClassVar[str] = "delete_voice"
+    id: int                     # request id, echoed in the reply
+    voice: str                  # voice id from VoiceRegistered
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Ping:
     """Application-level liveness check, answered by `Pong` in order with other replies."""
 
@@ -174,7 +193,7 @@ class Ping:
     nonce: int = 0              # echoed in Pong
 
 
-ClientMessage = Hello | RegisterVoice | Synthesize | AppendText | Flush | Cancel | Ping
+ClientMessage = Hello | RegisterVoice | Synthesize | AppendText | Flush | Cancel | ListVoices | DeleteVoice | Ping
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +224,24 @@ class VoiceRegistered:
     id: int                     # the RegisterVoice request id
     voice: str                  # voice id (a content hash: the same audio gives the same id)
     audio_s: float              # duration of the speaker reference audio in seconds
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VoiceList:
+    """Reply to `ListVoices`: voice ids usable in `Synthesize`, most recently used first (voice
+    presets are not listed: they have names, not ids)."""
+
+    TYPE: ClassVar[str] = "voice_list"
+    id: int                     # the ListVoices request id
+    voices: tuple[str, ...]     # at most MAX_LISTED_VOICES voice ids
+    total: int                  # registered voices in all (more than len(voices) when cut)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VoiceDeleted:
+    TYPE: ClassVar[str] = "voice_deleted"
+    id: int                     # the DeleteVoice request id
+    voice: str                  # the voice id, no longer registered
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -262,7 +299,9 @@ class Pong:
     nonce: int
 
 
-ServerMessage = ServerHello | VoiceRegistered | SegmentStart | Audio | SegmentEnd | Done | Error | Pong
+ServerMessage = (
+    ServerHello | VoiceRegistered | VoiceList | VoiceDeleted | SegmentStart | Audio | SegmentEnd | Done | Error | Pong
+)
 Message = ClientMessage | ServerMessage
 
 
@@ -478,6 +517,14 @@ def _cancel(r: _Fields) -> Cancel:
     return r.finish(Cancel(id=r.id()))
 
 
+def _list_voices(r: _Fields) -> ListVoices:
+    return r.finish(ListVoices(id=r.id()))
+
+
+def _delete_voice(r: _Fields) -> DeleteVoice:
+    return r.finish(DeleteVoice(id=r.id(), voice=r.string("voice", MAX_VOICE_ID_CHARS)))
+
+
 def _ping(r: _Fields) -> Ping:
     return r.finish(Ping(nonce=r.integer("nonce", 0, 2**63 - 1, default=0)))
 
@@ -507,6 +554,16 @@ def _voice_registered(r: _Fields) -> VoiceRegistered:
             id=r.id(), voice=r.string("voice", MAX_VOICE_ID_CHARS), audio_s=r.number("audio_s", 0.0, math.inf)
         )
     )
+
+
+def _voice_list(r: _Fields) -> VoiceList:
+    voices = r.strings("voices", MAX_LISTED_VOICES, MAX_VOICE_ID_CHARS)
+    total = r.integer("total", len(voices), 2**63 - 1)
+    return r.finish(VoiceList(id=r.id(), voices=voices, total=total))
+
+
+def _voice_deleted(r: _Fields) -> VoiceDeleted:
+    return r.finish(VoiceDeleted(id=r.id(), voice=r.string("voice", MAX_VOICE_ID_CHARS)))
 
 
 def _segment_start(r: _Fields) -> SegmentStart:
@@ -554,12 +611,16 @@ _CLIENT_DECODERS: Final[dict[str, Callable[[_Fields], ClientMessage]]] = {
     AppendText.TYPE: _append_text,
     Flush.TYPE: _flush,
     Cancel.TYPE: _cancel,
+    ListVoices.TYPE: _list_voices,
+    DeleteVoice.TYPE: _delete_voice,
     Ping.TYPE: _ping,
 }
 
 _SERVER_DECODERS: Final[dict[str, Callable[[_Fields], ServerMessage]]] = {
     ServerHello.TYPE: _server_hello,
     VoiceRegistered.TYPE: _voice_registered,
+    VoiceList.TYPE: _voice_list,
+    VoiceDeleted.TYPE: _voice_deleted,
     SegmentStart.TYPE: _segment_start,
     Audio.TYPE: _audio,
     SegmentEnd.TYPE: _segment_end,
@@ -577,9 +638,10 @@ _SERVER_DECODERS: Final[dict[str, Callable[[_Fields], ServerMessage]]] = {
 _MAX_MAP_LEN: Final = 1 + max(
     len(fields(m)) - 1 + len(OPTIONS) if m is Synthesize else len(fields(m)) for m in get_args(Message)
 )
-# The only array field is Synthesize.emo_vector (N_EMOTIONS numbers); a few times that still bounds
-# the decoder's work and lets a vector of the wrong length get its own `bad_message` naming the field.
-_MAX_ARRAY_LEN: Final = 8 * N_EMOTIONS
+# The array fields are Synthesize.emo_vector (N_EMOTIONS numbers; a few times that lets a vector of
+# the wrong length get its own `bad_message` naming the field), ServerHello.languages and
+# VoiceList.voices (server → client; a client frame is still bounded by its size and the map limit).
+_MAX_ARRAY_LEN: Final = max(8 * N_EMOTIONS, MAX_LANGUAGES, MAX_LISTED_VOICES)
 # Per-container limits do not bound nesting (8 arrays of 8 arrays of ... of nil), so the hooks
 # below count containers as msgpack completes them: a message is one map holding at most one array.
 _MAX_CONTAINERS: Final = 2
@@ -654,7 +716,7 @@ def decode_server(frame: bytes | str) -> ServerMessage:
 
 
 # Client messages whose id starts a request; the others name a live request or none.
-REQUEST_TYPES: Final = frozenset({Synthesize.TYPE, RegisterVoice.TYPE})
+REQUEST_TYPES: Final = frozenset({Synthesize.TYPE, RegisterVoice.TYPE, ListVoices.TYPE, DeleteVoice.TYPE})
 
 
 def error_id(kind: str | None, request_id: int | None, live: Container[int]) -> int | None:
@@ -677,8 +739,9 @@ def error_of(exc: ProtocolError, live: Container[int]) -> Error:
 __all__ = [
     "PROTOCOL_VERSION", "SAMPLE_RATE_HZ", "PCM_FORMAT", "N_EMOTIONS", "MAX_REQUEST_ID", "ErrorCode",
     "OPTIONS", "OPTION_NAMES", "OptionValue",
-    "ProtocolError", "Hello", "RegisterVoice", "Synthesize", "AppendText", "Flush", "Cancel", "Ping",
-    "ClientMessage", "ServerHello", "VoiceRegistered", "SegmentStart", "Audio", "SegmentEnd", "Done",
-    "Error", "Pong", "ServerMessage", "Message", "encode", "decode_client", "decode_server", "error_of",
-    "error_id", "REQUEST_TYPES", "MAX_ERROR_CHARS", "clip", "quote",
+    "ProtocolError", "Hello", "RegisterVoice", "Synthesize", "AppendText", "Flush", "Cancel", "ListVoices",
+    "DeleteVoice", "Ping", "ClientMessage", "ServerHello", "VoiceRegistered", "VoiceList", "VoiceDeleted",
+    "SegmentStart", "Audio", "SegmentEnd", "Done", "Error", "Pong", "ServerMessage", "Message", "encode",
+    "decode_client", "decode_server", "error_of", "error_id", "REQUEST_TYPES", "MAX_ERROR_CHARS",
+    "MAX_LISTED_VOICES", "clip", "quote",
 ]

@@ -11,6 +11,12 @@ routes each server frame to its request by id. A request's events are `SegmentSt
 `SegmentEnd` and finally `Done`; a server `Error` for it is raised from the iterator as the
 `ServerError` subclass for its code (`Cancelled` after `cancel()`). `SyncClient` wraps it all for
 code without an event loop.
+
+A client keeps the reference audio of the voices it registered. When the daemon answers a request
+with `unknown_voice` for one of them (evicted from its memory, deleted from the voice library, or
+a replica behind a load balancer that never saw it), the client registers the audio again and
+resends the request, once: the voice id is the audio's content hash, so registering again gives
+the same id and the caller sees nothing but a slower first audio.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future as ConcurrentFuture
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +51,7 @@ MAX_SERVER_FRAME_BYTES: Final = 16 * 2**20   # Audio frames are small; this only
 Event: TypeAlias = SegmentStart | Audio | SegmentEnd | Done
 AudioSource: TypeAlias = bytes | str | os.PathLike[str]
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound=p.ServerMessage)
 
 # What a caller may pass to synthesize() as options: the synthesis options, the emotion voice and
 # the output format (everything but the fields the client sets itself).
@@ -186,6 +193,11 @@ class Synthesis:
         self._events: asyncio.Queue[p.ServerMessage | BaseException] = asyncio.Queue()
         self._started = False
         self._finished = False
+        self._appended: list[str] = []   # every append_text, to replay after registering a voice again
+        self._flushed = False
+        self._retried = False            # a request is resent at most once
+        self._retrying = False           # append_text and flush are recorded, sent by the retry
+        self._seen_events = False
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -214,9 +226,17 @@ class Synthesis:
                 self._finish()
                 return item
             case p.Error():
+                try:
+                    retried = item.code == ErrorCode.UNKNOWN_VOICE and await self._retry()
+                except BaseException:  # registering again failed: that error ends the request
+                    self._finish()
+                    raise
+                if retried:
+                    return await self.__anext__()
                 self._finish()
                 raise error_from(item)
             case p.SegmentStart() | p.Audio() | p.SegmentEnd():
+                self._seen_events = True
                 return item
         self._finish()
         raise ClientError(f"unexpected {type(item).__name__} for request {self.id}")
@@ -239,14 +259,40 @@ class Synthesis:
         if not self._msg.incremental:
             raise ClientError("append_text needs synthesize(..., incremental=True)")
         await self.start()
-        await self._client._send(p.AppendText(id=self.id, text=text))
+        self._appended.append(text)
+        if not self._retrying:
+            await self._client._send(p.AppendText(id=self.id, text=text))
 
     async def flush(self) -> None:
         """End of text for an incremental request: speak the rest, then `Done`."""
         if not self._msg.incremental:
             raise ClientError("flush needs synthesize(..., incremental=True)")
         await self.start()
-        await self._client._send(p.Flush(id=self.id))
+        self._flushed = True
+        if not self._retrying:
+            await self._client._send(p.Flush(id=self.id))
+
+    async def _retry(self) -> bool:
+        """After `unknown_voice`: register this client's voices again and resend the request with
+        what was appended so far (the daemon refused those frames along with the request). False
+        when there is nothing to retry: already retried, audio seen, or voices it did not register."""
+        if self._retried or self._seen_events:
+            return False
+        self._retried = self._retrying = True
+        try:
+            if not await self._client._register_again(self._msg):
+                return False
+            send = self._client._send
+            await send(self._msg)
+            sent = 0
+            while sent < len(self._appended):  # append_text may add more while these are sent
+                await send(p.AppendText(id=self.id, text=self._appended[sent]))
+                sent += 1
+            if self._flushed:
+                await send(p.Flush(id=self.id))
+            return True
+        finally:
+            self._retrying = False
 
     async def cancel(self) -> None:
         """Ask the server to stop. Iteration then ends with `Cancelled` (or `Done` if it won the race)."""
@@ -279,7 +325,8 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._requests: dict[int, Synthesis] = {}
-        self._replies: dict[int, asyncio.Future[p.ServerMessage]] = {}    # register_voice by id
+        self._replies: dict[int, asyncio.Future[p.ServerMessage]] = {}    # register/list/delete voice by id
+        self._voice_audio: dict[str, tuple[bytes, bytes | None]] = {}   # voice id → the audio registered
         self._hello_reply: asyncio.Future[p.ServerHello] | None = None
         self._pongs: dict[int, asyncio.Future[None]] = {}
         self._lost: ClientError | None = None
@@ -360,21 +407,51 @@ class Client:
     # -- requests ------------------------------------------------------------------------------
 
     async def register_voice(self, audio: AudioSource, emo_audio: AudioSource | None = None) -> str:
-        """Upload reference audio (file bytes or a path: wav/flac/ogg/mp3) → a voice id."""
+        """Upload reference audio (file bytes or a path: wav/flac/ogg/mp3) → a voice id. The audio is
+        kept, to register it again should the daemon answer `unknown_voice` for this id."""
+        speaker = _read_audio(audio)
+        emotion = None if emo_audio is None else _read_audio(emo_audio)
+        msg = await self._ask(lambda i: p.RegisterVoice(id=i, audio=speaker, emo_audio=emotion), p.VoiceRegistered)
+        self._voice_audio[msg.voice] = (speaker, emotion)
+        return msg.voice
+
+    async def list_voices(self) -> tuple[str, ...]:
+        """The voice ids registered on the daemon (its voice library, if it has one), most recently
+        used first; at most protocol.MAX_LISTED_VOICES."""
+        return (await self._ask(lambda i: p.ListVoices(id=i), p.VoiceList)).voices
+
+    async def delete_voice(self, voice: str) -> None:
+        """Remove a voice from the daemon and its voice library; UnknownVoice when it is not there."""
+        self._voice_audio.pop(voice, None)  # deleted on purpose: never registered again behind the caller
+        await self._ask(lambda i: p.DeleteVoice(id=i, voice=voice), p.VoiceDeleted)
+
+    async def _ask(self, make: Callable[[int], p.ClientMessage], answer: type[_R]) -> _R:
+        """Send the request `make(id)` and wait for its one reply, of type `answer` (an Error is raised)."""
         request_id = self._next_id()
         reply: asyncio.Future[p.ServerMessage] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = reply
         try:
-            await self._send(p.RegisterVoice(id=request_id, audio=_read_audio(audio),
-                                             emo_audio=None if emo_audio is None else _read_audio(emo_audio)))
+            request = make(request_id)
+            await self._send(request)
             msg = await reply
         finally:
             self._replies.pop(request_id, None)
         if isinstance(msg, p.Error):
             raise error_from(msg)
-        if not isinstance(msg, p.VoiceRegistered):
-            raise ClientError(f"unexpected {type(msg).__name__} in reply to register_voice")
-        return msg.voice
+        if not isinstance(msg, answer):
+            raise ClientError(f"unexpected {type(msg).__name__} in reply to {request.TYPE}")
+        return msg
+
+    async def _register_again(self, msg: p.Synthesize) -> bool:
+        """After `unknown_voice` for `msg`: register again the voices it names that this client
+        registered (False when it registered none of them, so there is nothing to retry)."""
+        known = [v for v in (msg.voice, msg.emo_voice) if v is not None and v in self._voice_audio]
+        for voice in known:
+            log.info("voice unknown to the daemon, registering it again voice=%s", voice)
+            again = await self.register_voice(*self._voice_audio[voice])
+            if again != voice:  # a daemon hashing differently: retrying would loop
+                raise ClientError(f"registering voice {voice} again gave the id {again}")
+        return bool(known)
 
     def synthesize(self, text: str, *, voice: str, incremental: bool = False, **options: Any) -> Synthesis:
         """A synthesis request (sent when first iterated, started or appended to).
@@ -436,7 +513,7 @@ class Client:
                 pong = self._pongs.get(msg.nonce)
                 if pong is not None and not pong.done():
                     pong.set_result(None)
-            case p.VoiceRegistered():
+            case p.VoiceRegistered() | p.VoiceList() | p.VoiceDeleted():
                 self._resolve(msg.id, msg)
             case p.Error(id=None):
                 # Not attributable to a request: a frame this client sent was malformed.
@@ -584,6 +661,12 @@ class SyncClient:
 
     def register_voice(self, audio: AudioSource, emo_audio: AudioSource | None = None) -> str:
         return self._call(self._client.register_voice(audio, emo_audio))
+
+    def list_voices(self) -> tuple[str, ...]:
+        return self._call(self._client.list_voices())
+
+    def delete_voice(self, voice: str) -> None:
+        self._call(self._client.delete_voice(voice))
 
     def synthesize(self, text: str, *, voice: str, incremental: bool = False, **options: Any) -> SyncSynthesis:
         # Built on the loop thread: Synthesis owns an asyncio.Queue bound to that loop.

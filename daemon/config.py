@@ -93,6 +93,13 @@ class DaemonConfig:
         "127.0.0.1", "Wyoming bind address; Wyoming has no authentication, so beyond loopback only on a trusted LAN"
     )
     voices_dir: Path | None = setting(None, "voice presets: NAME.wav/.flac/.ogg/.mp3 files (+ NAME.toml options)")
+    voices_store: Path | None = setting(
+        None, "voice library directory: registered voices persist there, shared by every daemon using it (absent: off)"
+    )
+    voices_store_max_voices: int = setting(10_000, "voices kept in voices_store (the least recently used is removed)")
+    voices_store_max_bytes: int = setting(
+        16 * 2**30, "bytes of voices kept in voices_store (a real-model voice is about 6 MB)"
+    )
 
     def validated(self) -> DaemonConfig:
         """Return self if every field is in range and the bind is safe, else raise ConfigError."""
@@ -111,6 +118,8 @@ class DaemonConfig:
             (self.max_requests_per_connection >= 1, "max_requests_per_connection must be >= 1"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
             (self.max_voices >= 1, "max_voices must be >= 1"),
+            (self.voices_store_max_voices >= 1, "voices_store_max_voices must be >= 1"),
+            (self.voices_store_max_bytes >= 1, "voices_store_max_bytes must be >= 1"),
             (self.idle_timeout_s > 0, "idle_timeout_s must be > 0"),
             (self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0"),
             (self.stall_timeout_s > 0, "stall_timeout_s must be > 0"),

@@ -3,7 +3,10 @@ worker, voices, limits and bearer token. docs/interfaces.md is the client's view
 
     POST /v1/audio/speech   OpenAI's body → audio streamed back as each segment finishes
     GET  /v1/models         the model names accepted in `model`
-    GET  /v1/audio/voices   the voice presets
+    GET  /v1/audio/voices   the voice presets and the registered voices (the voice library)
+    POST /v1/audio/voices   register a voice: the reference file as the body, or multipart
+                            fields `audio` (and `emo_audio`) → {"voice_id", "audio_s"}
+    DELETE /v1/audio/voices/{voice_id}   remove a registered voice (from the library too)
     GET  /metrics           Prometheus text format (daemon/metrics.py)
     GET  /healthz           200 ok, 503 while draining or after a device fault (no token needed)
 
@@ -32,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from ttsd.api import protocol as p
 from ttsd.api.errors import Busy, ShuttingDown, TtsdError, UnknownVoice
@@ -52,6 +55,7 @@ from .core import (
 )
 from .metrics import CONTENT_TYPE, DISCONNECTED, OK
 from .session import CLOSE_TIMEOUT_S, SERVER_NAME
+from .worker import VoiceResult
 
 if TYPE_CHECKING:
     from .server import Server
@@ -67,6 +71,8 @@ SPEED_RANGE: Final = (0.5, 2.0)  # OpenAI `speed` → IndexTTS-2.5 duration_fact
 SPEECH_FIELDS: Final = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
 DEFAULT_FORMAT: Final = "mp3"           # OpenAI's default response_format
 RETRY_AFTER_S: Final = 1                # Retry-After on 429
+UPLOAD_FIELDS: Final = ("audio", "emo_audio")   # multipart fields of POST /v1/audio/voices
+UPLOAD_CHUNK_BYTES: Final = 256 * 1024
 _TYPES: Final = {
     400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
     405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
@@ -111,6 +117,8 @@ class HttpApi:
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model}", self.model)
         self.app.router.add_get("/v1/audio/voices", self.voices)
+        self.app.router.add_post("/v1/audio/voices", self.register_voice)
+        self.app.router.add_delete("/v1/audio/voices/{voice_id}", self.delete_voice)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/healthz", self.healthz)
         # handler_cancellation: a client that disconnects cancels its handler, and so its job.
@@ -210,8 +218,48 @@ class HttpApi:
             "voices": [
                 {"id": pr.name, "name": pr.name, "voice_id": pr.voice_id, "audio_s": round(pr.audio_s, 3)}
                 for pr in (presets.by_name[name] for name in presets.names)
-            ]
+            ],
+            "registered": self._registered(),
         })
+
+    # -------------------------------------------------------------------------------------------
+    # The voice library: POST registers a voice, DELETE removes one (GET above lists them)
+
+    def _registered(self) -> list[dict[str, object]]:
+        worker = self.server.worker
+        if worker is None:
+            return []
+        return [{"voice_id": v.voice_id, "stored": v.stored, "size_bytes": v.size_bytes, "last_used": v.last_used}
+                for v in worker.list_voices()]
+
+    async def register_voice(self, request: web.Request) -> web.Response:
+        worker = self.server.worker
+        if self.server.draining or worker is None:
+            raise ApiError(503, p.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        audio, emo_audio = await _voice_upload(request, self.server.config.max_frame_bytes)
+        done: asyncio.Future[VoiceResult | TtsdError] = asyncio.get_running_loop().create_future()
+
+        def finish(result: VoiceResult | TtsdError) -> None:
+            if not done.done():  # a client that went away cancelled the handler and this future
+                done.set_result(result)
+
+        try:
+            worker.register_voice(audio, emo_audio, finish)
+        except TtsdError as e:
+            raise _from_ttsd(e) from None
+        result = await done
+        if isinstance(result, TtsdError):
+            log.info("http voice rejected peer=%s code=%s error=%r", _peer(request), result.code, p.clip(str(result)))
+            raise _from_ttsd(result, "audio")
+        log.info("http voice registered peer=%s voice=%s", _peer(request), result.voice_id)
+        return web.json_response({"voice_id": result.voice_id, "audio_s": round(result.audio_s, 3)})
+
+    async def delete_voice(self, request: web.Request) -> web.Response:
+        voice_id = request.match_info["voice_id"]
+        worker = self.server.worker
+        if worker is None or not worker.delete_voice(voice_id):
+            raise ApiError(404, p.ErrorCode.UNKNOWN_VOICE, f"voice {p.quote(voice_id)} is not registered", "voice_id")
+        return web.json_response({"voice_id": voice_id, "deleted": True})
 
     # -------------------------------------------------------------------------------------------
     # POST /v1/audio/speech
@@ -240,6 +288,38 @@ class HttpApi:
         if not isinstance(body, dict):
             raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "the body must be a JSON object")
         return _parse_speech(body, self.server)
+
+
+async def _read_limited(read: Callable[[int], Awaitable[bytes]], limit: int, what: str) -> bytes:
+    """A body or multipart field of at most `limit` bytes (413 beyond; reference audio may be larger
+    than the speech body limit, so the app-wide one does not apply here)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await read(UPLOAD_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, p.ErrorCode.TOO_LARGE, f"{what} is larger than max_frame_bytes ({limit} bytes)", what)
+        chunks.append(chunk)
+    if not size:
+        raise ApiError(400, p.ErrorCode.BAD_AUDIO, f"{what} is empty", what)
+    return b"".join(chunks)
+
+
+async def _voice_upload(request: web.Request, limit: int) -> tuple[bytes, bytes | None]:
+    """POST /v1/audio/voices → (speaker audio, emotion audio or None)."""
+    if request.content_type != "multipart/form-data":
+        return await _read_limited(request.content.read, limit, "audio"), None
+    fields: dict[str, bytes] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        name = getattr(part, "name", None)
+        if not isinstance(part, BodyPartReader) or name not in UPLOAD_FIELDS or name in fields:
+            raise ApiError(400, p.ErrorCode.BAD_MESSAGE, f"multipart fields are {' and '.join(UPLOAD_FIELDS)}, "
+                           f"each once; got {p.quote(str(name))}")
+        fields[name] = await _read_limited(part.read_chunk, limit, name)
+    if "audio" not in fields:
+        raise ApiError(400, p.ErrorCode.BAD_MESSAGE, "the multipart field 'audio' is required", "audio")
+    return fields["audio"], fields.get("emo_audio")
 
 
 def _model(name: str) -> dict[str, object]:

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from .voice_store import VoiceStore
     from .worker import VoiceCache, Worker
 
 INTERFACES: Final = ("websocket", "http", "wyoming")
@@ -116,6 +117,8 @@ class _StateCollector(Collector):
                      w.batch_rows_in_use)
         yield _gauge("ttsd_batch_rows", "Decode batch rows available (max_batch_rows).", self.max_batch_rows)
         yield from _voice_cache(w.voices)
+        if w.store is not None:
+            yield from _voice_store(w.store)
         yield _gauge("ttsd_voice_presets", "Voice presets loaded from voices_dir.", self.presets())
         if self.connections:
             open_ = GaugeMetricFamily("ttsd_open_connections", "Client connections open now.", labels=["interface"])
@@ -144,3 +147,13 @@ def _voice_cache(cache: VoiceCache) -> Iterator[Metric]:
     lookups.add_metric(["hit"], cache.hits)
     lookups.add_metric(["miss"], cache.misses)
     yield lookups
+
+
+def _voice_store(store: VoiceStore) -> Iterator[Metric]:
+    reads = CounterMetricFamily(
+        "ttsd_voice_store_reads", "Voices read from the voice library (voices_store) by result: loaded, or "
+        "refused as corrupt (and removed).", labels=["result"],
+    )
+    reads.add_metric(["loaded"], store.loads)
+    reads.add_metric(["corrupt"], store.refused)
+    yield reads

@@ -22,7 +22,8 @@ token, /metrics before any handshake, so load balancers and systemd checks need 
 client) and, with `http_port` and `wyoming_port`, the OpenAI-compatible HTTP API (daemon/http.py)
 and Wyoming (daemon/wyoming.py). All of them hand their requests to the one request core
 (daemon/core.py), so they share the worker, the voices, the limits and the metrics. The voice
-presets of `voices_dir` (daemon/presets.py) are registered before any port listens."""
+presets of `voices_dir` (daemon/presets.py) are registered before any port listens; with
+`voices_store`, registered voices persist in a library shared with other daemons (daemon/voice_store.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
+from ttsd.api.errors import ConfigError
 from ttsd.api.protocol import ErrorCode
 
 from . import systemd
@@ -44,6 +46,7 @@ from .core import Core, Listener
 from .metrics import INTERFACES, GpuMemory, Metrics
 from .presets import Presets, load_presets
 from .session import Session, WebSocketListener
+from .voice_store import VoiceStore, model_key
 from .worker import VoiceCache, Worker, WorkerObserver
 
 if TYPE_CHECKING:
@@ -92,7 +95,8 @@ class Server:
         """Start the worker (with `warm_up`, its first job is Pipeline.warm_up on its own engine and
         thread), register the voice presets, and listen on every configured port. Returns once all are ready."""
         c = self.config
-        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices)
+        store = VoiceStore.open(c, self.pipeline)  # ConfigError before anything starts
+        self.worker = Worker(self.pipeline, c, asyncio.get_running_loop(), self.observer, self.voices, store)
         self.core = Core(self.worker, c, self.metrics)
         self.worker.start(warm_up=self.pipeline.warm_up if warm_up else None)
         self.metrics.watch(
@@ -290,6 +294,12 @@ async def serve(config: DaemonConfig) -> int:
     if config.voices_dir is not None and not config.voices_dir.is_dir():
         log.error("voices_dir=%s is not a directory", config.voices_dir)
         return 2
+    if config.voices_store is not None:
+        try:
+            model_key(config)  # before minutes of loading: a checkpoint without manifest.json cannot share voices
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

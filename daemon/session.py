@@ -40,13 +40,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ttsd.api import protocol as p
-from ttsd.api.errors import BadAudio, Busy, TextTooLong, TtsdError
+from ttsd.api.errors import BadAudio, Busy, TextTooLong, TtsdError, UnknownVoice
 from ttsd.api.options import SynthesisOptions
 
 from .core import Core, Interface, RequestRun, limit_send_buffer, peer_name
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import DISCONNECTED, OK
-from .worker import VoiceResult
+from .worker import VoiceResult, Worker
 
 if TYPE_CHECKING:
     from .server import Server
@@ -417,6 +417,9 @@ class Session:
                     req.fail(p.ErrorCode.CANCELLED, "cancelled by the client")
             case p.Ping():
                 self.send(p.Pong(nonce=msg.nonce))
+            case p.ListVoices() | p.DeleteVoice():
+                self._check_new_id(msg.id)
+                self.send(voice_library_reply(self.worker, msg))
 
     def _hello(self, msg: p.Hello) -> None:
         if msg.version != p.PROTOCOL_VERSION:
@@ -498,6 +501,16 @@ class Session:
 
     def _flush(self, msg: p.Flush) -> None:
         self._incremental(msg.id, "flush").run.close_input()
+
+
+def voice_library_reply(worker: Worker, msg: p.ListVoices | p.DeleteVoice) -> p.VoiceList | p.VoiceDeleted:
+    """The answer to a voice listing or deletion (UnknownVoice when there is nothing to delete)."""
+    if isinstance(msg, p.ListVoices):
+        ids = [v.voice_id for v in worker.list_voices()]
+        return p.VoiceList(id=msg.id, voices=tuple(ids[: p.MAX_LISTED_VOICES]), total=len(ids))
+    if not worker.delete_voice(msg.voice):
+        raise UnknownVoice(f"voice {p.quote(msg.voice)} is not registered")
+    return p.VoiceDeleted(id=msg.id, voice=msg.voice)
 
 
 class WebSocketListener:

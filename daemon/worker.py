@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ttsd.pipeline import Engine, Pipeline, Segment, Voice
 
     from .config import DaemonConfig
+    from .voice_store import VoiceStore
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,16 @@ class VoiceResult:
     audio_s: float      # duration of the speaker reference file
 
 
+@dataclass(frozen=True, slots=True)
+class StoredVoiceInfo:
+    """One entry of a voice listing."""
+
+    voice_id: str
+    stored: bool                     # in the voice library (else only in this daemon's memory)
+    size_bytes: int | None = None    # of its library file
+    last_used: float | None = None   # Unix time of its last use by any daemon on the library
+
+
 @dataclass(eq=False, slots=True)
 class _VoiceJob:
     audio: bytes
@@ -171,6 +182,16 @@ class VoiceCache:
             else:
                 self.misses += 1
             return entry
+
+    def discard(self, voice_id: str) -> bool:
+        """Forget a voice (a running request keeps the object it holds); False when it was not cached."""
+        with self._lock:
+            return self._entries.pop(voice_id, None) is not None
+
+    def ids(self) -> list[str]:
+        """The cached voice ids, most recently used first."""
+        with self._lock:
+            return list(reversed(self._entries))
 
     def put(self, voice_id: str, voice: Voice, audio_s: float) -> list[str]:
         """Insert or refresh a voice; returns the ids evicted to make room."""
@@ -246,9 +267,11 @@ class Worker:
         loop: asyncio.AbstractEventLoop,
         observer: WorkerObserver | None = None,
         voices: VoiceCache | None = None,
+        store: VoiceStore | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.voices = voices if voices is not None else VoiceCache(config.max_voices)
+        self.store = store                      # the voice library on disk (voices_store), if any
         self.config = config
         self.loop = loop
         self.observer = observer
@@ -306,8 +329,47 @@ class Worker:
 
     def voice(self, voice_id: str) -> Voice:
         """A registered voice, or UnknownVoice. A job holds the returned object, so a later eviction
-        from the cache cannot pull it from under a running request."""
-        return self.voices.get(voice_id)
+        from the cache cannot pull it from under a running request.
+
+        With a voice library, a voice not in memory is read from it (on the calling thread: one file
+        of a few MB, once per process until evicted), and one deleted from it by any daemon is
+        forgotten here too (daemon/voice_store.py)."""
+        entry = self.voices.lookup(voice_id)
+        store = self.store
+        if entry is not None:
+            if store is None or store.touch(voice_id):
+                return entry[0]
+            self.voices.discard(voice_id)
+            raise UnknownVoice(f"voice {voice_id!r} was deleted from the voice library; register it again")
+        if store is not None:
+            loaded = store.load(voice_id)
+            if loaded is not None:
+                self._cache(voice_id, *loaded)
+                return loaded[0]
+        return self.voices.get(voice_id)  # UnknownVoice (and counted as a miss)
+
+    def delete_voice(self, voice_id: str) -> bool:
+        """Forget a registered voice here and remove it from the voice library; False when neither
+        had it. Requests already running with it finish."""
+        in_store = self.store is not None and self.store.delete(voice_id)
+        in_memory = self.voices.discard(voice_id)
+        if in_store or in_memory:
+            log.info("voice deleted voice=%s store=%s memory=%s", voice_id, in_store, in_memory)
+        return in_store or in_memory
+
+    def list_voices(self) -> list[StoredVoiceInfo]:
+        """Registered voices: the library's (most recently used first), then those only in memory."""
+        out = [] if self.store is None else [
+            StoredVoiceInfo(e.voice_id, stored=True, size_bytes=e.size_bytes, last_used=e.last_used)
+            for e in self.store.list()
+        ]
+        listed = {v.voice_id for v in out}
+        out.extend(StoredVoiceInfo(voice_id, stored=False) for voice_id in self.voices.ids() if voice_id not in listed)
+        return out
+
+    def _cache(self, voice_id: str, voice: Voice, audio_s: float) -> None:
+        for evicted in self.voices.put(voice_id, voice, audio_s):
+            log.info("voice evicted voice=%s", evicted)
 
     def submit(self, job: Job) -> None:
         """Admit a job: an active slot if one is free, else the queue, else Busy. A job asking for
@@ -853,12 +915,22 @@ class Worker:
         if emo_audio is not None:
             check_reference_audio(emo_audio, "emotion reference audio", limit_s)
         voice_id = _voice_key(audio, emo_audio)
-        if self.voices.lookup(voice_id) is not None:
+        store = self.store
+        entry = self.voices.lookup(voice_id)
+        if entry is not None:
+            # Registering again is how a client answers unknown_voice: put back a voice that left
+            # the library (deleted or evicted there) while this process still held it.
+            if store is not None and not store.exists(voice_id):
+                store.save(voice_id, entry[0], audio_s)
+            return VoiceResult(voice_id, audio_s)
+        if store is not None and (loaded := store.load(voice_id)) is not None:
+            self._cache(voice_id, *loaded)
             return VoiceResult(voice_id, audio_s)
         t0 = time.perf_counter()
         voice = self.pipeline.prepare_voice(audio, emo_audio, max_input_s=limit_s)
-        for evicted in self.voices.put(voice_id, voice, audio_s):
-            log.info("voice evicted voice=%s", evicted)
+        self._cache(voice_id, voice, audio_s)
+        if store is not None:
+            store.save(voice_id, voice, audio_s)
         log.info(
             "voice registered voice=%s audio_s=%.2f emo=%s prepare_ms=%.0f",
             voice_id, audio_s, emo_audio is not None, (time.perf_counter() - t0) * 1000,

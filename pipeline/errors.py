@@ -53,6 +53,13 @@ class EmotionAnswerError(EmotionTextError, AttributeError):
     """A melancholic text whose answer is not a JSON object: upstream's AttributeError from `.get`."""
 
 
+class VoiceFileError(TtsdError):
+    """Stored voice conditioning (a voice library entry) that cannot be read back: truncated, not
+    safetensors, a tensor missing or mis-shaped, or bytes that no longer match their checksum."""
+
+    code = ErrorCode.INTERNAL
+
+
 class DeviceFault(TtsdError):
     """The accelerator failed in a way that leaves it unusable (a CUDA device-side assert, an illegal
     address, a hang): every later request would fail too, so the daemon must restart."""

@@ -58,7 +58,7 @@ from .length_regulator import InterpolateRegulator, load_length_regulator
 from .qwen_emo import DEFAULT_MAX_NEW_TOKENS, QWEN_EMO_DIR, QwenEmotion, load_qwen_emo
 from .requests import Segment
 from .text import TextNormalizer
-from .voice import AudioSource, Voice, prepare_voice
+from .voice import AudioSource, Voice, prepare_voice, voice_from_bytes, voice_to_bytes
 from .w2v_bert import W2VBert, W2VStats, load_w2v_bert
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,21 @@ class Pipeline:
             voice = prepare_voice(self, spk_audio, emo_audio, max_input_s)
             lanes.publish(lanes.voice, voice.tensors())
         return voice
+
+    def voice_to_bytes(self, voice: Voice, metadata: Mapping[str, str]) -> bytes:
+        """A prepared voice → one safetensors file's bytes with `metadata` in its header (the voice
+        library stores these; pipeline/voice.py has the layout)."""
+        return voice_to_bytes(voice, metadata)
+
+    def voice_from_bytes(self, data: bytes) -> tuple[Voice, dict[str, str]]:
+        """`voice_to_bytes` output → (Voice on this pipeline's device, metadata); VoiceFileError when
+        the bytes are not a whole stored voice. Safe from any thread, like prepare_voice (CUDA: copied
+        on the voice stream, published to the others)."""
+        lanes = self.lanes
+        with lanes.on(lanes.voice):
+            voice, metadata = voice_from_bytes(data, self.device)
+            lanes.publish(lanes.voice, voice.tensors())
+        return voice, metadata
 
     def check_options(self, opts: SynthesisOptions) -> SynthesisOptions:
         """`opts` (checked when it was built) if valid for this model and server, else BadOptions naming the field."""

@@ -14,16 +14,22 @@ Cw w2v width, D GPT width, C regulator channels, S speaker rows (32 for IndexTTS
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor
 
 from ttsd.api.errors import BadAudio
 
 from . import audio
+from .errors import VoiceFileError
 
 if TYPE_CHECKING:
     from .campplus import CAMPPlus
@@ -149,3 +155,89 @@ def prepare_voice(
         emovec_emo=emovec_emo,
         audio_s=a22.shape[-1] / audio.SAMPLE_RATE_HZ,
     )
+
+
+# A stored voice (the daemon's voice library, daemon/voice_store.py) is one safetensors file: the
+# tensors of Voice by field name, and string metadata in its header. emovec_emo is stored only when
+# an emotion clip was given; without one it is emovec_self again on load, the same object, which is
+# what `has_emotion_clip` reads.
+VOICE_FORMAT: Final = "ttsd-voice-1"
+_STORED_NDIM: Final = {  # field → ndim; every tensor is float32 with batch 1
+    "spk_cond_emb": 3, "style": 2, "ref_mel": 3, "prompt_condition": 3, "speech_latent": 3,
+    "emovec_spk": 2, "emovec_self": 2,
+}
+_EMOTION_CLIP: Final = "emovec_emo"
+_RESERVED: Final = ("format", "voice_audio_s", "checksum")  # metadata keys written here, not by the caller
+_HEADER_LEN_BYTES: Final = 8  # safetensors: a little-endian u64 header length, then the JSON header
+
+
+def _checksum(tensors: Mapping[str, Tensor]) -> str:
+    """blake2b over every tensor's name, dtype, shape and bytes (CPU tensors), in name order: a flipped
+    bit in a stored file is refused instead of becoming a wrong voice."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def voice_to_bytes(voice: Voice, metadata: Mapping[str, str]) -> bytes:
+    """Voice → the bytes of one safetensors file, `metadata` (plus format, length, checksum) in its header."""
+    clash = sorted(metadata.keys() & set(_RESERVED))
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved")
+    tensors = {name: getattr(voice, name).detach().to("cpu").contiguous() for name in _STORED_NDIM}
+    if voice.has_emotion_clip:
+        tensors[_EMOTION_CLIP] = voice.emovec_emo.detach().to("cpu").contiguous()
+    header = {**metadata, "format": VOICE_FORMAT, "voice_audio_s": repr(voice.audio_s),
+              "checksum": _checksum(tensors)}
+    return bytes(safetensors.torch.save(tensors, metadata=header))
+
+
+def read_voice_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a stored voice's safetensors header (no tensor is read). VoiceFileError
+    when the header cannot be parsed."""
+    if len(data) < _HEADER_LEN_BYTES:
+        raise VoiceFileError("shorter than a safetensors header")
+    n = int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
+    if n > len(data) - _HEADER_LEN_BYTES:
+        raise VoiceFileError(f"header of {n} bytes runs past the end of the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[_HEADER_LEN_BYTES:_HEADER_LEN_BYTES + n])
+    except (ValueError, RecursionError) as e:
+        raise VoiceFileError(f"header is not JSON: {e}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise VoiceFileError("header has no string metadata")
+    return meta
+
+
+def voice_from_bytes(data: bytes, device: torch.device) -> tuple[Voice, dict[str, str]]:
+    """The bytes of `voice_to_bytes` → (Voice on `device`, the caller's metadata). VoiceFileError when
+    they are not a whole, unaltered stored voice."""
+    meta = read_voice_metadata(data)
+    if meta.get("format") != VOICE_FORMAT:
+        raise VoiceFileError(f"format {meta.get('format')!r} is not {VOICE_FORMAT!r}")
+    try:
+        tensors = safetensors.torch.load(data)
+        audio_s = float(meta["voice_audio_s"])
+    except (safetensors.SafetensorError, ValueError, KeyError) as e:
+        raise VoiceFileError(f"{type(e).__name__}: {e}") from None
+    expected = set(_STORED_NDIM) | ({_EMOTION_CLIP} & tensors.keys())
+    if tensors.keys() != expected:
+        missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+        raise VoiceFileError(f"tensors missing {missing}, unexpected {unexpected}")
+    for name, t in tensors.items():
+        ndim = _STORED_NDIM.get(name, 2)
+        if t.dtype != torch.float32 or t.ndim != ndim or t.shape[0] != 1:
+            raise VoiceFileError(f"{name}: {t.dtype} {tuple(t.shape)}, expected float32 with {ndim} dims, batch 1")
+    if _checksum(tensors) != meta["checksum"]:
+        raise VoiceFileError("tensor bytes do not match the stored checksum")
+    on = {name: t.to(device) for name, t in tensors.items()}
+    voice = Voice(
+        spk_cond_emb=on["spk_cond_emb"], style=on["style"], ref_mel=on["ref_mel"],
+        prompt_condition=on["prompt_condition"], speech_latent=on["speech_latent"], emovec_spk=on["emovec_spk"],
+        emovec_self=on["emovec_self"], emovec_emo=on.get(_EMOTION_CLIP, on["emovec_self"]), audio_s=audio_s,
+    )
+    return voice, {k: v for k, v in meta.items() if k not in _RESERVED}

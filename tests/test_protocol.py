@@ -25,6 +25,8 @@ CLIENT_MESSAGES: list[p.ClientMessage] = [
     p.AppendText(id=4, text="more text. "),
     p.Flush(id=4),
     p.Cancel(id=p.MAX_REQUEST_ID),
+    p.ListVoices(id=5),
+    p.DeleteVoice(id=6, voice="0123abcd"),
     p.Ping(nonce=7),
 ]
 
@@ -35,6 +37,9 @@ SERVER_MESSAGES: list[p.ServerMessage] = [
         model="IndexTTS-2.5", languages=("zh", "en", "ja", "es", "ar"),
     ),
     p.VoiceRegistered(id=1, voice="0123abcd", audio_s=3.5),
+    p.VoiceList(id=5, voices=("0123abcd", "4567ef01"), total=3),
+    p.VoiceList(id=5, voices=(), total=0),
+    p.VoiceDeleted(id=6, voice="0123abcd"),
     p.SegmentStart(id=3, index=0, text="HELLO."),
     p.Audio(id=3, seq=0, pcm=b"\x01\x00\xff\x7f"),
     p.SegmentEnd(id=3, index=0, audio_s=0.5),
@@ -196,7 +201,8 @@ def test_daemon_and_clients_import_without_torch() -> None:
     the daemon meets the model only through the Pipeline it is handed (tests/test_api.py blocks torch outright)."""
     modules = ["ttsd.api." + m for m in ("errors", "options", "protocol", "rules", "pcm")]
     modules += ["ttsd.daemon." + m for m in ("server", "session", "worker", "core", "http", "wyoming",
-                                            "metrics", "presets", "config", "cli", "encoding", "systemd")]
+                                            "metrics", "presets", "config", "cli", "encoding", "systemd",
+                                            "voice_store")]
     modules += ["ttsd.clients.client", "ttsd.clients.say"]
     code = f"import sys, {', '.join(modules)}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -247,6 +253,17 @@ def test_largest_legal_messages_pass_the_structure_limits() -> None:
     assert p.decode_client(p.encode(full)) == full
     big = p.RegisterVoice(id=1, audio=b"\x00" * (16 * 2**20 - 64))
     assert p.decode_client(p.encode(big)) == big
+    listing = p.VoiceList(id=1, voices=tuple(f"{i:032x}" for i in range(p.MAX_LISTED_VOICES)), total=10**6)
+    assert p.decode_server(p.encode(listing)) == listing
+
+
+def test_voice_list_longer_than_its_limit_is_refused() -> None:
+    """A voice_list beyond MAX_LISTED_VOICES ids, or with a total below its length, is refused."""
+    too_many = frame(type="voice_list", id=1, voices=["a"] * (p.MAX_LISTED_VOICES + 1), total=10**6)
+    short_total = frame(type="voice_list", id=1, voices=["a", "b"], total=1)
+    for data in (too_many, short_total):
+        with pytest.raises(p.ProtocolError):
+            p.decode_server(data)
 
 
 def test_unknown_field_names_are_quoted_short() -> None:
