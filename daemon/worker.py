@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ttsd.api.errors import BadOptions, BadText, Busy, ErrorCode, ShuttingDown, TtsdError, UnknownVoice
+from ttsd.api.errors import BadOptions, Busy, ErrorCode, ShuttingDown, TtsdError, UnknownVoice
 from ttsd.api.rules import check_reference_audio
 from ttsd.pipeline.errors import DeviceFault
 from ttsd.pipeline.requests import Request, RequestDone, RequestFailed, SegmentDone
@@ -529,28 +529,16 @@ class Worker:
 
     def _split_now(self, job: Job, texts: list[str], close: bool) -> None:
         """Split `texts` into segments for `job` and queue them for the worker (or queue its failure)."""
-        pieces: list[tuple[Segment, ...]] = []
-        failed: Fail | None = None
-        for text in texts:
-            if job.stop_code is not None:
-                return  # its stop op takes it out; splitting more is wasted work
-            try:
-                pieces.append(tuple(self.pipeline.split_text(text, job.opts)))
-            except BadText as e:
-                if job.incremental:
-                    log.debug("skipped unspeakable text key=%d chars=%d", job.key, len(text))  # "**", "..."
-                    continue
-                failed = Fail(job, e)
-                break
-            except TtsdError as e:
-                failed = Fail(job, e)
-                break
-            except Exception as e:  # a bug in the front end: this job fails, the daemon serves on
-                log.exception("text split failed key=%d", job.key)
-                failed = Fail(job, TtsdError(f"internal error: {type(e).__name__}"))
-                break
+        try:
+            pieces, error = self.pipeline.split_pieces(texts, job.opts, incremental=job.incremental,
+                                                       stopped=lambda: job.stop_code is not None)
+        except Exception as e:  # a bug in the front end: this job fails, the daemon serves on
+            log.exception("text split failed key=%d", job.key)
+            pieces, error = [], TtsdError(f"internal error: {type(e).__name__}")
+        if job.stop_code is not None:
+            return  # its stop op takes it out; what was split is wasted work
         with self._cond:
-            self._inbox.append(failed if failed is not None else AddText(job, pieces, close))
+            self._inbox.append(AddText(job, pieces, close) if error is None else Fail(job, error))
             self._cond.notify()
 
     # ---------------------------------------------------------------------------------------

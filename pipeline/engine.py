@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ttsd.api.errors import BadText, TtsdError
+from ttsd.api.errors import TtsdError
 
 from .audio import HOP_LENGTH
 from .chunking import ChunkInput, ChunkJoiner, ChunkPlan, SecondPass, overlap_samples
@@ -336,17 +336,11 @@ class Engine:
             if isinstance(item, tuple):
                 segments = list(item)  # split ahead of time by the caller
             else:
-                try:
-                    segments = self.pipe.split_text(item, req.opts)
-                except BadText as e:
-                    if req.incremental:
-                        log.debug("skipped unspeakable text chars=%d", len(item))  # "**", "..." in a stream
-                        continue
-                    self._fail(req, e, events)
+                pieces, error = self.pipe.split_pieces([item], req.opts, incremental=req.incremental)
+                if error is not None:
+                    self._fail(req, error, events)
                     return None
-                except TtsdError as e:
-                    self._fail(req, e, events)
-                    return None
+                segments = [seg for piece in pieces for seg in piece]
             for seg in segments:
                 # Indices run across the whole request: the seed derives each segment's noise from them.
                 req.segments.append(seg.with_index(req.next_index))

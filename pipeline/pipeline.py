@@ -22,7 +22,7 @@ import math
 import time
 import wave
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ttsd.api.errors import BadOptions, ConfigError, TtsdError
+from ttsd.api.errors import BadOptions, BadText, ConfigError, TtsdError
 from ttsd.api.options import SynthesisOptions
 
 from . import audio
@@ -254,6 +254,29 @@ class Pipeline:
         """Text → GPT-sized segments, exactly as upstream segments it. Raises BadText, BadOptions."""
         self.check_options(opts)
         return self.family.split_text(self.tokenizer, text, opts)
+
+    def split_pieces(
+        self, texts: Iterable[str], opts: SynthesisOptions, *, incremental: bool,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> tuple[list[tuple[Segment, ...]], TtsdError | None]:
+        """Each text's segments, one tuple per text, and the error that ended the request, if any: the
+        one rule for a request's text, wherever it is split. An incremental request skips a piece with
+        nothing to say ("**", "..." between sentences of a stream); any other request fails on it.
+        `stopped` is asked before each text: a request that ended needs no more of its text split."""
+        pieces: list[tuple[Segment, ...]] = []
+        for text in texts:
+            if stopped():
+                break
+            try:
+                pieces.append(tuple(self.split_text(text, opts)))
+            except BadText as e:
+                if incremental:
+                    log.debug("skipped unspeakable text chars=%d", len(text))
+                    continue
+                return pieces, e
+            except TtsdError as e:
+                return pieces, e
+        return pieces, None
 
     # ------------------------------------------------------------------ emotion
 
