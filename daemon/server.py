@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ttsd.api.errors import ConfigError
 from ttsd.api.protocol import ErrorCode
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .wyoming import WyomingServer
 
 log = logging.getLogger(__name__)
+_L = TypeVar("_L")
 
 CANCEL_GRACE_S: Final = 10.0          # shutdown: cancelled requests stop at their next decode step
 
@@ -175,23 +176,21 @@ class Server:
     def sessions(self) -> set[Session]:
         return self.websocket.sessions
 
+    def _listener(self, kind: type[_L]) -> _L | None:
+        """The listener of this kind, if the config opened its port."""
+        return next((listener for listener in self.listeners if isinstance(listener, kind)), None)
+
     @property
     def http(self) -> HttpApi | None:
         from .http import HttpApi
 
-        for listener in self.listeners:
-            if isinstance(listener, HttpApi):
-                return listener
-        return None
+        return self._listener(HttpApi)
 
     @property
     def wyoming(self) -> WyomingServer | None:
         from .wyoming import WyomingServer
 
-        for listener in self.listeners:
-            if isinstance(listener, WyomingServer):
-                return listener
-        return None
+        return self._listener(WyomingServer)
 
     def health(self) -> tuple[HTTPStatus, str]:
         """What GET /healthz answers: 503 after a device fault or while draining, else 200 ok."""
