@@ -27,6 +27,7 @@ codec, mel, fbank, CAMPPlus, prompt regulator)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import statistics
 import sys
@@ -69,6 +70,7 @@ class Clock:
         """Time every call of obj.name under `key` (an instance attribute shadows the method)."""
         fn: Callable[..., Any] = getattr(obj, name)
 
+        @functools.wraps(fn)  # HF's generate validates its kwargs against the signature it sees
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -136,6 +138,7 @@ def instrument(tts: Any, clock: Clock) -> None:
     gpt.inference_speech = greedy_speech
     forward = inf.forward
 
+    @functools.wraps(forward)  # as Clock.wrap: generate reads forward's signature
     def forward_split(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         out = forward(*args, **kwargs)
