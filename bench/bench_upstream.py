@@ -22,7 +22,15 @@ cached): prefill = the first GPT forward of each `generate`, decode = the rest o
 `merge_emovec` (upstream recomputes both for every segment), latent = the second GPT pass, s2mel
 = gpt_layer + length regulator + CFM (DiT × steps), bigvgan = the vocoder; prepare_voice is the
 voice part of a cold request (w2v-BERT for the speaker and again for the emotion reference,
-codec, mel, fbank, CAMPPlus, prompt regulator)."""
+codec, mel, fbank, CAMPPlus, prompt regulator).
+
+`--versus CONVERTED` also loads ttsd's Pipeline from the same model converted by ttsd-convert and
+alternates the two request by request (upstream, then bench_pipeline's `measure` of the same text,
+voice, codes and greedy decoding), so both see the same machine load; the table then shows each
+stage's median for both and upstream / ttsd. Two processes run one after the other on a shared
+machine can differ by a third from load alone, which is why the side by side is measured this way.
+ttsd's prepare_voice also holds what upstream recomputes for every segment (the speaker conformer +
+perceiver and the emotion vectors): upstream's `conditioning_s` row is that work."""
 
 from __future__ import annotations
 
@@ -190,16 +198,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codes", type=int, default=40, help="codes per segment (stop token suppressed)")
     ap.add_argument("--repeat", type=int, default=2, help="warm requests per text (min and median shown)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--versus", type=Path, help="the same model converted by ttsd-convert: alternate with ttsd")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tts = load_upstream(args.upstream, args.checkpoints, args.tokenizer)
     print(f"load_s: {time.perf_counter() - t0:.1f}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    ours = Ours(args.versus, args.voice, args.codes) if args.versus is not None else None
     for name in [t for t in args.texts.split(",") if t]:
         tts.cache_spk_cond = tts.cache_emo_cond = None  # a cold request first: it prepares the voice
         _, cold_total, cold = request(tts, args.voice, TEXTS[name], args.codes)
-        runs = [request(tts, args.voice, TEXTS[name], args.codes) for _ in range(args.repeat)]
+        if ours is not None:
+            ours.warm(TEXTS[name])
+        runs = []
+        for _ in range(args.repeat):
+            runs.append(request(tts, args.voice, TEXTS[name], args.codes))
+            if ours is not None:
+                ours.measure(name)
         print(f"\n{name}: cold request {cold_total:.2f} s, prepare_voice {cold['voice']:.2f} s, {args.repeat} warm:")
         rows: dict[str, list[float]] = {"first_audio_s": [r[0] for r in runs], "total_s": [r[1] for r in runs]}
         segments = len(tts.tokenizer.split_segments(tts.tokenizer.tokenize(TEXTS[name]), MAX_TEXT_TOKENS_PER_SEGMENT))
@@ -210,10 +226,59 @@ def main(argv: list[str] | None = None) -> int:
                                ("latent_s", t.get("latent", 0.0)),
                                ("s2mel_s", t.get("s2mel", 0.0)), ("bigvgan_s", t.get("bigvgan", 0.0))):
                 rows.setdefault(key, []).append(value)
-        print("| stage | min | median |\n|---|---|---|")
+        if ours is None:
+            print("| stage | min | median |\n|---|---|---|")
+            for key, values in rows.items():
+                print(f"| {key} | {min(values):.3f} | {statistics.median(values):.3f} |")
+            continue
+        rows["prepare_voice_s"] = [cold["voice"]]
+        theirs = ours.table(name)
+        print("| stage | upstream median | ttsd median | upstream / ttsd |\n|---|---|---|---|")
         for key, values in rows.items():
-            print(f"| {key} | {min(values):.3f} | {statistics.median(values):.3f} |")
+            up, tt = statistics.median(values), theirs.get(key)
+            ratio = "" if not tt else f"{up / tt:.2f}×"
+            print(f"| {key} | {up:.3f} | {'' if tt is None else f'{tt:.3f}'} | {ratio} |")
+        print(f"(ttsd's prepare_voice_s includes the conditioning upstream repeats per segment: "
+              f"{statistics.median(rows['conditioning_s']):.3f} s of upstream's requests)")
     return 0
+
+
+class Ours:
+    """ttsd's Pipeline on the converted model, measured by bench_pipeline between upstream's requests."""
+
+    def __init__(self, converted: Path, voice: Path, codes: int) -> None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        bp = importlib.import_module("bench_pipeline")
+        from ttsd.api.options import SynthesisOptions
+        from ttsd.pipeline import Pipeline
+
+        self.bp = bp
+        t0 = time.perf_counter()
+        self.pipe = Pipeline.load(converted, "cpu")
+        bp.suppress_stop(self.pipe)
+        print(f"ttsd load_s: {time.perf_counter() - t0:.1f}")
+        self.opts = SynthesisOptions(do_sample=False, num_beams=1, max_mel_tokens=codes)
+        t0 = time.perf_counter()
+        self.voice = self.pipe.prepare_voice(voice)  # cold, as upstream's first request
+        self.voice_s = time.perf_counter() - t0
+        self.rows: dict[str, list[Any]] = {}
+
+    def warm(self, text: str) -> None:
+        self.bp.run_stream(self.pipe, self.voice, text, self.opts)
+
+    def measure(self, name: str) -> None:
+        self.rows.setdefault(name, []).append(self.bp.measure(self.pipe, self.voice, name, TEXTS[name], self.opts))
+
+    def table(self, name: str) -> dict[str, float]:
+        """Medians under upstream's row names."""
+        runs = self.rows[name]
+        med = {k: statistics.median(getattr(r, k) for r in runs) for k in (
+            "first_audio_s", "total_s", "gpt_prefill_ms", "gpt_decode_s", "gpt_step_ms", "gpt_latent_s",
+            "s2mel_s", "bigvgan_s")}
+        return {"first_audio_s": med["first_audio_s"], "total_s": med["total_s"], "conditioning_s": 0.0,
+                "prefill_s": med["gpt_prefill_ms"] / 1000, "decode_s": med["gpt_decode_s"],
+                "decode_ms_per_code": med["gpt_step_ms"], "latent_s": med["gpt_latent_s"],
+                "s2mel_s": med["s2mel_s"], "bigvgan_s": med["bigvgan_s"], "prepare_voice_s": self.voice_s}
 
 
 if __name__ == "__main__":
