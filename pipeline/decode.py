@@ -19,10 +19,12 @@ of (request seed, segment, step, token) instead of a global RNG, so a seeded req
 same codes alone or batched, with no random state on the host.
 
 Host syncs: a steady-state step (greedy, sampling or beams) reads nothing back from the device; the
-host reads the batch every STOP_CHECK_EVERY steps (finished requests) and once when a request
-leaves (its codes). Host values enter the device only between steps, through fills and pinned
-non-blocking copies (`upload`), never a blocking copy. On CUDA all of a batch's work, joining and
-leaving included, is issued on the stream current when it is called (the engine's GPT stream).
+host reads the batch every STOP_CHECK_EVERY steps on CUDA (finished requests) and once when a
+request leaves (its codes). On CPU the "device" is the host: reading it costs nothing, so the batch
+checks after every step (`stop_check_every`) and no step is spent on a row that already stopped.
+Host values enter the device only between steps, through fills and pinned non-blocking copies
+(`upload`), never a blocking copy. On CUDA all of a batch's work, joining and leaving included, is
+issued on the stream current when it is called (the engine's GPT stream).
 Shapes: R rows, Q requests, nb beams per request, V mel vocabulary, P prefix
 length, S_cap cache slots, K code budget, L layers, H heads, Dh head width."""
 
@@ -40,7 +42,7 @@ from ttsd.api.errors import Cancelled
 from .device import upload
 from .gpt import GPTConfig, LayerKV, UnifiedVoice
 
-STOP_CHECK_EVERY = 8  # decode steps between host syncs (finished requests)
+STOP_CHECK_EVERY = 8  # decode steps between host syncs (finished requests) on CUDA; 1 on CPU
 FAKE_PROMPT_ID = 1  # upstream fake input_ids are all 1 before the start token: code 1 is always penalised
 BEAM_INIT_SCORE = -1e9  # HF beam_scores[:, 1:]: all beams start identical, only beam 0 may expand
 SEQ_ALIGN = 64  # cache length granularity: keeps the [S, S_cap] mask aligned for fused SDPA kernels
@@ -415,6 +417,9 @@ class DecodeBatch:
         fixed = self.device.type == "cuda" if fixed is None else fixed
         # CPU: every row runs the step on its own (see _forward), so rows are never padded there.
         self.rowwise = self.device.type == "cpu"
+        # A stop found at once frees its row at once (results do not depend on the cadence: a finished
+        # row's later steps are discarded); on CUDA each check is a host sync, so it is amortised.
+        self.stop_check_every = 1 if self.device.type == "cpu" else STOP_CHECK_EVERY
         self.row_align = 1 if self.rowwise else ROW_ALIGN
         max_slots = cache_slots_for(cfg)
         cache_rows = _align(max_rows, self.row_align)
@@ -604,7 +609,7 @@ class DecodeBatch:
         self._select(n)
         self.step_count += 1
         finished = [r for r in self.requests if r.steps >= r.params.max_mel_tokens]
-        if self.step_count % STOP_CHECK_EVERY == 0:
+        if self.step_count % self.stop_check_every == 0:
             finished = self._check_done(finished)  # host sync: stop codes and beam completion
         for req in finished:
             req.result = self._result(req)
@@ -760,7 +765,7 @@ class DecodeBatch:
 
     def committed(self, req: DecodeRequest) -> Tensor:
         """The codes of `req` that can no longer change, on the host [n] (a host sync: callers read it
-        with the stop check, every STOP_CHECK_EVERY steps). One row: every code selected before the
+        with the stop check, every `stop_check_every` steps). One row: every code selected before the
         first stop code. Beams: the common prefix of every live beam and every finished hypothesis
         (any of them may still be the final choice), so with 3 beams the committed codes lag the
         newest by however far back the beams last diverged."""
@@ -866,8 +871,8 @@ def generate(
     recorder: StepRecorder | None = None,
 ) -> Generated:
     """Generate semantic codes after `prefix` [1, P, D] (from `UnifiedVoice.build_prefix`) through a
-    batch of one request. `key` (sampling_key) drives sampling; `cancel` is polled every
-    STOP_CHECK_EVERY steps and raises Cancelled."""
+    batch of one request. `key` (sampling_key) drives sampling; `cancel` is polled with every stop
+    check and raises Cancelled."""
     batch = DecodeBatch(gpt, max_rows=params.num_beams, dtype=prefix.dtype)
     req = DecodeRequest(prefix=prefix, params=params, key=key, recorder=recorder)
     if cancel is not None and cancel():
@@ -875,6 +880,6 @@ def generate(
     batch.admit(req)
     while req.result is None:
         batch.step()
-        if cancel is not None and batch.step_count % STOP_CHECK_EVERY == 0 and cancel():
+        if cancel is not None and batch.step_count % batch.stop_check_every == 0 and cancel():
             raise Cancelled("generation cancelled")
     return req.result

@@ -10,7 +10,9 @@ One thread drives an engine: it calls `step()` repeatedly, and between calls `ad
 one decode step, then one unit (prep, one Euler step, or the vocoder) of one acoustic job, so a
 long acoustic job never holds up everyone's decoding. On CUDA the decode batch runs on one stream
 and acoustic jobs on another, so they overlap; a job's audio is handed out as soon as its copy to
-the host is done. On CPU the same code runs in order.
+the host is done. On CPU the same code runs in order, with one exception: a job that renders some
+request's first audio runs to its end before the next decode step, since in order a decode step in
+between can only delay that audio.
 
 Streams (CUDA): everything that touches the decode batch — admitting, stepping, removing a cancelled
 or failed request, resetting after a failure — is issued on the GPT stream, and the batch's buffers
@@ -25,7 +27,7 @@ ahead of its audio on CUDA (none on CPU, where running ahead only delays the seg
 never more than its flow-control credits allow. Every request's audio is delivered in order.
 
 Chunks (chunk_codes > 0, chunking.py): a segment's audio need not wait for its last code. With
-every stop check (STOP_CHECK_EVERY steps, the host reads the batch then anyway) the engine reads the
+every stop check (the batch's `stop_check_every` steps, the host reads the batch then anyway) the engine reads the
 codes of each chunked segment that can no longer change (one row: all of them; beams: the common
 prefix of every live beam and finished hypothesis) and sends each chunk whose codes are all there
 to the acoustic stage, where it batches with segments and other chunks; IndexTTS-2's second-pass
@@ -56,7 +58,7 @@ from ttsd.api.errors import TtsdError
 
 from .audio import HOP_LENGTH
 from .chunking import ChunkInput, ChunkJoiner, ChunkPlan, SecondPass, overlap_samples
-from .decode import STOP_CHECK_EVERY, DecodeBatch, DecodeRequest, Generated, StepFn
+from .decode import DecodeBatch, DecodeRequest, Generated, StepFn
 from .device import upload
 from .requests import Event, Observer, Request, RequestDone, RequestFailed, SegmentAudio, SegmentDone
 
@@ -176,6 +178,10 @@ class _AcousticJob:
         self.segs = segs
         self.units = self.run()
         self.results: list[tuple[_Work, Tensor]] = []  # (segment or chunk, PCM on the host, maybe still copying)
+        # It renders the first piece of some request's audio (its first segment, or that one's first chunk).
+        self.first_audio = any(
+            s.req.delivered == 0 and s.segment.index == 0 and (isinstance(s, _Seg) or s.index == 0) for s in segs
+        )
         self.event: torch.cuda.Event | None = None
         self.issued = False  # every unit has run (on CUDA the device may still be working)
 
@@ -234,6 +240,10 @@ class Engine:
             )
         self.max_batch_rows = max_batch_rows
         self.prefetch = pipe.device.type == "cuda" if prefetch is None else prefetch
+        # CPU: decode steps and acoustic units run one after the other on the same cores, so a decode
+        # step taken while a job renders someone's first audio only delays that audio (on CUDA the two
+        # overlap on their streams). Such a job then runs to its end before decoding goes on.
+        self.first_audio_first = pipe.device.type != "cuda"
         self.max_acoustic_frames = max_acoustic_frames
         self.requests: list[Request] = []
         self._arrivals = itertools.count()
@@ -292,7 +302,7 @@ class Engine:
         """One unit of work (module docstring). Returns the events it produced, in order."""
         events: list[Event] = []
         self._admit(events)
-        if self.batch.active:
+        if self.batch.active and not self._first_audio_rendering():
             self._decode_step(events)
         self._acoustic_unit(events)
         self._deliver(events)
@@ -402,7 +412,7 @@ class Engine:
             # The acoustic stream reads these after the GPT stream wrote them.
             self.lanes.hand_over(self.lanes.gpt, self.lanes.acoustic, d.result.codes, s.req.emovec)
             self._ready.append(s)
-        if self.batch.step_count % STOP_CHECK_EVERY == 0:  # the batch read the device for its stop check too
+        if self.batch.step_count % self.batch.stop_check_every == 0:  # the batch read the device for its stop check too
             for s in list(self._decoding.values()):
                 if s.chunking is not None and not s.dropped and s.decode is not None:
                     try:
@@ -488,6 +498,10 @@ class Engine:
                 self._solo.append(s)
 
     # ------------------------------------------------------------------ acoustic
+
+    def _first_audio_rendering(self) -> bool:
+        """CPU: a job holding some request's first audio has units left (they go before decode steps)."""
+        return self.first_audio_first and any(j.first_audio and not j.issued for j in self._jobs)
 
     def _acoustic_unit(self, events: list[Event]) -> None:
         while len(self._jobs) < MAX_ACOUSTIC_JOBS and self._ready:

@@ -284,3 +284,31 @@ def test_a_failed_decode_step_resumes_chunked_segments(pipeline: Pipeline, voice
         assert [(p.segment.index, p.part, p.last) for p in got] == [(p.segment.index, p.part, p.last) for p in want]
         for a, b in zip(got, want, strict=True):
             assert_close(torch.from_numpy(a.samples)[None], torch.from_numpy(b.samples)[None], "retried")
+
+
+def test_on_cpu_a_first_chunk_renders_without_decode_steps_in_between(pipeline: Pipeline, voice: Voice) -> None:
+    """CPU runs decode steps and acoustic units in order: once the job holding a request's first audio
+    exists, no decode step runs until that audio is out (a step in between could only delay it); the
+    first chunk is cut in the step its last code was selected (CPU checks the batch every step)."""
+    engine = Engine(pipeline, max_batch_rows=4)
+    first = 5  # not a multiple of CUDA's stop-check cadence (8)
+    req = Request(voice=voice, opts=opts(pipeline, seed=3, **{**CHUNKS, "first_chunk_codes": first}),
+                  texts=deque([TEXT]))
+    engine.add(req)
+    steps_at_job = steps_at_audio = None
+    for _ in range(5000):
+        events = engine.step()
+        if steps_at_job is None and engine._jobs:
+            steps_at_job = engine.stats["decode_steps"]
+        if any(isinstance(ev, SegmentDone) for ev in events):
+            steps_at_audio = engine.stats["decode_steps"]
+            break
+    assert steps_at_job is not None and steps_at_audio is not None
+    assert steps_at_audio == steps_at_job, (steps_at_job, steps_at_audio)
+    assert steps_at_job == first  # code k is selected in decode step k: no wait for a stop check
+    assert pipeline.device.type == "cpu"
+    for _ in range(5000):  # the rest of the request decodes and renders as usual
+        if any(isinstance(ev, RequestDone) for ev in engine.step()):
+            break
+    assert not engine.busy
+    assert engine.stats["chunks"] >= 3  # its later chunks were cut too (up to 48 codes: 5, then 16 with 4 overlap)

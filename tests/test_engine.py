@@ -288,3 +288,35 @@ def test_unspeakable_text_fails_a_request_and_is_skipped_in_a_stream(
     failed = [e for e in events if isinstance(e, RequestFailed)]
     assert len(failed) == 1 and failed[0].request is whole and isinstance(failed[0].error, BadText)
     assert any(isinstance(e, RequestDone) and e.request is streamed for e in events)
+
+
+@torch.inference_mode()
+def test_cpu_batch_frees_a_stopped_row_in_the_step_that_chose_the_stop_code(
+    pipeline: Pipeline, voices: dict[str, Voice]
+) -> None:
+    """On CPU reading the batch costs no sync, so the stop check runs after every step: a request whose
+    stop code is selected in step k leaves the batch in step k (CUDA waits for a multiple of 8)."""
+    from ttsd.pipeline.decode import DecodeBatch, decode_step
+
+    stop, forced_from = pipeline.gpt.cfg.stop_mel_token, 5  # the 5th forward's logits pick code 6: stop
+    calls = 0
+
+    def step_fn(*args: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        logits = decode_step(*args)
+        if calls >= forced_from:
+            logits[:, stop] = 1e4
+        return logits
+
+    o = pipeline.check_options(SynthesisOptions(max_mel_tokens=40, do_sample=False, num_beams=1))
+    voice = next(iter(voices.values()))
+    emovec = pipeline.request_emovec(voice, o, None)
+    batch = DecodeBatch(pipeline.decode_gpt, max_rows=1, dtype=pipeline.gpt_dtype, step_fn=step_fn)
+    assert batch.stop_check_every == 1
+    req = pipeline.decode_request(voice, pipeline.split_text("Hello world.", o)[0], o, emovec)
+    batch.admit(req)
+    while req.result is None:
+        batch.step()
+    assert req.result.codes.size(1) == forced_from  # codes 1..5, then the stop code
+    assert batch.step_count == forced_from + 1 and calls == forced_from
