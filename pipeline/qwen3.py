@@ -306,12 +306,12 @@ def greedy(model: Qwen3ForCausalLM, prompts: list[list[int]], eos_ids: frozenset
 
 
 def load_qwen3(folder: Path, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
-    """config.json + model.safetensors of a Qwen3ForCausalLM folder, loaded strictly, cast to `dtype`
-    (the release stores bfloat16; float32 is an exact upcast and upstream's CPU parity dtype)."""
+    """config.json + model.safetensors of a Qwen3ForCausalLM folder, loaded strictly, its weights cast
+    to `dtype` on the host (the release stores bfloat16; float32 is an exact upcast and upstream's CPU
+    parity dtype; the device never holds the bfloat16 copy beside the float32 one)."""
     folder = Path(folder)
     cfg = Qwen3Config.from_json(folder / "config.json")
-    model = load_module(lambda: Qwen3ForCausalLM(cfg), folder / "model.safetensors", device)
-    return model.to(dtype)
+    return load_module(lambda: Qwen3ForCausalLM(cfg), folder / "model.safetensors", device, dtype=dtype)
 
 
 def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:

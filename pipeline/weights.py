@@ -58,15 +58,21 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def read_tensors(
-    path: Path, device: torch.device | str = "cpu", keys: Iterable[str] | None = None
+    path: Path, device: torch.device | str = "cpu", keys: Iterable[str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file (all of them, or `keys`), onto `device`."""
+    """Read tensors from a safetensors file (all of them, or `keys`), onto `device`; with `dtype`,
+    each is cast on the host first, one at a time, so the device never holds both precisions."""
     path = Path(path)
     _check_file(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        if dtype is None:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                names = list(f.keys()) if keys is None else list(keys)
+                return {k: f.get_tensor(k) for k in names}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             names = list(f.keys()) if keys is None else list(keys)
-            return {k: f.get_tensor(k) for k in names}
+            return {k: f.get_tensor(k).to(dtype).to(device) for k in names}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
 
@@ -77,8 +83,10 @@ def load_strict(
     device: torch.device | str,
     prefix: str = "",
     skip: Callable[[str], bool] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Load `module` from the keys of `path` that start with `prefix` (prefix stripped).
+    """Load `module` from the keys of `path` that start with `prefix` (prefix stripped), cast to
+    `dtype` when given (on the host, before they reach `device`).
 
     `skip` names keys that are present in the file but deliberately not used (for example the
     w2v-BERT layers after the one we read); they are still required to be in the file."""
@@ -95,7 +103,7 @@ def load_strict(
     if missing or unexpected or misshaped:
         where = f"{path} [{prefix}*]" if prefix else path
         raise CheckpointMismatch(where, missing, unexpected, misshaped)
-    tensors = read_tensors(path, device, keys=[prefix + k for k in want])
+    tensors = read_tensors(path, device, keys=[prefix + k for k in want], dtype=dtype)
     state = {k[len(prefix) :]: v for k, v in tensors.items()}
     module.load_state_dict(state, strict=True, assign=True)
 
@@ -117,10 +125,12 @@ def load_module(
     device: torch.device | str,
     prefix: str = "",
     skip: Callable[[str], bool] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> M:
-    """Build a module on meta, load it strictly from `path`, build its buffers, set eval mode."""
+    """Build a module on meta, load it strictly from `path` (cast to `dtype` if given), build its
+    buffers, set eval mode."""
     with torch.device("meta"):
         module = build()
-    load_strict(module, path, device, prefix=prefix, skip=skip)
+    load_strict(module, path, device, prefix=prefix, skip=skip, dtype=dtype)
     build_buffers(module, device)
     return module.eval().requires_grad_(False)

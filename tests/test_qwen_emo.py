@@ -9,6 +9,7 @@ per template variant, once per module."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -407,3 +408,24 @@ def test_pipeline_load_helper(fx: FixtureSet, qset: QwenSet, tmp_path: Path) -> 
     assert qwen_emo.load_qwen_emo(fx.ckpt, torch.device("cpu")) is None
     loaded = qwen_emo.load_qwen_emo(qset.ckpt, torch.device("cpu"))
     assert loaded is not None and loaded.files.folder == qset.folder
+
+
+def test_on_simulated_cuda_the_release_loads_in_float32_and_answers_as_upstream(qset: QwenSet) -> None:
+    """The bfloat16 release becomes float32 on the host, tensor by tensor, so the device never holds the
+    bfloat16 copy; greedy decoding there gives upstream's ids, with no device-mixing or stream violation."""
+    from ttsd.tools import simcuda
+
+    gc.collect()
+    simcuda.clear_violations()
+    with simcuda.installed():
+        qe = QwenEmotion.load(qset.ckpt, "cuda")
+        params = list(qe.model.parameters())
+        assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in params)
+        cases = qset.variant("A")
+        got = qe.generate([c["text"] for c in cases])
+        for c, answer in zip(cases, got, strict=True):
+            assert answer.generated_ids == c["generated_ids"], c["key"]
+        torch.cuda.synchronize()
+        del qe, params
+        gc.collect()
+    assert simcuda.violations() == []
