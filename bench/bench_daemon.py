@@ -181,6 +181,24 @@ def spawned(args: argparse.Namespace) -> Iterator[str]:
            "--max-num-beams", str(args.num_beams or SynthesisOptions().num_beams),
            "--log-level", "warning", *([] if args.compile else ["--no-torch-compile"])]
     proc = subprocess.Popen(cmd, env={**os.environ, "TTSD_TOKEN": ""})
+
+    def stop() -> None:
+        proc.send_signal(signal.SIGTERM)  # graceful drain, as systemd would stop it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        # A bench stopped with SIGTERM (kill, timeout) stops its daemon too. Python's default action
+        # skips the `finally` below, and an exception raised here can be swallowed by the client
+        # library's handlers, so the daemon is stopped here and the bench exits at once.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop()
+        os._exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
         while True:
@@ -195,12 +213,9 @@ def spawned(args: argparse.Namespace) -> Iterator[str]:
             time.sleep(0.5)
         yield f"ws://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGTERM)  # graceful drain, as systemd would stop it
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM now must not cut the clean-up short
+        stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _counts(text: str) -> list[int]:

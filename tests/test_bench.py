@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,30 @@ def test_bench_daemon_prints_its_table(converted: Path) -> None:
     )
     assert "| clients | requests |" in out
     assert "\n| 1 | 1 |" in out and "\n| 2 | 2 |" in out and "| 1.00 | 1.00 |" in out
+
+
+@pytest.mark.slow
+def test_bench_daemon_stopped_with_sigterm_stops_its_daemon(converted: Path) -> None:
+    """SIGTERM to bench_daemon.py (a kill, a timeout) ends the daemon it spawned too: none is left running."""
+    bench = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "bench_daemon.py"), "--spawn", "--checkpoints", str(converted),
+         "--device", "cpu", "--clients", "1", "--requests", "50", "--cancels", "0", "--max-mel-tokens", "6",
+         "--num-beams", "1", "--diffusion-steps", "2", "--voice-s", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )
+    try:
+        assert bench.stdout is not None
+        line = bench.stdout.readline()  # printed once the daemon is healthy
+        assert line.startswith("url: "), line
+        children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        daemon = Path(f"/proc/{children[0]}")
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=90) == 128 + signal.SIGTERM
+        assert not daemon.exists() or "zombie" in (daemon / "status").read_text(), "the daemon outlived its bench"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if bench.stdout is not None:
+            bench.stdout.close()
