@@ -211,6 +211,7 @@ def spawned(args: argparse.Namespace) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("ttsd serve did not become healthy in time")
             time.sleep(0.5)
+        print(f"bench_daemon: ttsd serve (pid {proc.pid}) is healthy on port {port}", file=sys.stderr, flush=True)
         yield f"ws://127.0.0.1:{port}"
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM now must not cut the clean-up short
