@@ -126,6 +126,9 @@ async def bench(args: argparse.Namespace, url: str) -> None:
     for name in ("max_mel_tokens", "num_beams", "diffusion_steps", "chunk_codes", "chunk_overlap", "first_chunk_codes"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.versus_whole:
+        await versus_whole(args, url, audio, options)
+        return
     rounds = [(n, *await one_round(args, url, audio, options, n)) for n in args.clients]
 
     cancels: list[float] = []
@@ -165,6 +168,36 @@ async def bench(args: argparse.Namespace, url: str) -> None:
           f"max {1000 * max(ok_cancels) if ok_cancels else float('nan'):.0f} ms")
     if len(ok_cancels) < len(cancels):
         print(f"{len(cancels) - len(ok_cancels)} request(s) finished before their cancel arrived")
+
+
+async def versus_whole(args: argparse.Namespace, url: str, audio: bytes, options: dict[str, Any]) -> None:
+    """One client alternating chunked requests with whole-segment ones (chunk_codes 0) on the same
+    daemon, `--requests` pairs after one warm-up of each, so both modes see the same machine load."""
+    whole = {**options, "chunk_codes": 0}
+    async with Client(url, args.token) as client:
+        voice = await client.register_voice(audio)
+        for o in (options, whole):
+            await one_request(client, voice, args.text, o)  # warm-up
+        pairs = []
+        for _ in range(args.requests):
+            pairs.append((await one_request(client, voice, args.text, options),
+                          await one_request(client, voice, args.text, whole)))
+    print(f"url: {url}")
+    print(f"pairs: {args.requests}  options: {options}  text: {len(args.text)} chars")
+    print()
+    print("| mode | ttfa_p50_s | server_ttfa_p50_ms | total_p50_s | audio_s | rtf | first audio earlier |")
+    print("|---|---|---|---|---|---|---|")
+    medians = {}
+    for name, k in (("whole segment", 1), ("chunked", 0)):
+        rs = [p[k] for p in pairs]
+        ttfa = statistics.median(r.first_audio_s for r in rs)
+        server = [r.server_first_audio_ms for r in rs if r.server_first_audio_ms is not None]
+        total = statistics.median(r.total_s for r in rs)
+        audio_s = statistics.median(r.audio_s for r in rs)
+        medians[name] = ttfa
+        earlier = "" if k else f"{medians['whole segment'] / ttfa:.1f}×"
+        print(f"| {name} | {ttfa:.3f} | {statistics.median(server) if server else float('nan'):.0f} | {total:.3f} "
+              f"| {audio_s:.2f} | {total / audio_s if audio_s else float('nan'):.2f} | {earlier} |")
 
 
 @contextlib.contextmanager
@@ -256,7 +289,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="--spawn: compile the decode step on CUDA (--no-compile: graphs of the eager step)")
     ap.add_argument("--max-batch-rows", type=int,
                     help="--spawn: decode batch rows (default: the daemon's, or every client's beams if more)")
+    ap.add_argument("--versus-whole", action="store_true",
+                    help="with --chunk-codes: one client alternates chunked and whole-segment requests "
+                    "(--requests pairs)")
     args = ap.parse_args(argv)
+    if args.versus_whole and not args.chunk_codes:
+        ap.error("--versus-whole needs --chunk-codes")
+    if args.versus_whole:
+        args.clients = [1]
     if args.max_batch_rows is None:
         args.max_batch_rows = max(DaemonConfig().max_batch_rows,
                                   max(args.clients) * (args.num_beams or SynthesisOptions().num_beams))

@@ -87,3 +87,18 @@ def test_bench_daemon_stopped_with_sigterm_stops_its_daemon(converted: Path) -> 
             bench.wait()
         if bench.stderr is not None:
             bench.stderr.close()
+
+
+@pytest.mark.slow
+def test_bench_daemon_alternates_chunked_and_whole_requests(converted: Path) -> None:
+    """--versus-whole: one client alternates chunked and whole-segment requests on one daemon and prints a row
+    for each mode, the chunked one with how much earlier its first audio came."""
+    out = run_bench(
+        "bench_daemon.py", "--spawn", "--checkpoints", str(converted), "--device", "cpu", "--requests", "1",
+        "--cancels", "0", "--max-mel-tokens", "12", "--num-beams", "1", "--diffusion-steps", "2", "--voice-s", "1",
+        "--chunk-codes", "6", "--chunk-overlap", "2", "--first-chunk-codes", "3", "--versus-whole",
+    )
+    assert "| mode | ttfa_p50_s |" in out
+    whole = next(line for line in out.splitlines() if line.startswith("| whole segment |"))
+    chunked = next(line for line in out.splitlines() if line.startswith("| chunked |"))
+    assert whole.rstrip().endswith("|  |") and chunked.rstrip().endswith("× |")
