@@ -187,15 +187,14 @@ async def versus_whole(args: argparse.Namespace, url: str, audio: bytes, options
     print()
     print("| mode | ttfa_p50_s | server_ttfa_p50_ms | total_p50_s | audio_s | rtf | first audio earlier |")
     print("|---|---|---|---|---|---|---|")
-    medians = {}
+    whole_ttfa = statistics.median(w.first_audio_s for _, w in pairs)
     for name, k in (("whole segment", 1), ("chunked", 0)):
         rs = [p[k] for p in pairs]
         ttfa = statistics.median(r.first_audio_s for r in rs)
         server = [r.server_first_audio_ms for r in rs if r.server_first_audio_ms is not None]
         total = statistics.median(r.total_s for r in rs)
         audio_s = statistics.median(r.audio_s for r in rs)
-        medians[name] = ttfa
-        earlier = "" if k else f"{medians['whole segment'] / ttfa:.1f}×"
+        earlier = "" if k else f"{whole_ttfa / ttfa:.1f}×"
         print(f"| {name} | {ttfa:.3f} | {statistics.median(server) if server else float('nan'):.0f} | {total:.3f} "
               f"| {audio_s:.2f} | {total / audio_s if audio_s else float('nan'):.2f} | {earlier} |")
 

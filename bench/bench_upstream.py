@@ -271,14 +271,11 @@ class Ours:
 
     def table(self, name: str) -> dict[str, float]:
         """Medians under upstream's row names."""
-        runs = self.rows[name]
-        med = {k: statistics.median(getattr(r, k) for r in runs) for k in (
-            "first_audio_s", "total_s", "gpt_prefill_ms", "gpt_decode_s", "gpt_step_ms", "gpt_latent_s",
-            "s2mel_s", "bigvgan_s")}
-        return {"first_audio_s": med["first_audio_s"], "total_s": med["total_s"], "conditioning_s": 0.0,
-                "prefill_s": med["gpt_prefill_ms"] / 1000, "decode_s": med["gpt_decode_s"],
-                "decode_ms_per_code": med["gpt_step_ms"], "latent_s": med["gpt_latent_s"],
-                "s2mel_s": med["s2mel_s"], "bigvgan_s": med["bigvgan_s"], "prepare_voice_s": self.voice_s}
+        m = self.bp.median_row(self.rows[name])
+        return {"first_audio_s": m.first_audio_s, "total_s": m.total_s, "conditioning_s": 0.0,
+                "prefill_s": m.gpt_prefill_ms / 1000, "decode_s": m.gpt_decode_s,
+                "decode_ms_per_code": m.gpt_step_ms, "latent_s": m.gpt_latent_s,
+                "s2mel_s": m.s2mel_s, "bigvgan_s": m.bigvgan_s, "prepare_voice_s": self.voice_s}
 
 
 if __name__ == "__main__":

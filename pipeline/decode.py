@@ -609,7 +609,7 @@ class DecodeBatch:
         self._select(n)
         self.step_count += 1
         finished = [r for r in self.requests if r.steps >= r.params.max_mel_tokens]
-        if self.step_count % self.stop_check_every == 0:
+        if self.stop_checked:
             finished = self._check_done(finished)  # host sync: stop codes and beam completion
         for req in finished:
             req.result = self._result(req)
@@ -763,6 +763,12 @@ class DecodeBatch:
 
     # --------------------------------------------------------------------------- results
 
+    @property
+    def stop_checked(self) -> bool:
+        """Whether the last step read the batch for its stop check (every `stop_check_every` steps):
+        callers with their own host reads (cancel polls, committed codes) take them then."""
+        return self.step_count % self.stop_check_every == 0
+
     def committed(self, req: DecodeRequest) -> Tensor:
         """The codes of `req` that can no longer change, on the host [n] (a host sync: callers read it
         with the stop check, every `stop_check_every` steps). One row: every code selected before the
@@ -880,6 +886,6 @@ def generate(
     batch.admit(req)
     while req.result is None:
         batch.step()
-        if cancel is not None and batch.step_count % batch.stop_check_every == 0 and cancel():
+        if cancel is not None and batch.stop_checked and cancel():
             raise Cancelled("generation cancelled")
     return req.result

@@ -27,7 +27,7 @@ ahead of its audio on CUDA (none on CPU, where running ahead only delays the seg
 never more than its flow-control credits allow. Every request's audio is delivered in order.
 
 Chunks (chunk_codes > 0, chunking.py): a segment's audio need not wait for its last code. With
-every stop check (the batch's `stop_check_every` steps, the host reads the batch then anyway) the engine reads the
+every stop check (`DecodeBatch.stop_checked`: the host reads the batch then anyway) the engine reads the
 codes of each chunked segment that can no longer change (one row: all of them; beams: the common
 prefix of every live beam and finished hypothesis) and sends each chunk whose codes are all there
 to the acoustic stage, where it batches with segments and other chunks; IndexTTS-2's second-pass
@@ -412,7 +412,7 @@ class Engine:
             # The acoustic stream reads these after the GPT stream wrote them.
             self.lanes.hand_over(self.lanes.gpt, self.lanes.acoustic, d.result.codes, s.req.emovec)
             self._ready.append(s)
-        if self.batch.step_count % self.batch.stop_check_every == 0:  # the batch read the device for its stop check too
+        if self.batch.stop_checked:  # the batch read the device for its stop check too
             for s in list(self._decoding.values()):
                 if s.chunking is not None and not s.dropped and s.decode is not None:
                     try:

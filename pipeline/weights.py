@@ -66,12 +66,10 @@ def read_tensors(
     path = Path(path)
     _check_file(path)
     try:
-        if dtype is None:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                names = list(f.keys()) if keys is None else list(keys)
-                return {k: f.get_tensor(k) for k in names}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device=str(device) if dtype is None else "cpu") as f:
             names = list(f.keys()) if keys is None else list(keys)
+            if dtype is None:
+                return {k: f.get_tensor(k) for k in names}
             return {k: f.get_tensor(k).to(dtype).to(device) for k in names}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
