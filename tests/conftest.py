@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -286,6 +287,17 @@ def pipeline(converted: Path) -> Any:
     if pipe is None:
         pipe = _PIPELINES[converted] = Pipeline.load(converted, device="cpu")
     return pipe
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """A test's subprocess at the end of the test: killed if it still runs, waited for, and every pipe
+    the test opened to it closed (an open pipe outlives the test as a ResourceWarning)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def all_sets() -> list[FixtureSet]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import reap
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -82,11 +84,7 @@ def test_bench_daemon_stopped_with_sigterm_stops_its_daemon(converted: Path) -> 
         assert bench.wait(timeout=90) == 128 + signal.SIGTERM
         assert not daemon.exists() or "zombie" in (daemon / "status").read_text(), "the daemon outlived its bench"
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
-        if bench.stderr is not None:
-            bench.stderr.close()
+        reap(bench)
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from ttsd.pipeline.engine import AcousticInput, Engine, Request, RequestDone, Re
 from ttsd.pipeline.voice import Voice
 from ttsd.tools import simcuda
 
-from .conftest import FixtureSet, assert_close
+from .conftest import FixtureSet, assert_close, reap
 from .test_daemon import FAST, GATE_TIMEOUT_S, Client, last, pcm_of
 from .test_daemon import speaker_wav as speaker_wav  # the fixture, used by the serve test
 from .test_pipeline import (
@@ -283,9 +283,7 @@ def test_engine_out_of_memory_exits_1_with_one_line() -> None:
     try:
         _, err = proc.communicate(timeout=GATE_TIMEOUT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.returncode == 1, err
     errors = [line for line in err.splitlines() if " ERROR " in line or " CRITICAL " in line]
     assert any("OutOfMemoryError" in line and "max_batch_rows=128" in line for line in errors), err
@@ -323,8 +321,4 @@ async def test_serve_concurrent_cancelled_and_failing_requests_without_violation
         assert "simcuda" not in log, log
         assert isinstance(last(messages), p.Done | p.Error)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        reap(proc)

@@ -36,7 +36,7 @@ from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
 
-from .conftest import FixtureSet
+from .conftest import FixtureSet, reap
 from .test_daemon import (
     FAST,
     GATE_TIMEOUT_S,
@@ -145,9 +145,7 @@ def ttsd_serve(log_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[b
             time.sleep(0.05)
         yield proc, m.group(1)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 async def wait_for_log(log_path: Path, pattern: str, count: int = 1) -> None:

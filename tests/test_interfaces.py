@@ -50,7 +50,7 @@ from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline.pipeline import Pipeline
 
-from .conftest import FixtureSet
+from .conftest import FixtureSet, reap
 from .test_daemon import (
     FAST,
     GATE_TIMEOUT_S,
@@ -686,11 +686,7 @@ async def test_ttsd_serve_speaks_on_every_port(voices_dir: Path, speaker_wav: by
             states += (await asyncio.to_thread(notify.recv, 4096)).decode().splitlines()
         assert await asyncio.to_thread(proc.wait, GATE_TIMEOUT_S) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        reap(proc)
         notify.close()
 
 
