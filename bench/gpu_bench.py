@@ -29,7 +29,7 @@ import torch
 from ttsd.api.options import SynthesisOptions
 from ttsd.daemon.cli import simulated_cuda
 from ttsd.pipeline import Pipeline
-from ttsd.pipeline.accel import graphed_step
+from ttsd.pipeline.accel import step_function
 from ttsd.pipeline.decode import DecodeBatch
 from ttsd.pipeline.engine import AcousticInput, Engine, Request, RequestDone, RequestFailed, SegmentDone
 from ttsd.pipeline.voice import Voice
@@ -108,7 +108,7 @@ def decode_step_ms(pipe: Pipeline, voice: Voice, opts: SynthesisOptions, rows: i
     with lanes.on(lanes.gpt):
         lanes.start(lanes.gpt)
         batch = DecodeBatch(pipe.decode_gpt, max_rows=rows, dtype=pipe.gpt_dtype,
-                            step_fn=graphed_step(pipe.device, graphs=pipe.cuda_graphs, compile=pipe.compile),
+                            step_fn=step_function(pipe.device, compile=pipe.compile),
                             row_buckets=pipe.row_buckets)
         emovec = pipe.request_emovec(voice, opts, None)
         seg = pipe.split_text(TEXT, opts)[0]

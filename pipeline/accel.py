@@ -2,9 +2,9 @@
 
 `Streams` names the two CUDA streams of the engine (the GPT decode batch and the acoustic jobs) and
 every hand-off between them; on CPU each method is a no-op, so the same engine code runs in order.
-`graphed_step` turns the pure decode step (decode.py) into CUDA-graph replays, one graph per batch
-row bucket, optionally compiled with inductor first; a compile failure falls back to the eager
-step with one log line. Nothing here runs on CPU except the no-op paths."""
+`step_function` is the pure decode step (decode.py), optionally compiled with inductor; a compile
+failure falls back to the eager step with one log line. The decode batch replays it from CUDA graphs
+(pipeline/graphs.py). Nothing here runs on CPU except the no-op paths."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from .gpt import LayerKV, UnifiedVoice
 log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (4, 8, 16, 32, 64, 128)  # batch rows a graphed decode step is captured for
-GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS workspaces, lazy init)
 
 
 class Streams:
@@ -106,53 +105,13 @@ class CompiledOrEager:
         return self.eager(gpt, tokens, input_pos, mel_pos, kv, kv_len)
 
 
-class _Graphed:
-    """The decode step replayed from CUDA graphs, one per (row count, kv length); inputs are read in
-    place (the batch keeps its state and cache at fixed addresses on CUDA), outputs are graph-owned."""
-
-    def __init__(self, fn: StepFn) -> None:
-        self.fn = fn
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-
-    def __call__(
-        self, gpt: UnifiedVoice, tokens: Tensor, input_pos: Tensor, mel_pos: Tensor, kv: Sequence[LayerKV], kv_len: int
-    ) -> Tensor:
-        key = (tokens.data_ptr(), tokens.size(0), kv_len)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self._capture(gpt, tokens, input_pos, mel_pos, kv, kv_len)
-        graph, out = entry
-        graph.replay()
-        return out
-
-    def _capture(
-        self, gpt: UnifiedVoice, tokens: Tensor, input_pos: Tensor, mel_pos: Tensor, kv: Sequence[LayerKV], kv_len: int
-    ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        side = torch.cuda.Stream(tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
-        with torch.cuda.stream(side):
-            # Warm-up runs write the same K/V at the same slots as the real step would: harmless. A
-            # compiled step that fails here falls back to eager before anything is captured.
-            for _ in range(GRAPH_WARMUP_RUNS):
-                self.fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.fn(gpt, tokens, input_pos, mel_pos, kv, kv_len)
-        log.debug("captured decode graph rows=%d kv_len=%d", tokens.size(0), kv_len)
-        return graph, out
-
-
-def graphed_step(device: torch.device, *, graphs: bool, compile: bool) -> StepFn:
+def step_function(device: torch.device, *, compile: bool) -> StepFn:
     """The decode step as run on `device`: eager, or inductor-compiled (`compile`, falling back to eager
-    on failure), and on CUDA with `graphs` replayed from CUDA graphs recorded per row bucket."""
-    fn: StepFn = decode_step
-    if compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(ROW_BUCKETS))
-        fn = CompiledOrEager(torch.compile(decode_step, fullgraph=True, dynamic=False), decode_step)
-    if device.type == "cuda" and graphs:
-        fn = _Graphed(fn)
-    return fn
+    on failure). On CUDA the batch replays it inside its graphs (DecodeBatch, pipeline/graphs.py)."""
+    if not compile:
+        return decode_step
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(ROW_BUCKETS))
+    return CompiledOrEager(torch.compile(decode_step, fullgraph=True, dynamic=False), decode_step)
 
 
 def _first_line(e: BaseException) -> str:

@@ -22,7 +22,9 @@ Host syncs: a steady-state step (greedy, sampling or beams) reads nothing back f
 host reads the batch every STOP_CHECK_EVERY steps on CUDA (finished requests) and once when a
 request leaves (its codes). On CPU the "device" is the host: reading it costs nothing, so the batch
 checks after every step (`stop_check_every`) and no step is spent on a row that already stopped.
-Host values enter the device only between steps, through fills and pinned non-blocking copies
+On CUDA with graphs a step of one-row requests is two graph replays (the selection, then the forward),
+over a row bucket: free rows run too, but their `live` flag of 0 keeps their positions and step counts
+where they are. Host values enter the device only between steps, through fills and pinned non-blocking copies
 (`upload`), never a blocking copy. On CUDA all of a batch's work, joining and leaving included, is
 issued on the stream current when it is called (the engine's GPT stream).
 Shapes: R rows, Q requests, nb beams per request, V mel vocabulary, P prefix
@@ -41,6 +43,7 @@ from ttsd.api.errors import Cancelled
 
 from .device import upload
 from .gpt import GPTConfig, LayerKV, UnifiedVoice
+from .graphs import Graphs
 
 STOP_CHECK_EVERY = 8  # decode steps between host syncs (finished requests) on CUDA; 1 on CPU
 FAKE_PROMPT_ID = 1  # upstream fake input_ids are all 1 before the start token: code 1 is always penalised
@@ -49,6 +52,7 @@ SEQ_ALIGN = 64  # cache length granularity: keeps the [S, S_cap] mask aligned fo
 # On CUDA every decode step runs a multiple of this many rows (idle rows pad it up to a graphed row
 # bucket). On CPU each row steps alone (M = 1, see DecodeBatch._forward), so nothing is padded there.
 ROW_ALIGN = 4
+CAPTURE_TOP_K = 30  # the sampling top-k whose selection graphs warm-up records (the options' default)
 _M32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9  # 2^32 / φ: spreads step numbers over the hash input
 
@@ -226,9 +230,9 @@ class KVCache:
         """Rows [start, stop) as the per-layer (K, V) pairs UnifiedVoice.forward takes (shared storage)."""
         return [(self.buf[i, 0, start:stop], self.buf[i, 1, start:stop]) for i in range(self.buf.size(0))]
 
-    def copy_rows(self, dst: Tensor, src: Tensor, length: int) -> None:
-        """Rows dst ← rows src over the first `length` slots (beam reorder); src is read before any write."""
-        self.buf[:, :, dst, :, :length] = self.buf[:, :, src, :, :length]
+    def copy_rows(self, dst: Tensor, src: Tensor, start: int, stop: int) -> None:
+        """Rows dst ← rows src over slots [start, stop) (beam reorder); src is read before any write."""
+        self.buf[:, :, dst, :, start:stop] = self.buf[:, :, src, :, start:stop]
 
     def move_rows(self, dst: int, src: int, count: int, length: int) -> None:
         """Rows [dst, dst+count) ← rows [src, src+count) over `length` slots (compaction, dst < src)."""
@@ -342,6 +346,8 @@ class _RowState:
     top_k: Tensor  # [R] int64, 0 = off
     min_keep: Tensor  # [R] int64
     top_k_host: Tensor  # [R] the same as top_k, on the host
+    live: Tensor  # [R] int64: 1 for a row in use, 0 for a free one (graphed steps run over free rows too)
+    done: Tensor  # [R] bool: the row has selected its stop code (one-row requests)
 
     @classmethod
     def alloc(cls, rows: int, vocab: int, k_max: int, stop: int, device: torch.device) -> _RowState:
@@ -365,7 +371,17 @@ class _RowState:
             top_k=z(rows, dtype=torch.long),
             min_keep=z(rows, dtype=torch.long, value=1),
             top_k_host=torch.zeros(rows, dtype=torch.long),
+            live=z(rows, dtype=torch.long),
+            done=z(rows, dtype=torch.bool),
         )
+
+    def device_tensors(self) -> list[Tensor]:
+        return [t for f in fields(self) if (t := getattr(self, f.name)).device.type != "cpu"]
+
+    def free(self, start: int, stop: int) -> None:
+        """Rows [start, stop) hold no request: a step over them advances nothing."""
+        self.live[start:stop] = 0
+        self.step[start:stop] = 0
 
     def move(self, src: _RowState, dst_row: int, src_row: int, count: int) -> None:
         """Rows [dst_row, dst_row+count) ← src's rows [src_row, src_row+count) (src may be self)."""
@@ -388,7 +404,7 @@ class _BeamGroup:
     hyp_tok: Tensor | None = None  # [Qg, nb, K_max]
     hyp_count: Tensor | None = None  # [Qg]
     counter: Tensor | None = None  # [Qg]
-    done: Tensor | None = None  # [Qg] finished (stop code for nb 1, HF is_done for beams)
+    done: Tensor | None = None  # [Qg] HF is_done (beams; one-row requests use the rows' own flag)
 
 
 class DecodeBatch:
@@ -441,6 +457,9 @@ class DecodeBatch:
             else ()
         # ... and over a fixed set of attention lengths (fixed caches: a graph per (rows, kv bucket)).
         self.kv_buckets = kv_buckets(max_slots) if fixed else ()
+        # With buckets the forward is one graph replay per step, and so is the selection of a batch of
+        # one-row requests (`_select`); beam bookkeeping runs eagerly.
+        self.graphs = Graphs("decode") if self.row_buckets else None
         self.requests: list[DecodeRequest] = []
         self.groups: dict[int, _BeamGroup] = {}
         self.n = 0  # rows in use
@@ -467,21 +486,27 @@ class DecodeBatch:
         self.groups.clear()
         self.n = 0
         self.cache.buf.zero_()
+        self.s.free(0, self.s.tokens.size(0))  # graphed steps run over every row: none may advance
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Run the step once for every (row bucket, kv bucket) on idle rows, so that graphed steps are
-        recorded now (server warm-up) rather than inside a request. A no-op without buckets (eager steps)."""
+    def capture(self, top_k: Sequence[int] = (CAPTURE_TOP_K,)) -> None:
+        """Record the graphs of every row bucket now (server warm-up) rather than inside a request: the
+        forward at every kv bucket, the greedy selection, and the sampling selection for each top-k in
+        `top_k` (other top-k values are recorded when first used). A no-op without buckets (eager steps)."""
         if self.requests:
             raise RuntimeError("capture() runs on an idle batch")
-        s = self.s
+        if self.graphs is None:
+            return
         for rows in self.row_buckets:
             if rows > self.cache.rows:
                 continue
-            for kv_len in self.kv_buckets or (SEQ_ALIGN,):
-                self.step_fn(self.gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
-                             self.cache.view(0, rows), kv_len)
+            self._select_graphed(rows, False, False, 0)
+            for k in top_k:
+                self._select_graphed(rows, True, True, k)
+            for kv_len in self.kv_buckets:
+                self._forward_graphed(rows, kv_len)
         self.cache.buf.zero_()
+        self.s.free(0, self.s.tokens.size(0))
 
     def free_rows(self) -> int:
         return self.max_rows - self.n
@@ -505,7 +530,7 @@ class DecodeBatch:
             logits = prefill(self.gpt, req.prefix, self.cache.view(r0, r0 + 1))  # [1, V]
             if nb > 1:  # every beam starts from the same prefix: copy the first row's cache
                 src = torch.full((nb - 1,), r0, device=self.device)
-                self.cache.copy_rows(torch.arange(r0 + 1, r0 + nb, device=self.device), src, p + 1)
+                self.cache.copy_rows(torch.arange(r0 + 1, r0 + nb, device=self.device), src, 0, p + 1)
             rows = slice(r0, r0 + nb)
             pr = req.params
             self.s.logits[rows] = logits
@@ -528,6 +553,8 @@ class DecodeBatch:
             self.s.top_k[rows] = top_k
             self.s.top_k_host[rows] = top_k
             self.s.min_keep[rows] = 2 if nb > 1 else 1
+            self.s.live[rows] = 1
+            self.s.done[rows] = False
         req.row, req.steps, req.result = r0, 0, None
         self.n += nb
         self.requests.append(req)
@@ -593,6 +620,7 @@ class DecodeBatch:
                 if r.row > r0:
                     r.row -= nb
         self.n -= nb
+        self.s.free(self.n, self.n + nb)
         self.cache.clear_rows(self.n, self.n + nb, length)
         for grp in self.groups.values():
             self._reindex(grp)
@@ -625,23 +653,35 @@ class DecodeBatch:
             self.s.input_pos[:n] += 1
             self.s.mel_pos[:n] += 1
             return
-        rows = _align(n, ROW_ALIGN)
-        rows = next((b for b in self.row_buckets if b >= rows), rows)
+        rows = self._rows_for(n)
         need = max(r.written for r in self.requests) + 1  # the slot this step writes, and all before it
         kv_len = next((b for b in self.kv_buckets if b >= need), self.cache.slots) if self.fixed else min(
             self.cache.slots, _align(need, SEQ_ALIGN)
         )
-        logits = self.step_fn(
-            self.gpt,
-            self.s.tokens[:rows],
-            self.s.input_pos[:rows],
-            self.s.mel_pos[:rows],
-            self.cache.view(0, rows),
-            kv_len,
-        )
-        self.s.logits[:n] = logits[:n]
-        self.s.input_pos[:n] += 1
-        self.s.mel_pos[:n] += 1
+        if self.graphs is not None:
+            self._forward_graphed(rows, kv_len)
+        else:
+            self._forward_rows(rows, kv_len)
+
+    def _rows_for(self, n: int) -> int:
+        """The rows a batched step runs over: n padded to ROW_ALIGN, then to the next graphed bucket."""
+        rows = _align(n, ROW_ALIGN)
+        return next((b for b in self.row_buckets if b >= rows), rows)
+
+    def _forward_rows(self, rows: int, kv_len: int) -> None:
+        """The forward over rows [0, rows), free ones included (their logits are never read, their
+        positions stay put), entirely on the device: one graph when replayed."""
+        s = self.s
+        logits = self.step_fn(self.gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
+                              self.cache.view(0, rows), kv_len)
+        s.logits[:rows] = logits
+        live = s.live[:rows, None]
+        s.input_pos[:rows] += live
+        s.mel_pos[:rows] += live
+
+    def _forward_graphed(self, rows: int, kv_len: int) -> None:
+        assert self.graphs is not None
+        self.graphs.run(("forward", rows, kv_len), lambda: self._forward_rows(rows, kv_len), self.s.device_tensors())
 
     def _forward_rowwise(self) -> None:
         """CPU: one step per row, attending over exactly the slots its request has written (no masked
@@ -660,6 +700,19 @@ class DecodeBatch:
                 )
 
     def _select(self, n: int) -> None:
+        if set(self.groups) == {1} and all(r.recorder is None for r in self.requests):
+            # One-row requests only: rows [0, n) are the group's members in order, so the selection runs
+            # over a slice of the state, without gathers, and on CUDA as one graph per (bucket, mode).
+            sample = any(r.params.do_sample for r in self.requests)
+            top_p = any(r.params.do_sample and r.params.top_p < 1.0 for r in self.requests)
+            k_max = int(self.s.top_k_host[:n].max()) if sample else 0  # host tensor: no sync
+            if self.graphs is not None:
+                self._select_graphed(self._rows_for(n), sample, top_p, k_max)
+            else:
+                self._select_rows(n, sample, top_p, k_max)
+            for r in self.requests:
+                r.steps += 1
+            return
         logits = self.s.logits[:n]
         is_beam = self.s.is_beam[:n]
         any_beam = any(r.rows > 1 for r in self.requests)
@@ -688,6 +741,36 @@ class DecodeBatch:
             r.steps += 1
         self.s.step[:n] += 1
 
+    def _select_rows(self, rows: int, sample: bool, top_p: bool, k_max: int) -> None:
+        """Select one code for each of rows [0, rows) of one-row requests: `_select` and `_select_single`
+        for that case, row for row the same operations (the same codes), over a slice. Free rows
+        select too (their codes are never read) but do not advance."""
+        s = self.s
+        scores = repetition_penalty(s.logits[:rows], s.seen[:rows], s.penalty[:rows])
+        if sample:
+            w = top_k_filter(scores / s.temperature[:rows], s.top_k[:rows], k_max)
+            if top_p:
+                w = top_p_filter(w, s.top_p[:rows], s.min_keep[:rows])
+            scores = torch.where(s.do_sample[:rows, None], w, scores)
+        scores[:, self.cfg.start_mel_token] = -float("inf")
+        if sample:
+            noisy = scores + gumbel_noise(s.key[:rows], s.step[:rows], scores.size(-1))
+            scores = torch.where(s.do_sample[:rows, None], noisy, scores)
+        tok = scores.argmax(-1, keepdim=True)  # [rows, 1]
+        s.seqs[:rows].scatter_(1, s.step[:rows, None], tok)
+        s.seen[:rows].scatter_(1, tok, True)
+        s.tokens[:rows] = tok
+        s.done[:rows] |= tok[:, 0] == self.cfg.stop_mel_token
+        s.step[:rows] += s.live[:rows]
+
+    def _select_graphed(self, rows: int, sample: bool, top_p: bool, k_max: int) -> None:
+        assert self.graphs is not None
+        # top_k_filter gives the same scores for any k_max ≥ every row's k: round it up to a power of
+        # two, so a handful of graphs serve every top-k.
+        k_max = min(1 << (k_max - 1).bit_length(), self.vocab) if k_max > 0 else 0
+        self.graphs.run(("select", rows, sample, top_p, k_max),
+                        lambda: self._select_rows(rows, sample, top_p, k_max), self.s.device_tensors())
+
     def _select_single(self, g: _BeamGroup, scores: Tensor) -> None:
         assert g.idx is not None and g.done is not None
         rows = g.idx[:, 0]  # [Q1]
@@ -701,7 +784,7 @@ class DecodeBatch:
         self.s.seqs[rows, step] = tok
         self.s.seen[rows, tok] = True
         self.s.tokens[rows, 0] = tok
-        g.done = g.done | (tok == self.cfg.stop_mel_token)
+        self.s.done[rows] = self.s.done[rows] | (tok == self.cfg.stop_mel_token)
 
     def _select_beams(self, g: _BeamGroup, scores: Tensor) -> None:
         assert g.idx is not None and g.beam_scores is not None and g.done is not None
@@ -752,8 +835,10 @@ class DecodeBatch:
         g.beam_scores = cand_scores.gather(1, pick)
         dst = g.idx.reshape(-1)
         src_rows = g.idx.gather(1, new_beam).reshape(-1)
-        length = max(m.written for m in g.members)
-        self.cache.copy_rows(dst, src_rows, length)  # beam reorder of every cache slot written so far
+        # Beam reorder of the cache: a request's beams share its prefix slots (copied once at admission,
+        # never rewritten), so only the slots written since, by the beams' own codes, can differ.
+        shared = min(m.prefix.size(1) + 1 for m in g.members)
+        self.cache.copy_rows(dst, src_rows, shared, max(m.written for m in g.members))
         self.s.seqs[dst] = self.s.seqs[src_rows]
         self.s.seen[dst] = self.s.seen[src_rows]
         tok = new_tok.reshape(-1)
@@ -800,9 +885,15 @@ class DecodeBatch:
         return seqs[0, :n].clone()
 
     def _check_done(self, finished: list[DecodeRequest]) -> list[DecodeRequest]:
-        order = [m for g in self.groups.values() for m in g.members]
-        flags = torch.cat([g.done for g in self.groups.values() if g.done is not None]).tolist()  # host sync
-        done = {id(m) for m, f in zip(order, flags, strict=True) if f}
+        """Requests done at this step: one-row requests whose row selected its stop code (s.done),
+        beam requests whose hypotheses are complete (their group's done), and `finished`."""
+        beams = [(g, g.done) for g in self.groups.values() if g.nb > 1 and g.done is not None]
+        flags = torch.cat([self.s.done[: self.n], *(done for _, done in beams)]).tolist()  # host sync
+        done = {id(r) for r in self.requests if r.rows == 1 and flags[r.row]}
+        at = self.n
+        for g, _ in beams:
+            done |= {id(m) for m, f in zip(g.members, flags[at : at + len(g.members)], strict=True) if f}
+            at += len(g.members)
         return [r for r in self.requests if id(r) in done or r in finished]
 
     def _result(self, req: DecodeRequest) -> Generated:

@@ -285,7 +285,8 @@ class SConv1d(nn.Module):
 def reflect_index(lengths: Tensor, frames: int) -> Tensor:
     """For a right-padded batch: frame t of row b reads frame t while t < L_b and the reflection
     2(L_b − 1) − t past it (clamped at 0; only the few frames within a kernel's reach matter), so a
-    reflect-padded conv sees each row as if it ended at L_b. lengths (B,) → (B, 1, frames) int64."""
+    reflect-padded conv sees each row as if it ended at L_b, provided `frames` ≥ L_b + the conv's reach
+    (beyond `frames` the conv reflects the padded tensor instead). lengths (B,) → (B, 1, frames) int64."""
     t = torch.arange(frames, device=lengths.device)[None, :]
     last = (lengths[:, None] - 1).clamp(min=0)
     return torch.where(t <= last, t, (2 * last - t).clamp(min=0)).unsqueeze(1)
@@ -299,9 +300,11 @@ class WN(nn.Module):
         w, n = cfg.hidden_dim, cfg.num_layers
         self.hidden = w
         self.cond_layer = SConv1d(w, 2 * w * n, 1)  # gin_channels = W
-        self.in_layers = nn.ModuleList(
-            SConv1d(w, 2 * w, cfg.kernel_size, dilation=cfg.dilation_rate**i) for i in range(n)
-        )
+        in_layers = [SConv1d(w, 2 * w, cfg.kernel_size, dilation=cfg.dilation_rate**i) for i in range(n)]
+        self.in_layers = nn.ModuleList(in_layers)
+        # Frames the widest conv reads past a frame on the right: a padded row needs at least this many
+        # frames of padding for `tails` to stand in for its own reflection (see `reflect_index`).
+        self.reach = max(layer.pad_right for layer in in_layers)
         # The last layer has no residual half: it writes only W skip channels.
         self.res_skip_layers = nn.ModuleList(SConv1d(w, 2 * w if i < n - 1 else w, 1) for i in range(n))
 
@@ -402,7 +405,9 @@ class DiT(nn.Module):
         tails: Tensor | None = None
         if x_lens is not None:
             valid = torch.arange(T, device=x.device)[None, :] < x_lens[:, None]  # [B, T]
-            attn_mask = valid[:, None, None, :]  # [B, 1, 1, T]: mask keys only
+            # Keys only, as the additive bias SDPA adds (0 or -inf, in the activations' dtype): made once
+            # here, where a boolean mask would be converted by every layer's call (a kernel each on CUDA).
+            attn_mask = torch.zeros_like(valid, dtype=h.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
             x_mask = valid[:, None, :].to(x.dtype)  # [B, 1, T]
             tails = reflect_index(x_lens, T)
 

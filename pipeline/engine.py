@@ -197,17 +197,20 @@ class _AcousticJob:
         rows = pipe.cfm_rows([s.acoustic_input() for s in segs])
         yield
         steps = segs[0].req.opts.diffusion_steps
-        solve = pipe.cfm_solve(rows, steps)
-        while not solve.done:
-            if all(s.dropped for s in segs):
-                return
-            solve.step()
-            yield
-        for b, s in enumerate(segs):
-            if s.dropped:
-                continue
-            pcm = pipe.vocode(solve.target(b))  # [N] on the device
-            self.results.append((s, e.lanes.to_host(pcm)))
+        solve = pipe.cfm_solve(rows, steps) if e.cfm_workspaces is None else e.cfm_workspaces.solve(rows, steps)
+        try:
+            while not solve.done:
+                if all(s.dropped for s in segs):
+                    return
+                solve.step()
+                yield
+            for b, s in enumerate(segs):
+                if s.dropped:
+                    continue
+                pcm = pipe.vocode(solve.target(b))  # [N] on the device
+                self.results.append((s, e.lanes.to_host(pcm)))
+        finally:
+            solve.close()  # a job dropped, failed or done: its workspace serves the next solve
         self.event = e.lanes.mark(e.lanes.acoustic)
         self.issued = True
 
@@ -244,6 +247,7 @@ class Engine:
         # step taken while a job renders someone's first audio only delays that audio (on CUDA the two
         # overlap on their streams). Such a job then runs to its end before decoding goes on.
         self.first_audio_first = pipe.device.type != "cuda"
+        self.cfm_workspaces = pipe.cfm_workspaces()  # CUDA: each CFM step one graph replay
         self.max_acoustic_frames = max_acoustic_frames
         self.requests: list[Request] = []
         self._arrivals = itertools.count()

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from ttsd.api.errors import Cancelled
 
+from .device import upload
 from .dit import DiT, DiTConfig
+from .graphs import Graphs
 from .weights import load_module, read_shapes
 
 
@@ -91,6 +93,16 @@ class CFMRow:
     cfg_rate: float
 
 
+def padded_frames(cfm: CFM, lengths: Sequence[int], *, bucket: int = 1, always: bool = False) -> int:
+    """Frames N of a batched solve: the sequences' length when all are equal (no padding, no mask: the
+    exact path) unless `always`; otherwise the longest plus the WaveNet's reach, since every row of a
+    padded batch is masked and needs that many frames of padding (a row 1 frame short of N would see
+    the padded tensor's reflection at its end, not its own); rounded up to a multiple of `bucket`."""
+    longest = max(lengths)
+    need = longest if not always and min(lengths) == longest else longest + cfm.estimator.wavenet.reach
+    return -(-need // bucket) * bucket
+
+
 class CFMSolve:
     """An Euler solve in progress over B sequences at once, one `step()` at a time (so a caller can
     interleave other work and poll cancellation between steps).
@@ -99,10 +111,14 @@ class CFMSolve:
     DiT masks keys and WaveNet frames past each N_b (`x_lens`) and re-reflects each row's own right
     edge, and frames past N_b are zeroed after every step. Each row's frames come out as they would
     alone, up to float rounding. With one sequence (or all of equal length) there is no padding and
-    no mask: upstream's exact path."""
+    no mask: upstream's exact path.
+
+    With a `workspace` (CUDA graphs, `CFMWorkspaces`) the solve's buffers are the workspace's, N is
+    its frame bucket (always masked), and every step is one replay of the workspace's graph: the step
+    reads its time delta through a device counter, so all steps are the same graph."""
 
     def __init__(self, cfm: CFM, rows: Sequence[CFMRow], n_timesteps: int, *,
-                 autocast: torch.dtype | None = None) -> None:
+                 autocast: torch.dtype | None = None, workspace: CFMWorkspace | None = None) -> None:
         """`autocast`: run the DiT under torch.autocast in that dtype (an opt-in precision mode; the ODE
         state and the CFG combination stay float32). None: the float32 path, at golden parity."""
         if not rows:
@@ -116,7 +132,7 @@ class CFMSolve:
         dev, dtype = first.device, first.dtype
         B, M = len(rows), cfm.in_channels
         lengths = [r.mu.size(1) for r in rows]
-        N = max(lengths)
+        N = padded_frames(cfm, lengths) if workspace is None else workspace.frames
         for r, n_b in zip(rows, lengths, strict=True):
             if r.prompt.size(-1) > n_b:
                 raise ValueError(f"prompt has {r.prompt.size(-1)} frames but mu only {n_b}")
@@ -125,37 +141,45 @@ class CFMSolve:
         self.B, self.N, self.lengths = B, N, lengths
         self.cfg = any(r.cfg_rate > 0 for r in rows)
         R = 2 * B if self.cfg else B
+        if workspace is not None and N < padded_frames(cfm, lengths, bucket=1, always=True):
+            raise ValueError(f"a workspace of {N} frames cannot pad sequences of {max(lengths)}")
+        padded = workspace is not None or any(n_b != N for n_b in lengths)
+        self.workspace = workspace
+        ws = workspace or CFMWorkspace.alloc(R, B, M, N, first.size(-1), rows[0].style.size(-1), n_timesteps,
+                                             padded=padded, dtype=dtype, device=dev)
+        if (ws.rows, ws.batch, ws.frames, ws.padded) != (R, B, N, padded):
+            raise ValueError(f"workspace of {ws.rows} rows x {ws.frames} frames cannot hold {R} x {N}")
+        if workspace is not None:
+            ws.reset(n_timesteps)
 
         # All per-step inputs are preallocated once: rows [:B] conditional, rows [B:] the CFG null
         # branch whose raw prompt_x, style and mu stay zero (mu then becomes cond_projection.bias).
-        self.stacked_x = first.new_zeros((R, M, N))
-        self.stacked_prompt_x = first.new_zeros((R, M, N))
-        self.stacked_style = rows[0].style.new_zeros((R, rows[0].style.size(-1)))
-        self.stacked_mu = first.new_zeros((R, N, first.size(-1)))
-        self.stacked_t = torch.empty(R, dtype=torch.float32, device=dev)
-        prompt_mask = torch.zeros(B, 1, N, dtype=torch.bool, device=dev)
+        self.stacked_x, self.stacked_prompt_x, self.stacked_style = ws.x, ws.prompt_x, ws.style
+        self.stacked_mu, self.stacked_t, self.prompt_mask = ws.mu, ws.t_rows, ws.prompt_mask
         for b, r in enumerate(rows):
             p, n_b = r.prompt.size(-1), lengths[b]
             self.stacked_prompt_x[b, :, :p] = r.prompt[0]
             self.stacked_style[b] = r.style[0]
             self.stacked_mu[b, :n_b] = r.mu[0]
             self.stacked_x[b, :, :n_b] = r.noise[0]
-            prompt_mask[b, :, :p] = True
-        self.prompt_mask = prompt_mask
-        padded = any(n_b != N for n_b in lengths)
-        self.pad_mask = (torch.arange(N, device=dev)[None, None, :] >= torch.tensor(lengths, device=dev)[:, None, None]
-                         ) if padded else None  # [B, 1, N] frames past each sequence
-        self.x_lens = torch.tensor(lengths * (2 if self.cfg else 1), device=dev) if padded else None
+            self.prompt_mask[b, :, :p] = True
+        self.pad_mask = self.x_lens = None
+        if padded:
+            assert ws.pad_mask is not None and ws.x_lens is not None
+            ws.x_lens.copy_(upload(lengths * (2 if self.cfg else 1), dev))
+            ws.pad_mask.copy_(torch.arange(N, device=dev)[None, None, :] >= ws.x_lens[:B, None, None])
+            self.pad_mask, self.x_lens = ws.pad_mask, ws.x_lens  # [B, 1, N] frames past each sequence
         # CFG weights per row, (1 + r) and r rounded to float32 exactly as a Python-float scalar would be.
-        self.cond_w = torch.tensor([1.0 + r.cfg_rate for r in rows], dtype=dtype, device=dev).view(B, 1, 1)
-        self.null_w = torch.tensor([r.cfg_rate for r in rows], dtype=dtype, device=dev).view(B, 1, 1)
+        ws.cond_w.copy_(upload([1.0 + r.cfg_rate for r in rows], dev, dtype).view(B, 1, 1))
+        ws.null_w.copy_(upload([r.cfg_rate for r in rows], dev, dtype).view(B, 1, 1))
+        self.cond_w, self.null_w = ws.cond_w, ws.null_w
 
         self.x = self.stacked_x[:B]  # the ODE state lives in the conditional rows; updated in place
-        self.x.masked_fill_(prompt_mask, 0)  # the prompt region of the state starts at 0
+        self.x.masked_fill_(self.prompt_mask, 0)  # the prompt region of the state starts at 0
         # t is accumulated by float32 addition (t += dt), not re-read from t_span, as upstream.
         t_span = torch.linspace(0, 1, n_timesteps + 1, dtype=torch.float32, device=dev)
-        self.dts = t_span[1:] - t_span[:-1]
-        self.t = t_span[0].clone()
+        ws.dts[:n_timesteps] = t_span[1:] - t_span[:-1]
+        self.dts, self.t, self.counter = ws.dts, ws.t, ws.counter
 
     @property
     def done(self) -> bool:
@@ -164,11 +188,24 @@ class CFMSolve:
     @torch.no_grad()
     def step(self) -> None:
         """One Euler step of every sequence."""
+        if self.done:
+            raise RuntimeError("the solve is done")
+        ws = self.workspace
+        if ws is None:
+            self._advance()
+        else:
+            ws.graphs.run("step", self._advance, ws.tensors())
+        self.steps_done += 1
+
+    def _advance(self) -> None:
+        """The step on the device alone (no host value changes between steps: graphed on CUDA)."""
         B, x = self.B, self.x
-        dt = self.dts[self.steps_done]
+        dt = self.dts.index_select(0, self.counter.view(1)).squeeze(0)  # 0-d (dts[counter] would read counter)
         self.stacked_t.copy_(self.t.expand(self.stacked_t.size(0)))
         est = self.cfm.estimator
-        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        # No autocast weight cache: a graph cannot keep one (and each weight is cast once per step anyway).
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
+                            cache_enabled=False):
             if self.cfg:
                 self.stacked_x[B:].copy_(x)  # the null branch shares x and t
                 v = est(self.stacked_x, self.stacked_prompt_x, self.stacked_t, self.stacked_style, self.stacked_mu,
@@ -182,11 +219,106 @@ class CFMSolve:
         x.masked_fill_(self.prompt_mask, 0)  # re-zero the prompt region after every step
         if self.pad_mask is not None:
             x.masked_fill_(self.pad_mask, 0)  # padding stays finite: it is never attended, but inf·0 = NaN
-        self.steps_done += 1
+        self.counter.add_(1)
 
     def target(self, b: int) -> Tensor:
-        """Sequence b's generated frames (1, M, N_b − P_b), after the last step."""
+        """Sequence b's generated frames (1, M, N_b − P_b), after the last step (a view of the solve's
+        state: read it before the workspace serves another solve)."""
         return self.x[b : b + 1, :, self.rows[b].prompt.size(-1) : self.lengths[b]]
+
+    def close(self) -> None:
+        """Give the workspace back (the device reads issued so far on this stream stay ordered first)."""
+        if self.workspace is not None:
+            self.workspace.busy = False
+            self.workspace = None
+
+
+MAX_DIFFUSION_STEPS = 200  # the time-delta table of a workspace (SynthesisOptions.diffusion_steps ≤ 200)
+
+
+@dataclass(eq=False, kw_only=True)
+class CFMWorkspace:
+    """The fixed buffers of solves of one shape: R rows (2B with CFG), B sequences, N frames. Rows [:B]
+    are the conditional branch, [B:] the null branch. `graphs` holds the step's CUDA graph."""
+
+    rows: int
+    batch: int
+    frames: int
+    padded: bool
+    x: Tensor  # [R, M, N]
+    prompt_x: Tensor  # [R, M, N]
+    style: Tensor  # [R, S]
+    mu: Tensor  # [R, N, Cc]
+    t_rows: Tensor  # [R] float32
+    prompt_mask: Tensor  # [B, 1, N] bool
+    pad_mask: Tensor | None  # [B, 1, N] bool
+    x_lens: Tensor | None  # [R] int64
+    cond_w: Tensor  # [B, 1, 1]
+    null_w: Tensor  # [B, 1, 1]
+    dts: Tensor  # [MAX_DIFFUSION_STEPS] float32
+    t: Tensor  # [] float32
+    counter: Tensor  # [] int64: steps done
+    graphs: Graphs
+    busy: bool = False
+
+    @classmethod
+    def alloc(cls, R: int, B: int, M: int, N: int, content: int, style: int, steps: int, *, padded: bool,
+              dtype: torch.dtype, device: torch.device) -> CFMWorkspace:
+        def z(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+            return torch.zeros(shape, dtype=dt, device=device)
+
+        return cls(rows=R, batch=B, frames=N, padded=padded, x=z(R, M, N), prompt_x=z(R, M, N), style=z(R, style),
+                   mu=z(R, N, content), t_rows=z(R, dt=torch.float32), prompt_mask=z(B, 1, N, dt=torch.bool),
+                   pad_mask=z(B, 1, N, dt=torch.bool) if padded else None,
+                   x_lens=z(R, dt=torch.long) if padded else None, cond_w=z(B, 1, 1), null_w=z(B, 1, 1),
+                   dts=z(max(steps, MAX_DIFFUSION_STEPS), dt=torch.float32), t=z(dt=torch.float32),
+                   counter=z(dt=torch.long), graphs=Graphs("cfm"))
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.x, self.prompt_x, self.style, self.mu, self.t_rows, self.prompt_mask, self.pad_mask,
+                            self.x_lens, self.cond_w, self.null_w, self.dts, self.t, self.counter) if t is not None]
+
+    def reset(self, steps: int) -> None:
+        """Zero what a solve fills row by row (a shorter sequence must not see the last one's frames)."""
+        if steps > self.dts.size(0):
+            raise ValueError(f"{steps} diffusion steps exceed the workspace's {self.dts.size(0)}")
+        for t in (self.x, self.prompt_x, self.style, self.mu, self.prompt_mask, self.t, self.counter):
+            t.zero_()
+
+
+class CFMWorkspaces:
+    """Workspaces by shape for the CUDA engine: B sequences padded to a multiple of FRAME_BUCKET frames, so
+    a handful of graphs serve every job. A workspace serves one solve at a time (`solve` checks one out,
+    `CFMSolve.close` gives it back); idle ones beyond `keep` are dropped oldest first, graphs and all."""
+
+    FRAME_BUCKET = 64
+
+    def __init__(self, cfm: CFM, autocast: torch.dtype | None, *, keep: int = 32) -> None:
+        self.cfm, self.autocast, self.keep = cfm, autocast, keep
+        self.pool: list[CFMWorkspace] = []  # least recently used first
+
+    def solve(self, rows: Sequence[CFMRow], steps: int) -> CFMSolve:
+        first = rows[0]
+        B, M = len(rows), self.cfm.in_channels
+        R = 2 * B if any(r.cfg_rate > 0 for r in rows) else B
+        N = padded_frames(self.cfm, [r.mu.size(1) for r in rows], bucket=self.FRAME_BUCKET, always=True)
+        ws = next((w for w in self.pool if not w.busy and (w.rows, w.batch, w.frames) == (R, B, N)
+                   and w.x.dtype == first.mu.dtype), None)
+        if ws is None:
+            ws = CFMWorkspace.alloc(R, B, M, N, first.mu.size(-1), first.style.size(-1), steps, padded=True,
+                                    dtype=first.mu.dtype, device=first.mu.device)
+            idle = [w for w in self.pool if not w.busy]
+            for w in idle[: max(0, len(self.pool) + 1 - self.keep)]:
+                self.pool.remove(w)
+        else:
+            self.pool.remove(ws)
+        self.pool.append(ws)
+        ws.busy = True
+        try:
+            return CFMSolve(self.cfm, rows, steps, autocast=self.autocast, workspace=ws)
+        except BaseException:
+            ws.busy = False
+            raise
 
 
 def load_cfm(

@@ -203,6 +203,29 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
 
 
+@dataclass(frozen=True, slots=True)
+class CacheAt:
+    """Where a cached forward writes and what it reads, made once per forward for every layer (per layer
+    it would be two more kernels each): rows [B, 1] and input_pos [B, S] index the new entries; `mask`
+    [B, 1, S, n] covers the first n slots. On CUDA (`fused`) it is the additive bias the fused kernel
+    takes (0 visible, -inf hidden, in the activations' dtype: a boolean mask would cost each call a
+    conversion kernel); on CPU it is True where a slot is hidden from the plain softmax."""
+
+    rows: Tensor
+    input_pos: Tensor
+    mask: Tensor
+    fused: bool
+
+    @classmethod
+    def of(cls, input_pos: Tensor, n: int, dtype: torch.dtype) -> CacheAt:
+        dev = input_pos.device
+        hidden = (torch.arange(n, device=dev)[None, None, :] > input_pos[:, :, None]).unsqueeze(1)
+        fused = dev.type == "cuda"
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=dev).masked_fill_(hidden, -float("inf")) if fused \
+            else hidden
+        return cls(torch.arange(input_pos.size(0), device=dev).unsqueeze(1), input_pos, mask, fused)
+
+
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -212,34 +235,36 @@ class GPT2Attention(nn.Module):
         self.c_attn = Conv1D(cfg.model_dim, 3 * cfg.model_dim)
         self.c_proj = Conv1D(cfg.model_dim, cfg.model_dim)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None, kv: LayerKV | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, at: CacheAt | None, kv: LayerKV | None) -> Tensor:
         b, s, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=-1)
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        if kv is None or input_pos is None:
+        if kv is None or at is None:
             k = k.view(b, s, self.heads, self.head_dim).transpose(1, 2)
             v = v.view(b, s, self.heads, self.head_dim).transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k_cache, v_cache = kv
-            rows = torch.arange(b, device=x.device).unsqueeze(1)  # [B, 1]
             # Row b writes its S new entries at its own slots input_pos[b] (in place: index_put_).
-            k_cache[rows, :, input_pos] = k.view(b, s, self.heads, self.head_dim)  # cache [B, H, S_cap, Dh]
-            v_cache[rows, :, input_pos] = v.view(b, s, self.heads, self.head_dim)
-            n = mask.size(-1) if mask is not None else k_cache.size(2)
-            # Attend over the first n slots; slots after a row's own position are masked out. Plain
-            # matmul + softmax rather than SDPA: SDPA's CPU kernel splits work by batch size, so a row's
-            # result would depend on how many rows share the step; this does not.
-            keys = k_cache[:, :, :n].transpose(-1, -2)  # [B, H, Dh, n]
-            if q.dtype == torch.float16:
-                # float16 tops out at 65504: q·kᵀ before the 1/√Dh scale overflows to inf (then NaN, then
-                # silence). Scale q first and take the softmax in float32, as fused half kernels do.
-                scores = ((q * self.scale) @ keys).float()  # [B, H, S, n]
+            k_cache[at.rows, :, at.input_pos] = k.view(b, s, self.heads, self.head_dim)  # cache [B, H, S_cap, Dh]
+            v_cache[at.rows, :, at.input_pos] = v.view(b, s, self.heads, self.head_dim)
+            n = at.mask.size(-1)
+            keys, values = k_cache[:, :, :n], v_cache[:, :, :n]
+            if at.fused:
+                # One fused kernel (memory-efficient attention takes the mask) instead of five, with
+                # its softmax in float32 whatever the dtype; the CUDA step is graphed and launch-bound.
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask)
             else:
-                scores = (q @ keys) * self.scale  # float32: upstream's order of operations (parity)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, -float("inf"))
-            y = scores.softmax(dim=-1).to(v_cache.dtype) @ v_cache[:, :, :n]  # [B, H, S, Dh]
+                # CPU: plain matmul + softmax, upstream's order of operations (float32 parity); each
+                # row steps alone there (decode.py), so nothing is gained by fusing.
+                if q.dtype == torch.float16:
+                    # float16 tops out at 65504: q·kᵀ before the 1/√Dh scale overflows to inf (then NaN,
+                    # then silence). Scale q first and take the softmax in float32, as fused kernels do.
+                    scores = ((q * self.scale) @ keys.transpose(-1, -2)).float()  # [B, H, S, n]
+                else:
+                    scores = (q @ keys.transpose(-1, -2)) * self.scale
+                scores = scores.masked_fill(at.mask, -float("inf"))
+                y = scores.softmax(dim=-1).to(v_cache.dtype) @ values  # [B, H, S, Dh]
         return self.c_proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -261,8 +286,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.model_dim, eps=LN_EPS)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None, kv: LayerKV | None, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, kv, mask)
+    def forward(self, x: Tensor, at: CacheAt | None, kv: LayerKV | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), at, kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -444,15 +469,13 @@ class UnifiedVoice(nn.Module):
         one). With `kv` (one (K, V) pair per layer, each [B, H, S_cap, Dh], rows matching x's rows):
         `input_pos` [B, S] are each row's cache slots for its S inputs, written in place, and every
         input attends to the slots ≤ its own among the first `kv_len` (default: all S_cap)."""
-        mask = None
+        at = None
         if kv is not None:
             if input_pos is None:
                 raise ValueError("input_pos is required with a KV cache")
-            n = kv[0][0].size(2) if kv_len is None else kv_len
-            slots = torch.arange(n, device=x.device)
-            mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, n]
+            at = CacheAt.of(input_pos, kv[0][0].size(2) if kv_len is None else kv_len, x.dtype)
         for i, block in enumerate(self.gpt.h):
-            x = block(x, input_pos, None if kv is None else kv[i], mask)
+            x = block(x, at, None if kv is None else kv[i])
         return self.gpt.ln_f(x)
 
     def gemv_layout(self) -> None:

@@ -34,7 +34,7 @@ from ttsd.api.errors import BadOptions, BadText, ConfigError, TtsdError
 from ttsd.api.options import SynthesisOptions
 
 from . import audio
-from .accel import ROW_BUCKETS, Streams, graphed_step
+from .accel import ROW_BUCKETS, Streams, step_function
 from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
 from .chunking import ChunkInput
@@ -44,7 +44,7 @@ from .device import resolve_device, upload
 from .engine import AcousticInput, Engine, Request, RequestFailed, SegmentAudio, SegmentDone, run_to_end
 from .errors import CheckpointError, DeviceFault
 from .family import Codec, ModelFamily, family_for
-from .flow import CFM, CFMRow, CFMSolve, load_cfm
+from .flow import CFM, CFMRow, CFMSolve, CFMWorkspaces, load_cfm
 from .gpt import (
     EmotionMatrices,
     UnifiedVoice,
@@ -458,6 +458,12 @@ class Pipeline:
         """A batched CFM solve over `rows` in this pipeline's acoustic precision."""
         return CFMSolve(self.cfm, rows, steps, autocast=self.acoustic_autocast)
 
+    def cfm_workspaces(self) -> CFMWorkspaces | None:
+        """Graphed CFM solves for an engine (CUDA with graphs); None: every solve allocates and runs eagerly."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return None
+        return CFMWorkspaces(self.cfm, self.acoustic_autocast)
+
     def vocode(self, mel: Tensor) -> Tensor:
         """Target mel (1, 80, T) → float PCM (256 T,) at ±32767 scale on the device. Always float32:
         BigVGAN is ~3 % of a segment, and under bfloat16 it was slower on CPU and the least accurate part."""
@@ -492,7 +498,7 @@ class Pipeline:
         return Engine(
             self,
             max_batch_rows=max_batch_rows or self.max_batch_rows,
-            step_fn=graphed_step(self.device, graphs=self.cuda_graphs, compile=self.compile),
+            step_fn=step_function(self.device, compile=self.compile),
             row_buckets=self.row_buckets,
             prefetch=prefetch,
         )

@@ -16,7 +16,7 @@ from torch._inductor.utils import run_and_get_code
 
 from ttsd.api.errors import BadText
 from ttsd.pipeline import pipeline as pipeline_module
-from ttsd.pipeline.accel import CompiledOrEager, graphed_step
+from ttsd.pipeline.accel import CompiledOrEager, step_function
 from ttsd.pipeline.decode import KVCache, decode_step
 from ttsd.pipeline.errors import DeviceFault
 from ttsd.pipeline.gpt import UnifiedVoice, load_unified_voice
@@ -91,8 +91,8 @@ def test_a_failing_compiled_step_falls_back_to_eager_for_good(
 
 def test_cpu_steps_are_eager_unless_compiling_is_asked_for() -> None:
     """On CPU the decode step is the plain function (graphs are CUDA only); compile wraps it with the fallback."""
-    assert graphed_step(torch.device("cpu"), graphs=True, compile=False) is decode_step
-    assert isinstance(graphed_step(torch.device("cpu"), graphs=True, compile=True), CompiledOrEager)
+    assert step_function(torch.device("cpu"), compile=False) is decode_step
+    assert isinstance(step_function(torch.device("cpu"), compile=True), CompiledOrEager)
 
 
 def test_device_probe_turns_unexplained_failures_into_device_faults(

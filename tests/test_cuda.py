@@ -35,7 +35,7 @@ from ttsd.daemon.config import DaemonConfig
 from ttsd.daemon.server import Server
 from ttsd.daemon.worker import VoiceCache
 from ttsd.pipeline import Pipeline
-from ttsd.pipeline.accel import graphed_step
+from ttsd.pipeline.accel import step_function
 from ttsd.pipeline.engine import Engine, Request
 from ttsd.pipeline.pipeline import probe_device
 
@@ -119,7 +119,7 @@ def test_overlapping_requests_get_their_solo_audio_on_cuda(
     specs = [Spec(s.text, s.voice, {**SHORT, **s.opts}, s.emo_voice, s.join_at, s.cancel_after_segments)
              for s in SCENARIO]
     # The decode step the daemon uses: compiled and graphed per row bucket.
-    graphed = dict(step_fn=graphed_step(gpu.device, graphs=gpu.cuda_graphs, compile=gpu.compile),
+    graphed = dict(step_fn=step_function(gpu.device, compile=gpu.compile),
                    row_buckets=gpu.row_buckets)
     assert gpu.row_buckets
     together = run(gpu, voices, specs, monkeypatch, **graphed)

@@ -27,8 +27,8 @@ from ttsd.api import protocol as p
 from ttsd.api.options import SynthesisOptions
 from ttsd.pipeline import Pipeline
 from ttsd.pipeline import decode as decode_module
-from ttsd.pipeline.accel import graphed_step
-from ttsd.pipeline.decode import STOP_CHECK_EVERY, DecodeBatch, decode_step
+from ttsd.pipeline.accel import step_function
+from ttsd.pipeline.decode import STOP_CHECK_EVERY, DecodeBatch, Generated
 from ttsd.pipeline.engine import AcousticInput, Engine, Request, RequestDone, RequestFailed, SegmentDone
 from ttsd.pipeline.voice import Voice
 from ttsd.tools import simcuda
@@ -121,17 +121,23 @@ def test_synth_cli_on_simulated_cuda(fx: FixtureSet, converted: Path, sim: dict[
 
 
 def test_warm_up_records_every_row_bucket_and_serving_records_none(gpu: Pipeline, voice: Voice) -> None:
-    """Warm-up captures the decode graph of every (row bucket, kv bucket), the whole cache included, so a
-    batch of any size and length replays a recorded graph (defect: max_batch_rows outside the bucket
-    list, here 6, left the 6-row batch without a graph, recorded and compiled mid-serving)."""
+    """Warm-up captures the forward graph of every (row bucket, kv bucket), the whole cache included, and
+    the greedy and default-sampling selection graphs of every row bucket, so a batch of any size and
+    length replays recorded graphs (defect: max_batch_rows outside the bucket list, here 6, left the
+    6-row batch without a graph, recorded and compiled mid-serving)."""
     engine = gpu.engine(max_batch_rows=6)
     assert engine.batch.row_buckets == (4, 8)
     engine.capture()
-    graphs = engine.batch.step_fn.graphs  # type: ignore[attr-defined]
+    assert engine.batch.graphs is not None
+    graphs = engine.batch.graphs.graphs
     recorded = set(graphs)
-    assert {(rows, kv) for _, rows, kv in recorded} == {(r, kv) for r in (4, 8) for kv in engine.batch.kv_buckets}
-    opts = gpu.check_options(SynthesisOptions(**SHORT, num_beams=3, seed=1))
-    reqs = [Request(voice=voice, opts=opts, texts=deque(["Hello there."])) for _ in range(2)]
+    forward = {key[1:] for key in recorded if key[0] == "forward"}
+    assert forward == {(r, kv) for r in (4, 8) for kv in engine.batch.kv_buckets}
+    select = {key[1:] for key in recorded if key[0] == "select"}
+    assert select == {(r, sample, sample, 32 if sample else 0) for r in (4, 8) for sample in (False, True)}
+    modes = [dict(num_beams=3), dict(do_sample=False), dict(do_sample=True)]  # top_k 30 and top_p 0.8: defaults
+    reqs = [Request(voice=voice, opts=gpu.check_options(SynthesisOptions(**SHORT, **mode, seed=1)),
+                    texts=deque(["Hello there."])) for mode in modes for _ in range(2)]
     events = _drive(engine, reqs)
     assert all(isinstance(e, RequestDone) for e in events if not isinstance(e, SegmentDone))
     assert set(graphs) == recorded
@@ -139,25 +145,43 @@ def test_warm_up_records_every_row_bucket_and_serving_records_none(gpu: Pipeline
 
 @torch.inference_mode()
 def test_graphed_step_equals_eager_on_every_bucket(gpu: Pipeline, voice: Voice) -> None:
-    """The replayed decode step gives the eager step's logits exactly at every row bucket and several
-    attention lengths, on the same cache contents (graphs read their inputs in place and keep nothing
-    from capture time)."""
+    """The replayed selection and forward leave exactly the state the eager ones leave (codes, seen ids,
+    positions, logits, cache) at every row bucket and several attention lengths, from the same state
+    (graphs read their inputs in place and keep nothing from capture time)."""
     batch = DecodeBatch(gpu.decode_gpt, max_rows=16, dtype=gpu.gpt_dtype,
-                        step_fn=graphed_step(gpu.device, graphs=True, compile=True), row_buckets=gpu.row_buckets)
+                        step_fn=step_function(gpu.device, compile=True), row_buckets=gpu.row_buckets)
     opts = gpu.check_options(SynthesisOptions(**SHORT, seed=2))
     for i, text in enumerate(("One two.", "Three four five.", "Six.")):
         seg = gpu.split_text(text, opts)[0].with_index(i)
         batch.admit(gpu.decode_request(voice, seg, opts, gpu.request_emovec(voice, opts, None)))
     batch.step()
     s = batch.s
-    for rows, kv_len in [(r, kv) for r in batch.row_buckets for kv in batch.kv_buckets[:2]] + [(4, batch.cache.slots)]:
-        saved = batch.cache.buf.clone()
-        eager = decode_step(gpu.decode_gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
-                            batch.cache.view(0, rows), kv_len).clone()
-        batch.cache.buf.copy_(saved)
-        graphed = batch.step_fn(gpu.decode_gpt, s.tokens[:rows], s.input_pos[:rows], s.mel_pos[:rows],
-                                batch.cache.view(0, rows), kv_len)
-        assert torch.equal(graphed.cpu(), eager.cpu()), f"rows={rows} kv_len={kv_len}"
+    state = [*s.device_tensors(), batch.cache.buf]
+    start = [t.clone() for t in state]
+
+    def outcome(run: Any) -> list[torch.Tensor]:
+        for t, v in zip(state, start, strict=True):
+            t.copy_(v)
+        run()
+        return [t.cpu() for t in state]
+
+    cases: list[tuple[str, Any, Any]] = []
+    for rows in batch.row_buckets:
+        for sample, top_p, k in ((False, False, 0), (True, True, 32), (True, False, 0)):
+            cases.append((f"select rows={rows} sample={sample} top_p={top_p} k={k}",
+                          lambda r=rows, a=sample, b=top_p, c=k: batch._select_rows(r, a, b, c),
+                          lambda r=rows, a=sample, b=top_p, c=k: batch._select_graphed(r, a, b, c)))
+        for kv_len in [*batch.kv_buckets[:2], batch.cache.slots]:
+            cases.append((f"forward rows={rows} kv_len={kv_len}",
+                          lambda r=rows, n=kv_len: batch._forward_rows(r, n),
+                          lambda r=rows, n=kv_len: batch._forward_graphed(r, n)))
+    for name, eager, graphed in cases:
+        want = outcome(eager)
+        for _ in range(2):  # the first call captures, the second replays the recorded graph
+            got = outcome(graphed)
+            for i, (a, b) in enumerate(zip(want, got, strict=True)):
+                assert torch.equal(a, b), f"{name}: state tensor {i}"
+    assert batch.graphs is not None and len(batch.graphs.graphs) == len(cases)
 
 
 def test_steady_state_decode_steps_do_not_sync(gpu: Pipeline, voice: Voice) -> None:
@@ -171,7 +195,7 @@ def test_steady_state_decode_steps_do_not_sync(gpu: Pipeline, voice: Voice) -> N
     with lanes.on(lanes.gpt):  # the batch lives on the GPT stream, as in the engine
         lanes.start(lanes.gpt)
         batch = DecodeBatch(gpu.decode_gpt, max_rows=16, dtype=gpu.gpt_dtype,
-                            step_fn=graphed_step(gpu.device, graphs=True, compile=True), row_buckets=gpu.row_buckets)
+                            step_fn=step_function(gpu.device, compile=True), row_buckets=gpu.row_buckets)
         for i, mode in enumerate(modes):
             opts = gpu.check_options(SynthesisOptions(**{**SHORT, "max_mel_tokens": 40, **mode}, seed=i))
             seg = gpu.split_text("The quick brown fox jumps.", opts)[0].with_index(i)
@@ -239,6 +263,55 @@ def test_zero_code_segment_is_empty_audio(gpu: Pipeline, voice: Voice, monkeypat
     events = _drive(gpu.engine(max_batch_rows=4), [Request(voice=voice, opts=opts, texts=deque(["Hi there."]))])
     audio = [e.audio for e in events if isinstance(e, SegmentDone)]
     assert isinstance(events[-1], RequestDone) and audio and all(a.samples.size == 0 for a in audio)
+
+
+@torch.inference_mode()
+def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> None:
+    """The engine's CFM solves run on workspaces (every step one graph replay): each sequence gets the
+    frames an eager solve gives it, for the first solve of a shape (which records the graph) and for a
+    later one of other lengths on the same workspace (which replays it: nothing of the first leaks);
+    a workspace in use is never handed to a second solve."""
+    engine = gpu.engine(max_batch_rows=4)
+    workspaces = engine.cfm_workspaces
+    assert workspaces is not None
+    opts = gpu.check_options(SynthesisOptions(**{**SHORT, "diffusion_steps": 3}, seed=3))
+    emovec = gpu.request_emovec(voice, opts, None)
+    seg = gpu.split_text("Hello there.", opts)[0]
+    gen = torch.Generator().manual_seed(5)
+
+    def items(lengths: Sequence[int]) -> list[AcousticInput]:
+        out = []
+        for i, n in enumerate(lengths):
+            codes = torch.randint(0, gpu.codec.codebook_size, (1, n), generator=gen)
+            out.append(AcousticInput(voice, emovec, seg.with_index(i), Generated(codes.cuda(), codes.cuda(), True,
+                                                                                 codes), opts))
+        return out
+
+    def frames(solve: Any) -> list[torch.Tensor]:
+        while not solve.done:
+            solve.step()
+        return [solve.target(b).cpu() for b in range(solve.B)]
+
+    used = []
+    for lengths in ((9, 14), (14, 4)):  # the same frame bucket: the second solve reuses the workspace
+        rows = gpu.cfm_rows(items(lengths))
+        want = frames(gpu.cfm_solve(rows, opts.diffusion_steps))
+        solve = workspaces.solve(rows, opts.diffusion_steps)
+        assert solve.workspace is not None
+        used.append(solve.workspace)
+        other = workspaces.solve(rows, opts.diffusion_steps)
+        assert other.workspace is not solve.workspace  # in use: a second solve gets its own
+        other.close()
+        if len(used) == 2:
+            with simcuda.meter() as step:
+                solve.step()
+            assert (step.launches, step.graph_nodes > 0) == (1, True), step
+        got = frames(solve)
+        solve.close()
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            assert float((g - w).abs().max()) <= 1e-4 * max(1.0, float(w.abs().max()))
+    assert used[0] is used[1] and len(used[0].graphs.graphs) == 1
 
 
 def _drive(engine: Engine, reqs: Sequence[Request], cancel: Request | None = None) -> list[Any]:

@@ -29,6 +29,7 @@ from ttsd.pipeline.decode import (
 )
 from ttsd.pipeline.errors import CheckpointMismatch
 from ttsd.pipeline.gpt import (
+    CacheAt,
     EmotionMatrices,
     UnifiedVoice,
     load_emotion_matrices,
@@ -418,6 +419,69 @@ def test_batched_requests_decode_bit_identically_to_alone(fx: FixtureSet, gpt: U
 
 
 @torch.inference_mode()
+def test_one_row_selection_over_a_slice_equals_the_general_selection(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Batches of one-row requests select over a slice of the row state (`_select_rows`: one graph on
+    CUDA); the general selection (gathers per beam group) runs when a request records its steps. Greedy
+    and sampling requests joining at different steps, with early stops, pick the same codes either way."""
+    model = _stop_biased(gpt, 2.8)  # some requests stop early, so rows are freed and reused
+    prefixes = [fx.golden(v, "09_gpt_conditioning")[f"seg{s}.gpt_inputs_embeds"]
+                for v in fx.variants for s in _segments(fx, v)]
+    cases = [DECODE_CASES["greedy"], DECODE_CASES["sample"], dict(do_sample=True, repetition_penalty=1.0, top_k=0),
+             dict(do_sample=True, repetition_penalty=2.0, top_k=7, top_p=1.0)]
+    params = [_params(max_mel_tokens=30, **cases[i % len(cases)]) for i in range(2 * len(cases))]
+    selections: list[str] = []
+    select_rows = DecodeBatch._select_rows
+
+    def spy(self: DecodeBatch, *args: Any) -> None:
+        selections.append("slice")
+        select_rows(self, *args)
+
+    def run(recorded: bool) -> list[list[int]]:
+        batch = DecodeBatch(model, max_rows=8, dtype=torch.float32)
+        reqs = [DecodeRequest(prefix=prefixes[i % len(prefixes)], params=pr, key=sampling_key(i, 3),
+                              recorder=(lambda *_: None) if recorded else None) for i, pr in enumerate(params)]
+        waiting = list(reqs)
+        while waiting or batch.active:
+            if waiting and batch.step_count % 2 == 0 and batch.free_rows():
+                batch.admit(waiting.pop(0))
+            batch.step()
+        return [r.result.codes_raw[0].tolist() for r in reqs if r.result is not None]
+
+    general = run(recorded=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DecodeBatch, "_select_rows", spy)
+        sliced = run(recorded=False)
+    assert selections, "the slice selection never ran"
+    assert len(sliced) == len(params) and sliced == general
+    assert any(len(c) < 30 for c in sliced) and any(len(c) == 30 for c in sliced)  # early stops and full runs
+
+
+@torch.inference_mode()
+def test_beam_reorder_copies_only_the_slots_after_the_prefix(fx: FixtureSet, gpt: UnifiedVoice) -> None:
+    """Beams of a request share its prefix slots (copied once at admission, never rewritten), so a reorder
+    copies the slots written since, not the whole row (defect: every written slot of every beam row was
+    copied on every step, ~2x a greedy step's bytes at 300 live slots). The codes are the reference's."""
+    prefix = _prefix(fx)
+    params = _params(num_beams=3, max_mel_tokens=20)
+    copies: list[tuple[int, int]] = []
+    copy_rows = KVCache.copy_rows
+
+    def spy(self: KVCache, dst: Tensor, src: Tensor, start: int, stop: int) -> None:
+        copies.append((start, stop))
+        copy_rows(self, dst, src, start, stop)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KVCache, "copy_rows", spy)
+        out = generate(gpt, prefix, params)
+    p = prefix.size(1)
+    assert copies[0] == (0, p + 1)  # admission: the prefix and the start code, once
+    steady = copies[1:]
+    assert len(steady) >= 10 and all(start == p + 1 for start, _ in steady)
+    assert [stop - start for start, stop in steady] == list(range(len(steady)))  # only the codes so far
+    assert out.codes_raw[0].tolist() == reference_decode(gpt, prefix, params)
+
+
+@torch.inference_mode()
 def test_batch_rows_are_reused_cleanly(fx: FixtureSet, gpt: UnifiedVoice) -> None:
     """Rows freed by a finished request (longer prefix first) decode a new request as a fresh batch
     would, and freed rows are zeroed (nothing a request wrote outlives it)."""
@@ -519,12 +583,11 @@ def test_float16_cached_attention_does_not_overflow(gpt: UnifiedVoice) -> None:
     k = torch.randn(1, heads, slots, dh, generator=torch.Generator().manual_seed(1)) * 200
     v = torch.randn(1, heads, slots, dh, generator=torch.Generator().manual_seed(2))
     pos = torch.tensor([[slots - 1]])
-    mask = (torch.arange(slots)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
     raw = (attn16.c_attn(x.half()).split(d, dim=-1)[0].view(1, 1, heads, dh).transpose(1, 2).float()
            @ k.transpose(-1, -2)).abs().max()
     assert raw > 65504, "the case must overflow float16 without the fix"
-    out32 = attn32(x, pos, (k.clone(), v.clone()), mask)
-    out16 = attn16(x.half(), pos, (k.half(), v.half()), mask)
+    out32 = attn32(x, CacheAt.of(pos, slots, torch.float32), (k.clone(), v.clone()))
+    out16 = attn16(x.half(), CacheAt.of(pos, slots, torch.float16), (k.half(), v.half()))
     assert torch.isfinite(out16).all()
     scale = float(out32.abs().max())
     assert float((out16.float() - out32).abs().max()) <= 0.05 * max(1.0, scale)

@@ -18,7 +18,7 @@ from ttsd.api.errors import Cancelled, ConfigError
 from ttsd.pipeline.codec25 import load_codec25
 from ttsd.pipeline.errors import CheckpointMismatch
 from ttsd.pipeline.family import family_for
-from ttsd.pipeline.flow import CFM, load_cfm
+from ttsd.pipeline.flow import CFM, CFMRow, CFMSolve, load_cfm
 from ttsd.pipeline.length_regulator import (
     InterpolateRegulator,
     LengthRegulatorConfig,
@@ -252,6 +252,34 @@ def test_dit_full_length_mask_equals_no_mask(fx: FixtureSet, s2mel: S2Mel) -> No
     masked = s2mel.cfm.estimator(*args, x_lens=g["seg0.x_lens"])
     assert_close(masked, s2mel.cfm.estimator(*args), "x_lens=N vs None")
     assert_close(masked[:1], g["seg0.est_dphi_cond"][1], "dphi_cond with x_lens")
+
+
+@torch.no_grad()
+def test_batched_solve_gives_each_row_the_frames_it_gets_alone(fx: FixtureSet, s2mel: S2Mel) -> None:
+    """Sequences 1, 2 and 9 frames shorter than the longest, solved together (each padded, masked and
+    re-reflected at its own end), get the frames each gets alone (defect: a row fewer frames short than
+    the WaveNet's reach saw the padded tensor's reflection at its end instead of its own: errors of ~0.5
+    on its last frames). The golden segment's mu, prompt and style, cut to each length."""
+    g = fx.golden("base", "14_cfm")
+    mu, prompt, style = g["seg0.est_mu"][:1], g["seg0.est_prompt_x"][:1], g["seg0.est_style"][:1]
+    p, n = int(prompt[0].abs().sum(0).gt(0).sum()), mu.size(1)  # the prompt: its nonzero frames
+    assert s2mel.cfm.estimator.wavenet.reach >= 2, "the case needs a conv that reaches 2 frames"
+    gen = torch.Generator().manual_seed(0)
+    rows = [CFMRow(mu[:, :m], prompt[:, :, :p], style, torch.randn(1, s2mel.cfm.in_channels, m, generator=gen), 0.7)
+            for m in (n, n - 1, n - 2, n - 9)]
+
+    def solve(batch: list[CFMRow]) -> list[Tensor]:
+        sv = CFMSolve(s2mel.cfm, batch, 3)
+        while not sv.done:
+            sv.step()
+        return [sv.target(b) for b in range(len(batch))]
+
+    together = solve(rows)
+    for i, row in enumerate(rows):
+        alone = solve([row])[0]
+        assert together[i].shape == alone.shape
+        err = float((together[i] - alone).abs().max())
+        assert err <= 1e-4 * max(1.0, float(alone.abs().max())), (i, err)
 
 
 def test_nearest_indices_follow_legacy_nearest() -> None:

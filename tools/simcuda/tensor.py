@@ -580,7 +580,8 @@ def _sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return func(*args, **kwargs)
     mask = bound.get("attn_mask")
     if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        # The conversion the CUDA kernels make (one more kernel): through the dispatcher, so it is counted.
+        mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(mask.logical_not(), float("-inf"))
     return aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, bool(bound.get("is_causal", False)), attn_mask=mask, scale=bound.get("scale"))[0]
 
