@@ -100,3 +100,21 @@ def test_bench_daemon_alternates_chunked_and_whole_requests(converted: Path) -> 
     whole = next(line for line in out.splitlines() if line.startswith("| whole segment |"))
     chunked = next(line for line in out.splitlines() if line.startswith("| chunked |"))
     assert whole.rstrip().endswith("|  |") and chunked.rstrip().endswith("× |")
+
+
+def test_gpu_cost_counts_graphed_steps() -> None:
+    """gpu_cost.py (the CUDA branch on the simulated device, random tiny weights) counts a steady decode
+    step of one-row requests as graph replays with no host sync and a CFM step as one replay, and ends
+    with its machine-readable line (defect: the selection ran as ~22 eager kernels per step and every
+    CFM step launched each of its ~1000 kernels)."""
+    out = run_bench("gpu_cost.py", "--random", "tiny")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| work")}
+    greedy = rows["decode step, 16 rows greedy"]
+    assert int(greedy[0]) <= 2 and int(greedy[1]) > 0 and int(greedy[4]) == 0  # launches, nodes, syncs
+    cfm = rows["one CFM step (DiT × CFG)"]
+    assert int(cfm[0]) == 1 and int(cfm[1]) > 0
+    last = out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.removeprefix("modelled h100: ").split())
+    assert set(fields) == {"streams", "first_audio_ms", "step_ms", "step_bytes_ratio", "step_launches", "step_syncs"}
+    assert int(fields["step_launches"]) <= 2 and int(fields["step_syncs"]) == 0
