@@ -159,9 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             solve = workspaces.solve(rows_in, args.diffusion_steps)
         with simcuda.meter() as step_c:
             solve.step()
+        vocoder = engine.vocoder_graphs
+        assert vocoder is not None
+        while not solve.done:
+            solve.step()
+        mels = [solve.target(b) for b in range(args.segments)]
+        vocoder(mels)  # the first call of a shape records its graph (once per shape while serving)
         with simcuda.meter() as voc_c:
-            for b in range(args.segments):
-                pipe.vocode(solve.target(b))
+            vocoder(mels)
     prep, cfm_step, vocoder = (Measured(c, model.seconds(c)) for c in (prep_c, step_c, voc_c))
     job_s = prep.seconds + args.diffusion_steps * cfm_step.seconds + vocoder.seconds
     job_launches = prep.cost.launches + args.diffusion_steps * cfm_step.cost.launches + vocoder.cost.launches

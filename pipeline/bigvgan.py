@@ -10,7 +10,7 @@ N = T·hop samples."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from ttsd.api.errors import ConfigError
 
 from .config import require
+from .device import upload
+from .graphs import Graphs
 from .layers import WNConv1d, WNConvTranspose1d, fold_weight_norm
 from .weights import load_module, read_shapes
 
@@ -108,6 +110,33 @@ class Snake(nn.Module):
         return x + (1.0 / (beta + SNAKE_EPS)) * torch.sin(x * alpha).pow(2)
 
 
+@dataclass(frozen=True, slots=True)
+class Ends:
+    """Where each row of a right-padded batch ends, at one time resolution: what lets a batch of
+    sequences of different lengths give each row the samples it gets alone. Before a zero-padded conv
+    the frames past a row's end are zeroed (`mask`); before a replicate-padded filter of the anti-aliased
+    activation they repeat the row's last frame (`last`, and `last2` at the activation's 2× rate)."""
+
+    mask: Tensor  # [B, 1, T] 1.0 before the row's end, 0.0 past it
+    last: Tensor  # [B, 1, T] int64: t before the row's end, its last frame past it
+    last2: Tensor  # [B, 1, 2T] the same at twice the rate
+
+    @classmethod
+    def of(cls, lengths: Tensor, frames: int, dtype: torch.dtype) -> Ends:
+        """lengths (B,) of rows in a batch of `frames` frames."""
+        t = torch.arange(2 * frames, device=lengths.device)[None, :]
+        n = lengths[:, None]
+        return cls((t[:, :frames] < n).to(dtype)[:, None, :], torch.minimum(t[:, :frames], n - 1)[:, None, :],
+                   torch.minimum(t, 2 * n - 1)[:, None, :])
+
+    def zeroed(self, x: Tensor) -> Tensor:
+        return x * self.mask
+
+    def extended(self, x: Tensor, at_twice: bool = False) -> Tensor:
+        idx = self.last2 if at_twice else self.last
+        return x.gather(2, idx.expand(-1, x.size(1), -1))
+
+
 class UpSample1d(nn.Module):
     filter: Tensor
 
@@ -158,8 +187,11 @@ class Activation1d(nn.Module):
         self.upsample = UpSample1d()
         self.downsample = DownSample1d()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.downsample(self.act(self.upsample(x)))
+    def forward(self, x: Tensor, ends: Ends | None = None) -> Tensor:
+        if ends is None:
+            return self.downsample(self.act(self.upsample(x)))
+        y = self.act(self.upsample(ends.extended(x)))
+        return self.downsample(ends.extended(y, at_twice=True))
 
 
 class AMPBlock1(nn.Module):
@@ -181,9 +213,13 @@ class AMPBlock1(nn.Module):
             for _ in range(2 * len(dilations))
         )
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, T]
+    def forward(self, x: Tensor, ends: Ends | None = None) -> Tensor:  # [B, C, T]
         for n, (c1, c2) in enumerate(zip(self.convs1, self.convs2, strict=True)):
-            xt = c2(self.activations[2 * n + 1](c1(self.activations[2 * n](x))))
+            if ends is None:
+                xt = c2(self.activations[2 * n + 1](c1(self.activations[2 * n](x))))
+            else:
+                xt = c1(ends.zeroed(self.activations[2 * n](x, ends)))
+                xt = c2(ends.zeroed(self.activations[2 * n + 1](xt, ends)))
             x = xt + x
         return x
 
@@ -218,23 +254,70 @@ class BigVGAN(nn.Module):
         )
         self.conv_post = WNConv1d(ch, 1, 7, padding=3, bias=cfg.use_bias_at_final, folded=folded)
         self.use_tanh_at_final = cfg.use_tanh_at_final
+        self.upsample_rates = cfg.upsample_rates
 
     def fold_weight_norm(self) -> None:
         """Compute every `weight = v · (g / ‖v‖)` once, as infer_v2's remove_weight_norm() does."""
         fold_weight_norm(self)
 
-    def forward(self, mel: Tensor) -> Tensor:
-        x = self.conv_pre(mel)  # [B, C0, T]
+    def forward(self, mel: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """mel (B, M, T); `lengths` (B,) frames of each row of a right-padded batch (None: every row is
+        T frames, upstream's path). Row b's first lengths[b]·hop samples are those it gets alone."""
+        ends: list[Ends | None] = [None] * (len(self.ups) + 1)
+        if lengths is not None:
+            frames, scale = mel.size(-1), 1
+            for s in range(len(self.ups) + 1):
+                ends[s] = Ends.of(lengths * scale, frames * scale, mel.dtype)
+                scale *= self.upsample_rates[s] if s < len(self.ups) else 1
+        x = self.conv_pre(mel if ends[0] is None else ends[0].zeroed(mel))  # [B, C0, T]
         for s, up in enumerate(self.ups):
+            e = ends[s]
             for layer in up.children():  # one ConvTranspose1d per stage
-                x = layer(x)  # [B, C0/2^(s+1), T·∏rates]
+                x = layer(x if e is None else e.zeroed(x))  # [B, C0/2^(s+1), T·∏rates]
             blocks = self.resblocks[s * self.num_kernels : (s + 1) * self.num_kernels]
-            xs = blocks[0](x)
+            xs = blocks[0](x, ends[s + 1])
             for block in blocks[1:]:
-                xs = xs + block(x)
+                xs = xs + block(x, ends[s + 1])
             x = xs / self.num_kernels  # mean of the multi-receptive-field blocks
-        x = self.conv_post(self.activation_post(x))  # [B, 1, N]
+        e = ends[-1]
+        x = self.activation_post(x, e)
+        x = self.conv_post(x if e is None else e.zeroed(x))  # [B, 1, N]
         return torch.tanh(x) if self.use_tanh_at_final else torch.clamp(x, min=-1.0, max=1.0)
+
+
+class VocoderGraphs:
+    """Batched, graphed vocoding for the CUDA engine: B mels, right-padded to a multiple of FRAME_BUCKET
+    frames, are one replay of the graph recorded for (B, frames), each row masked at its own end (`Ends`),
+    so it gets the samples it gets alone. The rows returned are views of the graph's output: the caller
+    copies them (to the host, on the same stream) before the next call. Beyond `keep` shapes, the least
+    recently used one is dropped, graph and all."""
+
+    FRAME_BUCKET = 32
+
+    def __init__(self, model: BigVGAN, *, keep: int = 8) -> None:
+        self.model, self.keep = model, keep
+        self.shapes: dict[tuple[int, int], tuple[Tensor, Tensor, Graphs]] = {}  # oldest first
+
+    def __call__(self, mels: Sequence[Tensor]) -> list[Tensor]:
+        """mels, each (1, M, T_b) → float PCM at ±32767 scale, each (T_b·hop,), on the device."""
+        lengths = [m.size(-1) for m in mels]
+        key = (len(mels), -(-max(lengths) // self.FRAME_BUCKET) * self.FRAME_BUCKET)
+        entry = self.shapes.pop(key, None)
+        if entry is None:
+            first = mels[0]
+            entry = (torch.zeros((key[0], first.size(1), key[1]), device=first.device),
+                     torch.zeros(key[0], dtype=torch.long, device=first.device), Graphs("vocoder"))
+            while len(self.shapes) >= self.keep:
+                del self.shapes[next(iter(self.shapes))]
+        self.shapes[key] = entry
+        mel, n, graphs = entry
+        mel.zero_()
+        for b, m in enumerate(mels):
+            mel[b, :, : lengths[b]] = m[0]
+        n.copy_(upload(lengths, mel.device))
+        out = graphs.run("vocode", lambda: to_pcm_scale(self.model(mel, n)))  # [B, frames·hop]
+        hop = out.size(-1) // key[1]
+        return [out[b, : lengths[b] * hop] for b in range(len(mels))]
 
 
 def load_bigvgan(weights_path: Path, config_path: Path, device: torch.device | str) -> BigVGAN:

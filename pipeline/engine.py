@@ -204,10 +204,10 @@ class _AcousticJob:
                     return
                 solve.step()
                 yield
-            for b, s in enumerate(segs):
-                if s.dropped:
-                    continue
-                pcm = pipe.vocode(solve.target(b))  # [N] on the device
+            live = [(b, s) for b, s in enumerate(segs) if not s.dropped]
+            mels = [solve.target(b) for b, _ in live]
+            pcms = [pipe.vocode(m) for m in mels] if e.vocoder_graphs is None else e.vocoder_graphs(mels)
+            for (_, s), pcm in zip(live, pcms, strict=True):  # [N] each, on the device
                 self.results.append((s, e.lanes.to_host(pcm)))
         finally:
             solve.close()  # a job dropped, failed or done: its workspace serves the next solve
@@ -248,6 +248,7 @@ class Engine:
         # overlap on their streams). Such a job then runs to its end before decoding goes on.
         self.first_audio_first = pipe.device.type != "cuda"
         self.cfm_workspaces = pipe.cfm_workspaces()  # CUDA: each CFM step one graph replay
+        self.vocoder_graphs = pipe.vocoder_graphs()  # CUDA: a job's segments vocoded in one graph replay
         self.max_acoustic_frames = max_acoustic_frames
         self.requests: list[Request] = []
         self._arrivals = itertools.count()

@@ -35,7 +35,7 @@ from ttsd.api.options import SynthesisOptions
 
 from . import audio
 from .accel import ROW_BUCKETS, Streams, step_function
-from .bigvgan import BigVGAN, load_bigvgan, to_pcm_scale
+from .bigvgan import BigVGAN, VocoderGraphs, load_bigvgan, to_pcm_scale
 from .campplus import CAMPPlus, load_campplus
 from .chunking import ChunkInput
 from .config import load_yaml
@@ -463,6 +463,12 @@ class Pipeline:
         if self.device.type != "cuda" or not self.cuda_graphs:
             return None
         return CFMWorkspaces(self.cfm, self.acoustic_autocast)
+
+    def vocoder_graphs(self) -> VocoderGraphs | None:
+        """Batched, graphed vocoding for an engine (CUDA with graphs); None: one segment at a time, eagerly."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return None
+        return VocoderGraphs(self.bigvgan)
 
     def vocode(self, mel: Tensor) -> Tensor:
         """Target mel (1, 80, T) → float PCM (256 T,) at ±32767 scale on the device. Always float32:

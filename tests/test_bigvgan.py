@@ -68,3 +68,27 @@ def test_bigvgan_checkpoint_mismatch_names_tensor(converted: Path, tmp_path: Pat
     with pytest.raises(CheckpointMismatch) as err:
         load_bigvgan(bad, converted / "bigvgan.json", "cpu")
     assert_names_edit(err.value, how, key)
+
+
+@torch.no_grad()
+def test_batched_rows_of_different_lengths_get_their_own_samples(fx: FixtureSet, vocoder: BigVGAN) -> None:
+    """Mels of different lengths (1, 2 and 9 frames short of the longest, and the longest) vocoded as
+    one right-padded batch with their lengths give each row the samples it gets alone: zero-padded convs
+    see zeros past each row's end and the anti-aliased activations their own replicated last frame
+    (without the lengths, the padded rows' last samples differ)."""
+    mel = fx.golden("base", "15_bigvgan")["seg0.vc_target"]  # (1, M, T)
+    t = mel.size(-1)
+    lengths = [t, t - 1, t - 2, t - 9]
+    batch = torch.zeros(len(lengths), mel.size(1), t)
+    for b, n in enumerate(lengths):
+        batch[b, :, :n] = mel[0, :, :n]
+    together = vocoder(batch, torch.tensor(lengths))
+    unmasked = vocoder(batch)
+    hop = together.size(-1) // t
+    worst_unmasked = 0.0
+    for b, n in enumerate(lengths):
+        alone = vocoder(mel[:, :, :n])
+        assert alone.size(-1) == n * hop
+        assert_close(together[b : b + 1, :, : n * hop], alone, f"row {b} of {n} frames")
+        worst_unmasked = max(worst_unmasked, float((unmasked[b, :, : n * hop] - alone[0]).abs().max()))
+    assert worst_unmasked > 1e-3  # the case needs the lengths

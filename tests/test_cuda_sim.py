@@ -314,6 +314,26 @@ def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> N
     assert used[0] is used[1] and len(used[0].graphs.graphs) == 1
 
 
+@torch.inference_mode()
+def test_graphed_batched_vocoding_matches_one_segment_at_a_time(gpu: Pipeline, voice: Voice) -> None:
+    """The engine vocodes a job's segments as one replay per (rows, frame bucket): each segment's PCM is
+    the one it gets vocoded alone, for the call that records the graph and for a later call with other
+    lengths (which replays it, with a handful of launches to load the mels)."""
+    vocoder = gpu.engine(max_batch_rows=4).vocoder_graphs
+    assert vocoder is not None
+    gen = torch.Generator().manual_seed(9)
+    for lengths in ((40, 37), (33, 40)):  # one frame bucket: the second call replays the first's graph
+        mels = [torch.randn(1, voice.ref_mel.size(1), n, generator=gen).cuda() for n in lengths]
+        want = [gpu.vocode(m).cpu() for m in mels]
+        with simcuda.meter() as cost:
+            got = [p.cpu() for p in vocoder(mels)]
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            assert float((g - w).abs().max()) <= 1e-4 * max(1.0, float(w.abs().max()))
+    assert cost.launches < 10 and cost.graph_nodes > 0, cost.launches
+    assert len(vocoder.shapes) == 1
+
+
 def _drive(engine: Engine, reqs: Sequence[Request], cancel: Request | None = None) -> list[Any]:
     """Run `reqs` to the end; `cancel` is cancelled once it has rows in the decode batch."""
     for r in reqs:
