@@ -300,6 +300,13 @@ class VocoderGraphs:
 
     def __call__(self, mels: Sequence[Tensor]) -> list[Tensor]:
         """mels, each (1, M, T_b) → float PCM at ±32767 scale, each (T_b·hop,), on the device."""
+        mel, n, graphs = self.stage(mels)
+        out = graphs.run("vocode", lambda: self.render(mel, n))  # [B, frames·hop]
+        hop = out.size(-1) // mel.size(-1)
+        return [out[b, : m.size(-1) * hop] for b, m in enumerate(mels)]
+
+    def stage(self, mels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Graphs]:
+        """The buffers of the mels' shape, loaded with them (zero past each row's end), and its graphs."""
         lengths = [m.size(-1) for m in mels]
         key = (len(mels), -(-max(lengths) // self.FRAME_BUCKET) * self.FRAME_BUCKET)
         entry = self.shapes.pop(key, None)
@@ -310,14 +317,16 @@ class VocoderGraphs:
             while len(self.shapes) >= self.keep:
                 del self.shapes[next(iter(self.shapes))]
         self.shapes[key] = entry
-        mel, n, graphs = entry
+        mel, n, _ = entry
         mel.zero_()
         for b, m in enumerate(mels):
             mel[b, :, : lengths[b]] = m[0]
         n.copy_(upload(lengths, mel.device))
-        out = graphs.run("vocode", lambda: to_pcm_scale(self.model(mel, n)))  # [B, frames·hop]
-        hop = out.size(-1) // key[1]
-        return [out[b, : lengths[b] * hop] for b in range(len(mels))]
+        return entry
+
+    def render(self, mel: Tensor, lengths: Tensor) -> Tensor:
+        """What the graph runs: the staged batch → PCM scale [B, frames·hop]."""
+        return to_pcm_scale(self.model(mel, lengths))
 
 
 def load_bigvgan(weights_path: Path, config_path: Path, device: torch.device | str) -> BigVGAN:

@@ -213,6 +213,31 @@ def test_cost_meter_counts_launches_bytes_and_flops() -> None:
     assert model.seconds(replayed) == pytest.approx(roofline + model.launch_s + model.graph_node_s)
 
 
+def test_as_replay_books_what_a_replay_of_the_same_work_books() -> None:
+    """Work run eagerly under as_replay() is booked as one replay of a graph of exactly those kernels
+    (device factories included): the launches, nodes and FLOPs of the captured graph's replay; a host
+    sync inside raises, as it would in capture."""
+    a = torch.randn(8, 16, device="cuda")
+    b = torch.randn(16, 4, device="cuda")
+
+    def work() -> torch.Tensor:
+        idx = torch.arange(4, device="cuda")
+        return torch.tanh(a @ b).index_select(1, idx) + 1.0
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = work()
+    with simcuda.meter() as replayed:
+        g.replay()
+    with simcuda.meter() as booked, simcuda.as_replay():
+        eager = work()
+    assert (booked.launches, booked.graph_nodes) == (replayed.launches, replayed.graph_nodes) == (1, 5)
+    assert booked.flops_fp32 == replayed.flops_fp32 > 0
+    assert torch.equal(eager.cpu(), captured.cpu())
+    with pytest.raises(simcuda.HostSync), simcuda.as_replay():
+        a.sum().item()
+
+
 def test_kv_buckets_cover_every_length() -> None:
     """Every attention length up to the cache's has a bucket within an eighth of it below 1024 slots."""
     from ttsd.pipeline.decode import kv_buckets

@@ -46,13 +46,14 @@ from .state import (
     SimulationError,
     StreamRace,
     SyncRegion,
+    as_replay,
     meter,
     sync_region,
 )
 from .tensor import DeviceMismatch, SimGenerator, SimMode, SimTensor, cuda_generator
 
 __all__ = [
-    "Cost", "DeviceModel", "meter",
+    "Cost", "DeviceModel", "as_replay", "meter",
     "CaptureError", "DeviceMismatch", "HostSync", "SimGraph", "SimStream", "SimTensor", "SimulationError",
     "StreamRace", "SyncRegion", "count_syncs", "install", "install_from_env", "installed", "no_syncs",
     "set_budget", "uninstall", "violations",

@@ -264,6 +264,7 @@ class SimState:
         self.strict_handoffs = True
         self.syncs_total = 0
         self.meters: list[Cost] = []  # open cost meters (cost.py): every device operation is added to each
+        self.as_replay = 0  # > 0 inside `as_replay()`: eager operations are booked as graph nodes
         self.capture: object | None = None  # the graphs module's active capture
         self.alloc_sites = os.environ.get("TTSD_SIMCUDA_SITES", "") == "1"
         self.exiting = False  # interpreter shutdown: every storage is freed, no stream runs any more
@@ -432,7 +433,7 @@ def meter_op(func: Any, args: Any, kwargs: Any, mutated: list[Tensor], out: Any,
     floats = [t for t in [*tensors_of(args), *tensors_of(out)] if t.is_floating_point()]
     half = any(t.dtype in HALF for t in floats)
     for m in STATE.meters:
-        m.add(func, read, written, flops, half, eager=eager)
+        m.add(func, read, written, flops, half, eager=eager and not STATE.as_replay)
 
 
 @contextmanager
@@ -444,6 +445,22 @@ def meter() -> Iterator[Cost]:
         yield cost
     finally:
         STATE.meters.remove(cost)
+
+
+@contextmanager
+def as_replay() -> Iterator[None]:
+    """Book the block's operations as one replay of a graph that recorded exactly them: one launch, and
+    each operation a graph node. For work a graph replays whose capture the simulator cannot hold
+    (capture keeps every intermediate it records alive, where a device's graph pool reuses memory):
+    the cost is the replay's, the work runs eagerly. A host sync inside the block raises, as in capture."""
+    for m in STATE.meters:
+        m.replay()
+    STATE.as_replay += 1
+    try:
+        with sync_region(forbid=True):
+            yield
+    finally:
+        STATE.as_replay -= 1
 
 
 @contextmanager

@@ -124,7 +124,7 @@ def to_device(t: Tensor, *, dtype: torch.dtype | None = None, non_blocking: bool
     STATE.access(stream, [], [inner], what)
     for m in STATE.meters:
         m.h2d_bytes += nbytes(inner)
-        m.add("memcpy h2d", 0, nbytes(inner), 0, False, eager=True)
+        m.add("memcpy h2d", 0, nbytes(inner), 0, False, eager=not STATE.as_replay)
     return out
 
 
@@ -316,10 +316,10 @@ def _copy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         STATE.access(stream, reads, writes, "copy_")
         for m in STATE.meters:
             if d_sim and s_sim:
-                m.add(aten.copy_.default, nbytes(s_in), nbytes(d_in), 0, False, eager=True)
+                m.add(aten.copy_.default, nbytes(s_in), nbytes(d_in), 0, False, eager=not STATE.as_replay)
             elif d_sim:
                 m.h2d_bytes += nbytes(s_in)
-                m.add("memcpy h2d", 0, nbytes(d_in), 0, False, eager=True)
+                m.add("memcpy h2d", 0, nbytes(d_in), 0, False, eager=not STATE.as_replay)
             else:
                 m.d2h_bytes += nbytes(s_in)
                 m.add("memcpy d2h", nbytes(s_in), 0, 0, False, eager=True)
@@ -434,7 +434,7 @@ def _factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not capturing:
             STATE.access(stream, [], [x], getattr(func, "__name__", str(func)))
             for m in STATE.meters:
-                m.add(getattr(func, "__name__", str(func)), 0, nbytes(x), 0, False, eager=True)
+                m.add(getattr(func, "__name__", str(func)), 0, nbytes(x), 0, False, eager=not STATE.as_replay)
         return sim
 
     return tree_map(wrap_new, out)
