@@ -531,7 +531,8 @@ class PerceiverVoice(UnifiedVoice):
         return self.perceiver_encoder(h, self.perceiver_encoder.latent_mask(mask))
 
     def speed_rows(self, speech_latent: Tensor) -> Tensor:
-        return self.speed_emb.weight[[1, 0]].unsqueeze(0).expand(speech_latent.size(0), -1, -1)  # [B, 2, D]
+        w = self.speed_emb.weight  # rows 1 then 0 (indexing with [1, 0] would copy that list to the device)
+        return torch.stack((w[1], w[0])).unsqueeze(0).expand(speech_latent.size(0), -1, -1)  # [B, 2, D]
 
     def add_language(self, emb: Tensor, lang: int | Tensor | None) -> Tensor:
         if lang is not None:

@@ -102,7 +102,8 @@ def nearest_indices(t_in: int, t_out: int, device: torch.device) -> Tensor:
     if t_out == 2 * t_in:  # ATen's shortcut; identical to the formula, kept for clarity
         return torch.arange(t_out, device=device) // 2
     # float32 division like ATen's (float)in / out; rounding a float64 quotient could differ by an ulp.
-    scale = torch.tensor(t_in, dtype=torch.float32, device=device) / t_out
+    # A 0-d host tensor: the device reads it by value (a device tensor made from it would be a blocking copy).
+    scale = torch.tensor(t_in, dtype=torch.float32) / t_out
     i = torch.arange(t_out, dtype=torch.float32, device=device)
     return torch.floor(i * scale).long().clamp_(max=t_in - 1)
 

@@ -314,6 +314,27 @@ def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> N
     assert used[0] is used[1] and len(used[0].graphs.graphs) == 1
 
 
+@pytest.mark.model_versions("2", "2.5")
+@torch.inference_mode()
+def test_acoustic_prep_reads_nothing_back(gpu: Pipeline, voice: Voice) -> None:
+    """Turning segments' codes into CFM inputs (second GPT pass, codec, length regulator, noise) issues
+    no host sync: the acoustic stream's thread never waits for the device there (defect: the speed rows
+    indexed with a Python list and the regulator's scale made on the device, two blocking copies per
+    segment)."""
+    opts = gpu.check_options(SynthesisOptions(**SHORT, seed=4))
+    emovec = gpu.request_emovec(voice, opts, None)
+    seg = gpu.split_text("Hello there.", opts)[0]
+    gen = torch.Generator().manual_seed(2)
+    items = []
+    for i, n in enumerate((9, 14)):
+        codes = torch.randint(0, gpu.codec.codebook_size, (1, n), generator=gen)
+        items.append(AcousticInput(voice, emovec, seg.with_index(i), Generated(codes.cuda(), codes.cuda(), True,
+                                                                               codes), opts))
+    with simcuda.count_syncs() as region:
+        rows = gpu.cfm_rows(items)
+    assert len(rows) == 2 and region.events == []
+
+
 @torch.inference_mode()
 def test_graphed_batched_vocoding_matches_one_segment_at_a_time(gpu: Pipeline, voice: Voice) -> None:
     """The engine vocodes a job's segments as one replay per (rows, frame bucket): each segment's PCM is
