@@ -28,6 +28,7 @@ from ttsd.api.errors import ConfigError
 from .config import require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .device import upload
+from .graphs import Graphs
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import build_buffers, load_module, read_shapes
 
@@ -507,6 +508,39 @@ class UnifiedVoice(nn.Module):
         x = self.latent_inputs(speech_latent, emovec, text_ids, codes)
         h = self.final_norm(self.forward(x))  # [B, 34 + L + 2 + N + 2, D]
         return h[:, -(codes.size(1) + 2) : -2]  # drop the two tokens the pass added at the end
+
+
+class LatentGraphs:
+    """The second pass on CUDA as one graph replay per (rows, length bucket): B input sequences, each
+    right-padded to a multiple of SEQ_BUCKET positions, go through the GPT and final_norm in the graph
+    recorded for that shape. Padding is exact (the pass is causal: a position never sees a later one),
+    so the staging only copies each row's inputs and leaves the positions past its end as they are.
+    Beyond `keep` shapes, the least recently used one is dropped, graph and all."""
+
+    SEQ_BUCKET = 32  # a pass costs in proportion to its length: padding kept small (the CFM pads to 64)
+
+    def __init__(self, gpt: UnifiedVoice, *, keep: int = 8) -> None:
+        self.gpt, self.keep = gpt, keep
+        self.shapes: dict[tuple[int, int], tuple[Tensor, Graphs]] = {}  # oldest first
+
+    def __call__(self, xs: Sequence[Tensor]) -> Tensor:
+        """Input embeddings, each [1, S_b, D] → normalised states [B, S_bucket, D], owned by the graph:
+        valid until the next call (the caller copies what it keeps)."""
+        longest = max(x.size(1) for x in xs)
+        key = (len(xs), -(-longest // self.SEQ_BUCKET) * self.SEQ_BUCKET)
+        entry = self.shapes.pop(key, None)
+        if entry is None:
+            first = xs[0]
+            entry = (torch.zeros((key[0], key[1], first.size(2)), device=first.device, dtype=first.dtype),
+                     Graphs("second pass"))
+            while len(self.shapes) >= self.keep:
+                del self.shapes[next(iter(self.shapes))]
+        self.shapes[key] = entry
+        batch, graphs = entry
+        for b, x in enumerate(xs):
+            batch[b, : x.size(1)] = x[0]
+        gpt = self.gpt
+        return graphs.run("pass", lambda: gpt.final_norm(gpt(batch)))
 
 
 class PerceiverVoice(UnifiedVoice):

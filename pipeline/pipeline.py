@@ -47,6 +47,7 @@ from .family import Codec, ModelFamily, family_for
 from .flow import CFM, CFMRow, CFMSolve, CFMWorkspaces, load_cfm
 from .gpt import (
     EmotionMatrices,
+    LatentGraphs,
     UnifiedVoice,
     decode_copy,
     interpolate_emovec,
@@ -349,25 +350,30 @@ class Pipeline:
         seed = 0 if opts.seed is None else opts.seed
         return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
 
-    def latents(self, items: Sequence[tuple[Voice, Tensor, Segment, Tensor]]) -> list[Tensor]:
+    def latents(self, items: Sequence[tuple[Voice, Tensor, Segment, Tensor]],
+                graphs: LatentGraphs | None = None) -> list[Tensor]:
         """The second GPT pass for several segments in one padded batch → each (1, M_b, D) float32.
 
         items: (voice, emovec, segment, codes (1, M_b)). Right padding is exact: the pass is causal
-        and each segment's states are read before its padding."""
+        and each segment's states are read before its padding. With `graphs` (CUDA) the pass is one
+        replay of the graph of its (rows, length bucket)."""
         xs = [
             self.gpt.latent_inputs(
                 v.speech_latent, e, upload([s.text_ids], self.device), c
             )
             for v, e, s, c in items
         ]
-        longest = max(x.size(1) for x in xs)
-        batch = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, longest - x.size(1))) for x in xs])
-        h = self.gpt.final_norm(self.gpt(batch))  # [B, S_max, D]
+        if graphs is None:
+            longest = max(x.size(1) for x in xs)
+            batch = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, longest - x.size(1))) for x in xs])
+            h = self.gpt.final_norm(self.gpt(batch))  # [B, S_max, D]
+        else:
+            h = graphs(xs)  # [B, S_bucket, D], rewritten by the next replay: each row is copied out below
         out = []
         for b, (x, (_, _, _, c)) in enumerate(zip(xs, items, strict=True)):
             m = c.size(1)
             end = x.size(1) - 2  # the mel block is [start, c_1..c_M, stop]; keep its first M states
-            out.append(h[b : b + 1, end - m : end].float())
+            out.append(h[b : b + 1, end - m : end].to(torch.float32, copy=graphs is not None))
         return out
 
     @torch.inference_mode()
@@ -385,8 +391,9 @@ class Pipeline:
         (IndexTTS-2.5: prompt + int(2M · 1.72 · duration_factor))."""
         return voice.ref_mel.size(2) + self.family.mel_frames(self.codec, codes.codes_host.size(1), opts)
 
-    def cfm_rows(self, items: Sequence[AcousticInput]) -> list[CFMRow]:
-        """Segments with codes → their CFM inputs: gpt_layer + vq2emb, the length regulator and the start noise."""
+    def cfm_rows(self, items: Sequence[AcousticInput], latent_graphs: LatentGraphs | None = None) -> list[CFMRow]:
+        """Segments with codes → their CFM inputs: gpt_layer + vq2emb, the length regulator and the start noise.
+        `latent_graphs` (CUDA): the second pass of whole segments as one graph replay."""
         k = self.codec.codebook_size
         for it in items:
             bad = it.codes.codes_host
@@ -396,7 +403,8 @@ class Pipeline:
         if not self.family.second_pass:
             return [self._cfm_row(it, None) for it in items]
         whole = [it for it in items if it.chunk is None]
-        lat = iter(self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in whole]) if whole else [])
+        lat = iter(self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in whole], latent_graphs)
+                   if whole else [])
         return [
             self._cfm_row(it, next(lat) if it.chunk is None else self.chunk_latent(it.voice, it.emovec, it.segment,
                                                                                    it.chunk))
@@ -463,6 +471,12 @@ class Pipeline:
         if self.device.type != "cuda" or not self.cuda_graphs:
             return None
         return CFMWorkspaces(self.cfm, self.acoustic_autocast)
+
+    def latent_graphs(self) -> LatentGraphs | None:
+        """Graphed second passes for an engine (CUDA with graphs, a family with a second pass); None: eager."""
+        if self.device.type != "cuda" or not self.cuda_graphs or not self.family.second_pass:
+            return None
+        return LatentGraphs(self.gpt)
 
     def vocoder_graphs(self) -> VocoderGraphs | None:
         """Batched, graphed vocoding for an engine (CUDA with graphs); None: one segment at a time, eagerly."""

@@ -53,11 +53,11 @@ def recording_codes(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> Rend
     seen: Rendered = []
     real = pipeline.cfm_rows
 
-    def cfm_rows(items: Sequence[AcousticInput]) -> Any:
+    def cfm_rows(items: Sequence[AcousticInput], *args: Any) -> Any:
         for it in items:
             k, start = (None, 0) if it.chunk is None else (it.chunk.index, it.chunk.start)
             seen.append((it.segment.index, k, start, it.codes.codes_host[0].tolist()))
-        return real(items)
+        return real(items, *args)
 
     monkeypatch.setattr(pipeline, "cfm_rows", cfm_rows)
     return seen

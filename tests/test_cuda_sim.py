@@ -234,11 +234,11 @@ def test_overlapping_requests_match_their_solo_codes(gpu: Pipeline, voice: Voice
         codes: dict[int, dict[int, list[int]]] = {i: {} for i in indices}
         cfm_rows = gpu.cfm_rows
 
-        def recording(items: Sequence[AcousticInput]) -> Any:
+        def recording(items: Sequence[AcousticInput], *args: Any) -> Any:
             for it in items:
                 owner = next(i for i in indices if opts[i] is it.opts)
                 codes[owner][it.segment.index] = it.codes.codes_host[0].tolist()
-            return cfm_rows(items)
+            return cfm_rows(items, *args)
 
         monkeypatch.setattr(gpu, "cfm_rows", recording)
         engine = gpu.engine(max_batch_rows=16)
@@ -312,6 +312,43 @@ def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> N
             assert g.shape == w.shape
             assert float((g - w).abs().max()) <= 1e-4 * max(1.0, float(w.abs().max()))
     assert used[0] is used[1] and len(used[0].graphs.graphs) == 1
+
+
+@torch.inference_mode()
+def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice) -> None:
+    """The engine's second pass is one replay per (rows, length bucket): each segment gets the latent the
+    eager padded pass gives it, for the call that records the graph and for a later one of other lengths
+    in the same bucket (which replays it, over the first call's leftovers past each row's end); the
+    latents handed out are copies, untouched by the next replay; beyond `keep` shapes the oldest goes."""
+    graphs = gpu.engine(max_batch_rows=4).latent_graphs
+    assert graphs is not None
+    graphs.keep = 1
+    opts = gpu.check_options(SynthesisOptions(**SHORT, seed=4))
+    emovec = gpu.request_emovec(voice, opts, None)
+    segs = gpu.split_text("Hello there, how are you today?", opts)
+    gen = torch.Generator().manual_seed(3)
+
+    def items(lengths: Sequence[int]) -> list[tuple[Voice, torch.Tensor, Any, torch.Tensor]]:
+        return [(voice, emovec, segs[i % len(segs)],
+                 torch.randint(0, gpu.codec.codebook_size, (1, n), generator=gen).cuda())
+                for i, n in enumerate(lengths)]
+
+    kept = []
+    for lengths in ((9, 20, 3), (4, 17, 12)):  # both in one bucket: the second call replays
+        batch = items(lengths)
+        want = [w.cpu() for w in gpu.latents(batch)]
+        with simcuda.meter() as region:
+            got = gpu.latents(batch, graphs)
+        kept.append((got, [g.cpu() for g in got]))
+        for g, w, n in zip(got, want, lengths, strict=True):
+            assert g.shape == (1, n, w.size(2)) and g.dtype == torch.float32
+            assert_close(g.cpu(), w, "latent")
+    assert region.graph_nodes > 0 and len(graphs.shapes) == 1
+    for g, copy in zip(*kept[0], strict=True):
+        assert torch.equal(g.cpu(), copy)
+    first = next(iter(graphs.shapes))
+    gpu.latents(items((40,)), graphs)  # another shape (one row): with keep=1 it replaces the first
+    assert len(graphs.shapes) == 1 and first not in graphs.shapes
 
 
 @pytest.mark.model_versions("2", "2.5")

@@ -64,10 +64,10 @@ def run(pipeline: Pipeline, voices: dict[str, Voice], specs: Sequence[Spec], mon
     ]
     real = pipeline.cfm_rows
 
-    def recording(items: Sequence[AcousticInput]) -> Any:
+    def recording(items: Sequence[AcousticInput], *args: Any) -> Any:
         for it, req in ((it, next(r for r in reqs if r.voice is it.voice and r.opts is it.opts)) for it in items):
             outcomes[req.tag].codes[it.segment.index] = it.codes.codes_host[0].tolist()
-        return real(items)
+        return real(items, *args)
 
     monkeypatch.setattr(pipeline, "cfm_rows", recording)
     step = 0
@@ -246,10 +246,10 @@ def test_a_failing_segment_fails_only_its_own_request(
     bad_opts = pipeline.check_options(SynthesisOptions(**SHORT, do_sample=False, num_beams=1, seed=2))
     real = pipeline.cfm_rows
 
-    def failing(items: Sequence[AcousticInput]) -> Any:
+    def failing(items: Sequence[AcousticInput], *args: Any) -> Any:
         if any(it.opts is bad_opts for it in items):
             raise RuntimeError("injected failure")
-        return real(items)
+        return real(items, *args)
 
     monkeypatch.setattr(pipeline, "cfm_rows", failing)
     engine = Engine(pipeline, max_batch_rows=8)
