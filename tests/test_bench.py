@@ -104,16 +104,20 @@ def test_bench_daemon_alternates_chunked_and_whole_requests(converted: Path) -> 
 
 def test_gpu_cost_counts_graphed_steps() -> None:
     """gpu_cost.py (the CUDA branch on the simulated device, random tiny weights) counts a steady decode
-    step of one-row requests as graph replays with no host sync and a CFM step as one replay, and ends
-    with its machine-readable line (defect: the selection ran as ~22 eager kernels per step and every
-    CFM step launched each of its ~1000 kernels)."""
-    out = run_bench("gpu_cost.py", "--random", "tiny")
+    step of one-row requests as graph replays with no host sync, a CFM step as one replay and the acoustic
+    prep's second pass as graph nodes with no host sync, and ends with its machine-readable line (defect:
+    the selection ran as ~22 eager kernels per step and every CFM step launched each of its ~1000
+    kernels)."""
+    out = run_bench("gpu_cost.py", "--random", "tiny", "--rows", "6", "--live-slots", "80", "--codes", "40",
+                    "--diffusion-steps", "3")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.splitlines() if line.startswith("| ") and not line.startswith("| work")}
-    greedy = rows["decode step, 16 rows greedy"]
+    greedy = rows["decode step, 6 rows greedy"]
     assert int(greedy[0]) <= 2 and int(greedy[1]) > 0 and int(greedy[4]) == 0  # launches, nodes, syncs
     cfm = rows["one CFM step (DiT × CFG)"]
     assert int(cfm[0]) == 1 and int(cfm[1]) > 0
+    prep = rows["acoustic prep, 4 segments"]
+    assert int(prep[1]) > 0 and int(prep[4]) == 0  # the second pass replayed from a graph; nothing read back
     last = out.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in last.removeprefix("modelled h100: ").split())
     assert set(fields) == {"streams", "first_audio_ms", "step_ms", "step_bytes_ratio", "step_launches", "step_syncs"}
