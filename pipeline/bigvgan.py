@@ -23,7 +23,7 @@ from ttsd.api.errors import ConfigError
 
 from .config import require
 from .device import upload
-from .graphs import Graphs
+from .graphs import Graphs, recent
 from .layers import WNConv1d, WNConvTranspose1d, fold_weight_norm
 from .weights import load_module, read_shapes
 
@@ -309,14 +309,10 @@ class VocoderGraphs:
         """The buffers of the mels' shape, loaded with them (zero past each row's end), and its graphs."""
         lengths = [m.size(-1) for m in mels]
         key = (len(mels), -(-max(lengths) // self.FRAME_BUCKET) * self.FRAME_BUCKET)
-        entry = self.shapes.pop(key, None)
-        if entry is None:
-            first = mels[0]
-            entry = (torch.zeros((key[0], first.size(1), key[1]), device=first.device),
-                     torch.zeros(key[0], dtype=torch.long, device=first.device), Graphs("vocoder"))
-            while len(self.shapes) >= self.keep:
-                del self.shapes[next(iter(self.shapes))]
-        self.shapes[key] = entry
+        first = mels[0]
+        entry = recent(self.shapes, key, lambda: (
+            torch.zeros((key[0], first.size(1), key[1]), device=first.device),
+            torch.zeros(key[0], dtype=torch.long, device=first.device), Graphs("vocoder")), self.keep)
         mel, n, _ = entry
         mel.zero_()
         for b, m in enumerate(mels):

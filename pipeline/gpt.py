@@ -28,7 +28,7 @@ from ttsd.api.errors import ConfigError
 from .config import require, shape
 from .conformer import ConformerConfig, ConformerEncoder
 from .device import upload
-from .graphs import Graphs
+from .graphs import Graphs, recent
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import build_buffers, load_module, read_shapes
 
@@ -528,15 +528,10 @@ class LatentGraphs:
         valid until the next call (the caller copies what it keeps)."""
         longest = max(x.size(1) for x in xs)
         key = (len(xs), -(-longest // self.SEQ_BUCKET) * self.SEQ_BUCKET)
-        entry = self.shapes.pop(key, None)
-        if entry is None:
-            first = xs[0]
-            entry = (torch.zeros((key[0], key[1], first.size(2)), device=first.device, dtype=first.dtype),
-                     Graphs("second pass"))
-            while len(self.shapes) >= self.keep:
-                del self.shapes[next(iter(self.shapes))]
-        self.shapes[key] = entry
-        batch, graphs = entry
+        first = xs[0]
+        batch, graphs = recent(self.shapes, key, lambda: (
+            torch.zeros((key[0], key[1], first.size(2)), device=first.device, dtype=first.dtype),
+            Graphs("second pass")), self.keep)
         for b, x in enumerate(xs):
             batch[b, : x.size(1)] = x[0]
         gpt = self.gpt

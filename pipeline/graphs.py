@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,21 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS workspaces, lazy init)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+def recent(shapes: dict[K, V], key: K, make: Callable[[], V], keep: int) -> V:
+    """The entry of `key` in `shapes` (kept in order of use, oldest first), made by `make` if there is
+    none; beyond `keep` entries the least recently used ones are dropped (graphs and buffers with them)."""
+    entry = shapes.pop(key, None)
+    if entry is None:
+        entry = make()
+        while len(shapes) >= keep:
+            del shapes[next(iter(shapes))]
+    shapes[key] = entry
+    return entry
 
 
 class Graphs:

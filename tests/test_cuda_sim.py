@@ -339,12 +339,12 @@ def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice)
         want = [w.cpu() for w in gpu.latents(batch)]
         with simcuda.meter() as region:
             got = gpu.latents(batch, graphs)
-        kept.append((got, [g.cpu() for g in got]))
+        kept.append((got, [g.cpu() for g in got], next(iter(graphs.shapes))))
         for g, w, n in zip(got, want, lengths, strict=True):
             assert g.shape == (1, n, w.size(2)) and g.dtype == torch.float32
             assert_close(g.cpu(), w, "latent")
-    assert region.graph_nodes > 0 and len(graphs.shapes) == 1
-    for g, copy in zip(*kept[0], strict=True):
+    assert region.graph_nodes > 0 and len(graphs.shapes) == 1 and kept[0][2] == kept[1][2]  # one shape, replayed
+    for g, copy in zip(kept[0][0], kept[0][1], strict=True):
         assert torch.equal(g.cpu(), copy)
     first = next(iter(graphs.shapes))
     gpu.latents(items((40,)), graphs)  # another shape (one row): with keep=1 it replaces the first
