@@ -29,13 +29,15 @@ log lines, the bound on a request body, and the `Listener` shape the server host
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from ttsd.api import protocol as p
 from ttsd.api.errors import BadText, TextTooLong
@@ -64,6 +66,13 @@ SOCKET_SEND_BUFFER_BYTES: Final = 256 * 1024
 # JSON \uXXXX escape, and small fields: max_text_chars × 6 + this many bytes.
 BODY_OVERHEAD_BYTES: Final = 64 * 1024
 _OPTIONS: Final = {o.name: o for o in OPTIONS}
+# Client frames and uploads of up to max_frame_bytes pass through the C heap. glibc raises its mmap
+# threshold to the largest block freed (up to 32 MiB), so after one large frame the next ones come from
+# the heap, and freed heap pages below its top stay resident: a client sending large frames would leave
+# the daemon several frames larger for good. After input this large, malloc_trim hands those pages back,
+# at most once per TRIM_DELAY_S (it walks every arena, under their locks).
+TRIM_AFTER_BYTES: Final = 2**20
+TRIM_DELAY_S: Final = 0.05
 
 
 class Listener(Protocol):
@@ -212,11 +221,37 @@ class Interface:
     ended_word: str = "end"     # ... and "request <ended_word>" for one that ended otherwise
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return cast("Callable[[int], int]", trim)
+
+
 class Core:
     """What every request of the daemon shares: the worker, the limits and the metrics."""
 
     def __init__(self, worker: Worker, config: DaemonConfig, metrics: Metrics) -> None:
         self.worker, self.config, self.metrics = worker, config, metrics
+        self._trim = _malloc_trim()
+        self._trim_pending = False
+
+    def took_input(self, nbytes: int) -> None:
+        """An adapter has dropped a client input of `nbytes` (a frame, a body): give the heap's free pages
+        back to the system soon if it was large (TRIM_AFTER_BYTES). Call on the event loop."""
+        if nbytes < TRIM_AFTER_BYTES or self._trim is None or self._trim_pending:
+            return
+        self._trim_pending = True
+        asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._release_heap)
+
+    def _release_heap(self) -> None:
+        self._trim_pending = False
+        if self._trim is not None:
+            self._trim(0)
 
     def run(self, interface: Interface, peer: str, label: str = "") -> RequestRun:
         """A new request arriving now from `peer`; `label` ("id=7 ") names it in log lines beside its key."""

@@ -243,11 +243,15 @@ class HttpApi:
             if not done.done():  # a client that went away cancelled the handler and this future
                 done.set_result(result)
 
+        size = len(audio) + len(emo_audio or b"")
         try:
             worker.register_voice(audio, emo_audio, finish)
         except TtsdError as e:
             raise _from_ttsd(e) from None
+        finally:
+            del audio, emo_audio  # the worker holds its own references while it needs them
         result = await done
+        self.server.core.took_input(size)
         if isinstance(result, TtsdError):
             log.info("http voice rejected peer=%s code=%s error=%r", _peer(request), result.code, p.clip(str(result)))
             raise _from_ttsd(result, "audio")

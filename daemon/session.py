@@ -348,6 +348,9 @@ class Session:
                     await self._close_ws(1000, "idle timeout")
                     return
                 self.handle(frame)
+                size = len(frame)
+                del frame  # unbound while the next recv waits, so the heap trim can return its pages
+                self.core.took_input(size)
         except ConnectionClosed:
             pass
         finally:

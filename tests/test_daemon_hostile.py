@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ttsd.api import protocol as p
+from ttsd.daemon import core as core_module
 from ttsd.daemon import server as server_module
 from ttsd.daemon import session as session_module
 from ttsd.daemon.server import Server
@@ -287,6 +288,30 @@ async def test_daemon_rss_stays_bounded_against_huge_field_names(tmp_path: Path)
             grown = proc_status_bytes(proc.pid, "VmRSS") - baseline
     assert grown < 2 * max_frame_bytes, f"RSS grew {grown / 2**20:.0f} MiB"
     assert max(len(line) for line in log_path.read_text().splitlines()) < 2 * p.MAX_ERROR_CHARS
+
+
+async def test_large_inputs_trim_the_heap_once_per_delay(daemon: Daemon) -> None:
+    """Large client inputs schedule one malloc_trim per TRIM_DELAY_S however many arrive; small ones none."""
+    async with daemon() as server:
+        core = server.core
+        assert core._trim is not None, "glibc's malloc_trim was not found"
+        calls: list[int] = []
+
+        def trim(pad: int) -> int:
+            calls.append(pad)
+            return 1
+
+        core._trim = trim
+        core.took_input(core_module.TRIM_AFTER_BYTES - 1)
+        await asyncio.sleep(2 * core_module.TRIM_DELAY_S)
+        assert calls == []
+        for _ in range(5):
+            core.took_input(core_module.TRIM_AFTER_BYTES)
+        await asyncio.sleep(2 * core_module.TRIM_DELAY_S)
+        assert calls == [0]
+        core.took_input(8 * core_module.TRIM_AFTER_BYTES)
+        await asyncio.sleep(2 * core_module.TRIM_DELAY_S)
+        assert calls == [0, 0]
 
 
 # ------------------------------------------------------------------------------------------------
