@@ -503,6 +503,17 @@ class UnifiedVoice(nn.Module):
             (self.conds_latent(speech_latent, emovec), self.embed_text(text_ids), self.embed_mel(mel, mel_pos)), dim=1
         )
 
+    def packed_latent_inputs(self, speech_latent: Tensor, emovec: Tensor, tokens: Tensor) -> Tensor:
+        """`latent_inputs` of B rows laid out by `LatentGraphs` (tokens [PACKED_ROWS, B, S]: the text and
+        mel blocks' ids and positions, and each position's block) → [B, conds + S, D], zero at padding.
+        Each embedding is the same lookup and sum as `latent_inputs`', so the rows match it exactly."""
+        block = tokens[PACKED_BLOCK].unsqueeze(-1)  # [B, S, 1]
+        text = self.text_embedding(tokens[PACKED_TEXT]) + self.text_pos_embedding.emb(tokens[PACKED_TEXT_POS])
+        mel = self.mel_embedding(tokens[PACKED_MEL]) + self.mel_pos_embedding.emb(tokens[PACKED_MEL_POS])
+        body = torch.where(block == TEXT_BLOCK, self.add_language(text, None),
+                           torch.where(block == MEL_BLOCK, mel, 0.0))  # [B, S, D]
+        return torch.cat((self.conds_latent(speech_latent, emovec), body), dim=1)
+
     def latent(self, speech_latent: Tensor, emovec: Tensor, text_ids: Tensor, codes: Tensor) -> Tensor:
         """Second pass → [B, N, D] for s2mel: the normalised states at the first N mel slots."""
         x = self.latent_inputs(speech_latent, emovec, text_ids, codes)
@@ -511,31 +522,72 @@ class UnifiedVoice(nn.Module):
 
 
 class LatentGraphs:
-    """The second pass on CUDA as one graph replay per (rows, length bucket): B input sequences, each
-    right-padded to a multiple of SEQ_BUCKET positions, go through the GPT and final_norm in the graph
-    recorded for that shape. Padding is exact (the pass is causal: a position never sees a later one),
-    so the staging only copies each row's inputs and leaves the positions past its end as they are.
-    Beyond `keep` shapes, the least recently used one is dropped, graph and all."""
+    """The second pass on CUDA, inputs included, as one graph replay per (rows, length bucket). Every
+    host value of a call (text ids, codes, their positions, which block each position is in) is staged
+    in one host→device copy and each row's speaker latents and emotion vector in one concatenation
+    each; the graph recorded for the shape builds the input embeddings (`packed_latent_inputs`) and
+    runs the GPT and final_norm over B rows right-padded to a multiple of SEQ_BUCKET positions.
+    Padding is exact (the pass is causal: a position never sees a later one). Beyond `keep` shapes,
+    the least recently used one is dropped, graph and buffers with it."""
 
     SEQ_BUCKET = 32  # a pass costs in proportion to its length: padding kept small (the CFM pads to 64)
 
     def __init__(self, gpt: UnifiedVoice, *, keep: int = 8) -> None:
         self.gpt, self.keep = gpt, keep
-        self.shapes: dict[tuple[int, int], tuple[Tensor, Graphs]] = {}  # oldest first
+        self.shapes: dict[tuple[int, int], tuple[PackedInputs, Graphs]] = {}  # oldest first
 
-    def __call__(self, xs: Sequence[Tensor]) -> Tensor:
-        """Input embeddings, each [1, S_b, D] → normalised states [B, S_bucket, D], owned by the graph:
-        valid until the next call (the caller copies what it keeps)."""
-        longest = max(x.size(1) for x in xs)
-        key = (len(xs), -(-longest // self.SEQ_BUCKET) * self.SEQ_BUCKET)
-        first = xs[0]
-        batch, graphs = recent(self.shapes, key, lambda: (
-            torch.zeros((key[0], key[1], first.size(2)), device=first.device, dtype=first.dtype),
+    def __call__(self, speech_latents: Sequence[Tensor], emovecs: Sequence[Tensor],
+                 text_ids: Sequence[Sequence[int]], codes: Sequence[Tensor]) -> Tensor:
+        """Per row: speaker latents [1, 32, D] and emotion vector [1, D] on the device, text ids and
+        codes [1, M] (stop trimmed) on the host → normalised states [B, S_bucket, D] of
+        [conds | start, text, stop | start, codes, stop | padding], owned by the graph: valid until the
+        next call (the caller copies what it keeps)."""
+        gpt, c = self.gpt, self.gpt.cfg
+        if any(m.device.type != "cpu" for m in codes):
+            raise ValueError("the graphed second pass takes its codes on the host (a device copy would sync)")
+        blocks = [(len(t) + 2, m.size(-1) + 2) for t, m in zip(text_ids, codes, strict=True)]
+        first = speech_latents[0]
+        n_cond = first.size(1) + SPEED_TOKENS
+        longest = n_cond + max(a + b for a, b in blocks)
+        key = (len(codes), -(-longest // self.SEQ_BUCKET) * self.SEQ_BUCKET)
+        span = key[1] - n_cond
+        inputs, graphs = recent(self.shapes, key, lambda: (PackedInputs(
+            latent=torch.zeros((key[0], *first.shape[1:]), device=first.device, dtype=first.dtype),
+            emovec=torch.zeros((key[0], emovecs[0].size(-1)), device=first.device, dtype=first.dtype),
+            tokens=torch.zeros((PACKED_ROWS, key[0], span), device=first.device, dtype=torch.long)),
             Graphs("second pass")), self.keep)
-        for b, x in enumerate(xs):
-            batch[b, : x.size(1)] = x[0]
-        gpt = self.gpt
-        return graphs.run("pass", lambda: gpt.final_norm(gpt(batch)))
+        host = torch.zeros((PACKED_ROWS, key[0], span), dtype=torch.long, pin_memory=first.device.type == "cuda")
+        for b, ((n_text, n_mel), t, m) in enumerate(zip(blocks, text_ids, codes, strict=True)):
+            host[PACKED_TEXT, b, 0], host[PACKED_TEXT, b, n_text - 1] = c.start_text_token, c.stop_text_token
+            host[PACKED_TEXT, b, 1 : n_text - 1] = torch.as_tensor(t, dtype=torch.long)
+            host[PACKED_TEXT_POS, b, :n_text] = torch.arange(n_text)
+            mel = slice(n_text, n_text + n_mel)
+            host[PACKED_MEL, b, mel.start], host[PACKED_MEL, b, mel.stop - 1] = c.start_mel_token, c.stop_mel_token
+            host[PACKED_MEL, b, mel.start + 1 : mel.stop - 1] = m.reshape(-1)
+            host[PACKED_MEL_POS, b, mel] = torch.arange(n_mel)
+            host[PACKED_BLOCK, b, :n_text], host[PACKED_BLOCK, b, mel] = TEXT_BLOCK, MEL_BLOCK
+        inputs.tokens.copy_(host, non_blocking=True)  # from pinned memory: the copy does not wait
+        torch.cat(list(speech_latents), out=inputs.latent)
+        torch.cat(list(emovecs), out=inputs.emovec)
+        return graphs.run("pass", lambda: gpt.final_norm(gpt(gpt.packed_latent_inputs(
+            inputs.latent, inputs.emovec, inputs.tokens))))
+
+
+# The rows of `packed_latent_inputs`' tokens: ids and positions of the text and mel blocks (0 elsewhere)
+# and the block of each position.
+PACKED_TEXT, PACKED_TEXT_POS, PACKED_MEL, PACKED_MEL_POS, PACKED_BLOCK = range(5)
+PACKED_ROWS = 5
+TEXT_BLOCK, MEL_BLOCK = 1, 2  # 0: padding
+
+
+@dataclass(frozen=True, slots=True)
+class PackedInputs:
+    """A graphed second pass's input buffers: speaker latents [B, 32, D], emotion vectors [B, D] and the
+    packed tokens [PACKED_ROWS, B, S]."""
+
+    latent: Tensor
+    emovec: Tensor
+    tokens: Tensor
 
 
 class PerceiverVoice(UnifiedVoice):

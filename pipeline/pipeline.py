@@ -355,24 +355,24 @@ class Pipeline:
         """The second GPT pass for several segments in one padded batch → each (1, M_b, D) float32.
 
         items: (voice, emovec, segment, codes (1, M_b)). Right padding is exact: the pass is causal
-        and each segment's states are read before its padding. With `graphs` (CUDA) the pass is one
-        replay of the graph of its (rows, length bucket)."""
-        xs = [
-            self.gpt.latent_inputs(
-                v.speech_latent, e, upload([s.text_ids], self.device), c
-            )
-            for v, e, s, c in items
-        ]
+        and each segment's states are read before its padding. With `graphs` (CUDA) the codes are the
+        host copies and the pass, its inputs included, is one replay of the graph of its (rows, length
+        bucket)."""
         if graphs is None:
+            xs = [self.gpt.latent_inputs(v.speech_latent, e, upload([s.text_ids], self.device), c)
+                  for v, e, s, c in items]
             longest = max(x.size(1) for x in xs)
             batch = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, longest - x.size(1))) for x in xs])
             h = self.gpt.final_norm(self.gpt(batch))  # [B, S_max, D]
         else:
-            h = graphs(xs)  # [B, S_bucket, D], rewritten by the next replay: each row is copied out below
+            h = graphs([v.speech_latent for v, _, _, _ in items], [e for _, e, _, _ in items],
+                       [s.text_ids for _, _, s, _ in items], [c for _, _, _, c in items])
         out = []
-        for b, (x, (_, _, _, c)) in enumerate(zip(xs, items, strict=True)):
+        n_cond = self.gpt.cfg.prefix_conds
+        for b, (_, _, s, c) in enumerate(items):
             m = c.size(1)
-            end = x.size(1) - 2  # the mel block is [start, c_1..c_M, stop]; keep its first M states
+            end = n_cond + len(s.text_ids) + 2 + m  # the mel block is [start, c_1..c_M, stop]: its first M states
+            # A graph's output is rewritten by the next replay: each row is copied out.
             out.append(h[b : b + 1, end - m : end].to(torch.float32, copy=graphs is not None))
         return out
 
@@ -403,8 +403,10 @@ class Pipeline:
         if not self.family.second_pass:
             return [self._cfm_row(it, None) for it in items]
         whole = [it for it in items if it.chunk is None]
-        lat = iter(self.latents([(it.voice, it.emovec, it.segment, it.codes.codes) for it in whole], latent_graphs)
-                   if whole else [])
+        # The graphed pass stages the host copy of the codes (reading the device's back would sync).
+        lat = iter(self.latents([(it.voice, it.emovec, it.segment,
+                                  it.codes.codes if latent_graphs is None else it.codes.codes_host)
+                                 for it in whole], latent_graphs) if whole else [])
         return [
             self._cfm_row(it, next(lat) if it.chunk is None else self.chunk_latent(it.voice, it.emovec, it.segment,
                                                                                    it.chunk))

@@ -316,8 +316,8 @@ def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> N
 
 @torch.inference_mode()
 def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice) -> None:
-    """The engine's second pass is one replay per (rows, length bucket): each segment gets the latent the
-    eager padded pass gives it, for the call that records the graph and for a later one of other lengths
+    """The engine's second pass, its input embeddings included, is one replay per (rows, length bucket)
+    with no host sync and 4 + rows launches: each segment gets the latent the eager padded pass gives it, for the call that records the graph and for a later one of other lengths
     in the same bucket (which replays it, over the first call's leftovers past each row's end); the
     latents handed out are copies, untouched by the next replay; beyond `keep` shapes the oldest goes."""
     graphs = gpu.engine(max_batch_rows=4).latent_graphs
@@ -337,17 +337,22 @@ def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice)
     for lengths in ((9, 20, 3), (4, 17, 12)):  # both in one bucket: the second call replays
         batch = items(lengths)
         want = [w.cpu() for w in gpu.latents(batch)]
+        host = [(v, e, s, c.cpu()) for v, e, s, c in batch]  # the graphed pass stages host codes
         with simcuda.meter() as region:
-            got = gpu.latents(batch, graphs)
+            got = gpu.latents(host, graphs)
+        assert region.syncs == 0
+        launches = region.launches
         kept.append((got, [g.cpu() for g in got], next(iter(graphs.shapes))))
         for g, w, n in zip(got, want, lengths, strict=True):
             assert g.shape == (1, n, w.size(2)) and g.dtype == torch.float32
             assert_close(g.cpu(), w, "latent")
     assert region.graph_nodes > 0 and len(graphs.shapes) == 1 and kept[0][2] == kept[1][2]  # one shape, replayed
+    # A replay's launches: the tokens' one copy, two concatenations, the replay, each row's copy out.
+    assert launches == 4 + len(lengths), region.ops
     for g, copy in zip(kept[0][0], kept[0][1], strict=True):
         assert torch.equal(g.cpu(), copy)
     first = next(iter(graphs.shapes))
-    gpu.latents(items((40,)), graphs)  # another shape (one row): with keep=1 it replaces the first
+    gpu.latents([(v, e, s, c.cpu()) for v, e, s, c in items((40,))], graphs)  # another shape (one row): with keep=1 it replaces the first
     assert len(graphs.shapes) == 1 and first not in graphs.shapes
 
 
