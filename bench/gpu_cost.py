@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     assert workspaces is not None  # CUDA with graphs: the engine's solves replay a graph per step
     with lanes.on(lanes.acoustic):
         lanes.start(lanes.acoustic)
-        warm = workspaces.solve(pipe.cfm_rows(items, engine.latent_graphs), args.diffusion_steps)
+        warm = workspaces.solve(pipe.cfm_rows(items, engine.prep_graphs), args.diffusion_steps)
         warm.step()  # the first solve of a shape records its graphs (once per shape while serving)
         warm.close()
         with simcuda.meter() as prep_c:
-            rows_in = pipe.cfm_rows(items, engine.latent_graphs)
+            rows_in = pipe.cfm_rows(items, engine.prep_graphs)
             solve = workspaces.solve(rows_in, args.diffusion_steps)
         with simcuda.meter() as step_c:
             solve.step()

@@ -194,7 +194,7 @@ class _AcousticJob:
         # Each unit runs on the acoustic stream: the engine enters it around every `next()` (a stream
         # context held across a yield would leak into whatever the engine does in between).
         e.lanes.start(e.lanes.acoustic)
-        rows = pipe.cfm_rows([s.acoustic_input() for s in segs], e.latent_graphs)
+        rows = pipe.cfm_rows([s.acoustic_input() for s in segs], e.prep_graphs)
         yield
         steps = segs[0].req.opts.diffusion_steps
         solve = pipe.cfm_solve(rows, steps) if e.cfm_workspaces is None else e.cfm_workspaces.solve(rows, steps)
@@ -247,7 +247,7 @@ class Engine:
         # step taken while a job renders someone's first audio only delays that audio (on CUDA the two
         # overlap on their streams). Such a job then runs to its end before decoding goes on.
         self.first_audio_first = pipe.device.type != "cuda"
-        self.latent_graphs = pipe.latent_graphs()  # CUDA: a job's second pass one graph replay
+        self.prep_graphs = pipe.prep_graphs()  # CUDA: a job's second pass and regulator, a replay each
         self.cfm_workspaces = pipe.cfm_workspaces()  # CUDA: each CFM step one graph replay
         self.vocoder_graphs = pipe.vocoder_graphs()  # CUDA: a job's segments vocoded in one graph replay
         self.max_acoustic_frames = max_acoustic_frames

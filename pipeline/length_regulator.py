@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ttsd.api.errors import ConfigError
 
 from .config import require
+from .graphs import Graphs, recent
 from .weights import load_module, read_shapes
 
 MEL_FRAMES_PER_CODE = 1.72  # ≈ (22050 / 256) / 50: mel frames per 50 Hz semantic code (infer_v2)
@@ -144,6 +145,73 @@ class InterpolateRegulator(nn.Module):
             for b, n in enumerate(lens):
                 h[b, n:] = 0
         return h
+
+    def padded(self, x: Tensor, sources: Tensor, frames: Tensor) -> Tensor:
+        """`forward` of B rows at once with no host value (`RegulatorGraphs`): x (B, T_in, D) features
+        right-padded, sources (B, T_out) int64 the source frame of each output frame, frames (B,) int64
+        each row's output frames → (B, T_out, C), zero past each row's frames. Each row is as `forward`
+        of that row alone: frames past its end are zeroed before every convolution (its zero padding),
+        and each GroupNorm(1) takes its statistics over the row's own frames only."""
+        h = self.content_in_proj(x).transpose(1, 2)  # [B, C, T_in]
+        h = h.gather(2, sources.unsqueeze(1).expand(-1, h.size(1), -1))  # [B, C, T_out]
+        keep = (torch.arange(h.size(2), device=h.device) < frames.unsqueeze(1)).unsqueeze(1).to(h.dtype)  # [B, 1, T]
+        count = frames.to(h.dtype).view(-1, 1, 1) * h.size(1)  # values per row: C × frames
+        for layer in self.model:
+            if isinstance(layer, nn.Conv1d):
+                h = layer(h * keep)
+            elif isinstance(layer, nn.GroupNorm):
+                assert layer.num_groups == 1  # built so in __init__
+                h = _row_group_norm(h, keep, count, layer)
+            else:
+                h = layer(h)
+        return (h * keep).transpose(1, 2)  # [B, T_out, C]
+
+
+def _row_group_norm(h: Tensor, keep: Tensor, count: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """GroupNorm(1) of each row (B, C, T) over its kept frames: biased variance, as F.group_norm."""
+    mean = (h * keep).sum(dim=(1, 2), keepdim=True) / count
+    centred = h - mean
+    var = (centred * centred * keep).sum(dim=(1, 2), keepdim=True) / count
+    y = centred * torch.rsqrt(var + norm.eps)
+    return y * norm.weight.view(1, -1, 1) + norm.bias.view(1, -1, 1)
+
+
+class RegulatorGraphs:
+    """The length regulator of a job's segments on CUDA as one graph replay per (rows, input bucket,
+    output bucket). Each row's features are copied into the shape's input buffer, and its host values
+    (the nearest-neighbour source of each output frame, then its frame count) go in one host→device
+    copy; the graph stretches every row, zeroes each row's frames past its end before every
+    convolution (a lone segment's zero padding) and normalises over each row's own frames (GroupNorm(1)
+    takes its statistics over the whole sequence, so plain padding would change them). Rows come out as
+    they would alone, up to float rounding. Beyond `keep` shapes the least recently used one goes."""
+
+    IN_BUCKET = 32
+    OUT_BUCKET = 64
+
+    def __init__(self, regulator: InterpolateRegulator, *, keep: int = 8) -> None:
+        self.regulator, self.keep = regulator, keep
+        self.shapes: dict[tuple[int, int, int], tuple[Tensor, Tensor, Graphs]] = {}  # oldest first
+
+    def __call__(self, xs: Sequence[Tensor], frames: Sequence[int]) -> list[Tensor]:
+        """Features, each [1, T_in_b, D], and target frames (host ints, each > 0) → each row's
+        (1, T_out_b, C) content, views of the graph's output: valid until the next call."""
+        if min(frames) <= 0:
+            raise ValueError("a row of the graphed regulator needs at least one frame")
+        first = xs[0]
+        t_in = -(-max(x.size(1) for x in xs) // self.IN_BUCKET) * self.IN_BUCKET
+        t_out = -(-max(frames) // self.OUT_BUCKET) * self.OUT_BUCKET
+        key = (len(xs), t_in, t_out)
+        x_buf, staged, graphs = recent(self.shapes, key, lambda: (
+            torch.zeros((key[0], t_in, first.size(2)), device=first.device, dtype=first.dtype),
+            torch.zeros((key[0], t_out + 1), device=first.device, dtype=torch.long), Graphs("regulator")), self.keep)
+        host = torch.zeros((key[0], t_out + 1), dtype=torch.long, pin_memory=first.device.type == "cuda")
+        for b, (x, n) in enumerate(zip(xs, frames, strict=True)):
+            host[b, :n] = nearest_indices(x.size(1), n, host.device)  # the eager path's indices, made here
+            host[b, t_out] = n
+            x_buf[b, : x.size(1)] = x[0]
+        staged.copy_(host, non_blocking=True)  # from pinned memory: the copy does not wait
+        out = graphs.run("regulate", lambda: self.regulator.padded(x_buf, staged[:, :t_out], staged[:, t_out]))
+        return [out[b : b + 1, :n] for b, n in enumerate(frames)]
 
 
 def load_length_regulator(

@@ -55,7 +55,7 @@ from .gpt import (
     load_unified_voice,
     scale_emo_vector,
 )
-from .length_regulator import InterpolateRegulator, load_length_regulator
+from .length_regulator import InterpolateRegulator, RegulatorGraphs, load_length_regulator
 from .qwen_emo import DEFAULT_MAX_NEW_TOKENS, QWEN_EMO_DIR, QwenEmotion, load_qwen_emo
 from .requests import Segment
 from .text import TextNormalizer
@@ -69,6 +69,15 @@ WARM_UP_TEXT = "Warm up."
 NO_EMO_TEXT = (f"emotion from text (emo_text, use_emo_text) needs the checkpoint's QwenEmotion model, which "
                f"this server has not loaded (the checkpoint has no {QWEN_EMO_DIR}/, or it was started with "
                "--no-emo-text); set the emotion with emo_vector or an emotion voice instead")
+
+@dataclass(frozen=True, slots=True)
+class PrepGraphs:
+    """An engine's graphs for turning codes into CFM inputs (CUDA): the second pass (None for a family
+    without one) and the length regulator, each one replay per job."""
+
+    latent: LatentGraphs | None
+    regulator: RegulatorGraphs
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GptOutput:
@@ -391,27 +400,39 @@ class Pipeline:
         (IndexTTS-2.5: prompt + int(2M · 1.72 · duration_factor))."""
         return voice.ref_mel.size(2) + self.family.mel_frames(self.codec, codes.codes_host.size(1), opts)
 
-    def cfm_rows(self, items: Sequence[AcousticInput], latent_graphs: LatentGraphs | None = None) -> list[CFMRow]:
+    def cfm_rows(self, items: Sequence[AcousticInput], graphs: PrepGraphs | None = None) -> list[CFMRow]:
         """Segments with codes → their CFM inputs: gpt_layer + vq2emb, the length regulator and the start noise.
-        `latent_graphs` (CUDA): the second pass of whole segments as one graph replay."""
+        `graphs` (CUDA): the second pass of whole segments, and the regulator of every row, one replay each."""
         k = self.codec.codebook_size
         for it in items:
             bad = it.codes.codes_host
             if bad.numel() and (int(bad.max()) >= k or int(bad.min()) < 0):
                 # A code outside the codebook would index past it (a device-side assert on CUDA).
                 raise RuntimeError(f"segment {it.segment.index}: a code outside [0, {k}) reached the codec")
-        if not self.family.second_pass:
-            return [self._cfm_row(it, None) for it in items]
-        whole = [it for it in items if it.chunk is None]
-        # The graphed pass stages the host copy of the codes (reading the device's back would sync).
-        lat = iter(self.latents([(it.voice, it.emovec, it.segment,
-                                  it.codes.codes if latent_graphs is None else it.codes.codes_host)
-                                 for it in whole], latent_graphs) if whole else [])
-        return [
-            self._cfm_row(it, next(lat) if it.chunk is None else self.chunk_latent(it.voice, it.emovec, it.segment,
-                                                                                   it.chunk))
-            for it in items
-        ]
+        latents: list[Tensor | None] = [None] * len(items)
+        if self.family.second_pass:
+            whole = [b for b, it in enumerate(items) if it.chunk is None]
+            latent_graphs = None if graphs is None else graphs.latent
+            # The graphed pass stages the host copy of the codes (reading the device's back would sync).
+            lat = self.latents([(items[b].voice, items[b].emovec, items[b].segment,
+                                 items[b].codes.codes if latent_graphs is None else items[b].codes.codes_host)
+                                for b in whole], latent_graphs) if whole else []
+            for b, latent in zip(whole, lat, strict=True):
+                latents[b] = latent
+            for b, it in enumerate(items):
+                if it.chunk is not None:
+                    latents[b] = self.chunk_latent(it.voice, it.emovec, it.segment, it.chunk)
+        content = [self.family.content(self.codec, self.gpt_layer, it.codes.codes, latent, it.opts)
+                   for it, latent in zip(items, latents, strict=True)]  # ([1, M', Cw], [T]) each
+        graphed = [b for b, (_, target) in enumerate(content) if graphs is not None and target[0] > 0]
+        conds: list[Tensor | None] = [None] * len(items)
+        if graphed:
+            assert graphs is not None
+            stretched = graphs.regulator([content[b][0] for b in graphed], [content[b][1][0] for b in graphed])
+            for b, cond in zip(graphed, stretched, strict=True):
+                conds[b] = cond
+        return [self._row_of(it, self.length_regulator(s_infer, target) if cond is None else cond)
+                for it, (s_infer, target), cond in zip(items, content, conds, strict=True)]
 
     def chunk_latent(self, voice: Voice, emovec: Tensor, segment: Segment, chunk: ChunkInput) -> Tensor:
         """The second-pass latent (1, M_c, D) float32 of one chunk's codes, computed incrementally: only
@@ -448,9 +469,13 @@ class Pipeline:
         return sp.rows[:, chunk.start : end]
 
     def _cfm_row(self, it: AcousticInput, latent: Tensor | None) -> CFMRow:
-        voice, codes, opts = it.voice, it.codes.codes, it.opts
-        s_infer, target = self.family.content(self.codec, self.gpt_layer, codes, latent, opts)  # [1, M', Cw]
-        cond = self.length_regulator(s_infer, target)  # [1, T, C]
+        """One segment's CFM row, eagerly: gpt_layer + vq2emb, the length regulator, the start noise."""
+        s_infer, target = self.family.content(self.codec, self.gpt_layer, it.codes.codes, latent, it.opts)
+        return self._row_of(it, self.length_regulator(s_infer, target))  # cond [1, T, C]
+
+    def _row_of(self, it: AcousticInput, cond: Tensor) -> CFMRow:
+        """A segment's CFM row from its regulated content `cond` [1, T, C]."""
+        voice, opts = it.voice, it.opts
         mu = torch.cat([voice.prompt_condition, cond], dim=1)  # [1, P+T, C]
         shape = (1, self.cfm.in_channels, mu.size(1))
         if it.noise is not None and it.chunk is None:
@@ -474,11 +499,13 @@ class Pipeline:
             return None
         return CFMWorkspaces(self.cfm, self.acoustic_autocast)
 
-    def latent_graphs(self) -> LatentGraphs | None:
-        """Graphed second passes for an engine (CUDA with graphs, a family with a second pass); None: eager."""
-        if self.device.type != "cuda" or not self.cuda_graphs or not self.family.second_pass:
+    def prep_graphs(self) -> PrepGraphs | None:
+        """Graphed CFM prep for an engine (CUDA with graphs): the second pass (a family with one) and the
+        length regulator; None: eager."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
             return None
-        return LatentGraphs(self.gpt)
+        return PrepGraphs(LatentGraphs(self.gpt) if self.family.second_pass else None,
+                          RegulatorGraphs(self.length_regulator))
 
     def vocoder_graphs(self) -> VocoderGraphs | None:
         """Batched, graphed vocoding for an engine (CUDA with graphs); None: one segment at a time, eagerly."""

@@ -317,11 +317,13 @@ def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> N
 @torch.inference_mode()
 def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice) -> None:
     """The engine's second pass, its input embeddings included, is one replay per (rows, length bucket)
-    with no host sync and 4 + rows launches: each segment gets the latent the eager padded pass gives it, for the call that records the graph and for a later one of other lengths
-    in the same bucket (which replays it, over the first call's leftovers past each row's end); the
-    latents handed out are copies, untouched by the next replay; beyond `keep` shapes the oldest goes."""
-    graphs = gpu.engine(max_batch_rows=4).latent_graphs
-    assert graphs is not None
+    with no host sync and 4 + rows launches: each segment gets the latent the eager padded pass gives it,
+    for the call that records the graph and for a later one of other lengths in the same bucket (which
+    replays it, over the first call's leftovers past each row's end); the latents handed out are copies,
+    untouched by the next replay; beyond `keep` shapes the oldest goes."""
+    prep = gpu.engine(max_batch_rows=4).prep_graphs
+    assert prep is not None and prep.latent is not None
+    graphs = prep.latent
     graphs.keep = 1
     opts = gpu.check_options(SynthesisOptions(**SHORT, seed=4))
     emovec = gpu.request_emovec(voice, opts, None)
@@ -352,8 +354,40 @@ def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice)
     for g, copy in zip(kept[0][0], kept[0][1], strict=True):
         assert torch.equal(g.cpu(), copy)
     first = next(iter(graphs.shapes))
-    gpu.latents([(v, e, s, c.cpu()) for v, e, s, c in items((40,))], graphs)  # another shape (one row): with keep=1 it replaces the first
+    # Another shape (one row): with keep=1 it replaces the first.
+    gpu.latents([(v, e, s, c.cpu()) for v, e, s, c in items((40,))], graphs)
     assert len(graphs.shapes) == 1 and first not in graphs.shapes
+
+
+@pytest.mark.model_versions("2", "2.5")
+@torch.inference_mode()
+def test_graphed_regulator_matches_each_row_alone(gpu: Pipeline) -> None:
+    """The regulator of a job's rows is one replay per (rows, input bucket, output bucket), with no host
+    sync and 2 + rows launches: each row comes out as the eager regulator gives it alone (its
+    GroupNorms over its own frames, zero padding at its own end), for the call that records the graph
+    and for a later one of other lengths replaying it over the first one's leftovers."""
+    prep = gpu.engine(max_batch_rows=4).prep_graphs
+    assert prep is not None
+    graphs = prep.regulator
+    width = gpu.length_regulator.content_in_proj.in_features
+    gen = torch.Generator().manual_seed(5)
+    kept = []
+    for lengths in (((9, 15), (20, 34), (3, 5)), ((14, 24), (17, 29), (30, 51))):  # (codes, frames); one shape
+        xs = [torch.randn((1, n, width), generator=gen).cuda() for n, _ in lengths]
+        frames = [t for _, t in lengths]
+        want = [gpu.length_regulator(x, [t]).cpu() for x, t in zip(xs, frames, strict=True)]
+        with simcuda.meter() as region:
+            got = graphs(xs, frames)
+        assert region.syncs == 0
+        kept.append(next(iter(graphs.shapes)))
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            assert_close(g.cpu(), w, "regulated content")
+    assert len(graphs.shapes) == 1 and kept[0] == kept[1]
+    # A replay's launches: the host values' one copy, each row's features staged, the replay.
+    assert region.launches == 2 + len(lengths), region.ops
+    with pytest.raises(ValueError, match="at least one frame"):
+        graphs(xs[:1], [0])
 
 
 @pytest.mark.model_versions("2", "2.5")
