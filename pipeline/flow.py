@@ -8,6 +8,7 @@ path), M mel bins, P prompt frames, N = P + T frames, Cc content width, S style 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from torch import Tensor, nn
 
 from ttsd.api.errors import Cancelled
 
-from .device import upload
 from .dit import DiT, DiTConfig
 from .graphs import Graphs
 from .weights import load_module, read_shapes
@@ -161,24 +161,17 @@ class CFMSolve:
             self.stacked_prompt_x[b, :, :p] = r.prompt[0]
             self.stacked_style[b] = r.style[0]
             self.stacked_mu[b, :n_b] = r.mu[0]
-            self.stacked_x[b, :, :n_b] = r.noise[0]
-            self.prompt_mask[b, :, :p] = True
+            # The state starts as the noise with its prompt region at 0 (the rest of x is already 0).
+            self.stacked_x[b, :, p:n_b] = r.noise[0, :, p:]
+        # Every host value of the solve (masks, lengths, CFG weights, time deltas, the step counter) in
+        # one copy: the workspace's small tensors are views of one block.
+        ws.stage([r.prompt.size(-1) for r in rows], lengths, [r.cfg_rate for r in rows], n_timesteps)
         self.pad_mask = self.x_lens = None
         if padded:
             assert ws.pad_mask is not None and ws.x_lens is not None
-            ws.x_lens.copy_(upload(lengths * (2 if self.cfg else 1), dev))
-            ws.pad_mask.copy_(torch.arange(N, device=dev)[None, None, :] >= ws.x_lens[:B, None, None])
             self.pad_mask, self.x_lens = ws.pad_mask, ws.x_lens  # [B, 1, N] frames past each sequence
-        # CFG weights per row, (1 + r) and r rounded to float32 exactly as a Python-float scalar would be.
-        ws.cond_w.copy_(upload([1.0 + r.cfg_rate for r in rows], dev, dtype).view(B, 1, 1))
-        ws.null_w.copy_(upload([r.cfg_rate for r in rows], dev, dtype).view(B, 1, 1))
         self.cond_w, self.null_w = ws.cond_w, ws.null_w
-
         self.x = self.stacked_x[:B]  # the ODE state lives in the conditional rows; updated in place
-        self.x.masked_fill_(self.prompt_mask, 0)  # the prompt region of the state starts at 0
-        # t is accumulated by float32 addition (t += dt), not re-read from t_span, as upstream.
-        t_span = torch.linspace(0, 1, n_timesteps + 1, dtype=torch.float32, device=dev)
-        ws.dts[:n_timesteps] = t_span[1:] - t_span[:-1]
         self.dts, self.t, self.counter = ws.dts, ws.t, ws.counter
 
     @property
@@ -259,6 +252,7 @@ class CFMWorkspace:
     t: Tensor  # [] float32
     counter: Tensor  # [] int64: steps done
     graphs: Graphs
+    block: Tensor  # [bytes] uint8: the small tensors above are views of it (`stage` fills it in one copy)
     busy: bool = False
 
     @classmethod
@@ -267,12 +261,14 @@ class CFMWorkspace:
         def z(*shape: int, dt: torch.dtype = dtype) -> Tensor:
             return torch.zeros(shape, dtype=dt, device=device)
 
+        small = _small_layout(R, B, N, max(steps, MAX_DIFFUSION_STEPS), padded=padded, dtype=dtype)
+        block = torch.zeros(_block_bytes(small), dtype=torch.uint8, device=device)
+        views = _views(block, small)
         return cls(rows=R, batch=B, frames=N, padded=padded, x=z(R, M, N), prompt_x=z(R, M, N), style=z(R, style),
-                   mu=z(R, N, content), t_rows=z(R, dt=torch.float32), prompt_mask=z(B, 1, N, dt=torch.bool),
-                   pad_mask=z(B, 1, N, dt=torch.bool) if padded else None,
-                   x_lens=z(R, dt=torch.long) if padded else None, cond_w=z(B, 1, 1), null_w=z(B, 1, 1),
-                   dts=z(max(steps, MAX_DIFFUSION_STEPS), dt=torch.float32), t=z(dt=torch.float32),
-                   counter=z(dt=torch.long), graphs=Graphs("cfm"))
+                   mu=z(R, N, content), t_rows=z(R, dt=torch.float32), prompt_mask=views["prompt_mask"],
+                   pad_mask=views.get("pad_mask"), x_lens=views.get("x_lens"), cond_w=views["cond_w"],
+                   null_w=views["null_w"], dts=views["dts"], t=views["t"], counter=views["counter"],
+                   graphs=Graphs("cfm"), block=block)
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.x, self.prompt_x, self.style, self.mu, self.t_rows, self.prompt_mask, self.pad_mask,
@@ -282,8 +278,62 @@ class CFMWorkspace:
         """Zero what a solve fills row by row (a shorter sequence must not see the last one's frames)."""
         if steps > self.dts.size(0):
             raise ValueError(f"{steps} diffusion steps exceed the workspace's {self.dts.size(0)}")
-        for t in (self.x, self.prompt_x, self.style, self.mu, self.prompt_mask, self.t, self.counter):
+        for t in (self.x, self.prompt_x, self.style, self.mu):
             t.zero_()
+
+    def stage(self, prompts: Sequence[int], lengths: Sequence[int], cfg_rates: Sequence[float], steps: int) -> None:
+        """A solve's host values into the small tensors, in one host→device copy (on CUDA from pinned
+        memory: the copy does not wait): prompt and padding masks, lengths, CFG weights (1 + r) and r
+        rounded to float32 as Python-float scalars would be, the time deltas of `steps` Euler steps (from
+        a float32 linspace, as upstream), t and the step counter at 0."""
+        cuda = self.block.device.type == "cuda"
+        host = torch.zeros(self.block.shape, dtype=torch.uint8, pin_memory=True) if cuda else self.block.zero_()
+        small = _small_layout(self.rows, self.batch, self.frames, self.dts.size(0), padded=self.padded,
+                              dtype=self.cond_w.dtype)
+        v = _views(host, small)
+        frames = torch.arange(self.frames)
+        for b, (p, n_b) in enumerate(zip(prompts, lengths, strict=True)):
+            v["prompt_mask"][b, 0] = frames < p
+            if self.padded:
+                v["pad_mask"][b, 0] = frames >= n_b
+        if self.padded:
+            v["x_lens"].copy_(torch.tensor(list(lengths) * (self.rows // self.batch)))
+        v["cond_w"].copy_(torch.tensor([1.0 + r for r in cfg_rates], dtype=self.cond_w.dtype).view(-1, 1, 1))
+        v["null_w"].copy_(torch.tensor(list(cfg_rates), dtype=self.null_w.dtype).view(-1, 1, 1))
+        t_span = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
+        v["dts"][:steps] = t_span[1:] - t_span[:-1]
+        if cuda:
+            self.block.copy_(host, non_blocking=True)
+
+
+def _small_layout(R: int, B: int, N: int, steps: int, *, padded: bool, dtype: torch.dtype
+                  ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """A workspace's small tensors: name, shape, dtype, in their order in its block."""
+    layout = [("prompt_mask", (B, 1, N), torch.bool), ("cond_w", (B, 1, 1), dtype), ("null_w", (B, 1, 1), dtype),
+              ("dts", (steps,), torch.float32), ("t", (), torch.float32), ("counter", (), torch.long)]
+    if padded:
+        layout += [("pad_mask", (B, 1, N), torch.bool), ("x_lens", (R,), torch.long)]
+    return layout
+
+
+_ALIGN = 16  # each small tensor starts on this many bytes (a view as int64 needs 8)
+
+
+def _block_bytes(layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
+    total = 0
+    for _, shape, dt in layout:
+        total += -(-math.prod(shape) * dt.itemsize // _ALIGN) * _ALIGN
+    return total
+
+
+def _views(block: Tensor, layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """Each small tensor of `layout` as a view of the uint8 `block`."""
+    out, at = {}, 0
+    for name, shape, dt in layout:
+        n = math.prod(shape) * dt.itemsize
+        out[name] = block[at : at + n].view(dt).view(shape)
+        at += -(-n // _ALIGN) * _ALIGN
+    return out
 
 
 class CFMWorkspaces:
