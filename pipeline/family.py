@@ -169,6 +169,12 @@ class ModelFamily(Protocol):
         """Codes [1, M] (and the second-pass latent [1, M, D]) → content [1, M', Cw] and target lengths [T]."""
         ...
 
+    def padded_content(self, codec: Codec, gpt_layer: nn.Module | None) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """`content` of B right-padded rows with no host value, for a graph: (codes [B, M], latents
+        [B, M, D]) → [B, M, Cw], position by position (a row's padding does not reach its frames); None
+        where the content needs host values (IndexTTS-2.5's durations): then it runs row by row."""
+        ...
+
 
 FAMILIES: dict[float, ModelFamily] = {}  # config `version` → family
 

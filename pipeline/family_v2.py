@@ -4,7 +4,7 @@ Shapes: M codes, D GPT width, Cw w2v width."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,11 @@ class IndexTTS2:
         assert latent is not None and gpt_layer is not None  # IndexTTS-2 always has the second pass
         s_infer = _codec(codec).vq2emb(codes).transpose(1, 2) + gpt_layer(latent)  # [1, M, Cw]
         return s_infer, mel_lengths(torch.tensor([codes.size(1)])).tolist()
+
+    def padded_content(self, codec: Codec, gpt_layer: nn.Module | None) -> Callable[[Tensor, Tensor], Tensor] | None:
+        assert gpt_layer is not None  # IndexTTS-2 always has the second pass
+        vq = _codec(codec)
+        return lambda codes, latent: vq.vq2emb(codes).transpose(1, 2) + gpt_layer(latent)  # [B, M, Cw]
 
 
 def _tokenizer(front: object) -> TextTokenizer:

@@ -5,7 +5,7 @@ Shapes: M codes, D GPT width, Cw w2v width."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,9 @@ class IndexTTS25:
     ) -> tuple[Tensor, list[int]]:
         s_infer, frames = _codec(codec).content(codes, opts.duration_factor)  # [1, 2M, Cw], [1] on the host
         return s_infer, frames.tolist()
+
+    def padded_content(self, codec: Codec, gpt_layer: nn.Module | None) -> Callable[[Tensor, Tensor], Tensor] | None:
+        return None  # the content's length comes from durations the codec predicts per row
 
 
 def _codec(codec: Codec) -> EnhancedCodec:

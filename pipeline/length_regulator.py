@@ -8,7 +8,7 @@ width (in_channels), C regulator channels, G GPT width."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,40 +177,64 @@ def _row_group_norm(h: Tensor, keep: Tensor, count: Tensor, norm: nn.GroupNorm) 
 
 
 class RegulatorGraphs:
-    """The length regulator of a job's segments on CUDA as one graph replay per (rows, input bucket,
-    output bucket). Each row's features are copied into the shape's input buffer, and its host values
-    (the nearest-neighbour source of each output frame, then its frame count) go in one host→device
-    copy; the graph stretches every row, zeroes each row's frames past its end before every
-    convolution (a lone segment's zero padding) and normalises over each row's own frames (GroupNorm(1)
-    takes its statistics over the whole sequence, so plain padding would change them). Rows come out as
-    they would alone, up to float rounding. Beyond `keep` shapes the least recently used one goes."""
+    """The length regulator of a job's rows on CUDA as one graph replay per (rows, input bucket, output
+    bucket), with the family's content before it where that needs no host value (`content`: IndexTTS-2's
+    vq2emb + gpt_layer, from the codes and the second-pass latents). Each row's features (or latents)
+    are copied into the shape's input buffer, and its host values (the nearest-neighbour source of each
+    output frame, its frame count, its codes) go in one host→device copy; the graph stretches every
+    row, zeroes each row's frames past its end before every convolution (a lone segment's zero padding)
+    and normalises over each row's own frames (GroupNorm(1) takes its statistics over the whole
+    sequence, so plain padding would change them). Rows come out as they would alone, up to float
+    rounding. Beyond `keep` shapes the least recently used one goes."""
 
     IN_BUCKET = 32
     OUT_BUCKET = 64
 
-    def __init__(self, regulator: InterpolateRegulator, *, keep: int = 8) -> None:
-        self.regulator, self.keep = regulator, keep
+    def __init__(self, regulator: InterpolateRegulator, content: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 *, keep: int = 8) -> None:
+        self.regulator, self.content, self.keep = regulator, content, keep
         self.shapes: dict[tuple[int, int, int], tuple[Tensor, Tensor, Graphs]] = {}  # oldest first
 
     def __call__(self, xs: Sequence[Tensor], frames: Sequence[int]) -> list[Tensor]:
         """Features, each [1, T_in_b, D], and target frames (host ints, each > 0) → each row's
         (1, T_out_b, C) content, views of the graph's output: valid until the next call."""
+        if self.content is not None:
+            raise ValueError("this regulator graph starts from codes and latents (of_codes)")
+        return self._run(xs, None, frames)
+
+    def of_codes(self, codes: Sequence[Tensor], latents: Sequence[Tensor], frames: Sequence[int]) -> list[Tensor]:
+        """`content` then the regulator: codes, each [1, M_b] on the host, their second-pass latents
+        [1, M_b, D] and target frames (each > 0) → each row's (1, T_out_b, C), as `__call__`."""
+        if self.content is None:
+            raise ValueError("this regulator graph has no content stage")
+        return self._run(latents, codes, frames)
+
+    def _run(self, xs: Sequence[Tensor], codes: Sequence[Tensor] | None, frames: Sequence[int]) -> list[Tensor]:
         if min(frames) <= 0:
             raise ValueError("a row of the graphed regulator needs at least one frame")
         first = xs[0]
         t_in = -(-max(x.size(1) for x in xs) // self.IN_BUCKET) * self.IN_BUCKET
         t_out = -(-max(frames) // self.OUT_BUCKET) * self.OUT_BUCKET
         key = (len(xs), t_in, t_out)
+        width = t_out + 1 + (0 if codes is None else t_in)  # sources, frames, codes
         x_buf, staged, graphs = recent(self.shapes, key, lambda: (
             torch.zeros((key[0], t_in, first.size(2)), device=first.device, dtype=first.dtype),
-            torch.zeros((key[0], t_out + 1), device=first.device, dtype=torch.long), Graphs("regulator")), self.keep)
-        host = torch.zeros((key[0], t_out + 1), dtype=torch.long, pin_memory=first.device.type == "cuda")
+            torch.zeros((key[0], width), device=first.device, dtype=torch.long), Graphs("regulator")), self.keep)
+        host = torch.zeros((key[0], width), dtype=torch.long, pin_memory=first.device.type == "cuda")
         for b, (x, n) in enumerate(zip(xs, frames, strict=True)):
             host[b, :n] = nearest_indices(x.size(1), n, host.device)  # the eager path's indices, made here
             host[b, t_out] = n
+            if codes is not None:
+                host[b, t_out + 1 : t_out + 1 + x.size(1)] = codes[b].reshape(-1)
             x_buf[b, : x.size(1)] = x[0]
         staged.copy_(host, non_blocking=True)  # from pinned memory: the copy does not wait
-        out = graphs.run("regulate", lambda: self.regulator.padded(x_buf, staged[:, :t_out], staged[:, t_out]))
+        content = self.content
+
+        def run() -> Tensor:
+            x = x_buf if content is None else content(staged[:, t_out + 1 :], x_buf)  # [B, T_in, D]
+            return self.regulator.padded(x, staged[:, :t_out], staged[:, t_out])
+
+        out = graphs.run("regulate", run)
         return [out[b : b + 1, :n] for b, n in enumerate(frames)]
 
 

@@ -422,17 +422,30 @@ class Pipeline:
             for b, it in enumerate(items):
                 if it.chunk is not None:
                     latents[b] = self.chunk_latent(it.voice, it.emovec, it.segment, it.chunk)
-        content = [self.family.content(self.codec, self.gpt_layer, it.codes.codes, latent, it.opts)
-                   for it, latent in zip(items, latents, strict=True)]  # ([1, M', Cw], [T]) each
-        graphed = [b for b, (_, target) in enumerate(content) if graphs is not None and target[0] > 0]
+        regulate = None if graphs is None else graphs.regulator
         conds: list[Tensor | None] = [None] * len(items)
+        if regulate is not None and regulate.content is not None:
+            # The content and the regulator of every row with frames in one replay, from the host codes.
+            frames = [self.family.mel_frames(self.codec, it.codes.codes_host.size(1), it.opts) for it in items]
+            fused = [b for b, n in enumerate(frames) if n > 0 and latents[b] is not None]
+            if fused:
+                stretched = regulate.of_codes([items[b].codes.codes_host for b in fused],
+                                              [x for b in fused if (x := latents[b]) is not None],
+                                              [frames[b] for b in fused])
+                for b, cond in zip(fused, stretched, strict=True):
+                    conds[b] = cond
+        # The rest: the family's content row by row, then the regulator (graphed for rows with frames).
+        rest = [b for b, cond in enumerate(conds) if cond is None]
+        content = {b: self.family.content(self.codec, self.gpt_layer, items[b].codes.codes, latents[b], items[b].opts)
+                   for b in rest}  # ([1, M', Cw], [T])
+        graphed = [b for b in rest if regulate is not None and regulate.content is None and content[b][1][0] > 0]
         if graphed:
-            assert graphs is not None
-            stretched = graphs.regulator([content[b][0] for b in graphed], [content[b][1][0] for b in graphed])
+            assert regulate is not None
+            stretched = regulate([content[b][0] for b in graphed], [content[b][1][0] for b in graphed])
             for b, cond in zip(graphed, stretched, strict=True):
                 conds[b] = cond
-        return [self._row_of(it, self.length_regulator(s_infer, target) if cond is None else cond)
-                for it, (s_infer, target), cond in zip(items, content, conds, strict=True)]
+        return [self._row_of(it, self.length_regulator(*content[b]) if cond is None else cond)  # [1, T, C]
+                for b, (it, cond) in enumerate(zip(items, conds, strict=True))]
 
     def chunk_latent(self, voice: Voice, emovec: Tensor, segment: Segment, chunk: ChunkInput) -> Tensor:
         """The second-pass latent (1, M_c, D) float32 of one chunk's codes, computed incrementally: only
@@ -504,8 +517,9 @@ class Pipeline:
         length regulator; None: eager."""
         if self.device.type != "cuda" or not self.cuda_graphs:
             return None
+        content = self.family.padded_content(self.codec, self.gpt_layer)
         return PrepGraphs(LatentGraphs(self.gpt) if self.family.second_pass else None,
-                          RegulatorGraphs(self.length_regulator))
+                          RegulatorGraphs(self.length_regulator, content))
 
     def vocoder_graphs(self) -> VocoderGraphs | None:
         """Batched, graphed vocoding for an engine (CUDA with graphs); None: one segment at a time, eagerly."""

@@ -9,6 +9,7 @@ each defect found by reading the CUDA path has a test below (named in its docstr
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import signal
@@ -362,32 +363,45 @@ def test_graphed_second_pass_matches_the_eager_pass(gpu: Pipeline, voice: Voice)
 @pytest.mark.model_versions("2", "2.5")
 @torch.inference_mode()
 def test_graphed_regulator_matches_each_row_alone(gpu: Pipeline) -> None:
-    """The regulator of a job's rows is one replay per (rows, input bucket, output bucket), with no host
-    sync and 2 + rows launches: each row comes out as the eager regulator gives it alone (its
+    """The regulator of a job's rows (IndexTTS-2: with vq2emb + gpt_layer before it, from host codes and
+    second-pass latents) is one replay per (rows, input bucket, output bucket), with no host sync and
+    2 + rows launches: each row comes out as the eager content and regulator give it alone (its
     GroupNorms over its own frames, zero padding at its own end), for the call that records the graph
     and for a later one of other lengths replaying it over the first one's leftovers."""
     prep = gpu.engine(max_batch_rows=4).prep_graphs
     assert prep is not None
     graphs = prep.regulator
-    width = gpu.length_regulator.content_in_proj.in_features
+    assert (graphs.content is None) == (not gpu.family.second_pass)
+    opts = gpu.check_options(SynthesisOptions(**SHORT, seed=4))
     gen = torch.Generator().manual_seed(5)
     kept = []
-    for lengths in (((9, 15), (20, 34), (3, 5)), ((14, 24), (17, 29), (30, 51))):  # (codes, frames); one shape
-        xs = [torch.randn((1, n, width), generator=gen).cuda() for n, _ in lengths]
-        frames = [t for _, t in lengths]
-        want = [gpu.length_regulator(x, [t]).cpu() for x, t in zip(xs, frames, strict=True)]
+    for lengths in ((9, 20, 3), (14, 17, 30)):  # codes per row; both calls in one shape
+        codes = [torch.randint(0, gpu.codec.codebook_size, (1, n), generator=gen) for n in lengths]
+        if graphs.content is None:
+            content = [gpu.family.content(gpu.codec, gpu.gpt_layer, c.cuda(), None, opts) for c in codes]
+            xs = [x for x, _ in content]
+            frames = [t[0] for _, t in content]
+            call = functools.partial(graphs, xs, frames)
+        else:
+            d = gpu.gpt.cfg.model_dim
+            latents = [torch.randn((1, n, d), generator=gen).cuda() for n in lengths]
+            content = [gpu.family.content(gpu.codec, gpu.gpt_layer, c.cuda(), lat, opts)
+                       for c, lat in zip(codes, latents, strict=True)]
+            frames = [t[0] for _, t in content]
+            call = functools.partial(graphs.of_codes, codes, latents, frames)
+        want = [gpu.length_regulator(x, t).cpu() for x, t in content]
         with simcuda.meter() as region:
-            got = graphs(xs, frames)
+            got = call()
         assert region.syncs == 0
         kept.append(next(iter(graphs.shapes)))
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape
             assert_close(g.cpu(), w, "regulated content")
     assert len(graphs.shapes) == 1 and kept[0] == kept[1]
-    # A replay's launches: the host values' one copy, each row's features staged, the replay.
+    # A replay's launches: the host values' one copy, each row's input staged, the replay.
     assert region.launches == 2 + len(lengths), region.ops
     with pytest.raises(ValueError, match="at least one frame"):
-        graphs(xs[:1], [0])
+        graphs._run([torch.zeros((1, 3, 4)).cuda()], None, [0])
 
 
 @pytest.mark.model_versions("2", "2.5")
