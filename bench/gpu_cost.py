@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from ttsd.api.options import SynthesisOptions
     from ttsd.pipeline import Pipeline
     from ttsd.pipeline.decode import Generated
-    from ttsd.pipeline.engine import AcousticInput
+    from ttsd.pipeline.engine import CFM_STEPS_PER_REPLAY, AcousticInput
     from ttsd.pipeline.pipeline import Segment
     from ttsd.tools.tiny import synthetic_voice, write_converted
 
@@ -173,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             with simcuda.as_replay():
                 vocoder.render(mel, lengths)
     prep, cfm_step, vocoder = (Measured(c, model.seconds(c)) for c in (prep_c, step_c, voc_c))
+    # The engine replays CFM_STEPS_PER_REPLAY steps per graph and the steps left one at a time
+    # (CFMSolve.step): the steps are identical graph bodies, so a k-step replay is k of the step counted
+    # here in nodes, bytes and FLOPs, and one launch. (Counted per step: recording a k-step graph in the
+    # simulator keeps k steps' intermediates alive, more than this machine holds at full size.)
+    replays = args.diffusion_steps // CFM_STEPS_PER_REPLAY + args.diffusion_steps % CFM_STEPS_PER_REPLAY
     job_s = prep.seconds + args.diffusion_steps * cfm_step.seconds + vocoder.seconds
-    job_launches = prep.cost.launches + args.diffusion_steps * cfm_step.cost.launches + vocoder.cost.launches
+    job_launches = prep.cost.launches + replays * cfm_step.cost.launches + vocoder.cost.launches
     audio_s_per_segment = args.codes / CODES_PER_S
     acoustic_per_stream_s = job_s / (args.segments * audio_s_per_segment)  # device seconds per audio second
 
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(fmt("decode step, 1 row", single))
     print(fmt("prefill, 1 request", prefill))
     print(fmt(f"acoustic prep, {args.segments} segments", prep))
-    print(fmt("one CFM step (DiT × CFG)", cfm_step, f"× {args.diffusion_steps} steps"))
+    print(fmt("one CFM step (DiT × CFG)", cfm_step, f"× {args.diffusion_steps} steps in {replays} replays"))
     print(fmt(f"vocoder, {args.segments} segments", vocoder))
     print(f"acoustic job of {args.segments} × {args.codes} codes: launches={job_launches} "
           f"modelled_ms={1000 * job_s:.1f} ({1000 * acoustic_per_stream_s:.1f} ms per stream-second of audio)")

@@ -71,6 +71,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ACOUSTIC_JOBS = 2  # acoustic jobs in progress at once (round-robin, one unit each per engine step)
+# Euler steps per acoustic unit with graphed solves (CUDA): one graph replay each. On CUDA the unit is
+# only issued (decode runs on its own stream), so fewer, larger replays cost the acoustic thread fewer
+# launches; a dropped job is still noticed within ~5 DiT passes. Eager solves (CPU) take one step per
+# unit, so decode steps interleave finely on the shared cores.
+CFM_STEPS_PER_REPLAY = 5
 ACOUSTIC_PAD_RATIO = 0.25  # a job's padded frames stay under this share of its real frames
 
 
@@ -198,11 +203,12 @@ class _AcousticJob:
         yield
         steps = segs[0].req.opts.diffusion_steps
         solve = pipe.cfm_solve(rows, steps) if e.cfm_workspaces is None else e.cfm_workspaces.solve(rows, steps)
+        per_unit = 1 if e.cfm_workspaces is None else CFM_STEPS_PER_REPLAY
         try:
             while not solve.done:
                 if all(s.dropped for s in segs):
                     return
-                solve.step()
+                solve.step(per_unit)
                 yield
             live = [(b, s) for b, s in enumerate(segs) if not s.dropped]
             mels = [solve.target(b) for b, _ in live]

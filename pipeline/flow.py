@@ -8,6 +8,7 @@ path), M mel bins, P prompt frames, N = P + T frames, Cc content width, S style 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,10 +157,14 @@ class CFMSolve:
         # branch whose raw prompt_x, style and mu stay zero (mu then becomes cond_projection.bias).
         self.stacked_x, self.stacked_prompt_x, self.stacked_style = ws.x, ws.prompt_x, ws.style
         self.stacked_mu, self.stacked_t, self.prompt_mask = ws.mu, ws.t_rows, ws.prompt_mask
+        for b0, b1 in _same_voice_runs(rows):
+            # A voice's prompt and style go to its consecutive rows in one broadcast copy each (a job's
+            # segments mostly come from one request).
+            p = rows[b0].prompt.size(-1)
+            self.stacked_prompt_x[b0:b1, :, :p] = rows[b0].prompt
+            self.stacked_style[b0:b1] = rows[b0].style
         for b, r in enumerate(rows):
             p, n_b = r.prompt.size(-1), lengths[b]
-            self.stacked_prompt_x[b, :, :p] = r.prompt[0]
-            self.stacked_style[b] = r.style[0]
             self.stacked_mu[b, :n_b] = r.mu[0]
             # The state starts as the noise with its prompt region at 0 (the rest of x is already 0).
             self.stacked_x[b, :, p:n_b] = r.noise[0, :, p:]
@@ -179,19 +184,30 @@ class CFMSolve:
         return self.steps_done >= self.n_timesteps
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One Euler step of every sequence."""
+    def step(self, most: int = 1) -> int:
+        """Euler steps of every sequence: `most` of them, or the ones left if fewer → how many were taken.
+        With a workspace, `most` steps are one replay of a graph of that many steps; the steps left after
+        the last whole replay go one at a time (two graphs per workspace, not one per remainder)."""
         if self.done:
             raise RuntimeError("the solve is done")
         ws = self.workspace
+        left = self.n_timesteps - self.steps_done
+        n = most if most <= left else 1
         if ws is None:
-            self._advance()
+            self._advance(n)
         else:
-            ws.graphs.run("step", self._advance, ws.tensors())
-        self.steps_done += 1
+            # The steps are the same work on the same buffers (the time delta comes through the device's
+            # step counter), so n of them record as one graph.
+            ws.graphs.run(("steps", n), functools.partial(self._advance, n), ws.tensors())
+        self.steps_done += n
+        return n
 
-    def _advance(self) -> None:
-        """The step on the device alone (no host value changes between steps: graphed on CUDA)."""
+    def _advance(self, n: int = 1) -> None:
+        """`n` steps on the device alone (no host value changes between steps: graphed on CUDA)."""
+        for _ in range(n):
+            self._advance_one()
+
+    def _advance_one(self) -> None:
         B, x = self.B, self.x
         dt = self.dts.index_select(0, self.counter.view(1)).squeeze(0)  # 0-d (dts[counter] would read counter)
         self.stacked_t.copy_(self.t.expand(self.stacked_t.size(0)))
@@ -224,6 +240,17 @@ class CFMSolve:
         if self.workspace is not None:
             self.workspace.busy = False
             self.workspace = None
+
+
+def _same_voice_runs(rows: Sequence[CFMRow]) -> list[tuple[int, int]]:
+    """[b0, b1) ranges of consecutive rows sharing one prompt mel and one style (the same tensors)."""
+    runs: list[tuple[int, int]] = []
+    for b, r in enumerate(rows):
+        if runs and r.prompt is rows[runs[-1][0]].prompt and r.style is rows[runs[-1][0]].style:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 MAX_DIFFUSION_STEPS = 200  # the time-delta table of a workspace (SynthesisOptions.diffusion_steps ≤ 200)
@@ -278,7 +305,7 @@ class CFMWorkspace:
         """Zero what a solve fills row by row (a shorter sequence must not see the last one's frames)."""
         if steps > self.dts.size(0):
             raise ValueError(f"{steps} diffusion steps exceed the workspace's {self.dts.size(0)}")
-        for t in (self.x, self.prompt_x, self.style, self.mu):
+        for t in (self.x, self.prompt_x, self.mu):  # style: every conditional row is written, null rows stay 0
             t.zero_()
 
     def stage(self, prompts: Sequence[int], lengths: Sequence[int], cfg_rates: Sequence[float], steps: int) -> None:

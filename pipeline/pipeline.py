@@ -360,13 +360,14 @@ class Pipeline:
         return DecodeRequest(prefix=prefix, params=params, key=sampling_key(seed, segment.index))
 
     def latents(self, items: Sequence[tuple[Voice, Tensor, Segment, Tensor]],
-                graphs: LatentGraphs | None = None) -> list[Tensor]:
+                graphs: LatentGraphs | None = None, *, views: bool = False) -> list[Tensor]:
         """The second GPT pass for several segments in one padded batch → each (1, M_b, D) float32.
 
         items: (voice, emovec, segment, codes (1, M_b)). Right padding is exact: the pass is causal
         and each segment's states are read before its padding. With `graphs` (CUDA) the codes are the
         host copies and the pass, its inputs included, is one replay of the graph of its (rows, length
-        bucket)."""
+        bucket). `views` (with graphs): each row as a view of the graph's output, valid until its next
+        replay, for a caller that copies it at once; otherwise each is a copy."""
         if graphs is None:
             xs = [self.gpt.latent_inputs(v.speech_latent, e, upload([s.text_ids], self.device), c)
                   for v, e, s, c in items]
@@ -381,8 +382,8 @@ class Pipeline:
         for b, (_, _, s, c) in enumerate(items):
             m = c.size(1)
             end = n_cond + len(s.text_ids) + 2 + m  # the mel block is [start, c_1..c_M, stop]: its first M states
-            # A graph's output is rewritten by the next replay: each row is copied out.
-            out.append(h[b : b + 1, end - m : end].to(torch.float32, copy=graphs is not None))
+            # A graph's output is rewritten by the next replay: each row is copied out (unless `views`).
+            out.append(h[b : b + 1, end - m : end].to(torch.float32, copy=graphs is not None and not views))
         return out
 
     @torch.inference_mode()
@@ -413,10 +414,12 @@ class Pipeline:
         if self.family.second_pass:
             whole = [b for b, it in enumerate(items) if it.chunk is None]
             latent_graphs = None if graphs is None else graphs.latent
-            # The graphed pass stages the host copy of the codes (reading the device's back would sync).
+            # The graphed pass stages the host copy of the codes (reading the device's back would sync);
+            # the regulator's graph copies its latents in before any other replay of the pass: views do.
+            fused = graphs is not None and graphs.regulator.content is not None
             lat = self.latents([(items[b].voice, items[b].emovec, items[b].segment,
                                  items[b].codes.codes if latent_graphs is None else items[b].codes.codes_host)
-                                for b in whole], latent_graphs) if whole else []
+                                for b in whole], latent_graphs, views=fused) if whole else []
             for b, latent in zip(whole, lat, strict=True):
                 latents[b] = latent
             for b, it in enumerate(items):

@@ -268,10 +268,10 @@ def test_zero_code_segment_is_empty_audio(gpu: Pipeline, voice: Voice, monkeypat
 
 @torch.inference_mode()
 def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> None:
-    """The engine's CFM solves run on workspaces (every step one graph replay): each sequence gets the
-    frames an eager solve gives it, for the first solve of a shape (which records the graph) and for a
-    later one of other lengths on the same workspace (which replays it: nothing of the first leaks);
-    a workspace in use is never handed to a second solve."""
+    """The engine's CFM solves run on workspaces (several Euler steps per graph replay, a remainder one
+    step per replay): each sequence gets the frames an eager solve gives it, for the first solve of a
+    shape (which records the graphs) and for a later one of other lengths on the same workspace (which
+    replays them: nothing of the first leaks); a workspace in use is never handed to a second solve."""
     engine = gpu.engine(max_batch_rows=4)
     workspaces = engine.cfm_workspaces
     assert workspaces is not None
@@ -288,31 +288,32 @@ def test_graphed_cfm_solves_match_eager_solves(gpu: Pipeline, voice: Voice) -> N
                                                                                  codes), opts))
         return out
 
-    def frames(solve: Any) -> list[torch.Tensor]:
+    def frames(solve: Any, most: int = 1) -> list[torch.Tensor]:
         while not solve.done:
-            solve.step()
+            solve.step(most)
         return [solve.target(b).cpu() for b in range(solve.B)]
 
     used = []
+    steps = opts.diffusion_steps  # 3: a two-step replay, then the step left alone
     for lengths in ((9, 14), (14, 4)):  # the same frame bucket: the second solve reuses the workspace
         rows = gpu.cfm_rows(items(lengths))
-        want = frames(gpu.cfm_solve(rows, opts.diffusion_steps))
-        solve = workspaces.solve(rows, opts.diffusion_steps)
+        want = frames(gpu.cfm_solve(rows, steps))
+        solve = workspaces.solve(rows, steps)
         assert solve.workspace is not None
         used.append(solve.workspace)
-        other = workspaces.solve(rows, opts.diffusion_steps)
+        other = workspaces.solve(rows, steps)
         assert other.workspace is not solve.workspace  # in use: a second solve gets its own
         other.close()
         if len(used) == 2:
             with simcuda.meter() as step:
-                solve.step()
+                assert solve.step(2) == 2  # two Euler steps, one replay
             assert (step.launches, step.graph_nodes > 0) == (1, True), step
-        got = frames(solve)
+        got = frames(solve, 2)  # the step left over goes alone (its own one-step graph)
         solve.close()
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape
             assert float((g - w).abs().max()) <= 1e-4 * max(1.0, float(w.abs().max()))
-    assert used[0] is used[1] and len(used[0].graphs.graphs) == 1
+    assert used[0] is used[1] and set(used[0].graphs.graphs) == {("steps", 2), ("steps", 1)}
 
 
 @torch.inference_mode()
