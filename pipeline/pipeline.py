@@ -416,10 +416,10 @@ class Pipeline:
             latent_graphs = None if graphs is None else graphs.latent
             # The graphed pass stages the host copy of the codes (reading the device's back would sync);
             # the regulator's graph copies its latents in before any other replay of the pass: views do.
-            fused = graphs is not None and graphs.regulator.content is not None
+            views = graphs is not None and graphs.regulator.content is not None
             lat = self.latents([(items[b].voice, items[b].emovec, items[b].segment,
                                  items[b].codes.codes if latent_graphs is None else items[b].codes.codes_host)
-                                for b in whole], latent_graphs, views=fused) if whole else []
+                                for b in whole], latent_graphs, views=views) if whole else []
             for b, latent in zip(whole, lat, strict=True):
                 latents[b] = latent
             for b, it in enumerate(items):
