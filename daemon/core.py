@@ -239,17 +239,25 @@ class Core:
         self.worker, self.config, self.metrics = worker, config, metrics
         self._trim = _malloc_trim()
         self._trim_pending = False
+        self._trimmed_at = -TRIM_DELAY_S  # loop time of the last trim
 
     def took_input(self, nbytes: int) -> None:
         """An adapter has dropped a client input of `nbytes` (a frame, a body): give the heap's free pages
-        back to the system soon if it was large (TRIM_AFTER_BYTES). Call on the event loop."""
+        back to the system if it was large (TRIM_AFTER_BYTES), as soon as the loop is free and at least
+        TRIM_DELAY_S after the last trim. Call on the event loop."""
         if nbytes < TRIM_AFTER_BYTES or self._trim is None or self._trim_pending:
             return
         self._trim_pending = True
-        asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._release_heap)
+        loop = asyncio.get_running_loop()
+        wait = self._trimmed_at + TRIM_DELAY_S - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._release_heap)
+        else:
+            loop.call_soon(self._release_heap)
 
     def _release_heap(self) -> None:
         self._trim_pending = False
+        self._trimmed_at = asyncio.get_running_loop().time()
         if self._trim is not None:
             self._trim(0)
 
