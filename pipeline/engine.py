@@ -7,12 +7,12 @@ pass, length regulator, DiT/CFM in one padded batch, BigVGAN), and comes out as 
 
 One thread drives an engine: it calls `step()` repeatedly, and between calls `add`, `feed`,
 `cancel` and `grant`. A step does one unit of work: admit waiting segments into free decode rows,
-one decode step, then one unit (prep, one Euler step, or the vocoder) of one acoustic job, so a
-long acoustic job never holds up everyone's decoding. On CUDA the decode batch runs on one stream
-and acoustic jobs on another, so they overlap; a job's audio is handed out as soon as its copy to
-the host is done. On CPU the same code runs in order, with one exception: a job that renders some
-request's first audio runs to its end before the next decode step, since in order a decode step in
-between can only delay that audio.
+one decode step, then one unit (prep, Euler steps: one, or CFM_STEPS_PER_REPLAY with CUDA graphs, or
+the vocoder) of one acoustic job, so a long acoustic job never holds up everyone's decoding. On CUDA
+the decode batch runs on one stream and acoustic jobs on another, so they overlap; a job's audio is
+handed out as soon as its copy to the host is done. On CPU the same code runs in order, with one
+exception: a job that renders some request's first audio runs to its end before the next decode
+step, since in order a decode step in between can only delay that audio.
 
 Streams (CUDA): everything that touches the decode batch — admitting, stepping, removing a cancelled
 or failed request, resetting after a failure — is issued on the GPT stream, and the batch's buffers
@@ -254,7 +254,7 @@ class Engine:
         # overlap on their streams). Such a job then runs to its end before decoding goes on.
         self.first_audio_first = pipe.device.type != "cuda"
         self.prep_graphs = pipe.prep_graphs()  # CUDA: a job's second pass and regulator, a replay each
-        self.cfm_workspaces = pipe.cfm_workspaces()  # CUDA: each CFM step one graph replay
+        self.cfm_workspaces = pipe.cfm_workspaces()  # CUDA: CFM_STEPS_PER_REPLAY steps per graph replay
         self.vocoder_graphs = pipe.vocoder_graphs()  # CUDA: a job's segments vocoded in one graph replay
         self.max_acoustic_frames = max_acoustic_frames
         self.requests: list[Request] = []
