@@ -6,7 +6,8 @@ to install, instead of a traceback from deep inside the first CUDA call."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Final
 
 import torch
@@ -56,3 +57,17 @@ def upload(values: Sequence[float] | Sequence[Sequence[int]], device: torch.devi
     copy is done). A plain `torch.tensor(values, device=...)` would wait for the copy: a host sync."""
     host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+@contextmanager
+def staged(buffer: Tensor) -> Iterator[Tensor]:
+    """A zeroed host tensor shaped like the device `buffer`, to fill in the block; on leaving it, one
+    non-blocking copy into `buffer` on the current stream. On CUDA the host tensor is pinned (so the copy
+    does not wait, and PyTorch's pinned allocator keeps it until the copy is done); on the host it is
+    `buffer` itself, zeroed, and nothing is copied."""
+    if buffer.device.type == "cpu":
+        yield buffer.zero_()
+        return
+    host = torch.zeros(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+    yield host
+    buffer.copy_(host, non_blocking=True)

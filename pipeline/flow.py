@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ttsd.api.errors import Cancelled
 
+from .device import staged
 from .dit import DiT, DiTConfig
 from .graphs import Graphs
 from .weights import load_module, read_shapes
@@ -313,24 +314,21 @@ class CFMWorkspace:
         memory: the copy does not wait): prompt and padding masks, lengths, CFG weights (1 + r) and r
         rounded to float32 as Python-float scalars would be, the time deltas of `steps` Euler steps (from
         a float32 linspace, as upstream), t and the step counter at 0."""
-        cuda = self.block.device.type == "cuda"
-        host = torch.zeros(self.block.shape, dtype=torch.uint8, pin_memory=True) if cuda else self.block.zero_()
         small = _small_layout(self.rows, self.batch, self.frames, self.dts.size(0), padded=self.padded,
                               dtype=self.cond_w.dtype)
-        v = _views(host, small)
-        frames = torch.arange(self.frames)
-        for b, (p, n_b) in enumerate(zip(prompts, lengths, strict=True)):
-            v["prompt_mask"][b, 0] = frames < p
+        with staged(self.block) as host:
+            v = _views(host, small)
+            frames = torch.arange(self.frames)
+            for b, (p, n_b) in enumerate(zip(prompts, lengths, strict=True)):
+                v["prompt_mask"][b, 0] = frames < p
+                if self.padded:
+                    v["pad_mask"][b, 0] = frames >= n_b
             if self.padded:
-                v["pad_mask"][b, 0] = frames >= n_b
-        if self.padded:
-            v["x_lens"].copy_(torch.tensor(list(lengths) * (self.rows // self.batch)))
-        v["cond_w"].copy_(torch.tensor([1.0 + r for r in cfg_rates], dtype=self.cond_w.dtype).view(-1, 1, 1))
-        v["null_w"].copy_(torch.tensor(list(cfg_rates), dtype=self.null_w.dtype).view(-1, 1, 1))
-        t_span = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
-        v["dts"][:steps] = t_span[1:] - t_span[:-1]
-        if cuda:
-            self.block.copy_(host, non_blocking=True)
+                v["x_lens"].copy_(torch.tensor(list(lengths) * (self.rows // self.batch)))
+            v["cond_w"].copy_(torch.tensor([1.0 + r for r in cfg_rates], dtype=self.cond_w.dtype).view(-1, 1, 1))
+            v["null_w"].copy_(torch.tensor(list(cfg_rates), dtype=self.null_w.dtype).view(-1, 1, 1))
+            t_span = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
+            v["dts"][:steps] = t_span[1:] - t_span[:-1]
 
 
 def _small_layout(R: int, B: int, N: int, steps: int, *, padded: bool, dtype: torch.dtype

@@ -27,7 +27,7 @@ from ttsd.api.errors import ConfigError
 
 from .config import require, shape
 from .conformer import ConformerConfig, ConformerEncoder
-from .device import upload
+from .device import staged, upload
 from .graphs import Graphs, recent
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .weights import build_buffers, load_module, read_shapes
@@ -556,17 +556,16 @@ class LatentGraphs:
             emovec=torch.zeros((key[0], emovecs[0].size(-1)), device=first.device, dtype=first.dtype),
             tokens=torch.zeros((PACKED_ROWS, key[0], span), device=first.device, dtype=torch.long)),
             Graphs("second pass")), self.keep)
-        host = torch.zeros((PACKED_ROWS, key[0], span), dtype=torch.long, pin_memory=first.device.type == "cuda")
-        for b, ((n_text, n_mel), t, m) in enumerate(zip(blocks, text_ids, codes, strict=True)):
-            host[PACKED_TEXT, b, 0], host[PACKED_TEXT, b, n_text - 1] = c.start_text_token, c.stop_text_token
-            host[PACKED_TEXT, b, 1 : n_text - 1] = torch.as_tensor(t, dtype=torch.long)
-            host[PACKED_TEXT_POS, b, :n_text] = torch.arange(n_text)
-            mel = slice(n_text, n_text + n_mel)
-            host[PACKED_MEL, b, mel.start], host[PACKED_MEL, b, mel.stop - 1] = c.start_mel_token, c.stop_mel_token
-            host[PACKED_MEL, b, mel.start + 1 : mel.stop - 1] = m.reshape(-1)
-            host[PACKED_MEL_POS, b, mel] = torch.arange(n_mel)
-            host[PACKED_BLOCK, b, :n_text], host[PACKED_BLOCK, b, mel] = TEXT_BLOCK, MEL_BLOCK
-        inputs.tokens.copy_(host, non_blocking=True)  # from pinned memory: the copy does not wait
+        with staged(inputs.tokens) as host:
+            for b, ((n_text, n_mel), t, m) in enumerate(zip(blocks, text_ids, codes, strict=True)):
+                host[PACKED_TEXT, b, 0], host[PACKED_TEXT, b, n_text - 1] = c.start_text_token, c.stop_text_token
+                host[PACKED_TEXT, b, 1 : n_text - 1] = torch.as_tensor(t, dtype=torch.long)
+                host[PACKED_TEXT_POS, b, :n_text] = torch.arange(n_text)
+                mel = slice(n_text, n_text + n_mel)
+                host[PACKED_MEL, b, mel.start], host[PACKED_MEL, b, mel.stop - 1] = c.start_mel_token, c.stop_mel_token
+                host[PACKED_MEL, b, mel.start + 1 : mel.stop - 1] = m.reshape(-1)
+                host[PACKED_MEL_POS, b, mel] = torch.arange(n_mel)
+                host[PACKED_BLOCK, b, :n_text], host[PACKED_BLOCK, b, mel] = TEXT_BLOCK, MEL_BLOCK
         torch.cat(list(speech_latents), out=inputs.latent)
         torch.cat(list(emovecs), out=inputs.emovec)
         return graphs.run("pass", lambda: gpt.final_norm(gpt(gpt.packed_latent_inputs(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ttsd.api.errors import ConfigError
 
 from .config import require
+from .device import staged
 from .graphs import Graphs, recent
 from .weights import load_module, read_shapes
 
@@ -217,22 +218,21 @@ class RegulatorGraphs:
         t_out = -(-max(frames) // self.OUT_BUCKET) * self.OUT_BUCKET
         key = (len(xs), t_in, t_out)
         width = t_out + 1 + (0 if codes is None else t_in)  # sources, frames, codes
-        x_buf, staged, graphs = recent(self.shapes, key, lambda: (
+        x_buf, values, graphs = recent(self.shapes, key, lambda: (
             torch.zeros((key[0], t_in, first.size(2)), device=first.device, dtype=first.dtype),
             torch.zeros((key[0], width), device=first.device, dtype=torch.long), Graphs("regulator")), self.keep)
-        host = torch.zeros((key[0], width), dtype=torch.long, pin_memory=first.device.type == "cuda")
-        for b, (x, n) in enumerate(zip(xs, frames, strict=True)):
-            host[b, :n] = nearest_indices(x.size(1), n, host.device)  # the eager path's indices, made here
-            host[b, t_out] = n
-            if codes is not None:
-                host[b, t_out + 1 : t_out + 1 + x.size(1)] = codes[b].reshape(-1)
-            x_buf[b, : x.size(1)] = x[0]
-        staged.copy_(host, non_blocking=True)  # from pinned memory: the copy does not wait
+        with staged(values) as host:
+            for b, (x, n) in enumerate(zip(xs, frames, strict=True)):
+                host[b, :n] = nearest_indices(x.size(1), n, host.device)  # the eager path's indices, made here
+                host[b, t_out] = n
+                if codes is not None:
+                    host[b, t_out + 1 : t_out + 1 + x.size(1)] = codes[b].reshape(-1)
+                x_buf[b, : x.size(1)] = x[0]
         content = self.content
 
         def run() -> Tensor:
-            x = x_buf if content is None else content(staged[:, t_out + 1 :], x_buf)  # [B, T_in, D]
-            return self.regulator.padded(x, staged[:, :t_out], staged[:, t_out])
+            x = x_buf if content is None else content(values[:, t_out + 1 :], x_buf)  # [B, T_in, D]
+            return self.regulator.padded(x, values[:, :t_out], values[:, t_out])
 
         out = graphs.run("regulate", run)
         return [out[b : b + 1, :n] for b, n in enumerate(frames)]
