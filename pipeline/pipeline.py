@@ -441,12 +441,12 @@ class Pipeline:
         rest = [b for b, cond in enumerate(conds) if cond is None]
         content = {b: self.family.content(self.codec, self.gpt_layer, items[b].codes.codes, latents[b], items[b].opts)
                    for b in rest}  # ([1, M', Cw], [T])
-        graphed = [b for b in rest if regulate is not None and regulate.content is None and content[b][1][0] > 0]
-        if graphed:
-            assert regulate is not None
-            stretched = regulate([content[b][0] for b in graphed], [content[b][1][0] for b in graphed])
-            for b, cond in zip(graphed, stretched, strict=True):
-                conds[b] = cond
+        if regulate is not None and regulate.content is None:
+            graphed = [b for b in rest if content[b][1][0] > 0]
+            if graphed:
+                stretched = regulate([content[b][0] for b in graphed], [content[b][1][0] for b in graphed])
+                for b, cond in zip(graphed, stretched, strict=True):
+                    conds[b] = cond
         return [self._row_of(it, self.length_regulator(*content[b]) if cond is None else cond)  # [1, T, C]
                 for b, (it, cond) in enumerate(zip(items, conds, strict=True))]
 
